@@ -1,0 +1,140 @@
+"""mlstore: one URL API for ML data on any storage, with a tiered cache and one retry layer.
+
+>>> import mlstore
+>>> mlstore.write_bytes("memory://example/a.bin", b"abc")
+>>> mlstore.read_bytes("memory://example/a.bin")
+b'abc'
+
+The module-level functions use a default :class:`Store` configured from ``MLSTORE_*``
+environment variables and the ``MLSTORE_CONFIG`` file; build your own ``Store`` for
+anything else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import IO, Any
+
+from mlstore.backends.base import Backend, ObjectInfo, register_backend
+from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
+from mlstore.errors import (
+    ConfigError,
+    ConnectionLostError,
+    IntegrityError,
+    MlstoreError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionFailedError,
+    StorageTimeoutError,
+    ThrottledError,
+    TransientError,
+    UnsupportedOperation,
+)
+from mlstore.metrics import Stats
+from mlstore.store import Store, default_store, set_default_store
+from mlstore.url import URL, parse_url
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "URL",
+    "Backend",
+    "CacheConfig",
+    "ConfigError",
+    "ConnectionLostError",
+    "HttpPolicy",
+    "IntegrityError",
+    "MlstoreError",
+    "NotFoundError",
+    "ObjectInfo",
+    "PermissionDeniedError",
+    "PreconditionFailedError",
+    "RetryPolicy",
+    "Stats",
+    "StorageTimeoutError",
+    "Store",
+    "StoreConfig",
+    "ThrottledError",
+    "TransientError",
+    "UnsupportedOperation",
+    "__version__",
+    "copy",
+    "default_store",
+    "exists",
+    "find",
+    "glob",
+    "info",
+    "ls",
+    "open",
+    "parse_url",
+    "read_bytes",
+    "read_many",
+    "register_backend",
+    "rm",
+    "set_default_store",
+    "stats",
+    "write_bytes",
+]
+
+_Url = str | os.PathLike[str] | URL
+
+
+def read_bytes(url: _Url, start: int | None = None, end: int | None = None, **kw: Any) -> bytes:
+    """Read ``url`` (or ``[start:end)`` of it) with the default Store."""
+    return default_store().read_bytes(url, start, end, **kw)
+
+
+def write_bytes(url: _Url, data: bytes | bytearray | memoryview) -> None:
+    """Replace the object at ``url`` with ``data``, atomically, with the default Store."""
+    default_store().write_bytes(url, data)
+
+
+def open(url: _Url, mode: str = "rb", **kw: Any) -> IO[Any]:  # noqa: A001 - mirrors builtins.open
+    """Open ``url`` as a file with the default Store (see :meth:`Store.open`)."""
+    return default_store().open(url, mode, **kw)
+
+
+def ls(url: _Url, detail: bool = False) -> list[Any]:
+    """List ``url`` with the default Store."""
+    return default_store().ls(url, detail)
+
+
+def find(url: _Url) -> list[str]:
+    """Every file below ``url``, with the default Store."""
+    return default_store().find(url)
+
+
+def info(url: _Url) -> ObjectInfo:
+    """Metadata of ``url`` with the default Store."""
+    return default_store().info(url)
+
+
+def exists(url: _Url) -> bool:
+    """Whether ``url`` exists, with the default Store."""
+    return default_store().exists(url)
+
+
+def glob(pattern: _Url) -> list[str]:
+    """URLs matching ``pattern``, with the default Store."""
+    return default_store().glob(pattern)
+
+
+def rm(url: _Url, recursive: bool = False) -> None:
+    """Delete ``url`` with the default Store."""
+    default_store().rm(url, recursive)
+
+
+def copy(src: _Url, dst: _Url, **kw: Any) -> list[str]:
+    """Copy ``src`` to ``dst`` with the default Store."""
+    return default_store().copy(src, dst, **kw)
+
+
+def read_many(urls: Iterable[_Url], **kw: Any) -> list[bytes]:
+    """Read many objects concurrently with the default Store."""
+    return default_store().read_many(urls, **kw)
+
+
+def stats() -> Stats:
+    """Counters of the default Store."""
+    return default_store().stats()

@@ -1,0 +1,182 @@
+"""A backend over an fsspec filesystem: the shared body of the memory, local and cloud
+backends. Subclasses say how to build the filesystem, how URLs map to its paths, and how
+its errors and metadata translate."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+from mlstore.backends.base import Backend, ObjectInfo, PerProcess, translate_os_error
+from mlstore.config import StoreConfig
+from mlstore.errors import IsADirectoryError_, MlstoreError, NotFoundError
+from mlstore.url import URL
+
+__all__ = ["FsspecBackend"]
+
+
+class FsspecBackend(Backend):
+    """Backend whose operations run on an fsspec ``AbstractFileSystem``."""
+
+    def __init__(self, options: Mapping[str, Any], config: StoreConfig) -> None:
+        super().__init__(options, config)
+        self._fs = PerProcess(self._make_fs)
+
+    # ---- what subclasses provide
+    def _make_fs(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def fs(self) -> Any:
+        return self._fs.get()
+
+    def _path(self, url: URL) -> str:
+        """The fsspec path of ``url``."""
+        return f"{url.bucket}/{url.path}".rstrip("/")
+
+    def _url(self, path: str) -> URL:
+        """The URL of an fsspec path."""
+        bucket, _, key = path.strip("/").partition("/")
+        return URL(self.protocol, bucket, key)
+
+    def _translate(self, exc: Exception, url: URL, operation: str) -> MlstoreError:
+        """The one place where this backend's SDK errors become mlstore errors."""
+        if isinstance(exc, MlstoreError):
+            return exc
+        if isinstance(exc, OSError):
+            return translate_os_error(exc, url, operation)
+        return MlstoreError(f"{type(exc).__name__}: {exc}", url=str(url), operation=operation)
+
+    def _version(self, raw: Mapping[str, Any]) -> str | None:
+        return None
+
+    def _info_from(self, raw: Mapping[str, Any]) -> ObjectInfo:
+        kind = "directory" if raw.get("type") == "directory" else "file"
+        return ObjectInfo(
+            url=self._url(raw["name"]),
+            size=int(raw.get("size") or 0) if kind == "file" else 0,
+            type=kind,
+            version=self._version(raw) if kind == "file" else None,
+            mtime=_mtime(raw),
+        )
+
+    @contextlib.contextmanager
+    def _errors(self, url: URL, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except MlstoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+            raise self._translate(exc, url, operation) from exc
+
+    # ---- Backend
+    def info(self, url: URL) -> ObjectInfo:
+        with self._errors(url, "info"):
+            return self._info_from(self.fs.info(self._path(url)))
+
+    def read(
+        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+    ) -> bytes:
+        with self._errors(url, "read"):
+            path = self._path(url)
+            if version is not None:
+                self._check_version(url, version)
+            try:
+                data: bytes = self.fs.cat_file(path, start=start, end=end)
+            except FileNotFoundError:
+                if path and self.fs.isdir(path):
+                    raise IsADirectoryError_(
+                        "this is a directory; use ls() to list it", url=str(url), operation="read"
+                    ) from None
+                raise
+            return data
+
+    def _check_version(self, url: URL, version: str) -> None:
+        from mlstore.errors import PreconditionFailedError
+
+        current = self.info(url).version
+        if current is not None and current != version:
+            raise PreconditionFailedError(
+                f"the object changed while it was read (version {version} is now {current})",
+                url=str(url),
+                operation="read",
+            )
+
+    def ls(self, url: URL) -> list[ObjectInfo]:
+        with self._errors(url, "ls"):
+            entries = self.fs.ls(self._path(url), detail=True)
+            return [self._info_from(e) for e in entries]
+
+    def find(self, url: URL) -> Iterator[ObjectInfo]:
+        with self._errors(url, "find"):
+            found = self.fs.find(self._path(url), detail=True)
+        for raw in found.values():
+            yield self._info_from(raw)
+
+    def open_write(self, url: URL) -> IO[bytes]:
+        return _BufferedWrite(self, url)
+
+    def write(self, url: URL, data: bytes) -> None:
+        with self._errors(url, "write"):
+            self.fs.pipe_file(self._path(url), bytes(data))
+
+    def rm(self, url: URL, recursive: bool = False) -> None:
+        with self._errors(url, "rm"):
+            path = self._path(url)
+            if not self.fs.exists(path):
+                raise NotFoundError("no such object or directory", url=str(url), operation="rm")
+            self.fs.rm(path, recursive=recursive)
+
+    def mkdir(self, url: URL) -> None:
+        with self._errors(url, "mkdir"):
+            self.fs.makedirs(self._path(url), exist_ok=True)
+
+    def copy(self, src: URL, dst: URL) -> None:
+        with self._errors(src, "copy"):
+            self.fs.cp_file(self._path(src), self._path(dst))
+
+
+class _BufferedWrite(io.BytesIO):
+    """Collects bytes and hands them to ``backend.write`` on a clean close.
+
+    If the surrounding ``with`` block raises, nothing is written.
+    """
+
+    def __init__(self, backend: Backend, url: URL) -> None:
+        super().__init__()
+        self._backend = backend
+        self._url = url
+        self._failed = False
+        self.name = str(url)
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self._failed = exc_type is not None
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        data = self.getvalue()
+        super().close()
+        if not self._failed:
+            self._backend.write(self._url, data)
+
+    def discard(self) -> None:
+        """Drop what was written; nothing reaches the store."""
+        self._failed = True
+        self.close()
+
+
+def _mtime(raw: Mapping[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        ts = getattr(value, "timestamp", None)
+        if callable(ts):
+            return float(ts())
+    return None

@@ -1,0 +1,257 @@
+"""The contract every storage backend keeps, and the lazy registry of backends.
+
+A backend turns mlstore's small set of operations into calls on one kind of storage.
+It knows nothing of caching, retries or the Store: it raises
+:mod:`mlstore.errors` exceptions (translated from its SDK's in exactly one place,
+``_translate``) and reports object versions so reads can be pinned.
+
+Backends are registered as ``"module:Class"`` strings and imported on first use, so
+``import mlstore`` loads no cloud SDK.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, ClassVar
+
+from mlstore.config import StoreConfig
+from mlstore.errors import (
+    ConfigError,
+    IsADirectoryError_,
+    MlstoreError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnsupportedOperation,
+)
+from mlstore.url import URL
+
+__all__ = ["Backend", "ObjectInfo", "get_backend_class", "register_backend", "translate_os_error"]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a backend knows about one object or directory.
+
+    Attributes:
+        url: the object's canonical URL.
+        size: length in bytes (0 for directories).
+        type: ``"file"`` or ``"directory"``.
+        version: an opaque token that changes whenever the content changes (S3 ETag
+            or VersionId, GCS generation, Azure ETag, local ``mtime_ns-size``, HTTP
+            ETag or Last-Modified), or ``None`` if the backend cannot tell.
+        mtime: last modification as a POSIX timestamp, if known.
+        checksums: server-side checksums by algorithm (``{"md5": "..."}``).
+        content_hash: mlstore's own xxh3-128 of the content, if recorded.
+    """
+
+    url: URL
+    size: int
+    type: str = "file"
+    version: str | None = None
+    mtime: float | None = None
+    checksums: Mapping[str, str] = field(default_factory=dict)
+    content_hash: str | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "directory"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fsspec-style ``info`` dict (``name``, ``size``, ``type`` and more)."""
+        out: dict[str, Any] = {"name": str(self.url), "size": self.size, "type": self.type}
+        if self.version is not None:
+            out["version"] = self.version
+        if self.mtime is not None:
+            out["mtime"] = self.mtime
+        if self.checksums:
+            out["checksums"] = dict(self.checksums)
+        if self.content_hash:
+            out["content_hash"] = self.content_hash
+        return out
+
+
+def translate_os_error(exc: OSError, url: URL, operation: str) -> MlstoreError:
+    """Map a builtin ``OSError`` raised for ``url`` to the mlstore error of that meaning."""
+    text = str(url)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, MlstoreError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return NotFoundError("no such object or directory", url=text, operation=operation)
+    if isinstance(exc, PermissionError):
+        return PermissionDeniedError(
+            f"permission denied ({reason})", url=text, operation=operation
+        )
+    if isinstance(exc, IsADirectoryError):
+        return IsADirectoryError_(
+            "this is a directory; use ls() to list it", url=text, operation=operation
+        )
+    if isinstance(exc, NotADirectoryError):
+        return ConfigError(
+            "a parent of this path is a file, not a directory", url=text, operation=operation
+        )
+    if isinstance(exc, FileExistsError):
+        return ConfigError("something already exists at this path", url=text, operation=operation)
+    return MlstoreError(f"{type(exc).__name__}: {reason}", url=text, operation=operation)
+
+
+class Backend(abc.ABC):
+    """One kind of storage, reached through one client per process.
+
+    Subclasses set :attr:`protocol` and implement the abstract methods. ``url``
+    arguments are :class:`~mlstore.url.URL` objects already parsed and resolved by
+    the Store. ``start``/``end`` follow Python slicing: ``end`` is exclusive and
+    either may be ``None``.
+    """
+
+    protocol: ClassVar[str]
+    #: Backends that cannot write (http) say so; the Store raises UnsupportedOperation.
+    read_only: ClassVar[bool] = False
+
+    def __init__(self, options: Mapping[str, Any], config: StoreConfig) -> None:
+        self.options = dict(options)
+        self.config = config
+
+    def __repr__(self) -> str:
+        # Options may hold credentials: show only their names.
+        return f"{type(self).__name__}(options={sorted(self.options)})"
+
+    # ---- reading
+    @abc.abstractmethod
+    def info(self, url: URL) -> ObjectInfo:
+        """Metadata of ``url``; :class:`NotFoundError` if absent."""
+
+    @abc.abstractmethod
+    def read(
+        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+    ) -> bytes:
+        """Bytes ``[start:end)`` of ``url``; if ``version`` is given and the object is no
+        longer that version, :class:`~mlstore.errors.PreconditionFailedError`."""
+
+    def open_read(self, url: URL, info: ObjectInfo) -> IO[bytes] | None:
+        """A native seekable file for ``url`` when the backend has a faster one than
+        ranged reads (local files), else ``None``."""
+        return None
+
+    @abc.abstractmethod
+    def ls(self, url: URL) -> list[ObjectInfo]:
+        """Entries directly below ``url``; a file lists itself."""
+
+    @abc.abstractmethod
+    def find(self, url: URL) -> Iterator[ObjectInfo]:
+        """Every file below ``url``, recursively."""
+
+    def exists(self, url: URL) -> bool:
+        try:
+            self.info(url)
+        except NotFoundError:
+            return False
+        return True
+
+    # ---- writing
+    def write(self, url: URL, data: bytes) -> None:
+        """Replace ``url`` with ``data`` atomically: readers see the old or new bytes."""
+        with self.open_write(url) as fh:
+            fh.write(data)
+
+    def open_write(self, url: URL) -> IO[bytes]:
+        """A binary file whose content replaces ``url`` atomically on ``close()``; if the
+        ``with`` block raises, nothing is written."""
+        raise UnsupportedOperation(
+            f"the {self.protocol} backend is read-only", url=str(url), operation="write"
+        )
+
+    def rm(self, url: URL, recursive: bool = False) -> None:
+        raise UnsupportedOperation(
+            f"the {self.protocol} backend is read-only", url=str(url), operation="rm"
+        )
+
+    def mkdir(self, url: URL) -> None:
+        """Create a directory (and its parents). Object stores have no directories, so
+        the default does nothing."""
+
+    def copy(self, src: URL, dst: URL) -> None:
+        """Copy within this backend (server side where the storage can)."""
+        self.write(dst, self.read(src))
+
+    def close(self) -> None:
+        """Release clients and connections."""
+
+
+# ------------------------------------------------------------------------ registry
+
+_REGISTRY: dict[str, str | type[Backend]] = {
+    "file": "mlstore.backends.local:LocalBackend",
+    "memory": "mlstore.backends.memory:MemoryBackend",
+    "http": "mlstore.backends.http:HttpBackend",
+    "https": "mlstore.backends.http:HttpBackend",
+}
+_INSTALL_HINT: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+def register_backend(
+    protocol: str, target: str | type[Backend], *, install_hint: str | None = None
+) -> None:
+    """Register (or replace) the backend of ``protocol``: a class or a lazy
+    ``"module:Class"`` string."""
+    with _lock:
+        _REGISTRY[protocol] = target
+        if install_hint:
+            _INSTALL_HINT[protocol] = install_hint
+
+
+def get_backend_class(protocol: str) -> type[Backend]:
+    """The backend class of ``protocol``, imported on first use."""
+    with _lock:
+        target = _REGISTRY.get(protocol)
+    if target is None:
+        raise ConfigError(
+            f"no backend is registered for {protocol!r}; registered: {sorted(_REGISTRY)}"
+        )
+    if isinstance(target, str):
+        module_name, _, attr = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            hint = _INSTALL_HINT.get(protocol, "")
+            raise ConfigError(
+                f"the {protocol} backend needs a package that is not installed "
+                f"({exc.name}){'; ' + hint if hint else ''}"
+            ) from None
+        cls: type[Backend] = getattr(module, attr)
+        with _lock:
+            _REGISTRY[protocol] = cls
+        return cls
+    return target
+
+
+class PerProcess:
+    """A value built lazily, once per process: a client made before ``fork`` is never
+    used in the child (it would share sockets and event loops with the parent)."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._pid = -1
+        self._value: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        pid = os.getpid()
+        if self._pid != pid:
+            with self._lock:
+                if self._pid != pid:
+                    self._value = self._factory()
+                    self._pid = pid
+        return self._value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_factory": self._factory}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["_factory"])  # type: ignore[misc]

@@ -1,0 +1,179 @@
+"""``file://`` and plain paths: the local file system.
+
+Writes are atomic: bytes go to a temporary file in the destination's directory, are
+flushed to disk, and the file is renamed over the destination, so a reader sees either
+the old content or the new, never a part.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import IO, Any
+
+from mlstore.backends._fsspec import FsspecBackend
+from mlstore.backends.base import ObjectInfo
+from mlstore.errors import IsADirectoryError_
+from mlstore.url import URL
+
+__all__ = ["TEMP_SUFFIX", "AtomicFile", "LocalBackend"]
+
+#: Suffix of in-progress writes; a crash can leave one behind, never a partial file.
+TEMP_SUFFIX = ".mlstore-tmp"
+
+
+class LocalBackend(FsspecBackend):
+    protocol = "file"
+
+    def _make_fs(self) -> Any:
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem()
+
+    def _path(self, url: URL) -> str:
+        return url.path
+
+    def _url(self, path: str) -> URL:
+        return URL("file", "", os.path.abspath(path))
+
+    def _version(self, raw: Mapping[str, Any]) -> str | None:
+        try:
+            st = os.stat(raw["name"])
+        except OSError:
+            return None
+        return f"{st.st_mtime_ns}-{st.st_size}"
+
+    def open_read(self, url: URL, info: ObjectInfo) -> IO[bytes] | None:
+        with self._errors(url, "open"):
+            return open(url.path, "rb")  # noqa: SIM115 - handed to the caller
+
+    def read(
+        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+    ) -> bytes:
+        with self._errors(url, "read"):
+            if version is not None:
+                self._check_version(url, version)
+            with open(url.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                lo, hi = _bounds(start, end, size)
+                if lo:
+                    fh.seek(lo)
+                return fh.read(max(0, hi - lo))
+
+    def open_write(self, url: URL) -> IO[bytes]:
+        with self._errors(url, "write"):
+            if os.path.isdir(url.path):
+                raise IsADirectoryError_(
+                    "this is a directory; cannot write a file over it",
+                    url=str(url),
+                    operation="write",
+                )
+            os.makedirs(os.path.dirname(url.path) or ".", exist_ok=True)
+            return AtomicFile(url.path)
+
+    def write(self, url: URL, data: bytes) -> None:
+        with self.open_write(url) as fh:
+            fh.write(data)
+
+    def copy(self, src: URL, dst: URL) -> None:
+        with self._errors(src, "copy"):
+            with open(src.path, "rb") as fin, self.open_write(dst) as fout:
+                while chunk := fin.read(8 * 1024 * 1024):
+                    fout.write(chunk)
+
+
+def _bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
+    """Python slice semantics for ``[start:end)`` over an object of ``size`` bytes."""
+    lo, hi, _ = slice(start, end).indices(size)
+    return lo, max(lo, hi)
+
+
+class AtomicFile(io.RawIOBase):
+    """A binary file written to a temporary sibling and renamed into place on close.
+
+    ``close()`` after a clean write publishes the file (flush, fsync, rename, fsync of
+    the directory). Leaving a ``with`` block through an exception, or calling
+    :meth:`discard`, removes the temporary file and leaves the destination untouched.
+    A writer that is garbage-collected without ``close()`` publishes nothing.
+    """
+
+    def __init__(self, path: str, mode: int = 0o666) -> None:
+        super().__init__()
+        self.path = path
+        self.name = path
+        directory = os.path.dirname(path) or "."
+        fd, self._tmp = tempfile.mkstemp(
+            prefix="." + os.path.basename(path)[:100] + ".", suffix=TEMP_SUFFIX, dir=directory
+        )
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, mode & ~umask)
+        self._fh = os.fdopen(fd, "wb")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return self._fh.write(data)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._cleanup()
+            raise
+        finally:
+            super().close()
+        _fsync_dir(os.path.dirname(self.path) or ".")
+
+    def discard(self) -> None:
+        """Abandon the write: the destination keeps its old content (or stays absent)."""
+        if not self.closed:
+            self._cleanup()
+            super().close()
+
+    def _cleanup(self) -> None:
+        try:
+            self._fh.close()
+        finally:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_fh") and not self.closed:
+            self.discard()
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

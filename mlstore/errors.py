@@ -1,0 +1,177 @@
+"""The exceptions mlstore raises.
+
+Every error mlstore raises derives from :class:`MlstoreError` and, where Python has a
+builtin with the same meaning, from that builtin too, so ``except FileNotFoundError``
+keeps working in code that does not know mlstore::
+
+    MlstoreError
+    ├── NotFoundError            (FileNotFoundError)
+    ├── PermissionDeniedError    (PermissionError)
+    ├── PreconditionFailedError       the object changed (version / ETag mismatch)
+    ├── IntegrityError                bytes do not match their recorded hash or length
+    ├── ConfigError              (ValueError)   bad URL, option or setting
+    ├── UnsupportedOperation     (io.UnsupportedOperation)
+    ├── IsADirectoryError_       (IsADirectoryError)
+    └── TransientError                worth retrying
+        ├── ThrottledError            503 SlowDown, 429 Too Many Requests
+        ├── StorageTimeoutError  (TimeoutError)
+        └── ConnectionLostError  (ConnectionError)
+
+Errors carry the ``url`` and the ``operation`` they concern. The message names both and,
+where it can, what to do next. Messages never contain credentials: URLs are passed
+through :func:`redact_url` before they are stored.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+__all__ = [
+    "ConfigError",
+    "ConnectionLostError",
+    "IntegrityError",
+    "IsADirectoryError_",
+    "MlstoreError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PreconditionFailedError",
+    "StorageTimeoutError",
+    "ThrottledError",
+    "TransientError",
+    "UnsupportedOperation",
+    "redact_url",
+]
+
+# Query parameters that carry credentials: presigned S3 URLs, Azure SAS tokens,
+# GCS signed URLs, and the usual token-ish names.
+_SECRET_PARAMS = re.compile(
+    r"^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)"
+    r"|sig|signature|se|sp|sv|st|skoid|sktid|skt|ske|sks|skv|token|access_token"
+    r"|api[-_]?key|key|password|secret|code|sas)$",
+    re.IGNORECASE,
+)
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with user info and credential-bearing query values masked.
+
+    >>> redact_url("https://user:pw@host/a?sig=abc&x=1")
+    'https://***@host/a?sig=***&x=1'
+    """
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc and not parts.query:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = REDACTED + "@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, REDACTED if _SECRET_PARAMS.match(k) else v) for k, v in pairs],
+            safe="*",
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class MlstoreError(Exception):
+    """Base of every error mlstore raises.
+
+    Attributes:
+        url: the URL the operation concerned (credentials removed), or ``None``.
+        operation: what mlstore was doing, e.g. ``"read"``, ``"write"``, ``"info"``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        operation: str | None = None,
+    ) -> None:
+        self.url = redact_url(url) if url else None
+        self.operation = operation
+        self.reason = message
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = ""
+        if self.operation and self.url:
+            where = f"{self.operation} {self.url}: "
+        elif self.url:
+            where = f"{self.url}: "
+        elif self.operation:
+            where = f"{self.operation}: "
+        return where + self.reason
+
+    def __str__(self) -> str:
+        return self._render()
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keep the keyword-only attributes across pickling (DataLoader workers
+        # send exceptions back to the parent process).
+        return (_rebuild, (type(self), self.reason, self.url, self.operation))
+
+
+def _rebuild(
+    cls: type[MlstoreError], reason: str, url: str | None, operation: str | None
+) -> MlstoreError:
+    return cls(reason, url=url, operation=operation)
+
+
+class NotFoundError(MlstoreError, FileNotFoundError):
+    """The object or directory does not exist."""
+
+
+class PermissionDeniedError(MlstoreError, PermissionError):
+    """The credentials do not allow the operation, or a policy refused the URL."""
+
+
+class PreconditionFailedError(MlstoreError):
+    """The object changed while it was being read (its version no longer matches)."""
+
+
+class IntegrityError(MlstoreError):
+    """Bytes did not match their recorded hash or their announced length."""
+
+
+class ConfigError(MlstoreError, ValueError):
+    """An invalid URL, option or setting. The message names the field."""
+
+
+class UnsupportedOperation(MlstoreError, io.UnsupportedOperation):
+    """The backend cannot do this (for example, writing to an http URL)."""
+
+
+class IsADirectoryError_(MlstoreError, IsADirectoryError):  # noqa: N801
+    """A file operation was asked of a directory."""
+
+
+class TransientError(MlstoreError):
+    """A failure that may succeed if tried again (5xx, timeouts, dropped connections).
+
+    Attributes:
+        retry_after: seconds the server asked the client to wait, if it said.
+    """
+
+    retry_after: float | None = None
+
+
+class ThrottledError(TransientError):
+    """The service asked the client to slow down (503 SlowDown, 429)."""
+
+
+class StorageTimeoutError(TransientError, TimeoutError):
+    """A connect or read timed out."""
+
+
+class ConnectionLostError(TransientError, ConnectionError):
+    """The connection failed or was reset."""

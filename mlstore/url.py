@@ -1,0 +1,217 @@
+"""Parsing and normalising storage URLs.
+
+mlstore accepts:
+
+=====================  ==========================================  =================
+spelling               meaning                                     canonical form
+=====================  ==========================================  =================
+``s3://b/k``           Amazon S3 (and S3-compatible stores)         ``s3://b/k``
+``gs://b/k``           Google Cloud Storage (``gcs://`` too)        ``gs://b/k``
+``az://c/k``           Azure Blob (``abfs://``, ``abfss://`` too)   ``az://c/k``
+``file:///p``          local file (bare paths, ``~``, relative)     ``file:///abs/p``
+``memory://k``         in-process memory (tests, notebooks)         ``memory://k``
+``http(s)://h/p``      read-only HTTP(S)                            unchanged
+``mlstore://m/p``      mount ``m`` (one or more replicas)           ``mlstore://m/p``
+=====================  ==========================================  =================
+
+An unknown scheme is a :class:`~mlstore.errors.ConfigError` listing the supported ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from mlstore.errors import ConfigError, redact_url
+
+__all__ = ["SCHEMES", "URL", "parse_url", "resolve_mount"]
+
+#: Accepted scheme -> canonical protocol.
+SCHEMES: dict[str, str] = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gs",
+    "gcs": "gs",
+    "az": "az",
+    "abfs": "az",
+    "abfss": "az",
+    "file": "file",
+    "local": "file",
+    "memory": "memory",
+    "http": "http",
+    "https": "https",
+    "mlstore": "mlstore",
+}
+
+_BUCKETED = {"s3", "gs", "az", "mlstore"}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# A Windows drive letter ("C:\x") is not a scheme.
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+@dataclass(frozen=True)
+class URL:
+    """A parsed, normalised storage URL.
+
+    Attributes:
+        protocol: canonical protocol: ``s3``, ``gs``, ``az``, ``file``, ``memory``,
+            ``http``, ``https`` or ``mlstore``.
+        bucket: bucket, container, host (http) or mount name; empty for ``file`` and
+            ``memory``.
+        path: the key inside the bucket (no leading ``/``), the absolute local path for
+            ``file``, or path plus query for ``http``.
+    """
+
+    protocol: str
+    bucket: str
+    path: str
+
+    def __str__(self) -> str:
+        if self.protocol == "file":
+            return "file://" + self.path
+        if self.protocol in ("http", "https"):
+            return f"{self.protocol}://{self.bucket}{self.path}"
+        if self.protocol == "memory":
+            return "memory://" + self.path
+        return f"{self.protocol}://{self.bucket}/{self.path}" if self.path else (
+            f"{self.protocol}://{self.bucket}"
+        )
+
+    def __repr__(self) -> str:
+        return f"URL({redact_url(str(self))!r})"
+
+    @property
+    def name(self) -> str:
+        """The last path component."""
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def join(self, *parts: str) -> URL:
+        """A URL below this one: ``URL('s3://b/a').join('x', 'y') == URL('s3://b/a/x/y')``."""
+        tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
+        if not tail:
+            return self
+        if self.protocol == "file":
+            return URL("file", "", os.path.join(self.path, *tail.split("/")))
+        base = self.path.rstrip("/")
+        return URL(self.protocol, self.bucket, f"{base}/{tail}" if base else tail)
+
+
+def _check_key(path: str, raw: str) -> None:
+    if "\x00" in path:
+        raise ConfigError("a URL must not contain a NUL character", url=raw, operation="parse")
+
+
+def parse_url(url: str | os.PathLike[str] | URL) -> URL:
+    """Parse ``url`` into a :class:`URL`, normalising scheme aliases and local paths.
+
+    >>> parse_url("gcs://bucket/a/b.bin")
+    URL('gs://bucket/a/b.bin')
+    >>> parse_url("s3://bucket").path
+    ''
+    """
+    if isinstance(url, URL):
+        return url
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
+    if not isinstance(url, str):
+        raise ConfigError(f"a URL must be a string or a path, got {type(url).__name__}")
+    raw = url
+    if not url:
+        raise ConfigError("a URL must not be empty", operation="parse")
+    _check_key(url, raw)
+    m = _SCHEME.match(url)
+    if not m or _DRIVE.match(url):
+        if "::" in url:
+            raise ConfigError(
+                "chained URLs ('a::b') are an fsspec spelling; mlstore APIs take the "
+                "innermost URL",
+                url=raw,
+                operation="parse",
+            )
+        return URL("file", "", os.path.abspath(os.path.expanduser(url)))
+    scheme = m.group(1).lower()
+    protocol = SCHEMES.get(scheme)
+    if protocol is None:
+        supported = ", ".join(sorted(f"{s}://" for s in SCHEMES))
+        raise ConfigError(
+            f"unknown URL scheme {scheme!r}; supported schemes are {supported}",
+            url=raw,
+            operation="parse",
+        )
+    rest = url[m.end() :]
+    if protocol == "file":
+        # file:///abs, file://localhost/abs, file://~/x and file://relative/x
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        path = unquote(rest)
+        return URL("file", "", os.path.abspath(os.path.expanduser(path)))
+    if protocol == "memory":
+        return URL("memory", "", _clean_key(rest.lstrip("/"), raw))
+    if protocol in ("http", "https"):
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises on a malformed port
+        except ValueError as exc:
+            raise ConfigError(f"malformed URL ({exc})", url=raw, operation="parse") from None
+        if not parts.hostname:
+            raise ConfigError("an http(s) URL needs a host", url=raw, operation="parse")
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return URL(protocol, parts.netloc, path)
+    # bucketed: s3, gs, az, mlstore
+    bucket, _, key = rest.partition("/")
+    if protocol == "az" and "@" in bucket:
+        # abfs://container@account.dfs.core.windows.net/path
+        bucket = bucket.split("@", 1)[0]
+    if not bucket:
+        what = "mount name" if protocol == "mlstore" else "bucket"
+        raise ConfigError(
+            f"the URL has no {what}; expected {protocol}://<{what.replace(' ', '-')}>/<key>",
+            url=raw,
+            operation="parse",
+        )
+    if protocol != "mlstore" and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", bucket):
+        raise ConfigError(
+            f"{bucket!r} is not a valid bucket or container name", url=raw, operation="parse"
+        )
+    return URL(protocol, bucket, _clean_key(key, raw))
+
+
+def _clean_key(key: str, raw: str) -> str:
+    """Collapse duplicate slashes; keep a trailing slash (a "directory" marker)."""
+    trailing = key.endswith("/")
+    parts = [p for p in key.split("/") if p not in ("",)]
+    cleaned = "/".join(parts)
+    if trailing and cleaned:
+        cleaned += "/"
+    return cleaned
+
+
+def resolve_mount(url: URL, mounts: dict[str, tuple[str, ...]] | object) -> list[URL]:
+    """The physical URLs (replicas, primary first) behind an ``mlstore://`` URL."""
+    if url.protocol != "mlstore":
+        return [url]
+    assert isinstance(mounts, dict)
+    prefixes = mounts.get(url.bucket)
+    if prefixes is None:
+        known = ", ".join(sorted(mounts)) or "none configured"
+        raise ConfigError(
+            f"unknown mount {url.bucket!r} (known mounts: {known}); configure it with "
+            "Store(mounts={...}) or the [mounts] table of the config file",
+            url=str(url),
+            operation="resolve",
+        )
+    out = []
+    for prefix in prefixes:
+        base = parse_url(prefix)
+        if base.protocol == "mlstore":
+            raise ConfigError(
+                f"mount {url.bucket!r} points at another mount ({prefix}); mounts must name "
+                "physical URLs",
+                operation="resolve",
+            )
+        out.append(base.join(url.path) if url.path else base)
+    return out
