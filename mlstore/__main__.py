@@ -1,0 +1,5 @@
+import sys
+
+from mlstore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,253 @@
+"""The ``mlstore`` command: list, copy, read and inspect any supported URL.
+
+Examples::
+
+    mlstore ls -l s3://bucket/train/
+    mlstore cp -r ./shards s3://bucket/train/
+    mlstore cat gs://bucket/labels.csv | head
+    mlstore info az://container/model.pt
+    mlstore config            # the effective settings and where they came from
+
+Exit status: 0 on success, 1 when an operation failed, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import IO
+
+from mlstore.config import ENV_VARS, StoreConfig
+from mlstore.errors import MlstoreError
+from mlstore.store import Store
+
+__all__ = ["main"]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class ProgressBar:
+    """A one-line progress report on a terminal: bytes done, total, rate."""
+
+    def __init__(self, stream: IO[str], label: str, *, min_interval: float = 0.1) -> None:
+        self.stream = stream
+        self.label = label
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._min_interval = min_interval
+        self._shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < self._min_interval:
+            return
+        self._last = now
+        elapsed = max(now - self.start, 1e-9)
+        pct = f"{100 * done / total:5.1f}%" if total else "  100%"
+        line = (
+            f"\r{self.label}: {pct}  {_human(done)} / {_human(total)}"
+            f"  {_human(done / elapsed)}/s"
+        )
+        self.stream.write(line)
+        self.stream.flush()
+        self._shown = True
+
+    def finish(self) -> None:
+        if self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _cmd_ls(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    for url in args.urls:
+        entries = store.ls(url, detail=True)
+        for entry in entries:
+            name = str(entry.url) + ("/" if entry.is_dir else "")
+            if args.long:
+                size = "-" if entry.is_dir else (_human(entry.size) if args.human else entry.size)
+                when = (
+                    time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.mtime))
+                    if entry.mtime
+                    else "-"
+                )
+                out.write(f"{size!s:>12}  {when:16}  {name}\n")
+            else:
+                out.write(name + "\n")
+    return 0
+
+
+def _cmd_find(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    for url in store.find(args.url):
+        out.write(url + "\n")
+    return 0
+
+
+def _cmd_glob(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    matches = store.glob(args.pattern)
+    for url in matches:
+        out.write(url + "\n")
+    return 0 if matches else 1
+
+
+def _cmd_cat(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    sink = getattr(out, "buffer", None)
+    for url in args.urls:
+        with store.open(url, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                if sink is not None:
+                    sink.write(chunk)
+                else:
+                    out.write(chunk.decode(errors="replace"))
+    if sink is not None:
+        sink.flush()
+    return 0
+
+
+def _cmd_cp(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    bar = ProgressBar(sys.stderr, f"{args.src} -> {args.dst}") if show else None
+    dst = args.dst
+    if not args.recursive and (dst.endswith("/") or _is_local_dir(dst)):
+        # "cp file dir/" puts the file inside the directory, like cp(1).
+        name = args.src.rstrip("/").rsplit("/", 1)[-1]
+        dst = dst.rstrip("/") + "/" + name
+    try:
+        written = store.copy(args.src, dst, recursive=args.recursive, progress=bar)
+    finally:
+        if bar is not None:
+            bar.finish()
+    if args.verbose:
+        for url in written:
+            out.write(url + "\n")
+    return 0
+
+
+def _is_local_dir(path: str) -> bool:
+    if "://" in path and not path.startswith("file://"):
+        return False
+    return os.path.isdir(path.removeprefix("file://"))
+
+
+def _cmd_rm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    for url in args.urls:
+        store.rm(url, recursive=args.recursive)
+    return 0
+
+
+def _cmd_info(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    for url in args.urls:
+        out.write(json.dumps(store.info(url).as_dict(), indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    cfg = store.config
+    out.write("# effective settings (argument > MLSTORE_* environment > config file > default)\n")
+    for section in ("cache", "retry", "http"):
+        obj = getattr(cfg, section)
+        for name in type(obj)._sources:
+            out.write(f"{section}.{name} = {getattr(obj, name)!r}\n")
+    out.write(f"max_workers = {cfg.max_workers}\n")
+    for name, urls in sorted(cfg.mounts.items()):
+        out.write(f"mount {name} = {', '.join(urls)}\n")
+    for proto, opts in sorted(cfg.options.items()):
+        # option values may be credentials: names only
+        out.write(f"options.{proto}: {', '.join(sorted(opts)) or '(none)'}\n")
+    if args.env:
+        out.write("\n# environment variables mlstore reads\n")
+        for var, field_name in sorted(ENV_VARS.items()):
+            state = "set" if os.environ.get(var) else "unset"
+            out.write(f"{var:32} {field_name:32} {state}\n")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from mlstore import __version__
+
+    p = argparse.ArgumentParser(
+        prog="mlstore",
+        description="Read, write and inspect ML data on S3, GCS, Azure, local disk and HTTP.",
+    )
+    p.add_argument("--version", action="version", version=f"mlstore {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ls = sub.add_parser("ls", help="list a directory or prefix")
+    ls.add_argument("urls", nargs="+", metavar="URL")
+    ls.add_argument("-l", "--long", action="store_true", help="show size and modification time")
+    ls.add_argument("-H", "--human", action="store_true", help="sizes in KiB/MiB/GiB")
+    ls.set_defaults(func=_cmd_ls)
+
+    find = sub.add_parser("find", help="list every file below a URL, recursively")
+    find.add_argument("url", metavar="URL")
+    find.set_defaults(func=_cmd_find)
+
+    glob = sub.add_parser("glob", help="list URLs matching a pattern (*, ?, **, [abc])")
+    glob.add_argument("pattern", metavar="PATTERN")
+    glob.set_defaults(func=_cmd_glob)
+
+    cat = sub.add_parser("cat", help="write objects to standard output")
+    cat.add_argument("urls", nargs="+", metavar="URL")
+    cat.set_defaults(func=_cmd_cat)
+
+    cp = sub.add_parser("cp", help="copy between any two URLs")
+    cp.add_argument("src", metavar="SRC")
+    cp.add_argument("dst", metavar="DST")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy a directory tree")
+    cp.add_argument("-v", "--verbose", action="store_true", help="print each URL written")
+    cp.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress on stderr (default: when stderr is a terminal)",
+    )
+    cp.set_defaults(func=_cmd_cp)
+
+    rm = sub.add_parser("rm", help="delete objects")
+    rm.add_argument("urls", nargs="+", metavar="URL")
+    rm.add_argument("-r", "--recursive", action="store_true", help="delete a directory tree")
+    rm.set_defaults(func=_cmd_rm)
+
+    info = sub.add_parser("info", help="size, version and checksums of objects, as JSON")
+    info.add_argument("urls", nargs="+", metavar="URL")
+    info.set_defaults(func=_cmd_info)
+
+    config = sub.add_parser("config", help="show the effective configuration")
+    config.add_argument("--env", action="store_true", help="also list the environment variables")
+    config.set_defaults(func=_cmd_config)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    out = stdout or sys.stdout
+    try:
+        with Store(StoreConfig()) as store:
+            status: int = args.func(store, args, out)
+            return status
+    except MlstoreError as exc:
+        sys.stderr.write(f"mlstore: error: {exc}\n")
+        return 1
+    except BrokenPipeError:  # `mlstore cat ... | head`
+        try:
+            sys.stdout.close()
+        except OSError:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write("mlstore: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
