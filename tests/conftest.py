@@ -9,6 +9,21 @@ from collections.abc import Iterator
 import pytest
 
 import mlstore
+from tests.emulators import EmulatorUnavailable, ServerProcess, moto_server
+
+# Variables of the test suite itself, left alone by the isolation fixture.
+_SUITE_VARIABLES = {"MLSTORE_REQUIRE_EMULATORS", "MLSTORE_AZURITE_BIN"}
+REQUIRE_EMULATORS = os.environ.get("MLSTORE_REQUIRE_EMULATORS") == "1"
+
+
+def start_emulator(factory: object) -> ServerProcess:
+    """Start an emulator, or skip the test (fail under MLSTORE_REQUIRE_EMULATORS=1)."""
+    try:
+        return factory().start()  # type: ignore[operator, no-any-return]
+    except EmulatorUnavailable as exc:
+        if REQUIRE_EMULATORS:
+            pytest.fail(f"MLSTORE_REQUIRE_EMULATORS=1 but {exc}", pytrace=False)
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +33,7 @@ def _isolated_environment(
     """Each test sees no MLSTORE_* settings from the machine, a private cache dir, and
     a fresh default Store."""
     for name in list(os.environ):
-        if name.startswith("MLSTORE_") and name != "MLSTORE_REQUIRE_EMULATORS":
+        if name.startswith("MLSTORE_") and name not in _SUITE_VARIABLES:
             monkeypatch.delenv(name)
     monkeypatch.setenv("MLSTORE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     mlstore.set_default_store(None)
@@ -40,3 +55,35 @@ def mem_root() -> Iterator[str]:
     s = mlstore.Store()
     if s.exists(root):
         s.rm(root, recursive=True)
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[ServerProcess]:
+    """A moto_server process for the whole session."""
+    server = start_emulator(moto_server)
+    # moto accepts any credentials; set them where botocore looks, so child
+    # processes (spawn, forkserver) find them too.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_options(moto: ServerProcess) -> dict[str, object]:
+    return {"endpoint_url": moto.endpoint}
+
+
+@pytest.fixture
+def s3_bucket(moto: ServerProcess, s3_options: dict[str, object]) -> Iterator[str]:
+    """A new, empty bucket; emptied and deleted afterwards."""
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    with mlstore.Store(options={"s3": s3_options}) as s:
+        s.mkdir(f"s3://{name}")
+        yield name
+        for url in s.find(f"s3://{name}"):
+            s.rm(url)

@@ -190,8 +190,15 @@ _REGISTRY: dict[str, str | type[Backend]] = {
     "memory": "mlstore.backends.memory:MemoryBackend",
     "http": "mlstore.backends.http:HttpBackend",
     "https": "mlstore.backends.http:HttpBackend",
+    "s3": "mlstore.backends.s3:S3Backend",
+    "gs": "mlstore.backends.gcs:GCSBackend",
+    "az": "mlstore.backends.azure:AzureBackend",
 }
-_INSTALL_HINT: dict[str, str] = {}
+_INSTALL_HINT: dict[str, str] = {
+    "s3": "install it with: pip install 'mlstore[s3]'",
+    "gs": "install it with: pip install 'mlstore[gcs]'",
+    "az": "install it with: pip install 'mlstore[azure]'",
+}
 _lock = threading.Lock()
 
 
