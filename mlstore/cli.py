@@ -55,8 +55,7 @@ class ProgressBar:
         elapsed = max(now - self.start, 1e-9)
         pct = f"{100 * done / total:5.1f}%" if total else "  100%"
         line = (
-            f"\r{self.label}: {pct}  {_human(done)} / {_human(total)}"
-            f"  {_human(done / elapsed)}/s"
+            f"\r{self.label}: {pct}  {_human(done)} / {_human(total)}  {_human(done / elapsed)}/s"
         )
         self.stream.write(line)
         self.stream.flush()

@@ -53,7 +53,9 @@ def test_cp_file_into_directory_keeps_its_name(tree: Path, tmp_path: Path) -> No
     assert out.strip().endswith("/into/a.txt")
 
 
-def test_cp_progress_reports_total(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cp_progress_reports_total(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     status, _ = run("cp", "-r", "--progress", str(tree), str(tmp_path / "p"))
     assert status == 0
     err = capsys.readouterr().err
@@ -111,7 +113,9 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 2
 
 
-def test_config_lists_settings_without_secret_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_config_lists_settings_without_secret_values(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     cfg = tmp_path / "mlstore.toml"
     cfg.write_text('[options.s3]\nsecret = "CANARY-SECRET-1"\nendpoint_url = "http://x"\n')
     monkeypatch.setenv("MLSTORE_CONFIG", str(cfg))

@@ -68,7 +68,7 @@ class FsspecBackend(Backend):
             yield
         except MlstoreError:
             raise
-        except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+        except Exception as exc:
             raise self._translate(exc, url, operation) from exc
 
     # ---- Backend

@@ -84,9 +84,7 @@ def translate_os_error(exc: OSError, url: URL, operation: str) -> MlstoreError:
     if isinstance(exc, FileNotFoundError):
         return NotFoundError("no such object or directory", url=text, operation=operation)
     if isinstance(exc, PermissionError):
-        return PermissionDeniedError(
-            f"permission denied ({reason})", url=text, operation=operation
-        )
+        return PermissionDeniedError(f"permission denied ({reason})", url=text, operation=operation)
     if isinstance(exc, IsADirectoryError):
         return IsADirectoryError_(
             "this is a directory; use ls() to list it", url=text, operation=operation

@@ -140,7 +140,7 @@ class S3Backend(FsspecBackend):
             if url.path and not url.path.endswith("/"):
                 try:
                     head = self._sync(_head, url.bucket, url.path)
-                except Exception as exc:  # noqa: BLE001 - translated below
+                except Exception as exc:
                     err = self._translate(exc, url, "info")
                     if not isinstance(err, NotFoundError):
                         raise err from exc
@@ -163,10 +163,14 @@ class S3Backend(FsspecBackend):
                 lo = start or 0
                 if end is not None and end <= lo:
                     return b""
-                rng = f"bytes={lo}-{'' if end is None else end - 1}" if lo or end is not None else None
+                rng = (
+                    f"bytes={lo}-{'' if end is None else end - 1}"
+                    if lo or end is not None
+                    else None
+                )
             try:
                 data: bytes = self._sync(_get, url.bucket, url.path, rng, version)
-            except Exception as exc:  # noqa: BLE001 - translated below
+            except Exception as exc:
                 if _is_invalid_range(exc):
                     return b""
                 raise
@@ -214,7 +218,9 @@ def _from_status(
     elif status >= 500 or status in (408,) or code in ("InternalError", "RequestTimeout"):
         err = TransientError(f"S3 server error ({code or status})", url=url, operation=operation)
     else:
-        return MlstoreError(f"S3 refused the request ({code or status})", url=url, operation=operation)
+        return MlstoreError(
+            f"S3 refused the request ({code or status})", url=url, operation=operation
+        )
     retry_after = {k.lower(): v for k, v in headers.items()}.get("retry-after")
     if retry_after:
         try:

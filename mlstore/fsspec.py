@@ -1,0 +1,534 @@
+"""``mlstore`` as an fsspec filesystem, so pandas, pyarrow, Dask, zarr and friends read
+and write through a :class:`~mlstore.Store` unchanged.
+
+Two spellings work with any fsspec consumer:
+
+* **chained**: ``"mlstore::<url>"`` puts mlstore in front of another protocol::
+
+      fsspec.open("mlstore::s3://bucket/key", mlstore={"retry": {...}}, s3={...})
+      pd.read_parquet("mlstore::gs://bucket/table.parquet")
+
+  fsspec hands the instance ``target_protocol`` (``s3``) and ``target_options`` (the
+  ``s3={...}`` dict), which become ``Store(options={"s3": target_options})``. Bare paths
+  on such an instance are paths of the target protocol, and the names it returns use the
+  same form the target's own fsspec filesystem would (``/abs/path`` for local files,
+  ``/a/b`` for memory, ``bucket/key`` for s3, gs and az, the full URL for http).
+
+* **mounts**: ``"mlstore://<mount>/<key>"`` reads a mount of the Store::
+
+      fs = fsspec.filesystem("mlstore", mounts={"imagenet": ["s3://bucket/imagenet"]})
+      fs.open("mlstore://imagenet/train/0.jpg")
+
+  Bare paths on an instance without ``target_protocol`` are ``<mount>/<key>``, and the
+  names it returns have that form; ``ls("")`` lists the mounts.
+
+Any full URL (``"memory://x/y"``, ``"file:///tmp/z"``) is accepted as is by every
+instance; names below it come back as full URLs.
+
+Keyword arguments other than ``target_protocol``, ``target_options`` and ``fo`` are
+:class:`~mlstore.Store` keyword arguments (``cache``, ``retry``, ``http``, ``mounts``,
+``options``, ``max_workers``, ``config``); each filesystem instance owns one Store.
+
+Example:
+    >>> import fsspec
+    >>> with fsspec.open("mlstore::memory://fsspec-doc/a.txt", "w") as f:
+    ...     _ = f.write("hello")
+    >>> fs = fsspec.filesystem("mlstore", mounts={"doc": "memory://fsspec-doc"})
+    >>> fs.cat_file("mlstore://doc/a.txt")
+    b'hello'
+    >>> fs.ls("doc", detail=False)
+    ['doc/a.txt']
+    >>> fs.rm("mlstore://doc", recursive=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import errno
+import io
+import os
+import re
+from collections.abc import Mapping
+from glob import has_magic
+from hashlib import sha256
+from typing import IO, Any, ClassVar
+
+from fsspec.callbacks import DEFAULT_CALLBACK
+from fsspec.implementations.chained import ChainedFileSystem
+from fsspec.spec import make_instance
+
+from mlstore.backends.base import ObjectInfo
+from mlstore.config import StoreConfig
+from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError
+from mlstore.store import Store
+from mlstore.url import SCHEMES, URL, parse_url
+
+__all__ = ["MLStoreFileSystem"]
+
+#: Keyword arguments the Store takes.
+_STORE_KWARGS = frozenset({"config", "cache", "retry", "http", "mounts", "options", "max_workers"})
+#: Keyword arguments fsspec's AbstractFileSystem itself understands.
+_FSSPEC_KWARGS = frozenset(
+    {"use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop"}
+)
+# Option names that hold credentials: never pickled (the same rule as Store pickling;
+# the child process re-resolves them from its environment or config file).
+_SECRET_OPTION = re.compile(
+    r"(secret|token|password|passwd|credential|sas|account_key|connection_string|"
+    r"^key$|session|private|auth|headers)",
+    re.IGNORECASE,
+)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
+    """An fsspec filesystem whose every operation goes through one :class:`~mlstore.Store`.
+
+    Args:
+        target_protocol: set by fsspec for ``"mlstore::<protocol>://..."``: bare paths
+            are paths of this protocol.
+        target_options: set by fsspec from the ``<protocol>={...}`` keyword: the
+            backend options of ``target_protocol``.
+        fo: the path fsspec resolved for the chained URL (unused).
+        **store_kwargs: keyword arguments of :class:`~mlstore.Store`.
+    """
+
+    protocol: ClassVar[str] = "mlstore"
+    root_marker = ""
+
+    def __init__(
+        self,
+        target_protocol: str | None = None,
+        target_options: Mapping[str, Any] | None = None,
+        fo: str | None = None,
+        **store_kwargs: Any,
+    ) -> None:
+        fsspec_kwargs = {k: store_kwargs.pop(k) for k in list(store_kwargs) if k in _FSSPEC_KWARGS}
+        super().__init__(**fsspec_kwargs)
+        unknown = sorted(set(store_kwargs) - _STORE_KWARGS)
+        if unknown:
+            raise ConfigError(
+                f"unknown mlstore filesystem option(s) {unknown}; accepted are "
+                f"target_protocol, target_options, fo and the Store arguments "
+                f"{sorted(_STORE_KWARGS)}"
+            )
+        self.target_protocol: str | None = None
+        if target_protocol is not None:
+            canonical = SCHEMES.get(str(target_protocol).lower())
+            if canonical is None or canonical == "mlstore":
+                supported = ", ".join(sorted(s for s in SCHEMES if s != "mlstore"))
+                raise ConfigError(
+                    f"mlstore cannot chain to {target_protocol!r}; supported target "
+                    f"protocols are {supported}"
+                )
+            self.target_protocol = canonical
+        if target_options:
+            if self.target_protocol is None:
+                raise ConfigError("target_options needs a target_protocol")
+            proto = self.target_protocol
+            options = {k: dict(v) for k, v in (store_kwargs.get("options") or {}).items()}
+            options[proto] = {**options.get(proto, {}), **dict(target_options)}
+            store_kwargs["options"] = options
+        self.fo = fo
+        self.store = Store(**store_kwargs)
+
+    def __repr__(self) -> str:
+        target = f"target_protocol={self.target_protocol!r}, " if self.target_protocol else ""
+        return f"MLStoreFileSystem({target}store={self.store!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Like fsspec's own pickling (rebuild from the constructor arguments), minus the
+        # options that look like credentials: the copy re-resolves those from its
+        # environment, config file or credential provider, as a pickled Store does.
+        return make_instance, (
+            type(self),
+            self.storage_args,
+            _without_secrets(self.storage_options),
+        )
+
+    # ------------------------------------------------------------------ paths
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        if isinstance(path, list):
+            return [cls._strip_protocol(p) for p in path]
+        path = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+        if path.startswith("mlstore::"):
+            path = path[len("mlstore::") :]
+        if path.startswith("mlstore://"):
+            path = path[len("mlstore://") :]
+        m = _URL.match(path)
+        if m:
+            rest = path[m.end() :]
+            stripped = rest.rstrip("/")
+            if not stripped and rest:
+                stripped = "/"  # file:/// is the root, not the current directory
+            return path[: m.end()] + stripped
+        if path and not path.strip("/"):
+            return "/"
+        return path.rstrip("/")
+
+    @classmethod
+    def _parent(cls, path: Any) -> str:
+        path = cls._strip_protocol(path)
+        m = _URL.match(path)
+        scheme, rest = (path[: m.end()], path[m.end() :]) if m else ("", path)
+        lead = "/" if rest.startswith("/") else ""
+        body = rest.strip("/")
+        parent = body.rsplit("/", 1)[0] if "/" in body else ""
+        return scheme + lead + parent
+
+    def unstrip_protocol(self, name: str) -> str:
+        """The URL of ``name`` that fsspec can open again: ``mlstore://<mount>/<key>``
+        for mounts, ``mlstore::<url>`` otherwise."""
+        if _URL.match(name) or self.target_protocol is not None:
+            return "mlstore::" + str(self._url(name))
+        return "mlstore://" + name.lstrip("/")
+
+    def _url(self, path: Any) -> URL:
+        """The Store URL of a path of this instance."""
+        p: str = self._strip_protocol(path)
+        if _URL.match(p):
+            return parse_url(p)
+        target = self.target_protocol
+        if target is None:
+            key = p.strip("/")
+            if not key:
+                raise ConfigError(
+                    "the mlstore root lists the mounts; name a mount to read or write",
+                    url="mlstore://",
+                )
+            return parse_url("mlstore://" + key)
+        if target == "file":
+            return URL("file", "", os.path.abspath(os.path.expanduser(p or ".")))
+        if target in ("memory", "http", "https"):
+            return parse_url(f"{target}://{p.lstrip('/') if target == 'memory' else p}")
+        return parse_url(f"{target}://{p.lstrip('/')}")
+
+    def _is_root(self, path: Any) -> bool:
+        """Whether ``path`` is the root of a mounts-only instance (the list of mounts)."""
+        if self.target_protocol is not None:
+            return False
+        p: str = self._strip_protocol(path)
+        return not _URL.match(p) and not p.strip("/")
+
+    def _name(self, url: URL) -> str:
+        """``url`` in this instance's path form (what ``ls``/``info`` return)."""
+        target = self.target_protocol
+        if url.protocol == "mlstore" and target is None:
+            return f"{url.bucket}/{url.path}".strip("/")
+        if url.protocol == target:
+            if target == "file":
+                return url.path
+            if target == "memory":
+                key = url.path.strip("/")
+                return "/" + key if key else ""
+            if target in ("http", "https"):
+                return str(url)
+            return f"{url.bucket}/{url.path}".rstrip("/")
+        return self._strip_protocol(str(url))  # type: ignore[no-any-return]
+
+    def _info_dict(self, info: ObjectInfo, name: str | None = None) -> dict[str, Any]:
+        out = info.as_dict()
+        out["name"] = self._name(info.url) if name is None else name
+        return out
+
+    def _mount_dirs(self) -> list[dict[str, Any]]:
+        return [
+            {"name": m, "size": 0, "type": "directory"} for m in sorted(self.store.config.mounts)
+        ]
+
+    # ------------------------------------------------------------------ reading
+
+    def ls(self, path: Any, detail: bool = True, **kwargs: Any) -> list[Any]:
+        if self._is_root(path):
+            entries = self._mount_dirs()
+        else:
+            url = self._url(path)
+            try:
+                found: list[ObjectInfo] = self.store.ls(url, detail=True)
+            except NotFoundError:
+                if not self._is_mount_root(url):
+                    raise
+                found = []
+            entries = [self._info_dict(e) for e in found]
+        return entries if detail else [e["name"] for e in entries]
+
+    def _is_mount_root(self, url: URL) -> bool:
+        """A configured mount with nothing below it yet is still an (empty) directory."""
+        return url.protocol == "mlstore" and not url.path and url.bucket in self.store.config.mounts
+
+    def info(self, path: Any, **kwargs: Any) -> dict[str, Any]:
+        if self._is_root(path):
+            return {"name": "", "size": 0, "type": "directory"}
+        url = self._url(path)
+        try:
+            found = self.store.info(url)
+        except NotFoundError:
+            if not self._is_mount_root(url):
+                raise
+            return {"name": self._name(url), "size": 0, "type": "directory"}
+        return self._info_dict(found, self._name(url))
+
+    def find(
+        self,
+        path: Any,
+        maxdepth: int | None = None,
+        withdirs: bool = False,
+        detail: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        if maxdepth is not None or withdirs or detail or self._is_root(path):
+            return super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
+        # Files only: one recursive listing in the Store (a single paged listing on
+        # object stores) instead of one ls() per directory.
+        try:
+            urls = self.store.find(self._url(path))
+        except NotFoundError:
+            return []
+        return sorted(self._name(parse_url(u)) for u in urls)
+
+    def cat_file(
+        self, path: Any, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
+        return self.store.read_bytes(self._url(path), start, end)
+
+    def _open(
+        self,
+        path: Any,
+        mode: str = "rb",
+        block_size: Any = None,
+        autocommit: bool = True,
+        cache_options: Any = None,
+        **kwargs: Any,
+    ) -> IO[bytes] | _ReadFile:
+        if not autocommit:
+            raise NotImplementedError(
+                "mlstore writes are atomic per file; fsspec transactions are not supported"
+            )
+        url = self._url(path)
+        if mode == "rb":
+            buffer_size = block_size if isinstance(block_size, int) and block_size > 0 else None
+            fh: IO[bytes] = self.store.open(
+                url, "rb", buffer_size=buffer_size, version=kwargs.get("version")
+            )
+            return _ReadFile(fh)
+        if mode == "xb":
+            if self.store.exists(url):
+                raise FileExistsError(errno.EEXIST, "the object already exists", str(url))
+            mode = "wb"
+        return self.store.open(url, mode)
+
+    def ukey(self, path: Any) -> str:
+        """A token that changes when the object changes: its version (ETag,
+        generation, ``mtime_ns-size``) where the backend reports one."""
+        url = self._url(path)
+        found = self.store.info(url)
+        basis = f"{url}@{found.version}" if found.version else str(found.as_dict())
+        return sha256(basis.encode()).hexdigest()
+
+    def modified(self, path: Any) -> datetime.datetime:
+        mtime = self.info(path).get("mtime")
+        if mtime is None:
+            raise NotImplementedError(f"the backend reports no modification time for {path}")
+        return datetime.datetime.fromtimestamp(mtime, tz=datetime.timezone.utc)
+
+    # ------------------------------------------------------------------ writing
+
+    def pipe_file(self, path: Any, value: Any, mode: str = "overwrite", **kwargs: Any) -> None:
+        url = self._url(path)
+        if mode == "create" and self.store.exists(url):
+            raise FileExistsError(errno.EEXIST, "the object already exists", str(url))
+        self.store.write_bytes(url, value)
+
+    def put_file(
+        self,
+        lpath: Any,
+        rpath: Any,
+        callback: Any = DEFAULT_CALLBACK,
+        mode: str = "overwrite",
+        **kwargs: Any,
+    ) -> None:
+        if mode == "create" and self.exists(rpath):
+            raise FileExistsError(errno.EEXIST, "the object already exists", str(rpath))
+        local = os.path.abspath(os.fspath(lpath))
+        if os.path.isdir(local):
+            self.makedirs(rpath, exist_ok=True)
+            return
+        callback.set_size(os.path.getsize(local))
+        self.store.copy(
+            URL("file", "", local),
+            self._url(rpath),
+            progress=lambda done, _total: callback.absolute_update(done),
+        )
+
+    def cp_file(self, path1: Any, path2: Any, **kwargs: Any) -> None:
+        src = self._url(path1)
+        if self.store.info(src).is_dir:
+            self.makedirs(path2, exist_ok=True)
+            return
+        self.store.copy(src, self._url(path2))
+
+    def mkdir(self, path: Any, create_parents: bool = True, **kwargs: Any) -> None:
+        if self._is_root(path):
+            raise FileExistsError(errno.EEXIST, "the mlstore root always exists", "")
+        if self.exists(path):
+            raise FileExistsError(errno.EEXIST, "already exists", str(self._url(path)))
+        if not create_parents and self._has_directories(self._url(path)):
+            parent = self._parent(path)
+            if parent and not self.isdir(parent):
+                raise FileNotFoundError(
+                    errno.ENOENT, "the parent directory does not exist", str(self._url(parent))
+                )
+        self.store.mkdir(self._url(path))
+
+    def _has_directories(self, url: URL) -> bool:
+        """Whether ``url`` lives on storage with real directories (object stores have
+        none: a "directory" exists while something is below it)."""
+        return self.store.resolve(url)[0].protocol in ("file", "memory")
+
+    def makedirs(self, path: Any, exist_ok: bool = False) -> None:
+        if self._is_root(path):
+            if not exist_ok:
+                raise FileExistsError(errno.EEXIST, "the mlstore root always exists", "")
+            return
+        try:
+            existing = self.info(path)
+        except FileNotFoundError:
+            self.store.mkdir(self._url(path))
+            return
+        if not exist_ok or existing["type"] != "directory":
+            raise FileExistsError(errno.EEXIST, "already exists", str(self._url(path)))
+
+    def rmdir(self, path: Any) -> None:
+        if self._is_root(path):
+            raise PermissionError(errno.EPERM, "the mlstore root cannot be removed", "")
+        url = self._url(path)
+        if not self.store.info(url).is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(url))
+        if self.store.ls(url):
+            raise OSError(errno.ENOTEMPTY, "directory not empty", str(url))
+        self.store.rm(url, recursive=True)
+
+    def rm_file(self, path: Any) -> None:
+        self.store.rm(self._url(path))
+
+    def _rm(self, path: Any) -> None:
+        self.rm_file(path)
+
+    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
+        if isinstance(path, (str, os.PathLike)) and maxdepth is None:
+            p = self._strip_protocol(path)
+            if not has_magic(p):
+                self._rm_one(p, recursive)
+                return
+        # Lists, globs and depth limits: expand like fsspec, deepest paths first.
+        paths = self.expand_path(path, recursive=recursive, maxdepth=maxdepth)
+        existed = {p for p in paths if self.exists(p)}
+        for p in reversed(paths):
+            try:
+                self._rm_one(p, recursive=False)
+            except FileNotFoundError:
+                # A directory of an object store exists only while something is below
+                # it: deleting its files earlier in this loop made it vanish.
+                if p not in existed:
+                    raise
+
+    def _rm_one(self, path: str, recursive: bool) -> None:
+        if self._is_root(path):
+            raise PermissionError(errno.EPERM, "the mlstore root cannot be removed", "")
+        url = self._url(path)
+        if recursive:
+            self.store.rm(url, recursive=True)
+        elif self.store.info(url).is_dir:
+            if self.store.ls(url):
+                raise IsADirectoryError_(
+                    "this directory is not empty; pass recursive=True to delete everything "
+                    "below it",
+                    url=str(url),
+                    operation="rm",
+                )
+            self.store.rm(url, recursive=True)
+        else:
+            self.store.rm(url)
+
+
+class _ReadFile(io.BufferedIOBase):
+    """The Store's read file, closed quietly if it is garbage-collected while open, as
+    fsspec's own files are: consumers such as pyarrow drop the input files they open
+    without closing them, which would otherwise raise ``ResourceWarning``."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        super().__init__()
+        self._inner = inner
+        self.name = getattr(inner, "url", None) or getattr(inner, "name", "")
+        size = getattr(inner, "size", None)
+        if not isinstance(size, int):
+            try:
+                size = os.fstat(inner.fileno()).st_size
+            except (OSError, ValueError):
+                size = None
+        self.size: int | None = size
+
+    def __repr__(self) -> str:
+        return f"<mlstore read file {self.name!r} size={self.size}>"
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._inner.read(-1 if size is None else size)
+
+    def read1(self, size: int = -1) -> bytes:
+        read1 = getattr(self._inner, "read1", None)
+        data: bytes = read1(size) if read1 is not None else self._inner.read(size)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n: int = self._inner.readinto(buffer)  # type: ignore[attr-defined]
+        return n
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._inner.readline(-1 if size is None else size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._inner.close()
+        finally:
+            super().close()
+
+
+def _without_secrets(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor arguments minus every option whose name looks like a credential."""
+    out = dict(kwargs)
+    if isinstance(out.get("target_options"), Mapping):
+        out["target_options"] = _safe(out["target_options"])
+    if isinstance(out.get("options"), Mapping):
+        out["options"] = _safe_per_protocol(out["options"])
+    config = out.get("config")
+    if isinstance(config, StoreConfig):
+        out["config"] = dataclasses.replace(config, options=_safe_per_protocol(config.options))
+    return out
+
+
+def _safe(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if not _SECRET_OPTION.search(k)}
+
+
+def _safe_per_protocol(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {p: _safe(o) if isinstance(o, Mapping) else o for p, o in options.items()}
