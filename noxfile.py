@@ -61,5 +61,5 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".[s3,gcs,azure]", "mypy>=1.10", "types-urllib3")
+    session.install("-e", ".[s3,gcs,azure]", "mypy>=1.10")
     session.run("mypy")

@@ -14,7 +14,7 @@ from typing import Any
 
 from mlstore.errors import IntegrityError
 
-__all__ = ["RangeReader", "open_ranged"]
+__all__ = ["CountingReader", "RangeReader", "open_ranged"]
 
 Fetch = Callable[[int, int], bytes]
 
@@ -97,6 +97,44 @@ class RangeReader(io.RawIOBase):
     def _check_open(self) -> None:
         if self.closed:
             raise ValueError("I/O operation on closed file.")
+
+
+class CountingReader(io.RawIOBase):
+    """A raw seekable stream that passes every call to ``inner`` and reports the bytes
+    it reads to ``count`` (how a native local file feeds ``Store.stats()``)."""
+
+    def __init__(self, inner: io.RawIOBase, count: Callable[[int], None]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._count = count
+        self.name = getattr(inner, "name", "")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def readinto(self, buffer: Any) -> int | None:
+        n = self._inner.readinto(buffer)
+        if n:
+            self._count(n)
+        return n
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            super().close()
 
 
 class ReadFile(io.BufferedReader):

@@ -34,14 +34,17 @@ Example TOML file::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, ClassVar
 
-from mlstore.errors import ConfigError
+from mlstore.errors import REDACTED, ConfigError, redact_url
+from mlstore.url import parse_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,6 +59,7 @@ __all__ = [
     "StoreConfig",
     "load_file",
     "parse_size",
+    "redact_options",
 ]
 
 
@@ -93,19 +97,20 @@ def parse_size(value: object, *, name: str = "size") -> int:
             unit = unit.lower()
             # "10G" and "10GiB" are binary; "10GB" is decimal.
             base = 1024 if (binary or (unit and not value.strip().lower().endswith("b"))) else 1000
-            return int(float(number) * base ** _POWERS[unit])
-    raise ConfigError(
-        f"{name} must be a size such as 1048576, '512MiB' or '10GB', got {value!r}"
-    )
+            return int(Fraction(number) * base ** _POWERS[unit])
+    raise ConfigError(f"{name} must be a size such as 1048576, '512MiB' or '10GB', got {value!r}")
 
 
 def _parse_float(value: object, name: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
     try:
-        return float(value)  # type: ignore[arg-type]
+        out = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    if math.isnan(out):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
+    return out
 
 
 def _parse_int(value: object, name: str) -> int:
@@ -156,7 +161,8 @@ def _parse_bool(value: object, name: str) -> bool:
 
 # --------------------------------------------------------------------------- file
 
-_file_cache: dict[tuple[str, int], dict[str, Any]] = {}
+_file_cache: dict[tuple[str, int, int, int], dict[str, Any]] = {}
+_SECTIONS = ("cache", "http", "mounts", "options", "retry", "store")
 
 
 def load_file(path: str | None = None) -> dict[str, Any]:
@@ -165,29 +171,32 @@ def load_file(path: str | None = None) -> dict[str, Any]:
     Returns an empty dict when no file is configured. A missing or malformed file is a
     :class:`ConfigError`: a setting the user asked for is never silently ignored.
     """
+    named_by = "config file" if path is not None else "MLSTORE_CONFIG names"
     path = path if path is not None else os.environ.get("MLSTORE_CONFIG")
     if not path:
         return {}
     path = os.path.expanduser(path)
     try:
-        mtime = os.stat(path).st_mtime_ns
+        st = os.stat(path)
     except OSError as exc:
-        raise ConfigError(
-            f"MLSTORE_CONFIG names {path!r}, which cannot be read ({exc.strerror})"
-        ) from None
-    key = (path, mtime)
+        raise ConfigError(f"{named_by} {path!r}, which cannot be read ({exc.strerror})") from None
+    # mtime alone can miss a rewrite within the file system's timestamp granularity.
+    key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
     if key not in _file_cache:
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except OSError as exc:
+            raise ConfigError(
+                f"{named_by} {path!r}, which cannot be read ({exc.strerror})"
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
-        known = {"cache", "retry", "http", "mounts", "options", "store"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
             raise ConfigError(
                 f"config file {path!r} has unknown section(s) {unknown}; "
-                f"known sections are {sorted(known)}"
+                f"known sections are {list(_SECTIONS)}"
             )
         _file_cache.clear()
         _file_cache[key] = data
@@ -224,9 +233,10 @@ class _Resolved:
             label = f"{type(self).__name__}.{name}"
             if value is UNSET:
                 if env and os.environ.get(env, "") != "":
-                    value, label = os.environ[env], f"environment variable {env}"
+                    value, label = os.environ[env], f"{label} (environment variable {env})"
                 elif name in section:
-                    value, label = section[name], f"config file [{self._section}] {name}"
+                    value = section[name]
+                    label = f"{label} (config file section [{self._section}], key {name!r})"
                 else:
                     value = default() if callable(default) else default
             object.__setattr__(self, name, parser(value, label))
@@ -324,9 +334,7 @@ class CacheConfig(_Resolved):
         """The disk tier's directory, with the platform default filled in."""
         if self.disk_dir:
             return self.disk_dir
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-            os.path.expanduser("~"), ".cache"
-        )
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return os.path.join(base, "mlstore")
 
 
@@ -456,10 +464,22 @@ def _mounts(value: object, name: str) -> dict[str, tuple[str, ...]]:
             )
         if isinstance(urls, str):
             urls = [urls]
-        if not isinstance(urls, (list, tuple)) or not urls or not all(
-            isinstance(u, str) for u in urls
+        if (
+            not isinstance(urls, (list, tuple))
+            or not urls
+            or not all(isinstance(u, str) for u in urls)
         ):
             raise ConfigError(f"{name}[{key!r}] must be a non-empty list of URLs")
+        for u in urls:
+            try:
+                target = parse_url(u)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}[{key!r}]: {exc}") from None
+            if target.protocol == "mlstore":
+                raise ConfigError(
+                    f"{name}[{key!r}] points at another mount ({u}); mounts must name "
+                    "physical URLs such as s3://bucket/prefix"
+                )
         out[key] = tuple(u.rstrip("/") for u in urls)
     return out
 
@@ -486,7 +506,9 @@ class StoreConfig:
         mounts: logical mount names to one or more physical URL prefixes (replicas),
             merged over the config file's ``[mounts]``.
         options: per-protocol backend options (``{"s3": {"endpoint_url": ...}}``),
-            merged over the config file's ``[options.<protocol>]``.
+            merged key by key over the variables of :data:`OPTION_ENV_VARS`
+            (``MLSTORE_S3_ENDPOINT_URL`` and its GCS and Azure siblings), then the config
+            file's ``[options.<protocol>]``.
         max_workers: threads used by ``read_many`` and ``prefetch``
             (``MLSTORE_MAX_WORKERS``). Default 32.
     """
@@ -512,19 +534,67 @@ class StoreConfig:
         mounts = {**file_mounts, **_mounts(self.mounts, "StoreConfig.mounts")}
         object.__setattr__(self, "mounts", mounts)
         file_opts = _options(load_file().get("options", {}), "config file [options]")
+        env_opts: dict[str, dict[str, Any]] = {}
+        for env, (protocol, option) in OPTION_ENV_VARS.items():
+            if os.environ.get(env, ""):
+                env_opts.setdefault(protocol, {})[option] = os.environ[env]
         given = _options(self.options, "StoreConfig.options")
-        merged = {p: {**file_opts.get(p, {}), **given.get(p, {})} for p in {*file_opts, *given}}
+        merged = {
+            p: {**file_opts.get(p, {}), **env_opts.get(p, {}), **given.get(p, {})}
+            for p in {*file_opts, *env_opts, *given}
+        }
         object.__setattr__(self, "options", merged)
         store_section = _file_section("store")
-        if self.max_workers is UNSET:
+        unknown = sorted(set(store_section) - {"max_workers"})
+        if unknown:
+            raise ConfigError(
+                f"config file section [store] has unknown key(s) {unknown}; "
+                "known keys are ['max_workers']"
+            )
+        value, label = self.max_workers, "StoreConfig.max_workers"
+        if value is UNSET:
             env = os.environ.get("MLSTORE_MAX_WORKERS", "")
             if env:
-                value, label = env, "environment variable MLSTORE_MAX_WORKERS"
+                value, label = env, f"{label} (environment variable MLSTORE_MAX_WORKERS)"
+            elif "max_workers" in store_section:
+                value = store_section["max_workers"]
+                label = f"{label} (config file section [store], key 'max_workers')"
             else:
-                value, label = store_section.get("max_workers", 32), "StoreConfig.max_workers"
-        else:
-            value, label = self.max_workers, "StoreConfig.max_workers"
+                value = 32
         object.__setattr__(self, "max_workers", _positive(_parse_int)(value, label))
+
+    def __repr__(self) -> str:
+        # Options may hold credentials and mount URLs may be presigned: mask both.
+        mounts = {k: tuple(redact_url(u) for u in v) for k, v in self.mounts.items()}
+        return (
+            f"StoreConfig(cache={self.cache!r}, retry={self.retry!r}, http={self.http!r}, "
+            f"mounts={mounts!r}, options={redact_options(self.options, REDACTED)!r}, "
+            f"max_workers={self.max_workers!r})"
+        )
+
+
+#: Backend option names that hold credentials: never pickled, never shown.
+SECRET_OPTION = re.compile(
+    r"(secret|token|password|passwd|credential|sas|account_key|connection_string|"
+    r"^key$|session|private|auth|headers)",
+    re.IGNORECASE,
+)
+
+
+def redact_options(options: Mapping[str, Any], replacement: object = None) -> dict[str, Any]:
+    """``options`` with every value whose name looks like a credential replaced by
+    ``replacement``, or dropped when ``replacement`` is ``None``; nested dicts (such as
+    ``client_kwargs``) are searched too."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(key, str) and SECRET_OPTION.search(key):
+            if replacement is not None:
+                out[key] = replacement
+        elif isinstance(value, Mapping):
+            out[key] = redact_options(value, replacement)
+        else:
+            out[key] = value
+    return out
 
 
 def _build(cls: type[Any], values: Mapping[str, Any], name: str) -> Any:
@@ -535,11 +605,21 @@ def _build(cls: type[Any], values: Mapping[str, Any], name: str) -> Any:
     return cls(**values)
 
 
+#: Environment variables that set one backend option: variable -> (protocol, option).
+OPTION_ENV_VARS: dict[str, tuple[str, str]] = {
+    "MLSTORE_S3_ENDPOINT_URL": ("s3", "endpoint_url"),
+    "MLSTORE_GCS_ENDPOINT_URL": ("gs", "endpoint_url"),
+    "MLSTORE_AZURE_ENDPOINT_URL": ("az", "endpoint_url"),
+}
+
+
 def _env_table() -> dict[str, str]:
     table: dict[str, str] = {
         "MLSTORE_CONFIG": "path of a TOML config file",
         "MLSTORE_MAX_WORKERS": "StoreConfig.max_workers",
     }
+    for var, (protocol, option) in OPTION_ENV_VARS.items():
+        table[var] = f"StoreConfig.options[{protocol!r}][{option!r}]"
     for cls in (CacheConfig, RetryPolicy, HttpPolicy):
         for name, (env, _parser, _default) in cls._sources.items():
             if env:

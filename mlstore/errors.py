@@ -116,9 +116,10 @@ class MlstoreError(Exception):
         return self._render()
 
     def __reduce__(self) -> tuple[object, ...]:
-        # Keep the keyword-only attributes across pickling (DataLoader workers
-        # send exceptions back to the parent process).
-        return (_rebuild, (type(self), self.reason, self.url, self.operation))
+        # Keep the keyword-only attributes, and any set later (``retry_after``),
+        # across pickling: DataLoader workers send exceptions back to the parent.
+        extra = {k: v for k, v in self.__dict__.items() if k not in ("url", "operation", "reason")}
+        return (_rebuild, (type(self), self.reason, self.url, self.operation), extra or None)
 
 
 def _rebuild(
@@ -147,11 +148,11 @@ class ConfigError(MlstoreError, ValueError):
     """An invalid URL, option or setting. The message names the field."""
 
 
-class UnsupportedOperation(MlstoreError, io.UnsupportedOperation):
+class UnsupportedOperation(MlstoreError, io.UnsupportedOperation):  # noqa: N818 - as in io
     """The backend cannot do this (for example, writing to an http URL)."""
 
 
-class IsADirectoryError_(MlstoreError, IsADirectoryError):  # noqa: N801
+class IsADirectoryError_(MlstoreError, IsADirectoryError):  # noqa: N801, N818
     """A file operation was asked of a directory."""
 
 

@@ -59,9 +59,13 @@ class Stats:
     def __iter__(self) -> Iterator[str]:
         return iter(self.as_dict())
 
-    def __sub__(self, other: Stats) -> Stats:
+    def __sub__(self, other: object) -> Stats:
+        if not isinstance(other, Stats):
+            return NotImplemented
         keys = set(self.counters) | set(other.counters)
-        return Stats({k: self.counters.get(k, 0) - other.counters.get(k, 0) for k in keys})
+        diff = {k: self.counters.get(k, 0) - other.counters.get(k, 0) for k in keys}
+        # keep only what changed, so ``print(after - before)`` shows just the activity
+        return Stats({k: v for k, v in diff.items() if v})
 
     def table(self) -> str:
         """A plain-text table, one row per protocol."""

@@ -8,6 +8,7 @@ public API: ``open``, ``read_bytes``, ``write_bytes``, ``ls``, ``info``, ``exist
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -15,11 +16,11 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any
+from typing import IO, Any, cast
 
-from mlstore._file import open_ranged
+from mlstore._file import CountingReader, open_ranged
 from mlstore.backends.base import Backend, ObjectInfo, get_backend_class
-from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
+from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig, redact_options
 from mlstore.errors import (
     ConfigError,
     IsADirectoryError_,
@@ -36,12 +37,6 @@ __all__ = ["Store", "default_store", "set_default_store"]
 UrlLike = str | os.PathLike[str] | URL
 Progress = Callable[[int, int], None]
 
-# Option names that hold credentials: never pickled, never shown.
-_SECRET_OPTION = re.compile(
-    r"(secret|token|password|passwd|credential|sas|account_key|connection_string|"
-    r"^key$|session|private|auth|headers)",
-    re.IGNORECASE,
-)
 _COPY_CHUNK = 8 * 1024 * 1024
 
 
@@ -88,7 +83,9 @@ class Store:
         if http is not None:
             given["http"] = http
         if mounts is not None:
-            given["mounts"] = {k: ([v] if isinstance(v, str) else list(v)) for k, v in mounts.items()}
+            given["mounts"] = {
+                k: ([v] if isinstance(v, str) else list(v)) for k, v in mounts.items()
+            }
         if options is not None:
             given["options"] = options
         if max_workers is not None:
@@ -99,7 +96,7 @@ class Store:
                 retry=given.get("retry", base.retry),
                 http=given.get("http", base.http),
                 mounts={**base.mounts, **given.get("mounts", {})},
-                options={**base.options, **given.get("options", {})},
+                options=_merge_options(base.options, given.get("options", {})),
                 max_workers=given.get("max_workers", base.max_workers),
             )
         self.config = base
@@ -123,10 +120,7 @@ class Store:
         # rebuilt in the child, and options that look like credentials are dropped, so
         # the child re-resolves them from its environment or config file.
         cfg = self.config
-        safe_options = {
-            proto: {k: v for k, v in opts.items() if not _SECRET_OPTION.search(k)}
-            for proto, opts in cfg.options.items()
-        }
+        safe_options = {proto: redact_options(opts) for proto, opts in cfg.options.items()}
         return {
             "cache": cfg.cache,
             "retry": cfg.retry,
@@ -202,7 +196,7 @@ class Store:
         """
         target, backend = self._target(url)
         info: ObjectInfo = self._call(backend, lambda: backend.info(target))
-        return info
+        return self._logical(url, info)
 
     def exists(self, url: UrlLike) -> bool:
         """Whether an object or directory exists at ``url``."""
@@ -275,18 +269,24 @@ class Store:
         if binary.startswith("r"):
             fh: IO[Any] = self._open_read(url, buffer_size=buffer_size, version=version)
             if text:
-                return io.TextIOWrapper(fh, encoding=encoding, errors=errors, newline=newline)  # type: ignore[arg-type]
+                return io.TextIOWrapper(fh, encoding=encoding, errors=errors, newline=newline)
             return fh
         target, backend = self._target(url)
         if backend.read_only:
             raise UnsupportedOperation(
                 f"{backend.protocol} URLs are read-only", url=str(target), operation="write"
             )
-        raw = _CountingWriter(backend.open_write(target), lambda n: self._count(backend, "bytes_written", n))
+        raw = _CountingWriter(
+            backend.open_write(target), lambda n: self._count(backend, "bytes_written", n)
+        )
         self._count(backend, "requests")
         if text:
-            return io.TextIOWrapper(raw, encoding=encoding, errors=errors, newline=newline)  # type: ignore[arg-type]
-        return raw
+            try:
+                return _TextWriter(raw, encoding=encoding, errors=errors, newline=newline)
+            except BaseException:  # an unknown encoding, say: nothing is written
+                raw.discard()
+                raise
+        return cast(IO[Any], raw)
 
     def _open_read(
         self, url: UrlLike, *, buffer_size: int | None, version: str | None
@@ -306,6 +306,11 @@ class Store:
                 operation="open",
             )
         native = backend.open_read(target, info)
+        if isinstance(native, io.RawIOBase):
+            # An unbuffered native file (local disk) gets the buffer size asked for, and
+            # its reads are counted like ranged ones.
+            raw = CountingReader(native, lambda n: self._count(backend, "bytes_read", n))
+            return cast(IO[bytes], io.BufferedReader(raw, buffer_size or io.DEFAULT_BUFFER_SIZE))
         if native is not None:
             return native
         pinned = info.version
@@ -348,23 +353,21 @@ class Store:
             return [str(parsed)] if self.exists(parsed) else []
         head = path[: m.start()]
         root = head[: head.rfind("/") + 1] if "/" in head else ""
-        base = URL(parsed.protocol, parsed.bucket, root.rstrip("/") if parsed.protocol != "file" else root or "/")
-        if parsed.protocol == "file":
-            base = URL("file", "", root.rstrip("/") or "/")
+        base = URL(parsed.protocol, parsed.bucket, root.rstrip("/") or root)
         regex = _glob_regex(path)
         try:
             files = self.find(base)
         except NotFoundError:
             return []
         candidates: set[str] = set()
-        prefix_len = len(str(base).rstrip("/")) + 1
+        # "memory://" and "file:///" already end in a slash; "s3://bucket" does not
+        prefix = str(base) if str(base).endswith("/") else str(base) + "/"
         for f in files:
             candidates.add(f)
             # the directories between the base and each file
-            rel = f[prefix_len:]
-            parts = rel.split("/")
+            parts = f[len(prefix) :].split("/")
             for i in range(1, len(parts)):
-                candidates.add(str(base).rstrip("/") + "/" + "/".join(parts[:i]))
+                candidates.add(prefix + "/".join(parts[:i]))
         out = []
         for c in candidates:
             p = parse_url(c).path
@@ -380,17 +383,9 @@ class Store:
         physical = self.resolve(parsed)[0]
         base = str(physical).rstrip("/")
         name = str(entry.url)
-        rel = name[len(base) :].lstrip("/") if name.startswith(base) else entry.url.name
-        logical = parsed.join(rel) if rel else parsed
-        return ObjectInfo(
-            url=logical,
-            size=entry.size,
-            type=entry.type,
-            version=entry.version,
-            mtime=entry.mtime,
-            checksums=entry.checksums,
-            content_hash=entry.content_hash,
-        )
+        inside = name == base or name.startswith(base + "/")
+        rel = name[len(base) :].lstrip("/") if inside else entry.url.name
+        return dataclasses.replace(entry, url=parsed.join(rel) if rel else parsed)
 
     # ------------------------------------------------------------------ writing
 
@@ -420,6 +415,12 @@ class Store:
         if backend.read_only:
             raise UnsupportedOperation(
                 f"{backend.protocol} URLs are read-only", url=str(target), operation="rm"
+            )
+        if not recursive and self.info(target).is_dir:
+            raise IsADirectoryError_(
+                "this is a directory; pass recursive=True to delete everything below it",
+                url=str(target),
+                operation="rm",
             )
         self._call(backend, lambda: backend.rm(target, recursive))
 
@@ -457,13 +458,21 @@ class Store:
         else:
             pairs.append((src_info, dst_url))
         total = sum(e.size for e, _ in pairs)
+        reported = -1
+
+        def report(done: int, total: int) -> None:
+            nonlocal reported
+            reported = done
+            if progress is not None:
+                progress(done, total)
+
         done = 0
         written = []
         for entry, target in pairs:
-            done = self._copy_one(entry, target, done, total, progress)
+            done = self._copy_one(entry, target, done, total, report)
             written.append(str(target))
-        if progress is not None and not pairs:
-            progress(0, 0)
+        if reported != done:  # empty files, or nothing to copy: still say it finished
+            report(done, total)
         return written
 
     def _sorted_find(self, url: URL) -> Iterator[ObjectInfo]:
@@ -500,6 +509,16 @@ class Store:
     def stats(self) -> Stats:
         """A snapshot of this Store's counters (requests, bytes, errors by protocol)."""
         return self._metrics.snapshot()
+
+
+def _merge_options(
+    base: Mapping[str, Mapping[str, Any]], given: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per-protocol options of ``given`` over those of ``base``, key by key."""
+    out = {proto: dict(opts) for proto, opts in base.items()}
+    for proto, opts in given.items():
+        out[proto] = {**out.get(proto, {}), **opts}
+    return out
 
 
 def safe_join(base: URL, rel: str) -> URL:
@@ -604,14 +623,43 @@ class _CountingWriter(io.RawIOBase):
             super().close()
 
     def __del__(self) -> None:
-        # Never publish a write that was not closed: an abandoned writer is discarded.
+        # Never publish a write that was not closed: an abandoned writer is discarded
+        # (before warning, so a warning turned into an error cannot skip the discard).
         if not getattr(self, "closed", True):
+            self.discard()
             warnings.warn(
                 f"write file {self.name!r} was never closed; its content was discarded",
                 ResourceWarning,
                 stacklevel=1,
             )
+
+
+class _TextWriter(io.TextIOWrapper):
+    """Text mode over a :class:`_CountingWriter`, with the same promise: leaving a
+    ``with`` block through an exception, or being garbage-collected unclosed, discards
+    the write instead of publishing it."""
+
+    buffer: _CountingWriter
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
             self.discard()
+        else:
+            self.close()
+
+    def discard(self) -> None:
+        """Abandon the write; the destination is left as it was."""
+        self.buffer.discard()
+
+    def __del__(self) -> None:
+        raw = getattr(self, "buffer", None)
+        if raw is not None and not raw.closed:
+            raw.discard()
+            warnings.warn(
+                f"write file {raw.name!r} was never closed; its content was discarded",
+                ResourceWarning,
+                stacklevel=1,
+            )
 
 
 # ------------------------------------------------------------ the default store

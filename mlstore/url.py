@@ -8,7 +8,8 @@ spelling               meaning                                     canonical for
 ``s3://b/k``           Amazon S3 (and S3-compatible stores)         ``s3://b/k``
 ``gs://b/k``           Google Cloud Storage (``gcs://`` too)        ``gs://b/k``
 ``az://c/k``           Azure Blob (``abfs://``, ``abfss://`` too)   ``az://c/k``
-``file:///p``          local file (bare paths, ``~``, relative)     ``file:///abs/p``
+``file:///p``          local file (bare paths, ``~``, relative;     ``file:///abs/p``
+                       the path is literal, not %-decoded)
 ``memory://k``         in-process memory (tests, notebooks)         ``memory://k``
 ``http(s)://h/p``      read-only HTTP(S)                            unchanged
 ``mlstore://m/p``      mount ``m`` (one or more replicas)           ``mlstore://m/p``
@@ -22,9 +23,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
-from mlstore.errors import ConfigError, redact_url
+from mlstore.errors import ConfigError, PermissionDeniedError, redact_url
 
 __all__ = ["SCHEMES", "URL", "parse_url", "resolve_mount"]
 
@@ -75,9 +76,9 @@ class URL:
             return f"{self.protocol}://{self.bucket}{self.path}"
         if self.protocol == "memory":
             return "memory://" + self.path
-        return f"{self.protocol}://{self.bucket}/{self.path}" if self.path else (
-            f"{self.protocol}://{self.bucket}"
-        )
+        if self.path:
+            return f"{self.protocol}://{self.bucket}/{self.path}"
+        return f"{self.protocol}://{self.bucket}"
 
     def __repr__(self) -> str:
         return f"URL({redact_url(str(self))!r})"
@@ -125,8 +126,7 @@ def parse_url(url: str | os.PathLike[str] | URL) -> URL:
     if not m or _DRIVE.match(url):
         if "::" in url:
             raise ConfigError(
-                "chained URLs ('a::b') are an fsspec spelling; mlstore APIs take the "
-                "innermost URL",
+                "chained URLs ('a::b') are an fsspec spelling; mlstore APIs take the innermost URL",
                 url=raw,
                 operation="parse",
             )
@@ -142,11 +142,12 @@ def parse_url(url: str | os.PathLike[str] | URL) -> URL:
         )
     rest = url[m.end() :]
     if protocol == "file":
-        # file:///abs, file://localhost/abs, file://~/x and file://relative/x
+        # file:///abs, file://localhost/abs, file://~/x and file://relative/x. The path
+        # is taken literally (no %-decoding), as fsspec does, so the URLs that ls()
+        # returns always lead back to the same file.
         if rest.startswith("localhost/"):
             rest = rest[len("localhost") :]
-        path = unquote(rest)
-        return URL("file", "", os.path.abspath(os.path.expanduser(path)))
+        return URL("file", "", os.path.abspath(os.path.expanduser(rest)))
     if protocol == "memory":
         return URL("memory", "", _clean_key(rest.lstrip("/"), raw))
     if protocol in ("http", "https"):
@@ -204,6 +205,10 @@ def resolve_mount(url: URL, mounts: dict[str, tuple[str, ...]] | object) -> list
             url=str(url),
             operation="resolve",
         )
+    if ".." in url.path.split("/"):
+        raise PermissionDeniedError(
+            "a '..' segment would lead out of the mount", url=str(url), operation="resolve"
+        )
     out = []
     for prefix in prefixes:
         base = parse_url(prefix)
@@ -211,6 +216,7 @@ def resolve_mount(url: URL, mounts: dict[str, tuple[str, ...]] | object) -> list
             raise ConfigError(
                 f"mount {url.bucket!r} points at another mount ({prefix}); mounts must name "
                 "physical URLs",
+                url=str(url),
                 operation="resolve",
             )
         out.append(base.join(url.path) if url.path else base)

@@ -87,3 +87,72 @@ def s3_bucket(moto: ServerProcess, s3_options: dict[str, object]) -> Iterator[st
         yield name
         for url in s.find(f"s3://{name}"):
             s.rm(url)
+
+
+# ---------------------------------------------------------------------------- GCS
+
+GCS_PROJECT = "mlstore-test"
+
+
+@pytest.fixture(scope="session")
+def fake_gcs() -> Iterator[ServerProcess]:
+    """A fake-gcs-server process (in memory, plain HTTP) for the whole session."""
+    from tests.emulators import fake_gcs_server
+
+    server = start_emulator(fake_gcs_server)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_options(fake_gcs: ServerProcess) -> dict[str, object]:
+    return {"endpoint_url": fake_gcs.endpoint, "token": "anon", "project": GCS_PROJECT}
+
+
+@pytest.fixture
+def gcs_bucket(fake_gcs: ServerProcess, gcs_options: dict[str, object]) -> Iterator[str]:
+    """A new, empty bucket; emptied afterwards."""
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    with mlstore.Store(options={"gs": gcs_options}) as s:
+        s.mkdir(f"gs://{name}")
+        yield name
+        for url in s.find(f"gs://{name}"):
+            s.rm(url)
+
+
+# -------------------------------------------------------------------------- Azure
+
+
+@pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """An Azurite blob service process (data under a session temp dir) for the session."""
+    from tests.emulators import azurite
+
+    location = str(tmp_path_factory.mktemp("azurite"))
+    server = start_emulator(lambda: azurite(location))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def az_connection_string(azurite_server: ServerProcess) -> str:
+    from tests.emulators import azurite_connection_string
+
+    return azurite_connection_string(azurite_server.endpoint)
+
+
+@pytest.fixture
+def az_options(az_connection_string: str) -> dict[str, object]:
+    return {"connection_string": az_connection_string}
+
+
+@pytest.fixture
+def az_container(az_connection_string: str) -> Iterator[str]:
+    """A new, empty container; deleted (with everything in it) afterwards."""
+    from azure.storage.blob import BlobServiceClient
+
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    with BlobServiceClient.from_connection_string(az_connection_string) as service:
+        service.create_container(name)
+        yield name
+        service.delete_container(name)

@@ -1,32 +1,43 @@
 """``http://`` and ``https://``: read-only access to objects served over HTTP.
 
-Reads use ``Range`` requests and are pinned to the version seen first with ``If-Match``
-(ETag) or ``If-Unmodified-Since`` (Last-Modified). ``info`` uses ``HEAD``.
+Reads use ``Range`` and are pinned to the version seen first (``If-Match`` with a strong
+ETag, else ``If-Unmodified-Since``); the answer's own ETag / Last-Modified and
+``Content-Range`` are checked too, so a server that ignores those headers still cannot
+return another version or range. Bodies are read as sent (``Accept-Encoding: identity``,
+never decoded), so sizes and ranges agree. ``info`` uses ``HEAD`` (or a one-byte ranged
+``GET`` where ``HEAD`` is refused or gives no size).
 
-Every request passes the URL policy (:class:`~mlstore.config.HttpPolicy`): the host name
-is checked, every address it resolves to is checked before a socket is opened, and both
-checks run again for each redirect, so a redirect or a DNS answer cannot lead mlstore to
-a cloud metadata service. A refused URL raises
-:class:`~mlstore.errors.PermissionDeniedError`.
+The URL policy (:class:`~mlstore.config.HttpPolicy`) checks the host name, then every
+address it resolves to, and the socket is opened to one of those checked addresses (never
+to a second, unchecked DNS answer); both checks run again on each redirect. IPv4 addresses
+inside IPv6 ones (``::ffff:a.b.c.d``, 6to4, Teredo, NAT64) are checked as IPv4. A refused
+URL raises :class:`~mlstore.errors.PermissionDeniedError` before any connection.
 
-Options (``Store(options={"http": {...}})``): ``headers`` (a dict sent with every
-request, for example an ``Authorization`` header; never logged or shown).
+Options (``Store(options={"https": {...}})``; ``http`` URLs share them): ``headers``, a dict
+sent with every request, e.g. ``Authorization`` (never logged or shown). User info in the
+URL (``https://user:pw@host/x``) is sent as Basic auth. ``Authorization``, ``Cookie`` and
+headers named like secrets (``X-Api-Key``) are not forwarded to another origin on redirect.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import ipaddress
+import logging
+import re
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 from mlstore.backends.base import Backend, ObjectInfo, PerProcess
 from mlstore.config import HttpPolicy, StoreConfig
 from mlstore.errors import (
     ConfigError,
     ConnectionLostError,
+    IntegrityError,
     MlstoreError,
     NotFoundError,
     PermissionDeniedError,
@@ -35,21 +46,58 @@ from mlstore.errors import (
     ThrottledError,
     TransientError,
     UnsupportedOperation,
+    redact_url,
 )
 from mlstore.url import URL
 
-__all__ = ["HttpBackend", "UrlGuard"]
+__all__ = ["HttpBackend", "PolicyRefusedError", "UrlGuard"]
 
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Redirects are followed by hand (each hop checked); bodies are streamed and never decoded.
+_RAW = {"redirect": False, "preload_content": False, "decode_content": False}
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 9110 token characters: anything else in a header name is refused up front.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers dropped when a redirect leads to another origin.
+_CREDENTIAL_HEADER = re.compile(
+    r"auth|cookie|token|key|secret|session|passw|signature|credential", re.IGNORECASE
+)
+_STATUS: dict[int, tuple[type[MlstoreError], str]] = {
+    **dict.fromkeys(
+        (401, 403, 407),
+        (PermissionDeniedError, "access denied; check the credentials or the 'headers' option"),
+    ),
+    **dict.fromkeys((404, 410), (NotFoundError, "no such object")),
+    **dict.fromkeys((429, 503), (ThrottledError, "the server asked to slow down")),
+    408: (TransientError, "request timeout"),
+    412: (PreconditionFailedError, "the object changed while it was read"),
+    416: (ConfigError, "the requested range is outside the object"),
+}
+# A shorter rest of a body is read so the connection can be reused; a longer one is not.
+_DRAIN_LIMIT = 64 * 1024
 
-class PolicyRefusal(Exception):
-    """Raised inside a connection when the URL policy refuses an address.
 
-    Deliberately not an ``OSError``, so urllib3 does not wrap it or retry it; the
-    backend turns it into :class:`PermissionDeniedError`.
-    """
+class PolicyRefusedError(Exception):
+    """The URL policy refused a host or address. Not an ``OSError``, so urllib3 neither
+    wraps nor retries it; the backend turns it into :class:`PermissionDeniedError`."""
+
+
+def _norm(host: str) -> str:
+    return host.lower().strip("[]").rstrip(".")
+
+
+def _reached(addr: _Address) -> list[_Address]:
+    """The addresses a connection to ``addr`` really reaches: an IPv4-mapped IPv6
+    address is its IPv4 address; 6to4, Teredo and NAT64 addresses also carry one."""
+    if isinstance(addr, ipaddress.IPv4Address):
+        return [addr]
+    if addr.ipv4_mapped is not None:
+        return [addr.ipv4_mapped]
+    teredo = addr.teredo[1] if addr.teredo else None
+    nat64 = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF) if addr in _NAT64 else None
+    return [a for a in (addr, addr.sixtofour, teredo, nat64) if a is not None]
 
 
 class UrlGuard:
@@ -57,19 +105,17 @@ class UrlGuard:
 
     def __init__(self, policy: HttpPolicy) -> None:
         self.policy = policy
-        self._deny_nets: list[_Network] = [
-            ipaddress.ip_network(n, strict=False) for n in policy.deny_networks
-        ]
-        self._deny_hosts = {h.lower().rstrip(".") for h in policy.deny_hosts}
-        self._allow = {h.lower().rstrip(".") for h in policy.allow_hosts}
+        self._deny_nets = [ipaddress.ip_network(n, strict=False) for n in policy.deny_networks]
+        self._deny_hosts = {_norm(h) for h in policy.deny_hosts}
+        self._allow = {_norm(h) for h in policy.allow_hosts}
 
     def check_host(self, host: str) -> None:
-        """Refuse a host by name (before any DNS look-up)."""
-        name = host.lower().strip("[]").rstrip(".")
+        """Refuse a host by name or literal address (before any DNS look-up)."""
+        name = _norm(host)
         if name in self._allow:
             return
         if name in self._deny_hosts:
-            raise PolicyRefusal(f"host {name!r} is refused by the URL policy (deny_hosts)")
+            raise PolicyRefusedError(f"host {name!r} is refused by the URL policy (deny_hosts)")
         try:
             addr = ipaddress.ip_address(name)
         except ValueError:
@@ -77,75 +123,94 @@ class UrlGuard:
         self.check_address(addr, host=name)
 
     def check_address(self, addr: _Address, *, host: str) -> None:
-        """Refuse an address that a host resolved to."""
-        if host.lower() in self._allow or str(addr) in self._allow:
+        """Refuse an address that ``host`` is or resolved to."""
+        if _norm(host) in self._allow or str(addr) in self._allow:
             return
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        for net in self._deny_nets:
-            if addr.version == net.version and addr in net:
-                raise PolicyRefusal(
-                    f"host {host!r} resolves to {addr}, inside {net}, which the URL policy "
-                    "refuses (deny_networks); allow it with HttpPolicy(allow_hosts=...)"
-                )
-        if self.policy.deny_private and (addr.is_private or addr.is_loopback):
-            raise PolicyRefusal(
-                f"host {host!r} resolves to the private address {addr}, which the URL "
-                "policy refuses (deny_private)"
-            )
+        for reached in _reached(addr):
+            for net in self._deny_nets:
+                if reached.version == net.version and reached in net:
+                    self._refuse(host, reached, f"inside {net}, refused by deny_networks")
+            if self.policy.deny_private and not reached.is_global:
+                self._refuse(host, reached, "not public, refused by deny_private")
+
+    def _refuse(self, host: str, addr: _Address, why: str) -> None:
+        raise PolicyRefusedError(
+            f"host {host!r} is the address {addr}, {why} in the URL policy; "
+            "allow it with HttpPolicy(allow_hosts=...)"
+        )
 
     def resolve(self, host: str, port: int) -> list[str]:
-        """Resolve ``host`` and check every address; return them, all allowed."""
+        """Resolve ``host`` and check every address; return them, all allowed
+        (:class:`socket.gaierror` when the name does not resolve)."""
         self.check_host(host)
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror:
-            return [host]  # let the connection raise its own name-resolution error
-        addrs: list[str] = []
-        for info in infos:
-            raw = info[4][0]
-            addr = ipaddress.ip_address(str(raw).split("%", 1)[0])
-            self.check_address(addr, host=host)
-            if str(raw) not in addrs:
-                addrs.append(str(raw))
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        for raw in addrs:
+            self.check_address(ipaddress.ip_address(raw.split("%", 1)[0]), host=host)
         return addrs
+
+
+class _MaskQueries(logging.Filter):
+    """urllib3 logs every request line at DEBUG, query string included: mask the signed
+    parts (presigned URLs, SAS tokens) as everywhere else mlstore shows a URL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_url("http://h" + a)[8:] if isinstance(a, str) and "?" in a else a
+                for a in record.args
+            )
+        return True
+
+
+_MASK_QUERIES = _MaskQueries()
 
 
 def _guarded_pool_manager(guard: UrlGuard, config: StoreConfig) -> Any:
     import urllib3
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-    class _Guarded:
-        _dns_host: str
-        port: int
+    def guarded(base: Any) -> Any:
+        class Guarded(base):  # type: ignore[misc]
+            """Connects only to addresses the guard has checked, trying each in turn:
+            ``_dns_host`` (what urllib3 connects to) is swapped for one checked address
+            at a time; ``host`` (Host header, SNI, certificate name) stays the name."""
 
-        def _new_conn(self) -> Any:
-            host = self._dns_host
-            addrs = guard.resolve(host, self.port)
-            self._dns_host = addrs[0]
-            try:
-                return super()._new_conn()  # type: ignore[misc]
-            finally:
-                self._dns_host = host
+            _dns_host: str
 
-    class GuardedHTTPConnection(_Guarded, HTTPConnection):
-        pass
+            def _new_conn(self) -> Any:
+                name = self._dns_host
+                try:
+                    addrs = guard.resolve(name, self.port)
+                except socket.gaierror as exc:
+                    raise NewConnectionError(self, "the host name did not resolve") from exc
+                error: Exception | None = None
+                for addr in addrs:
+                    self._dns_host = addr
+                    try:
+                        return super()._new_conn()
+                    except ConnectTimeoutError as exc:  # NewConnectionError included
+                        error = exc
+                    finally:
+                        self._dns_host = name
+                raise error or NewConnectionError(self, "the host name has no address")
 
-    class GuardedHTTPSConnection(_Guarded, HTTPSConnection):
-        pass
+        return Guarded
 
     class GuardedHTTPPool(HTTPConnectionPool):
-        ConnectionCls = GuardedHTTPConnection
+        ConnectionCls = guarded(HTTPConnection)
 
     class GuardedHTTPSPool(HTTPSConnectionPool):
-        ConnectionCls = GuardedHTTPSConnection
+        ConnectionCls = guarded(HTTPSConnection)
 
+    logging.getLogger("urllib3.connectionpool").addFilter(_MASK_QUERIES)  # idempotent
     retry = config.retry
-    manager = urllib3.PoolManager(
+    manager: Any = urllib3.PoolManager(
         num_pools=64,
         maxsize=max(10, config.max_workers),
-        retries=False,
+        retries=False,  # the one retry layer is mlstore's, above the backend
         timeout=urllib3.Timeout(connect=retry.connect_timeout, read=retry.read_timeout),
     )
     manager.pool_classes_by_scheme = {"http": GuardedHTTPPool, "https": GuardedHTTPSPool}
@@ -163,143 +228,112 @@ class HttpBackend(Backend):
         unknown = sorted(set(self.options) - {"headers"})
         if unknown:
             raise ConfigError(f"unknown http option(s) {unknown}; known: ['headers']")
-        headers = self.options.get("headers", {})
-        if not isinstance(headers, Mapping):
-            raise ConfigError("the http option 'headers' must be a dict of header names to values")
-        self._headers = {str(k): str(v) for k, v in headers.items()}
+        self._headers = _checked_headers(self.options.get("headers", {}))
         self.guard = UrlGuard(config.http)
         self._pool = PerProcess(lambda: _guarded_pool_manager(self.guard, self.config))
 
     # ---- requests
-    def _request(
-        self, method: str, url: URL, headers: Mapping[str, str], operation: str
-    ) -> Any:
-        """Send one request, following redirects by hand so each hop is checked."""
-        target = str(url)
-        send = {**self._headers, **headers}
-        pool = self._pool.get()
-        for _hop in range(self.config.http.max_redirects + 1):
-            parts = urlsplit(target)
-            if parts.scheme not in ("http", "https"):
+    def _request(self, method: str, url: URL, headers: Mapping[str, str], operation: str) -> Any:
+        """Send one request, following redirects by hand so each hop is checked.
+        Returns the final response, unread: the caller must :func:`_finish` it."""
+        where = {"url": str(url), "operation": operation}
+        target = urlsplit(str(url))
+        send = _merge(self._headers, {"Accept-Encoding": "identity"})
+        if target.username is not None and "authorization" not in {k.lower() for k in send}:
+            pair = f"{unquote(target.username)}:{unquote(target.password or '')}"
+            send["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        send = _merge(send, headers)
+        limit = self.config.http.max_redirects
+        for _hop in range(limit + 1):
+            if target.scheme not in ("http", "https"):
                 raise PermissionDeniedError(
-                    f"a redirect led to the scheme {parts.scheme!r}; only http and https "
-                    "are followed",
-                    url=str(url),
-                    operation=operation,
+                    f"a redirect led to a {target.scheme!r} URL; only http(s) is followed", **where
                 )
             try:
-                self.guard.check_host(parts.hostname or "")
-                resp = pool.request(
-                    method, target, headers=send, redirect=False, preload_content=False
-                )
-            except PolicyRefusal as exc:
-                raise PermissionDeniedError(str(exc), url=str(url), operation=operation) from None
-            except Exception as exc:  # noqa: BLE001 - translated
+                self.guard.check_host(target.hostname or "")
+                resp = self._pool.get().request(method, target.geturl(), headers=send, **_RAW)
+            except Exception as exc:  # noqa: BLE001 - translated, policy refusals included
                 raise _translate_transport(exc, url, operation) from None
-            if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-                location = urljoin(target, resp.headers["Location"])
-                resp.drain_conn()
-                resp.release_conn()
-                if urlsplit(location).netloc != parts.netloc:
-                    # Never forward credentials to another host.
-                    send = {k: v for k, v in send.items() if k.lower() != "authorization"}
-                target = location
-                continue
-            return resp
+            location = resp.headers.get("Location")
+            if resp.status not in _REDIRECTS or not location:
+                return resp
+            _finish(resp)
+            try:
+                after = urlsplit(urljoin(target.geturl(), location))
+                if _origin(after) != _origin(target):  # never send credentials elsewhere
+                    send = {k: v for k, v in send.items() if not _CREDENTIAL_HEADER.search(k)}
+            except ValueError:
+                raise MlstoreError("the server redirected to a malformed URL", **where) from None
+            target = after
         raise MlstoreError(
-            f"more than {self.config.http.max_redirects} redirects",
-            url=str(url),
-            operation=operation,
+            f"more than {limit} redirects; raise HttpPolicy.max_redirects to follow more", **where
         )
 
-    def _raise_for_status(self, resp: Any, url: URL, operation: str) -> None:
-        status = resp.status
-        if status < 400:
-            return
-        resp.drain_conn()
-        resp.release_conn()
-        text = str(url)
-        if status == 404 or status == 410:
-            raise NotFoundError("no such object (HTTP %d)" % status, url=text, operation=operation)
-        if status in (401, 403):
-            raise PermissionDeniedError(
-                f"access denied (HTTP {status}); check the credentials or headers",
-                url=text,
-                operation=operation,
-            )
-        if status == 412:
-            raise PreconditionFailedError(
-                "the object changed while it was read (HTTP 412)", url=text, operation=operation
-            )
-        if status == 416:
-            raise ConfigError(
-                "the requested range is outside the object (HTTP 416)", url=text, operation=operation
-            )
-        if status in (429, 503):
-            err: TransientError = ThrottledError(
-                f"the server asked to slow down (HTTP {status})", url=text, operation=operation
-            )
-        elif status >= 500 or status == 408:
-            err = TransientError(f"server error (HTTP {status})", url=text, operation=operation)
-        else:
-            raise MlstoreError(f"HTTP {status}", url=text, operation=operation)
-        err.retry_after = _retry_after(resp.headers.get("Retry-After"))
-        raise err
+    def _probe(self, url: URL, method: str) -> Mapping[str, str] | None:
+        """The headers of a HEAD, or of a one-byte GET; ``None`` if HEAD is refused."""
+        extra = {"Range": "bytes=0-0"} if method == "GET" else {}
+        resp = self._request(method, url, extra, "info")
+        try:
+            if method == "HEAD" and resp.status in (405, 501):
+                return None
+            if resp.status != 416:  # an empty object answers "bytes=0-0" with 416
+                _raise_for_status(resp, url, "info")
+            headers: Mapping[str, str] = resp.headers
+            return headers
+        finally:
+            _finish(resp)
 
     # ---- Backend
     def info(self, url: URL) -> ObjectInfo:
-        resp = self._request("HEAD", url, {}, "info")
-        if resp.status == 405:  # HEAD not allowed: ask for the first byte instead
-            resp.release_conn()
-            resp = self._request("GET", url, {"Range": "bytes=0-0"}, "info")
-        self._raise_for_status(resp, url, "info")
-        try:
-            size = _size_from(resp.headers)
-        finally:
-            resp.drain_conn()
-            resp.release_conn()
-        if size is None:
-            raise MlstoreError(
-                "the server reports no size (no Content-Length)", url=str(url), operation="info"
-            )
+        headers = self._probe(url, "HEAD")
+        if headers is None or _size_from(headers) is None:
+            headers = self._probe(url, "GET")
+        assert headers is not None
+        if (size := _size_from(headers)) is None:
+            why = "the server reports no size (no Content-Length or Content-Range)"
+            raise MlstoreError(why, url=str(url), operation="info")
         return ObjectInfo(
             url=url,
             size=size,
-            version=_version_from(resp.headers),
-            mtime=_http_date(resp.headers.get("Last-Modified")),
-            checksums=_checksums(resp.headers),
+            version=_version_from(headers),
+            mtime=_http_date(headers.get("Last-Modified")),
+            checksums={"md5": md5} if (md5 := headers.get("Content-MD5")) else {},
         )
 
     def read(
         self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
     ) -> bytes:
-        headers: dict[str, str] = {}
+        if start is not None and start < 0 and end is None:
+            want = slice(start, None)
+            wanted: str | None = f"bytes={start}"  # a suffix range: the last -start bytes
+        else:
+            if (start is not None and start < 0) or (end is not None and end < 0):
+                found = self.info(url)
+                version = version or found.version  # the range must be of this object
+                start, end, _ = slice(start, end).indices(found.size)
+            lo = start or 0
+            if end is not None and end <= lo:
+                return b""
+            want = slice(lo, end)
+            wanted = f"bytes={lo}-{'' if end is None else end - 1}" if lo or end else None
+        headers = {"Range": wanted} if wanted else {}
         if version is not None:
             headers.update(_precondition(version))
-        lo, hi = start, end
-        if (lo is not None and lo < 0) or (hi is not None and hi < 0):
-            size = self.info(url).size
-            lo, hi, _ = slice(start, end).indices(size)
-        lo = lo or 0
-        if hi is not None and hi <= lo:
-            return b""
-        if lo or hi is not None:
-            headers["Range"] = f"bytes={lo}-{'' if hi is None else hi - 1}"
         resp = self._request("GET", url, headers, "read")
-        if resp.status == 416:
-            resp.drain_conn()
-            resp.release_conn()
-            return b""  # a range that starts at or past the end: empty, like a slice
-        self._raise_for_status(resp, url, "read")
         try:
-            data: bytes = resp.read()
+            if resp.status == 416 and wanted:
+                return b""  # a range that starts at or past the end: empty, like a slice
+            _raise_for_status(resp, url, "read")
+            _check_version(resp.headers, version, url)
+            data: bytes = resp.read(decode_content=False)
         except Exception as exc:  # noqa: BLE001 - translated
             raise _translate_transport(exc, url, "read") from None
         finally:
-            resp.release_conn()
-        if resp.status == 200 and "Range" in headers:
-            # The server ignored Range and sent everything: slice it here.
-            data = data[lo:hi]
+            _finish(resp)
+        if resp.status == 206:
+            _check_range(resp.headers.get("Content-Range"), want, len(data), url)
+        elif wanted:
+            data = data[want]  # the server ignored Range and sent everything
         return data
 
     def ls(self, url: URL) -> list[ObjectInfo]:
@@ -309,60 +343,138 @@ class HttpBackend(Backend):
         yield self.info(url)
 
     def copy(self, src: URL, dst: URL) -> None:
-        raise UnsupportedOperation(
-            "the http backend is read-only", url=str(dst), operation="copy"
-        )
+        raise UnsupportedOperation("the http backend is read-only", url=str(dst), operation="copy")
 
     def close(self) -> None:
-        pool = self._pool.get()
-        pool.clear()
+        self._pool.get().clear()
 
 
-def _translate_transport(exc: Exception, url: URL, operation: str) -> MlstoreError:
-    """urllib3/socket failures -> mlstore's transient errors."""
+# ------------------------------------------------------------------------ helpers
+
+
+def _raise_for_status(resp: Any, url: URL, operation: str) -> None:
+    status: int = resp.status
+    if 200 <= status < 300:
+        return
+    default = (
+        (TransientError, "server error") if status >= 500 else (MlstoreError, "unexpected answer")
+    )
+    cls, what = _STATUS.get(status, default)
+    err = cls(f"{what} (HTTP {status})", url=str(url), operation=operation)
+    if isinstance(err, TransientError):
+        err.retry_after = _retry_after(resp.headers.get("Retry-After"))
+    raise err
+
+
+def _checked_headers(value: object) -> dict[str, str]:
+    """The ``headers`` option, validated without ever echoing a value."""
+    if not isinstance(value, Mapping):
+        raise ConfigError("the http option 'headers' must be a dict of header names to values")
+    out = {str(name): str(raw) for name, raw in value.items()}
+    for name, text in out.items():
+        if not _HEADER_NAME.match(name) or any(c in text for c in "\r\n\0"):
+            raise ConfigError(
+                f"the http option 'headers' has an invalid header {name!r}: names are "
+                "letters, digits and -, values hold no line break or NUL"
+            )
+    return out
+
+
+def _merge(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """``base`` updated with ``extra``, header names compared case-insensitively."""
+    replaced = {k.lower() for k in extra}
+    return {**{k: v for k, v in base.items() if k.lower() not in replaced}, **extra}
+
+
+def _origin(parts: SplitResult) -> tuple[str, str, int]:
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, _norm(parts.hostname or ""), port
+
+
+def _finish(resp: Any) -> None:
+    """Give the response's connection back to the pool: drain a short remainder,
+    close the connection on a long or unknown one (never leave unread bytes on it)."""
+    remaining = resp.length_remaining
+    if remaining is not None and remaining <= _DRAIN_LIMIT:
+        resp.drain_conn()
+    else:
+        resp.close()
+    resp.release_conn()
+
+
+def _translate_transport(cause: Exception, url: URL, operation: str) -> MlstoreError:
+    """urllib3/socket failures -> mlstore errors. Messages name the failure's type, never
+    its text, which can hold signed URLs or header values."""
+    import ssl
+
     import urllib3.exceptions as ue
 
-    text = str(url)
-    cause = exc
-    if isinstance(exc, ue.MaxRetryError) and exc.reason is not None:
-        cause = exc.reason
-    if isinstance(cause, PolicyRefusal):
-        return PermissionDeniedError(str(cause), url=text, operation=operation)
-    if isinstance(cause, ue.NameResolutionError):
-        return ConnectionLostError(
-            "the host name could not be resolved", url=text, operation=operation
+    where = {"url": str(url), "operation": operation}
+    kind = type(cause).__name__
+    if isinstance(cause, MlstoreError):
+        return cause
+    if isinstance(cause, PolicyRefusedError):
+        return PermissionDeniedError(str(cause), **where)
+    if isinstance(cause, ue.NewConnectionError):  # a subclass of ConnectTimeoutError
+        if isinstance(cause.__cause__, socket.gaierror):
+            return ConnectionLostError("the host name could not be resolved", **where)
+        return ConnectionLostError("the connection could not be established", **where)
+    if isinstance(cause, (ue.TimeoutError, TimeoutError)):
+        return StorageTimeoutError(f"the request timed out ({kind})", **where)
+    if isinstance(cause, ue.SSLError) and isinstance(
+        cause.args[0] if cause.args else None, ssl.SSLCertVerificationError
+    ):
+        return MlstoreError(
+            "the server's TLS certificate could not be verified; fix the certificate or "
+            "trust its CA (SSL_CERT_FILE)",
+            **where,
         )
-    if isinstance(cause, (ue.TimeoutError, TimeoutError, socket.timeout)):
-        return StorageTimeoutError("the request timed out", url=text, operation=operation)
-    if isinstance(cause, (ue.ProtocolError, ue.NewConnectionError, ConnectionError, OSError)):
-        return ConnectionLostError(
-            f"the connection failed ({type(cause).__name__})", url=text, operation=operation
-        )
-    if isinstance(cause, ue.HTTPError):
-        return ConnectionLostError(
-            f"the HTTP exchange failed ({type(cause).__name__})", url=text, operation=operation
-        )
-    return MlstoreError(f"{type(cause).__name__}: {cause}", url=text, operation=operation)
+    if isinstance(cause, ValueError):  # malformed URL or header (LocationValueError too)
+        return ConfigError(f"the request could not be built ({kind})", **where)
+    if isinstance(cause, (ue.HTTPError, OSError)):
+        return ConnectionLostError(f"the connection failed ({kind})", **where)
+    return MlstoreError(f"the HTTP request failed ({kind})", **where)
+
+
+def _check_version(headers: Mapping[str, str], version: str | None, url: URL) -> None:
+    """Refuse an answer that is of another version than the pinned one (for servers
+    that ignore ``If-Match`` / ``If-Unmodified-Since``)."""
+    if version is None:
+        return
+    modified = headers.get("Last-Modified")
+    pinned_by_date = version.startswith("lm:")
+    seen = ("lm:" + modified if modified else None) if pinned_by_date else headers.get("ETag")
+    if seen is not None and seen != version:
+        why = "the object changed while it was read (the server sent another version)"
+        raise PreconditionFailedError(why, url=str(url), operation="read")
+
+
+def _check_range(content_range: str | None, want: slice, got: int, url: URL) -> None:
+    """Refuse a 206 answer that is not exactly the range asked for."""
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", content_range or "")
+    if m is not None:
+        first, last = int(m.group(1)), int(m.group(2))
+        total = int(m.group(3)) if m.group(3) != "*" else last + 1
+        lo, hi, _ = want.indices(total)
+        if (first, last + 1) == (lo, hi) and got == hi - lo:
+            return
+    why = f"the server answered {content_range!r} with {got} bytes: not the range asked for"
+    raise IntegrityError(why, url=str(url), operation="read")
 
 
 def _size_from(headers: Mapping[str, str]) -> int | None:
-    content_range = headers.get("Content-Range")
-    if content_range and "/" in content_range:
-        total = content_range.rsplit("/", 1)[1].strip()
-        if total.isdigit():
-            return int(total)
-    length = headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None
+    """The object's size: the total of a ``Content-Range``, else ``Content-Length``."""
+    total = (headers.get("Content-Range") or "").rpartition("/")[2].strip()
+    size = total if total.isdigit() else headers.get("Content-Length", "")
+    return int(size) if size.isdigit() else None
 
 
 def _version_from(headers: Mapping[str, str]) -> str | None:
-    etag = headers.get("ETag")
+    """A strong ETag, else ``"lm:" + Last-Modified`` (a weak ETag cannot pin a range)."""
+    etag, modified = headers.get("ETag"), headers.get("Last-Modified")
     if etag and not etag.startswith("W/"):
         return etag
-    modified = headers.get("Last-Modified")
-    if modified:
-        return "lm:" + modified
-    return None
+    return "lm:" + modified if modified else None
 
 
 def _precondition(version: str) -> dict[str, str]:
@@ -372,32 +484,15 @@ def _precondition(version: str) -> dict[str, str]:
 
 
 def _http_date(value: str | None) -> float | None:
-    if not value:
-        return None
     try:
-        return email.utils.parsedate_to_datetime(value).timestamp()
+        return email.utils.parsedate_to_datetime(value or "").timestamp()
     except (TypeError, ValueError):
         return None
 
 
 def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    """``Retry-After`` in seconds: a number of seconds or an HTTP date."""
+    if value and value.strip().isdigit():
+        return float(value)
     when = _http_date(value)
-    if when is None:
-        return None
-    import time
-
-    return max(0.0, when - time.time())
-
-
-def _checksums(headers: Mapping[str, str]) -> dict[str, str]:
-    out = {}
-    md5 = headers.get("Content-MD5")
-    if md5:
-        out["md5"] = md5
-    return out
+    return None if when is None else max(0.0, when - time.time())

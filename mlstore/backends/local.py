@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from mlstore.backends._fsspec import FsspecBackend
 from mlstore.backends.base import ObjectInfo
-from mlstore.errors import IsADirectoryError_
+from mlstore.errors import IsADirectoryError_, PreconditionFailedError
 from mlstore.url import URL
 
 __all__ = ["TEMP_SUFFIX", "AtomicFile", "LocalBackend"]
@@ -46,21 +47,26 @@ class LocalBackend(FsspecBackend):
         return f"{st.st_mtime_ns}-{st.st_size}"
 
     def open_read(self, url: URL, info: ObjectInfo) -> IO[bytes] | None:
+        # Unbuffered: the Store buffers it with the buffer size the caller asked for.
         with self._errors(url, "open"):
-            return open(url.path, "rb")  # noqa: SIM115 - handed to the caller
+            return cast(IO[bytes], _LocalReader(url.path))
 
     def read(
         self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
     ) -> bytes:
-        with self._errors(url, "read"):
-            if version is not None:
-                self._check_version(url, version)
-            with open(url.path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                lo, hi = _bounds(start, end, size)
-                if lo:
-                    fh.seek(lo)
-                return fh.read(max(0, hi - lo))
+        with self._errors(url, "read"), open(url.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            # Checked on the open file, so a rename in between cannot slip past.
+            if version is not None and f"{st.st_mtime_ns}-{st.st_size}" != version:
+                raise PreconditionFailedError(
+                    f"the object changed (version {version} is now {st.st_mtime_ns}-{st.st_size})",
+                    url=str(url),
+                    operation="read",
+                )
+            lo, hi = _bounds(start, end, st.st_size)
+            if lo:
+                fh.seek(lo)
+            return fh.read(hi - lo)
 
     def open_write(self, url: URL) -> IO[bytes]:
         with self._errors(url, "write"):
@@ -71,17 +77,39 @@ class LocalBackend(FsspecBackend):
                     operation="write",
                 )
             os.makedirs(os.path.dirname(url.path) or ".", exist_ok=True)
-            return AtomicFile(url.path)
+            return cast(IO[bytes], AtomicFile(url.path))
 
     def write(self, url: URL, data: bytes) -> None:
         with self.open_write(url) as fh:
             fh.write(data)
 
     def copy(self, src: URL, dst: URL) -> None:
-        with self._errors(src, "copy"):
-            with open(src.path, "rb") as fin, self.open_write(dst) as fout:
-                while chunk := fin.read(8 * 1024 * 1024):
-                    fout.write(chunk)
+        with self._errors(src, "copy"), open(src.path, "rb") as fin, self.open_write(dst) as fout:
+            while chunk := fin.read(8 * 1024 * 1024):
+                fout.write(chunk)
+
+
+class _LocalReader(io.FileIO):
+    """A read-only local file whose ``seek`` behaves like :class:`io.BytesIO` and the
+    ranged files of the other backends: a position before the start is clamped to 0
+    (``SEEK_CUR``, ``SEEK_END``), a negative absolute position is a ``ValueError``, and
+    only ``whence`` 0, 1 and 2 are accepted."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, "rb")
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            if offset < 0:
+                raise ValueError(f"negative seek value {offset}")
+            return super().seek(offset)
+        if whence == io.SEEK_CUR:
+            base = super().tell()
+        elif whence == io.SEEK_END:
+            base = os.fstat(self.fileno()).st_size
+        else:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        return super().seek(max(0, base + offset))
 
 
 def _bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
@@ -104,13 +132,26 @@ class AtomicFile(io.RawIOBase):
         self.path = path
         self.name = path
         directory = os.path.dirname(path) or "."
-        fd, self._tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(path)[:100] + ".", suffix=TEMP_SUFFIX, dir=directory
-        )
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, mode & ~umask)
+        prefix = "." + os.path.basename(path)[:100] + "."
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        while True:
+            # Created with ``mode`` so the kernel applies the umask, as a plain open()
+            # does (reading the umask would mean changing it, for every thread).
+            self._tmp = os.path.join(directory, prefix + secrets.token_hex(6) + TEMP_SUFFIX)
+            try:
+                fd = os.open(self._tmp, flags, mode)
+                break
+            except FileExistsError:
+                continue
+        try:
+            # Replacing a file keeps its permissions, as rewriting it in place would.
+            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            os.unlink(self._tmp)
+            raise
         self._fh = os.fdopen(fd, "wb")
 
     def writable(self) -> bool:

@@ -15,6 +15,7 @@ endpoint for S3-compatible stores.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -58,6 +59,13 @@ class S3Backend(FsspecBackend):
             "read_timeout": retry.read_timeout,
             "max_pool_connections": max(10, self.config.max_workers),
         }
+        known = {*inspect.signature(s3fs.S3FileSystem.__init__).parameters, "profile"}
+        unknown = sorted(set(opts) - known - {"self", "kwargs"})
+        if unknown:
+            raise ConfigError(
+                f"unknown s3 option(s) {unknown}; see s3fs.S3FileSystem for the accepted ones "
+                "(e.g. endpoint_url, region_name, key, secret, token, anon, profile)"
+            )
         try:
             fs = s3fs.S3FileSystem(
                 endpoint_url=endpoint or None,

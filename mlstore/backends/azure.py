@@ -1,0 +1,717 @@
+"""``az://``: Azure Blob Storage, through adlfs (``pip install mlstore[azure]``).
+
+URLs are ``az://<container>/<blob path>`` (``abfs://container@account.../path`` is
+normalised to that form by :mod:`mlstore.url`).
+
+adlfs resolves the credentials and builds the asynchronous ``BlobServiceClient``; this
+backend then replaces that client with an identical one whose Azure SDK retry policy
+makes exactly one attempt (``retry_total=0``) and whose connect/read timeouts come from
+:class:`~mlstore.config.RetryPolicy`: mlstore is the one retry layer. Object reads,
+heads, whole-object writes, listings, deletes and copies call the SDK directly, so reads
+carry ``If-Match`` (version pinning) and writes carry mlstore's content hash.
+
+Options (``Store(options={"az": {...}})``): ``account_name``, ``account_key``,
+``connection_string``, ``sas_token``, ``credential``, ``anon``, ``account_host``,
+``client_id``/``client_secret``/``tenant_id`` and any other
+``adlfs.AzureBlobFileSystem`` argument, plus ``endpoint_url`` (the blob service URL,
+e.g. ``http://127.0.0.1:10000/devstoreaccount1`` for Azurite; also
+``MLSTORE_AZURE_ENDPOINT_URL``). Otherwise adlfs reads ``AZURE_STORAGE_CONNECTION_STRING``,
+``AZURE_STORAGE_ACCOUNT_NAME``, ``AZURE_STORAGE_ACCOUNT_KEY``, ``AZURE_STORAGE_SAS_TOKEN``,
+``AZURE_STORAGE_CLIENT_ID``/``_SECRET``/``TENANT_ID`` and ``AZURE_STORAGE_ANON``, then
+falls back to ``DefaultAzureCredential``. Credentials passed as options are never
+pickled: worker processes started with spawn/forkserver re-read them from the
+environment.
+
+The content hash is stored in the blob metadata under ``mlstore_xxh3``
+(:data:`AZURE_METADATA_KEY`): Azure metadata names must be C# identifiers, so the
+hyphen of :data:`mlstore.hashing.METADATA_KEY` is not allowed (the service answers
+``400 InvalidMetadata``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import inspect
+import io
+import os
+import re
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause
+from mlstore.backends.base import ObjectInfo, PerProcess
+from mlstore.config import StoreConfig, redact_options
+from mlstore.errors import (
+    ConfigError,
+    ConnectionLostError,
+    IsADirectoryError_,
+    MlstoreError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionFailedError,
+    StorageTimeoutError,
+    ThrottledError,
+    TransientError,
+)
+from mlstore.hashing import METADATA_KEY, content_hash
+from mlstore.url import URL
+
+__all__ = ["AZURE_METADATA_KEY", "AzureBackend"]
+
+#: The metadata name of mlstore's xxh3-128 on Azure: ``mlstore-xxh3`` with the hyphen,
+#: which Azure metadata names may not contain, replaced by an underscore.
+AZURE_METADATA_KEY = METADATA_KEY.replace("-", "_")
+
+# Metadata that marks a blob as a directory (ADLS Gen2 / hierarchical namespace, adlfs).
+_DIR_MARKERS = (("hdi_isfolder", "true"), ("is_directory", "true"))
+
+# Writes up to this size are one Put Blob request; larger ones are staged in blocks of
+# _BLOCK_SIZE, _UPLOAD_CONCURRENCY at a time. A block size above 4 MiB lets the SDK
+# stream blocks from the source instead of copying each into a ``bytes``.
+_SINGLE_PUT_SIZE = 64 * 1024 * 1024
+_BLOCK_SIZE = 8 * 1024 * 1024
+_UPLOAD_CONCURRENCY = 4
+# Deletes in flight at once during a recursive rm.
+_DELETE_CONCURRENCY = 16
+
+
+class AzureBackend(FsspecBackend):
+    protocol = "az"
+
+    def __init__(self, options: Mapping[str, Any], config: StoreConfig) -> None:
+        super().__init__(options, config)
+        self._closer: weakref.finalize | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled backend carries no credentials (keys, SAS, connection strings).
+        state = dict(self.__dict__)
+        state["options"] = redact_options(self.options)
+        state["_closer"] = None
+        state["_fs"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fs = PerProcess(self._make_fs)
+
+    # ---- the client
+    def _make_fs(self) -> Any:
+        import adlfs
+
+        opts = dict(self.options)
+        endpoint = opts.pop("endpoint_url", None) or os.environ.get("MLSTORE_AZURE_ENDPOINT_URL")
+        try:
+            fs = adlfs.AzureBlobFileSystem(
+                skip_instance_cache=True, use_listings_cache=False, **opts
+            )
+        except TypeError as exc:
+            raise ConfigError(f"invalid az option: {_scrub(str(exc), self.options)}") from None
+        except ValueError as exc:
+            raise ConfigError(
+                "could not configure the Azure client "
+                f"({_scrub(str(exc), self.options)}); give a connection_string, or an "
+                "account_name with account_key, sas_token or credential, or set "
+                "AZURE_STORAGE_CONNECTION_STRING"
+            ) from None
+        explicit = any(opts.get(k) for k in ("account_key", "sas_token", "credential"))
+        if explicit and not opts.get("connection_string") and fs.connection_string:
+            # adlfs prefers AZURE_STORAGE_CONNECTION_STRING over credentials given in
+            # code; an explicit option wins over the environment.
+            fs.connection_string = None
+            try:
+                fs.do_connect()
+            except ValueError as exc:
+                raise ConfigError(
+                    f"could not configure the Azure client ({_scrub(str(exc), self.options)})"
+                ) from None
+        client = self._client_without_retries(fs.service_client, endpoint)
+        fs.service_client = client
+        # adlfs closes its client at exit through fsspec's loop thread, which a forked
+        # child does not have: a child that exits normally would hang. This backend's
+        # own finalizer closes the client only in the process that made it.
+        _detach_finalizers(fs)
+        made_here = fs.credential if not self.options.get("credential") else None
+        self._closer = weakref.finalize(fs, _close_client, os.getpid(), fs.loop, client, made_here)
+        return fs
+
+    @contextlib.contextmanager
+    def _errors(self, url: URL, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except MlstoreError as err:
+            if err.url is not None:
+                raise
+            # A configuration error found while making the client: name the URL too.
+            raise type(err)(err.reason, url=str(url), operation=operation) from None
+        except Exception as exc:
+            raise self._translate(exc, url, operation) from exc
+
+    def _client_without_retries(self, client: Any, endpoint: str | None) -> Any:
+        """``client`` rebuilt with the same account URL and credential, the Azure SDK's
+        retries off and mlstore's timeouts."""
+        from azure.storage.blob.aio import BlobServiceClient
+
+        url = str(client.url)
+        if endpoint:
+            query = urlsplit(url).query  # a SAS token rides on the account URL
+            url = endpoint.rstrip("/") + "/" + (f"?{query}" if query else "")
+        retry = self.config.retry
+        return BlobServiceClient(
+            account_url=url,
+            credential=client.credential,
+            secondary_hostname=client.secondary_hostname,
+            # mlstore is the one retry layer: the SDK makes exactly one attempt.
+            retry_total=0,
+            retry_connect=0,
+            retry_read=0,
+            retry_status=0,
+            retry_to_secondary=False,
+            connection_timeout=retry.connect_timeout,
+            read_timeout=retry.read_timeout,
+            max_single_put_size=_SINGLE_PUT_SIZE,
+            max_block_size=_BLOCK_SIZE,
+            user_agent="mlstore",
+        )
+
+    def _sync(self, coro_fn: Any, *args: Any) -> Any:
+        from fsspec.asyn import sync
+
+        fs = self.fs
+        return sync(fs.loop, coro_fn, fs.service_client, *args)
+
+    def close(self) -> None:
+        closer, self._closer = self._closer, None
+        self._fs = PerProcess(self._make_fs)
+        if closer is not None:
+            closer()  # closes the client, and only in the process that made it
+
+    def _version(self, raw: Mapping[str, Any]) -> str | None:
+        return _etag(raw.get("etag"))
+
+    # ---- errors: the one place where Azure failures become mlstore errors
+    def _translate(self, exc: Exception, url: URL, operation: str) -> MlstoreError:
+        if isinstance(exc, MlstoreError):
+            return exc
+        text = str(url)
+        from azure.core import exceptions as ae
+
+        lost = find_cause(exc, ShortBodyError, ae.IncompleteReadError)
+        if lost is not None:
+            return ConnectionLostError(
+                f"the connection failed mid-body ({type(lost).__name__})",
+                url=text,
+                operation=operation,
+            )
+        http = find_cause(exc, ae.HttpResponseError)
+        if isinstance(http, ae.HttpResponseError) and http.status_code:
+            return _from_status(http, text, operation)
+        auth = find_cause(exc, ae.ClientAuthenticationError)
+        if auth is not None and type(auth).__name__ == "AzureSigningError":
+            return PermissionDeniedError(
+                "the account key cannot sign requests (it must be the base64 key of the "
+                "storage account)",
+                url=text,
+                operation=operation,
+            )
+        if auth is not None:
+            return PermissionDeniedError(
+                "no usable Azure credentials; give a connection_string, an account_key, a "
+                "sas_token or a credential, set AZURE_STORAGE_CONNECTION_STRING, or use "
+                "Store(options={'az': {'anon': True}}) for public containers",
+                url=text,
+                operation=operation,
+            )
+        timeout = find_cause(
+            exc,
+            ae.ServiceRequestTimeoutError,
+            ae.ServiceResponseTimeoutError,
+            asyncio.TimeoutError,
+            TimeoutError,
+        )
+        if timeout is not None:
+            return StorageTimeoutError(
+                f"the request timed out ({type(timeout).__name__})", url=text, operation=operation
+            )
+        lost = find_cause(exc, ae.ServiceRequestError, ae.ServiceResponseError, ConnectionError)
+        if lost is None:
+            try:
+                import aiohttp
+
+                lost = find_cause(exc, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
+            except ImportError:  # pragma: no cover
+                lost = None
+        if lost is not None:
+            return ConnectionLostError(
+                f"the connection failed ({type(lost).__name__})", url=text, operation=operation
+            )
+        if isinstance(exc, OSError):
+            return super()._translate(exc, url, operation)
+        return MlstoreError(
+            f"{type(exc).__name__}: {_scrub(str(exc), self.options)}",
+            url=text,
+            operation=operation,
+        )
+
+    @staticmethod
+    def _blob(url: URL) -> str:
+        return url.path.rstrip("/")
+
+    # ---- Backend: reading
+    def info(self, url: URL) -> ObjectInfo:
+        with self._errors(url, "info"):
+            if url.path and not url.path.endswith("/"):
+                try:
+                    props = self._sync(_properties, url.bucket, url.path)
+                except Exception as exc:
+                    err = self._translate(exc, url, "info")
+                    if not isinstance(err, NotFoundError) or _error_code(exc) != "BlobNotFound":
+                        raise err from exc
+                else:
+                    return _info_from_properties(url, props)
+            # A "directory": a prefix with blobs below it, or the container itself.
+            if self._sync(_is_directory, url.bucket, self._blob(url)):
+                return ObjectInfo(url=url, size=0, type="directory")
+            raise NotFoundError("no such blob or directory", url=str(url), operation="info")
+
+    def read(
+        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+    ) -> bytes:
+        with self._errors(url, "read"):
+            if not url.path or url.path.endswith("/"):
+                raise IsADirectoryError_(
+                    "this is a directory; use ls() to list it", url=str(url), operation="read"
+                )
+            if (start is not None and start < 0) or (end is not None and end < 0):
+                # Azure has no suffix ranges: resolve negative offsets against the size.
+                size = self.info(url).size
+                start, end, _ = slice(start, end).indices(size)
+            lo = start or 0
+            if end is not None and end <= lo:
+                return b""
+            rng = None
+            if lo or end is not None:
+                rng = f"bytes={lo}-{'' if end is None else end - 1}"
+            try:
+                data: bytes = self._sync(_get, url.bucket, url.path, rng, version)
+            except Exception as exc:
+                if _status(exc) == 416:  # the range starts at or past the end
+                    return b""
+                if _error_code(exc) == "BlobNotFound" and self._sync(
+                    _is_directory, url.bucket, url.path
+                ):
+                    raise IsADirectoryError_(
+                        "this is a directory; use ls() to list it", url=str(url), operation="read"
+                    ) from None
+                raise
+            return data
+
+    def ls(self, url: URL) -> list[ObjectInfo]:
+        with self._errors(url, "ls"):
+            entries = self._sync(_walk, url.bucket, self._blob(url))
+            out = [self._entry(url.bucket, e) for e in entries]
+            if out:
+                return out
+            info = self.info(url)  # a file lists itself; an empty container lists nothing
+            return [info] if info.type == "file" else []
+
+    def find(self, url: URL) -> Iterator[ObjectInfo]:
+        with self._errors(url, "find"):
+            blob = self._blob(url)
+            entries = self._sync(_list, url.bucket, f"{blob}/" if blob else None)
+            out = [self._entry(url.bucket, e) for e in entries]
+            found = [e for e in out if e.type == "file"]
+            if not found and blob and not url.path.endswith("/"):
+                try:
+                    info = self.info(url)
+                except NotFoundError:
+                    info = None
+                if info is not None and info.type == "file":
+                    found = [info]
+        yield from found
+
+    def _entry(self, container: str, raw: Any) -> ObjectInfo:
+        from azure.storage.blob import BlobProperties
+
+        name = str(raw.name)
+        if not isinstance(raw, BlobProperties):  # a BlobPrefix: a "directory"
+            return ObjectInfo(
+                url=URL(self.protocol, container, name.rstrip("/")), size=0, type="directory"
+            )
+        info = _info_from_properties(URL(self.protocol, container, name.rstrip("/")), raw)
+        if name.endswith("/") and info.type == "file" and info.size == 0:
+            return ObjectInfo(url=info.url, size=0, type="directory")
+        return info
+
+    # ---- Backend: writing
+    def write(self, url: URL, data: bytes) -> None:
+        with self._errors(url, "write"):
+            if not url.path:
+                raise IsADirectoryError_(
+                    "this is a container; a blob URL needs a name after it",
+                    url=str(url),
+                    operation="write",
+                )
+            metadata = {AZURE_METADATA_KEY: content_hash(data)}
+            self._sync(_put, url.bucket, url.path, bytes(data), metadata)
+
+    def mkdir(self, url: URL) -> None:
+        if url.path:
+            return  # object stores have no directories
+        with self._errors(url, "mkdir"):
+            self._sync(_create_container, url.bucket)
+
+    def rm(self, url: URL, recursive: bool = False) -> None:
+        with self._errors(url, "rm"):
+            if not recursive:
+                if not url.path or url.path.endswith("/"):
+                    raise IsADirectoryError_(
+                        "this is a directory; pass recursive=True to delete everything below it",
+                        url=str(url),
+                        operation="rm",
+                    )
+                self._sync(_delete, url.bucket, url.path)
+                return
+            blob = self._blob(url)
+            entries = self._sync(_list, url.bucket, f"{blob}/" if blob else None)
+            names = [str(e.name) for e in entries]
+            if blob and not names:
+                # Not a prefix: the blob itself, or nothing at all.
+                self._sync(_delete, url.bucket, blob)
+                return
+            if blob:
+                names.append(blob)  # a directory marker named like the prefix, if any
+            self._sync(_delete_many, url.bucket, names)
+
+    def copy(self, src: URL, dst: URL) -> None:
+        with self._errors(src, "copy"):
+            self._sync(
+                _copy, src.bucket, src.path, dst.bucket, dst.path, self.config.retry.deadline
+            )
+
+
+# ------------------------------------------------------------------- the client
+
+
+def _detach_finalizers(obj: object) -> None:
+    """Detach the ``weakref.finalize`` callbacks registered on ``obj`` (adlfs's)."""
+    registry = getattr(weakref.finalize, "_registry", None)
+    if not isinstance(registry, dict):  # pragma: no cover - not CPython's finalize
+        return
+    for finalizer in list(registry):
+        found = finalizer.peek()
+        if found is not None and found[0] is obj:
+            finalizer.detach()
+
+
+def _close_client(owner: int, loop: Any, client: Any, credential: Any) -> None:
+    """Close ``client`` (and a credential adlfs made) on ``loop``, in process ``owner``
+    only: in a forked child the loop's thread does not exist."""
+    if os.getpid() != owner or loop.is_closed():
+        return
+
+    async def close() -> None:
+        await client.close()
+        closing = getattr(credential, "close", None)
+        if callable(closing):
+            result = closing()
+            if inspect.isawaitable(result):
+                await result
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    try:
+        if running is loop:  # collected on the loop's own thread: no waiting there
+            loop.create_task(close())
+        else:
+            from fsspec.asyn import sync
+
+            sync(loop, close, timeout=10)
+    except Exception:  # noqa: BLE001 - closing is best effort
+        pass
+
+
+# ------------------------------------------------------------------- translation
+
+
+def _status(exc: BaseException) -> int:
+    from azure.core.exceptions import HttpResponseError
+
+    err = find_cause(exc, HttpResponseError)
+    return int(getattr(err, "status_code", 0) or 0)
+
+
+def _error_code(exc: BaseException) -> str:
+    from azure.core.exceptions import HttpResponseError
+
+    err = find_cause(exc, HttpResponseError)
+    if err is None:
+        return ""
+    code = getattr(err, "error_code", None)
+    if not code:
+        response = getattr(err, "response", None)
+        headers = getattr(response, "headers", None) or {}
+        code = headers.get("x-ms-error-code", "")
+    return str(getattr(code, "value", code) or "")
+
+
+def _from_status(err: Any, url: str, operation: str) -> MlstoreError:
+    status = int(err.status_code or 0)
+    code = _error_code(err)
+    label = f"{code}, {status}" if code else str(status)
+    if status == 404 or code in ("ContainerNotFound", "BlobNotFound", "ResourceNotFound"):
+        what = {"ContainerNotFound": "container", "BlobNotFound": "blob"}.get(code, "object")
+        return NotFoundError(f"no such {what}", url=url, operation=operation)
+    if status in (401, 403):
+        return PermissionDeniedError(
+            f"access denied ({label}); check the account key, SAS token or credential and "
+            "the container's access policy",
+            url=url,
+            operation=operation,
+        )
+    if status == 412 or code == "ConditionNotMet":
+        return PreconditionFailedError(
+            "the blob changed since it was first read (If-Match failed)",
+            url=url,
+            operation=operation,
+        )
+    transient: TransientError
+    if status in (429, 503) or code == "ServerBusy":
+        transient = ThrottledError(
+            f"Azure asked to slow down ({label})", url=url, operation=operation
+        )
+    elif status >= 500 or status == 408 or code == "OperationTimedOut":
+        transient = TransientError(f"Azure server error ({label})", url=url, operation=operation)
+    else:
+        return MlstoreError(f"Azure refused the request ({label})", url=url, operation=operation)
+    transient.retry_after = _retry_after(err)
+    return transient
+
+
+def _retry_after(err: Any) -> float | None:
+    response = getattr(err, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    lowered = {str(k).lower(): v for k, v in headers.items()}
+    for name, scale in (
+        ("retry-after-ms", 1e-3),
+        ("x-ms-retry-after-ms", 1e-3),
+        ("retry-after", 1),
+    ):
+        value = lowered.get(name)
+        if value:
+            try:
+                return float(value) * scale
+            except ValueError:
+                continue
+    return None
+
+
+_SECRET_TEXT = re.compile(
+    r"(AccountKey|SharedAccessSignature|sig|SharedAccessKey)=[^;&\s'\"]+", re.IGNORECASE
+)
+
+
+def _scrub(text: str, options: Mapping[str, Any]) -> str:
+    """``text`` with every credential it might quote masked."""
+    secrets = [
+        v
+        for k, v in {**options, **_env_secrets()}.items()
+        if isinstance(v, str) and v and k not in redact_options({k: v})
+    ]
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _SECRET_TEXT.sub(lambda m: f"{m.group(1)}=***", text)
+
+
+def _env_secrets() -> dict[str, str]:
+    names = (
+        "AZURE_STORAGE_CONNECTION_STRING",
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_SAS_TOKEN",
+        "AZURE_STORAGE_CLIENT_SECRET",
+    )
+    return {n.lower().replace("azure_storage_", ""): os.environ.get(n, "") for n in names}
+
+
+# ------------------------------------------------------------------- properties
+
+
+def _etag(value: Any) -> str | None:
+    if not value:
+        return None
+    return '"' + str(value).strip('"') + '"'
+
+
+def _info_from_properties(url: URL, props: Any) -> ObjectInfo:
+    metadata = {str(k).lower(): str(v) for k, v in (props.metadata or {}).items()}
+    if any(metadata.get(k) == v for k, v in _DIR_MARKERS):
+        return ObjectInfo(url=url, size=0, type="directory")
+    checksums: dict[str, str] = {}
+    settings = getattr(props, "content_settings", None)
+    md5 = getattr(settings, "content_md5", None)
+    if md5:
+        checksums["md5"] = base64.b64encode(bytes(md5)).decode("ascii")
+    modified = getattr(props, "last_modified", None)
+    return ObjectInfo(
+        url=url,
+        size=int(props.size or 0),
+        version=_etag(props.etag),
+        mtime=modified.timestamp() if modified is not None else None,
+        checksums=checksums,
+        content_hash=metadata.get(AZURE_METADATA_KEY) or metadata.get(METADATA_KEY),
+    )
+
+
+# ------------------------------------------------------- coroutines on adlfs's loop
+
+
+async def _properties(service: Any, container: str, blob: str) -> Any:
+    return await service.get_blob_client(container, blob).get_blob_properties()
+
+
+async def _is_directory(service: Any, container: str, prefix: str) -> bool:
+    """Whether ``prefix`` has blobs below it (or, if empty, the container exists)."""
+    cc = service.get_container_client(container)
+    if not prefix:
+        await cc.get_container_properties()  # ContainerNotFound -> NotFoundError
+        return True
+    async for _ in cc.list_blobs(name_starts_with=prefix.rstrip("/") + "/", results_per_page=1):
+        return True
+    return False
+
+
+async def _walk(service: Any, container: str, prefix: str) -> list[Any]:
+    """The blobs and prefixes directly below ``prefix``."""
+    cc = service.get_container_client(container)
+    start = f"{prefix}/" if prefix else None
+    out = []
+    async for item in cc.walk_blobs(name_starts_with=start, include=["metadata"], delimiter="/"):
+        if item.name != start:  # a directory marker blob named like the prefix
+            out.append(item)
+    return out
+
+
+async def _list(service: Any, container: str, prefix: str | None) -> list[Any]:
+    """Every blob below ``prefix``; ``ContainerNotFound`` if the container is missing."""
+    cc = service.get_container_client(container)
+    return [b async for b in cc.list_blobs(name_starts_with=prefix, include=["metadata"])]
+
+
+async def _get(
+    service: Any, container: str, blob: str, rng: str | None, if_match: str | None
+) -> bytes:
+    """One GET of ``blob`` (a ``Range``, ``If-Match``), the body read to the end.
+
+    This calls the SDK's generated operation rather than ``download_blob``: the
+    ``StorageStreamDownloader`` behind ``download_blob`` re-sends a request up to three
+    times when a body breaks off, a retry loop that no policy turns off. Here one call
+    is one request, and a short body is reported, not retried.
+    """
+    from azure.storage.blob._generated.models import ModifiedAccessConditions
+
+    client = service.get_blob_client(container, blob)
+    conditions = ModifiedAccessConditions(if_match=if_match) if if_match else None
+
+    def keep(pipeline_response: Any, body: Any, headers: Any) -> tuple[Any, Any]:
+        return pipeline_response.http_response, body
+
+    response, body = await client._client.blob.download(
+        range=rng, modified_access_conditions=conditions, decompress=False, cls=keep
+    )
+    chunks = [chunk async for chunk in body]
+    data = b"".join(chunks)
+    expected = response.headers.get("Content-Length")
+    if expected is not None and len(data) != int(expected):
+        raise ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
+    return data
+
+
+async def _put(
+    service: Any, container: str, blob: str, data: bytes, metadata: dict[str, str]
+) -> None:
+    """Replace ``blob`` with ``data``: one Put Blob up to 64 MiB, staged blocks above.
+
+    Bodies go to aiohttp as file objects, never as one large ``bytes`` (which aiohttp
+    warns about): the single put calls the SDK's generated operation with a ``BytesIO``
+    (``upload_blob`` would hand aiohttp the raw bytes), and the staged upload reads
+    blocks of ``_BLOCK_SIZE`` from a seekable stream.
+    """
+    client = service.get_blob_client(container, blob)
+    if len(data) <= _SINGLE_PUT_SIZE:
+        headers = {f"x-ms-meta-{k}": v for k, v in metadata.items()}
+        await client._client.block_blob.upload(
+            content_length=len(data), body=io.BytesIO(data), headers=headers
+        )
+        return
+    await client.upload_blob(
+        io.BytesIO(data),
+        length=len(data),
+        overwrite=True,
+        metadata=metadata,
+        max_concurrency=_UPLOAD_CONCURRENCY,
+    )
+
+
+async def _delete(service: Any, container: str, blob: str) -> None:
+    await service.get_blob_client(container, blob).delete_blob()
+
+
+async def _delete_many(service: Any, container: str, names: list[str]) -> None:
+    """Delete ``names``, a few at a time, deepest first (a hierarchical-namespace account
+    refuses to delete a directory marker before the directory is empty); blobs already
+    gone are fine."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    cc = service.get_container_client(container)
+    gate = asyncio.Semaphore(_DELETE_CONCURRENCY)
+
+    async def one(name: str) -> None:
+        async with gate:
+            try:
+                await cc.delete_blob(name)
+            except ResourceNotFoundError:
+                pass
+
+    by_depth: dict[int, list[str]] = {}
+    for name in names:
+        by_depth.setdefault(name.rstrip("/").count("/"), []).append(name)
+    for depth in sorted(by_depth, reverse=True):
+        await asyncio.gather(*(one(n) for n in by_depth[depth]))
+
+
+async def _create_container(service: Any, container: str) -> None:
+    from azure.core.exceptions import ResourceExistsError
+
+    try:
+        await service.get_container_client(container).create_container()
+    except ResourceExistsError:
+        pass
+
+
+async def _copy(
+    service: Any, src_container: str, src: str, dst_container: str, dst: str, deadline: float
+) -> None:
+    """A server-side copy, waited for: Azure may finish a copy after the call returns."""
+    source = service.get_blob_client(src_container, src)
+    target = service.get_blob_client(dst_container, dst)
+    result = await target.start_copy_from_url(source.url)
+    status = result.get("copy_status")
+    delay = 0.05
+    give_up = time.monotonic() + deadline
+    while status == "pending":
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"the server-side copy was still pending after {deadline:g}s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+        props = await target.get_blob_properties()
+        status = props.copy.status
+    if status not in (None, "success"):
+        raise ConnectionError(f"the server-side copy ended with status {status!r}")

@@ -1,0 +1,1 @@
+"""Real servers the test suite starts as separate processes (see each module's docstring)."""
