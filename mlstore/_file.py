@@ -9,12 +9,13 @@ and iteration with the exact semantics of a local file.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from mlstore.errors import IntegrityError
 
-__all__ = ["CountingReader", "RangeReader", "open_ranged"]
+__all__ = ["CountingReader", "CountingWriter", "RangeReader", "TextWriter", "open_ranged"]
 
 Fetch = Callable[[int, int], bytes]
 
@@ -163,3 +164,88 @@ def open_ranged(
 ) -> ReadFile:
     """A buffered read file over ``fetch``; a read of a few bytes fetches ``buffer_size``."""
     return ReadFile(RangeReader(fetch, size, name), max(1, min(buffer_size, size or 1)), info)
+
+
+class CountingWriter(io.RawIOBase):
+    """A write file that counts bytes and commits the inner atomic writer on close."""
+
+    def __init__(self, inner: IO[bytes], count: Callable[[int], None]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._count = count
+        self._written = 0
+        self.name = getattr(inner, "name", "")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = self._inner.write(data)
+        n = len(memoryview(data)) if n is None else n
+        self._written += n
+        return n
+
+    def tell(self) -> int:
+        return self._written
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.close()
+
+    def discard(self) -> None:
+        """Abandon the write; the destination is left as it was."""
+        if not self.closed:
+            discard = getattr(self._inner, "discard", None)
+            if discard is not None:
+                discard()
+            super().close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._inner.close()
+            self._count(self._written)
+        finally:
+            super().close()
+
+    def __del__(self) -> None:
+        # Never publish a write that was not closed: an abandoned writer is discarded
+        # (before warning, so a warning turned into an error cannot skip the discard).
+        if not getattr(self, "closed", True):
+            self.discard()
+            warnings.warn(
+                f"write file {self.name!r} was never closed; its content was discarded",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+
+class TextWriter(io.TextIOWrapper):
+    """Text mode over a :class:`CountingWriter`, with the same promise: leaving a
+    ``with`` block through an exception, or being garbage-collected unclosed, discards
+    the write instead of publishing it."""
+
+    buffer: CountingWriter
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.close()
+
+    def discard(self) -> None:
+        """Abandon the write; the destination is left as it was."""
+        self.buffer.discard()
+
+    def __del__(self) -> None:
+        raw = getattr(self, "buffer", None)
+        if raw is not None and not raw.closed:
+            raw.discard()
+            warnings.warn(
+                f"write file {raw.name!r} was never closed; its content was discarded",
+                ResourceWarning,
+                stacklevel=1,
+            )

@@ -496,7 +496,7 @@ def _options(value: object, name: str) -> dict[str, dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(_Resolved):
     """Everything a :class:`~mlstore.Store` is built from.
 
     Attributes:
@@ -509,8 +509,13 @@ class StoreConfig:
             merged key by key over the variables of :data:`OPTION_ENV_VARS`
             (``MLSTORE_S3_ENDPOINT_URL`` and its GCS and Azure siblings), then the config
             file's ``[options.<protocol>]``.
-        max_workers: threads used by ``read_many`` and ``prefetch``
-            (``MLSTORE_MAX_WORKERS``). Default 32.
+        max_workers: threads used by ``read_many`` (``MLSTORE_MAX_WORKERS``).
+            Default 32.
+        replica_failures: consecutive transient failures after which a mount's
+            replica is skipped for ``replica_cooldown`` seconds
+            (``MLSTORE_REPLICA_FAILURES``). Default 3.
+        replica_cooldown: seconds a failing replica is skipped
+            (``MLSTORE_REPLICA_COOLDOWN``). Default 30.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -519,6 +524,15 @@ class StoreConfig:
     mounts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     max_workers: int = UNSET
+    replica_failures: int = UNSET
+    replica_cooldown: float = UNSET
+
+    _section: ClassVar[str] = "store"
+    _sources: ClassVar[dict[str, tuple[str | None, Any, Any]]] = {
+        "max_workers": ("MLSTORE_MAX_WORKERS", _positive(_parse_int), 32),
+        "replica_failures": ("MLSTORE_REPLICA_FAILURES", _positive(_parse_int), 3),
+        "replica_cooldown": ("MLSTORE_REPLICA_COOLDOWN", _nonneg(_parse_float), 30.0),
+    }
 
     def __post_init__(self) -> None:
         for name, cls in (("cache", CacheConfig), ("retry", RetryPolicy), ("http", HttpPolicy)):
@@ -544,24 +558,7 @@ class StoreConfig:
             for p in {*file_opts, *env_opts, *given}
         }
         object.__setattr__(self, "options", merged)
-        store_section = _file_section("store")
-        unknown = sorted(set(store_section) - {"max_workers"})
-        if unknown:
-            raise ConfigError(
-                f"config file section [store] has unknown key(s) {unknown}; "
-                "known keys are ['max_workers']"
-            )
-        value, label = self.max_workers, "StoreConfig.max_workers"
-        if value is UNSET:
-            env = os.environ.get("MLSTORE_MAX_WORKERS", "")
-            if env:
-                value, label = env, f"{label} (environment variable MLSTORE_MAX_WORKERS)"
-            elif "max_workers" in store_section:
-                value = store_section["max_workers"]
-                label = f"{label} (config file section [store], key 'max_workers')"
-            else:
-                value = 32
-        object.__setattr__(self, "max_workers", _positive(_parse_int)(value, label))
+        self._resolve()
 
     def __repr__(self) -> str:
         # Options may hold credentials and mount URLs may be presigned: mask both.
@@ -569,7 +566,8 @@ class StoreConfig:
         return (
             f"StoreConfig(cache={self.cache!r}, retry={self.retry!r}, http={self.http!r}, "
             f"mounts={mounts!r}, options={redact_options(self.options, REDACTED)!r}, "
-            f"max_workers={self.max_workers!r})"
+            f"max_workers={self.max_workers!r}, replica_failures={self.replica_failures!r}, "
+            f"replica_cooldown={self.replica_cooldown!r})"
         )
 
 
@@ -614,13 +612,10 @@ OPTION_ENV_VARS: dict[str, tuple[str, str]] = {
 
 
 def _env_table() -> dict[str, str]:
-    table: dict[str, str] = {
-        "MLSTORE_CONFIG": "path of a TOML config file",
-        "MLSTORE_MAX_WORKERS": "StoreConfig.max_workers",
-    }
+    table: dict[str, str] = {"MLSTORE_CONFIG": "path of a TOML config file"}
     for var, (protocol, option) in OPTION_ENV_VARS.items():
         table[var] = f"StoreConfig.options[{protocol!r}][{option!r}]"
-    for cls in (CacheConfig, RetryPolicy, HttpPolicy):
+    for cls in (CacheConfig, RetryPolicy, HttpPolicy, StoreConfig):
         for name, (env, _parser, _default) in cls._sources.items():
             if env:
                 table[env] = f"{cls.__name__}.{name}"

@@ -9,16 +9,18 @@ public API: ``open``, ``read_bytes``, ``write_bytes``, ``ls``, ``info``, ``exist
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import re
 import threading
-import warnings
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 
-from mlstore._file import CountingReader, open_ranged
+from mlstore._failover import CircuitBreaker, with_failover
+from mlstore._file import CountingReader, CountingWriter, TextWriter, open_ranged
 from mlstore.backends.base import Backend, ObjectInfo, get_backend_class
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig, redact_options
 from mlstore.errors import (
@@ -26,18 +28,23 @@ from mlstore.errors import (
     IsADirectoryError_,
     MlstoreError,
     NotFoundError,
-    PermissionDeniedError,
     UnsupportedOperation,
 )
 from mlstore.metrics import Metrics, Stats
-from mlstore.url import URL, parse_url, resolve_mount
+from mlstore.url import URL, glob_regex, parse_url, resolve_mount, safe_join
 
 __all__ = ["Store", "default_store", "set_default_store"]
 
+T = TypeVar("T")
 UrlLike = str | os.PathLike[str] | URL
 Progress = Callable[[int, int], None]
 
 _COPY_CHUNK = 8 * 1024 * 1024
+
+
+def _replica_key(url: URL) -> str:
+    """Replicas are judged per bucket (or per host, or per local tree)."""
+    return f"{url.protocol}://{url.bucket}"
 
 
 class Store:
@@ -71,35 +78,37 @@ class Store:
         mounts: Mapping[str, Iterable[str] | str] | None = None,
         options: Mapping[str, Mapping[str, Any]] | None = None,
         max_workers: int | None = None,
+        replica_failures: int | None = None,
+        replica_cooldown: float | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         base = config or StoreConfig()
         if not isinstance(base, StoreConfig):
             raise ConfigError(f"config must be a StoreConfig, got {type(base).__name__}")
-        given: dict[str, Any] = {}
-        if cache is not None:
-            given["cache"] = cache
-        if retry is not None:
-            given["retry"] = retry
-        if http is not None:
-            given["http"] = http
+        given: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("cache", cache),
+                ("retry", retry),
+                ("http", http),
+                ("max_workers", max_workers),
+                ("replica_failures", replica_failures),
+                ("replica_cooldown", replica_cooldown),
+            )
+            if value is not None
+        }
         if mounts is not None:
             given["mounts"] = {
-                k: ([v] if isinstance(v, str) else list(v)) for k, v in mounts.items()
+                **base.mounts,
+                **{k: ([v] if isinstance(v, str) else list(v)) for k, v in mounts.items()},
             }
         if options is not None:
-            given["options"] = options
-        if max_workers is not None:
-            given["max_workers"] = max_workers
+            given["options"] = _merge_options(base.options, options)
         if given:
-            base = StoreConfig(
-                cache=given.get("cache", base.cache),
-                retry=given.get("retry", base.retry),
-                http=given.get("http", base.http),
-                mounts={**base.mounts, **given.get("mounts", {})},
-                options=_merge_options(base.options, given.get("options", {})),
-                max_workers=given.get("max_workers", base.max_workers),
-            )
+            current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+            base = StoreConfig(**{**current, **given})
         self.config = base
+        self._clock = clock or time.monotonic
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -107,6 +116,11 @@ class Store:
         self._backends_pid = os.getpid()
         self._lock = threading.Lock()
         self._metrics = Metrics()
+        self._breaker = CircuitBreaker(
+            threshold=self.config.replica_failures,
+            cooldown=self.config.replica_cooldown,
+            clock=self._clock,
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -128,10 +142,13 @@ class Store:
             "mounts": dict(cfg.mounts),
             "options": safe_options,
             "max_workers": cfg.max_workers,
+            "replica_failures": cfg.replica_failures,
+            "replica_cooldown": cfg.replica_cooldown,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.config = StoreConfig(**state)
+        self._clock = time.monotonic
         self._init_runtime()
 
     def __enter__(self) -> Store:
@@ -172,8 +189,19 @@ class Store:
         return resolve_mount(parse_url(url), dict(self.config.mounts))
 
     def _target(self, url: UrlLike) -> tuple[URL, Backend]:
+        """The primary physical URL of ``url`` and its backend (writes go there)."""
         physical = self.resolve(url)[0]
         return physical, self.backend(physical.protocol)
+
+    def _on_replicas(self, url: UrlLike, fn: Callable[[URL, Backend], T]) -> T:
+        """Run ``fn`` on the first replica of ``url`` that answers (see _failover)."""
+        return with_failover(
+            self.resolve(url),
+            lambda target: fn(target, self.backend(target.protocol)),
+            breaker=self._breaker,
+            key=_replica_key,
+            on_failover=lambda target, _err: self._metrics.add("failovers", target.protocol),
+        )
 
     def _count(self, backend: Backend, name: str, amount: int = 1) -> None:
         self._metrics.add(name, backend.protocol, amount)
@@ -194,14 +222,18 @@ class Store:
         Raises:
             NotFoundError: nothing exists at ``url``.
         """
-        target, backend = self._target(url)
-        info: ObjectInfo = self._call(backend, lambda: backend.info(target))
+        info: ObjectInfo = self._on_replicas(
+            url, lambda target, backend: self._call(backend, lambda: backend.info(target))
+        )
         return self._logical(url, info)
 
     def exists(self, url: UrlLike) -> bool:
         """Whether an object or directory exists at ``url``."""
-        target, backend = self._target(url)
-        return bool(self._call(backend, lambda: backend.exists(target)))
+        try:
+            self.info(url)
+        except NotFoundError:
+            return False
+        return True
 
     def read_bytes(
         self,
@@ -218,10 +250,13 @@ class Store:
             version: read only this version (as reported by :meth:`info`); if the
                 object has changed, :class:`~mlstore.errors.PreconditionFailedError`.
         """
-        target, backend = self._target(url)
-        data: bytes = self._call(backend, lambda: backend.read(target, start, end, version))
-        self._count(backend, "bytes_read", len(data))
-        return data
+
+        def read(target: URL, backend: Backend) -> bytes:
+            data: bytes = self._call(backend, lambda: backend.read(target, start, end, version))
+            self._count(backend, "bytes_read", len(data))
+            return data
+
+        return self._on_replicas(url, read)
 
     def read_many(self, urls: Iterable[UrlLike], *, max_workers: int | None = None) -> list[bytes]:
         """Read many whole objects concurrently; results come back in input order.
@@ -271,18 +306,15 @@ class Store:
             if text:
                 return io.TextIOWrapper(fh, encoding=encoding, errors=errors, newline=newline)
             return fh
-        target, backend = self._target(url)
-        if backend.read_only:
-            raise UnsupportedOperation(
-                f"{backend.protocol} URLs are read-only", url=str(target), operation="write"
-            )
-        raw = _CountingWriter(
+        target, _ = self._target(url)
+        backend = self._writable(target, "write")
+        raw = CountingWriter(
             backend.open_write(target), lambda n: self._count(backend, "bytes_written", n)
         )
         self._count(backend, "requests")
         if text:
             try:
-                return _TextWriter(raw, encoding=encoding, errors=errors, newline=newline)
+                return TextWriter(raw, encoding=encoding, errors=errors, newline=newline)
             except BaseException:  # an unknown encoding, say: nothing is written
                 raw.discard()
                 raise
@@ -291,8 +323,14 @@ class Store:
     def _open_read(
         self, url: UrlLike, *, buffer_size: int | None, version: str | None
     ) -> IO[bytes]:
-        target, backend = self._target(url)
-        info = self.info(target)
+        target, info = self._on_replicas(
+            url,
+            lambda target, backend: (
+                target,
+                self._call(backend, lambda: backend.info(target)),
+            ),
+        )
+        backend = self.backend(target.protocol)
         if info.is_dir:
             raise IsADirectoryError_(
                 "this is a directory; use ls() to list it", url=str(target), operation="open"
@@ -329,16 +367,18 @@ class Store:
         Raises:
             NotFoundError: ``url`` does not exist.
         """
-        target, backend = self._target(url)
-        entries: list[ObjectInfo] = self._call(backend, lambda: backend.ls(target))
+        entries: list[ObjectInfo] = self._on_replicas(
+            url, lambda target, backend: self._call(backend, lambda: backend.ls(target))
+        )
         entries = [self._logical(url, e) for e in entries]
         entries.sort(key=lambda e: str(e.url))
         return entries if detail else [str(e.url) for e in entries]
 
     def find(self, url: UrlLike) -> list[str]:
         """Every file below ``url``, recursively, sorted."""
-        target, backend = self._target(url)
-        found: list[ObjectInfo] = self._call(backend, lambda: list(backend.find(target)))
+        found: list[ObjectInfo] = self._on_replicas(
+            url, lambda target, backend: self._call(backend, lambda: list(backend.find(target)))
+        )
         return sorted(str(self._logical(url, e).url) for e in found)
 
     def glob(self, pattern: UrlLike) -> list[str]:
@@ -354,7 +394,7 @@ class Store:
         head = path[: m.start()]
         root = head[: head.rfind("/") + 1] if "/" in head else ""
         base = URL(parsed.protocol, parsed.bucket, root.rstrip("/") or root)
-        regex = _glob_regex(path)
+        regex = glob_regex(path)
         try:
             files = self.find(base)
         except NotFoundError:
@@ -380,49 +420,72 @@ class Store:
         parsed = parse_url(asked)
         if parsed.protocol != "mlstore":
             return entry
-        physical = self.resolve(parsed)[0]
-        base = str(physical).rstrip("/")
         name = str(entry.url)
-        inside = name == base or name.startswith(base + "/")
-        rel = name[len(base) :].lstrip("/") if inside else entry.url.name
+        rel = entry.url.name
+        for physical in self.resolve(parsed):  # the entry may come from any replica
+            base = str(physical).rstrip("/")
+            if name == base or name.startswith(base + "/"):
+                rel = name[len(base) :].lstrip("/")
+                break
         return dataclasses.replace(entry, url=parsed.join(rel) if rel else parsed)
 
     # ------------------------------------------------------------------ writing
 
-    def write_bytes(self, url: UrlLike, data: bytes | bytearray | memoryview) -> None:
-        """Replace the object at ``url`` with ``data``, atomically."""
-        target, backend = self._target(url)
+    def write_bytes(
+        self, url: UrlLike, data: bytes | bytearray | memoryview, *, replicate: bool = False
+    ) -> None:
+        """Replace the object at ``url`` with ``data``, atomically.
+
+        For a mount, the write goes to the primary (first) replica; with
+        ``replicate=True`` to every replica, in order. A replica that fails stops the
+        write there and the error says which replicas were already written.
+        """
+        payload = bytes(data)
+        targets = self.resolve(url) if replicate else self.resolve(url)[:1]
+        done: list[str] = []
+        for target in targets:
+            backend = self._writable(target, "write")
+            try:
+                self._call(backend, functools.partial(backend.write, target, payload))
+            except MlstoreError as exc:
+                if done:
+                    exc.reason += f" (already written to: {', '.join(done)})"
+                raise
+            self._count(backend, "bytes_written", len(payload))
+            done.append(str(target))
+
+    def _writable(self, target: URL, operation: str) -> Backend:
+        backend = self.backend(target.protocol)
         if backend.read_only:
             raise UnsupportedOperation(
-                f"{backend.protocol} URLs are read-only", url=str(target), operation="write"
+                f"{target.protocol} URLs are read-only", url=str(target), operation=operation
             )
-        payload = bytes(data)
-        self._call(backend, lambda: backend.write(target, payload))
-        self._count(backend, "bytes_written", len(payload))
+        return backend
 
     def mkdir(self, url: UrlLike) -> None:
         """Create a directory and its parents (a no-op on object stores)."""
         target, backend = self._target(url)
         self._call(backend, lambda: backend.mkdir(target))
 
-    def rm(self, url: UrlLike, recursive: bool = False) -> None:
+    def rm(self, url: UrlLike, recursive: bool = False, *, replicate: bool = False) -> None:
         """Delete the object at ``url`` (or, with ``recursive``, everything below it).
+
+        For a mount, only the primary replica is changed unless ``replicate=True``
+        (otherwise reads would still find the object on the other replicas).
 
         Raises:
             NotFoundError: nothing exists at ``url``.
         """
-        target, backend = self._target(url)
-        if backend.read_only:
-            raise UnsupportedOperation(
-                f"{backend.protocol} URLs are read-only", url=str(target), operation="rm"
-            )
-        if not recursive and self.info(target).is_dir:
-            raise IsADirectoryError_(
-                "this is a directory; pass recursive=True to delete everything below it",
-                url=str(target),
-                operation="rm",
-            )
-        self._call(backend, lambda: backend.rm(target, recursive))
+        targets = self.resolve(url) if replicate else self.resolve(url)[:1]
+        for target in targets:
+            backend = self._writable(target, "rm")
+            if not recursive and self.info(target).is_dir:
+                raise IsADirectoryError_(
+                    "this is a directory; pass recursive=True to delete everything below it",
+                    url=str(target),
+                    operation="rm",
+                )
+            self._call(backend, functools.partial(backend.rm, target, recursive))
 
     def copy(
         self,
@@ -485,11 +548,7 @@ class Store:
     ) -> int:
         src = entry.url
         src_backend = self.backend(src.protocol)
-        dst_backend = self.backend(dst.protocol)
-        if dst_backend.read_only:
-            raise UnsupportedOperation(
-                f"{dst_backend.protocol} URLs are read-only", url=str(dst), operation="copy"
-            )
+        dst_backend = self._writable(dst, "copy")
         if src_backend is dst_backend:
             self._call(src_backend, lambda: src_backend.copy(src, dst))
             done += entry.size
@@ -519,147 +578,6 @@ def _merge_options(
     for proto, opts in given.items():
         out[proto] = {**out.get(proto, {}), **opts}
     return out
-
-
-def safe_join(base: URL, rel: str) -> URL:
-    """``base`` joined with the object key ``rel``, refusing keys that would escape
-    ``base``: ``..`` segments, absolute paths, backslashes on local targets, NULs."""
-    bad = None
-    if "\x00" in rel:
-        bad = "contains a NUL character"
-    elif rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
-        bad = "is an absolute path"
-    else:
-        parts = re.split(r"[\\/]" if base.protocol == "file" else "/", rel)
-        if any(p == ".." for p in parts):
-            bad = "contains a '..' segment"
-    if bad is None and base.protocol == "file":
-        joined = os.path.abspath(os.path.join(base.path, rel))
-        if os.path.commonpath([joined, os.path.abspath(base.path)]) != os.path.abspath(base.path):
-            bad = "would be written outside the destination"
-    if bad is not None:
-        raise PermissionDeniedError(
-            f"refusing the key {rel!r}: it {bad}", url=str(base), operation="copy"
-        )
-    return base.join(rel)
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    out = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            j = pattern.find("]", i + 1)
-            if j == -1:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : j]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append("[" + body.replace("\\", "\\\\") + "]")
-                i = j
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out))
-
-
-class _CountingWriter(io.RawIOBase):
-    """A write file that counts bytes and commits the inner atomic writer on close."""
-
-    def __init__(self, inner: IO[bytes], count: Callable[[int], None]) -> None:
-        super().__init__()
-        self._inner = inner
-        self._count = count
-        self._written = 0
-        self.name = getattr(inner, "name", "")
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        n = self._inner.write(data)
-        n = len(memoryview(data)) if n is None else n
-        self._written += n
-        return n
-
-    def tell(self) -> int:
-        return self._written
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is not None:
-            self.discard()
-        else:
-            self.close()
-
-    def discard(self) -> None:
-        """Abandon the write; the destination is left as it was."""
-        if not self.closed:
-            discard = getattr(self._inner, "discard", None)
-            if discard is not None:
-                discard()
-            super().close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._inner.close()
-            self._count(self._written)
-        finally:
-            super().close()
-
-    def __del__(self) -> None:
-        # Never publish a write that was not closed: an abandoned writer is discarded
-        # (before warning, so a warning turned into an error cannot skip the discard).
-        if not getattr(self, "closed", True):
-            self.discard()
-            warnings.warn(
-                f"write file {self.name!r} was never closed; its content was discarded",
-                ResourceWarning,
-                stacklevel=1,
-            )
-
-
-class _TextWriter(io.TextIOWrapper):
-    """Text mode over a :class:`_CountingWriter`, with the same promise: leaving a
-    ``with`` block through an exception, or being garbage-collected unclosed, discards
-    the write instead of publishing it."""
-
-    buffer: _CountingWriter
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is not None:
-            self.discard()
-        else:
-            self.close()
-
-    def discard(self) -> None:
-        """Abandon the write; the destination is left as it was."""
-        self.buffer.discard()
-
-    def __del__(self) -> None:
-        raw = getattr(self, "buffer", None)
-        if raw is not None and not raw.closed:
-            raw.discard()
-            warnings.warn(
-                f"write file {raw.name!r} was never closed; its content was discarded",
-                ResourceWarning,
-                stacklevel=1,
-            )
 
 
 # ------------------------------------------------------------ the default store

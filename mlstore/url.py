@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from mlstore.errors import ConfigError, PermissionDeniedError, redact_url
 
-__all__ = ["SCHEMES", "URL", "parse_url", "resolve_mount"]
+__all__ = ["SCHEMES", "URL", "glob_regex", "parse_url", "resolve_mount", "safe_join"]
 
 #: Accepted scheme -> canonical protocol.
 SCHEMES: dict[str, str] = {
@@ -221,3 +221,59 @@ def resolve_mount(url: URL, mounts: dict[str, tuple[str, ...]] | object) -> list
             )
         out.append(base.join(url.path) if url.path else base)
     return out
+
+
+def safe_join(base: URL, rel: str) -> URL:
+    """``base`` joined with the object key ``rel``, refusing keys that would escape
+    ``base``: ``..`` segments, absolute paths, backslashes on local targets, NULs."""
+    bad = None
+    if "\x00" in rel:
+        bad = "contains a NUL character"
+    elif rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
+        bad = "is an absolute path"
+    else:
+        parts = re.split(r"[\\/]" if base.protocol == "file" else "/", rel)
+        if any(p == ".." for p in parts):
+            bad = "contains a '..' segment"
+    if bad is None and base.protocol == "file":
+        joined = os.path.abspath(os.path.join(base.path, rel))
+        if os.path.commonpath([joined, os.path.abspath(base.path)]) != os.path.abspath(base.path):
+            bad = "would be written outside the destination"
+    if bad is not None:
+        raise PermissionDeniedError(
+            f"refusing the key {rel!r}: it {bad}", url=str(base), operation="copy"
+        )
+    return base.join(rel)
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = pattern.find("]", i + 1)
+            if j == -1:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : j]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))

@@ -61,14 +61,18 @@ def mem_root() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def moto() -> Iterator[ServerProcess]:
-    """A moto_server process for the whole session."""
-    server = start_emulator(moto_server)
-    # moto accepts any credentials; set them where botocore looks, so child
-    # processes (spawn, forkserver) find them too.
+def aws_test_credentials() -> None:
+    """moto accepts any credentials; set them where botocore looks, so child processes
+    (spawn, forkserver) find them too."""
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(scope="session")
+def moto(aws_test_credentials: None) -> Iterator[ServerProcess]:
+    """A moto_server process for the whole session."""
+    server = start_emulator(moto_server)
     yield server
     server.stop()
 

@@ -444,7 +444,7 @@ def test_every_listed_env_var_changes_a_setting(
         assert RetryPolicy().max_attempts == 17
         return
     before = repr(StoreConfig())
-    values = ["3", "off", "never", "true", "10.0.0.0/8", "example.org", "/var/tmp/x"]
+    values = ["3", "7", "off", "never", "true", "10.0.0.0/8", "example.org", "/var/tmp/x"]
     for value in values:
         monkeypatch.setenv(name, value)
         try:
