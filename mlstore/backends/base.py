@@ -114,6 +114,12 @@ class Backend(abc.ABC):
     def __init__(self, options: Mapping[str, Any], config: StoreConfig) -> None:
         self.options = dict(options)
         self.config = config
+        # Credentials given to (or found for) a backend are masked in all log output,
+        # including the SDKs' own DEBUG logs.
+        from mlstore import _redact
+
+        _redact.register_options(self.options)
+        _redact.register_environment()
 
     def __repr__(self) -> str:
         # Options may hold credentials: show only their names.
