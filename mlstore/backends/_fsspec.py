@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from mlstore.backends.base import Backend, ObjectInfo, PerProcess, translate_os_error
 from mlstore.config import StoreConfig
-from mlstore.errors import IsADirectoryError_, MlstoreError, NotFoundError
+from mlstore.errors import ConfigError, IsADirectoryError_, MlstoreError, NotFoundError
 from mlstore.url import URL
 
 __all__ = ["FsspecBackend"]
@@ -30,7 +30,15 @@ class FsspecBackend(Backend):
 
     @property
     def fs(self) -> Any:
-        return self._fs.get()
+        try:
+            return self._fs.get()
+        except ImportError as exc:
+            from mlstore.backends.base import install_hint
+
+            raise ConfigError(
+                f"the {self.protocol} backend needs {exc.name or 'a package'}, which is not "
+                f"installed; {install_hint(self.protocol)}"
+            ) from None
 
     def _path(self, url: URL) -> str:
         """The fsspec path of ``url``."""

@@ -217,6 +217,11 @@ def register_backend(
             _INSTALL_HINT[protocol] = install_hint
 
 
+def install_hint(protocol: str) -> str:
+    """What to install for ``protocol``'s backend to work."""
+    return _INSTALL_HINT.get(protocol, f"install the package the {protocol} backend needs")
+
+
 def get_backend_class(protocol: str) -> type[Backend]:
     """The backend class of ``protocol``, imported on first use."""
     with _lock:

@@ -220,7 +220,7 @@ class GCSBackend(FsspecBackend):
         try:
             status, headers, data = self._sync(_media, url.bucket, url.path, rng, version)
         except Exception as exc:  # re-raised unless "range not satisfiable"
-            if _status_of(exc)[0] == 416:
+            if not isinstance(exc, MlstoreError) and _status_of(exc)[0] == 416:
                 return b""
             raise
         served = headers.get("x-goog-generation")
