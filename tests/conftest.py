@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,25 @@ def az_container(az_connection_string: str) -> Iterator[str]:
         service.create_container(name)
         yield name
         service.delete_container(name)
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
+    """The range-capable test HTTP server (tests/servers/http_server.py) as a process,
+    serving a session temp dir; yields the process and that directory."""
+    import sys
+
+    root = str(tmp_path_factory.mktemp("http-root"))
+    script = str(Path(__file__).parent / "servers" / "http_server.py")
+    server = start_emulator(
+        lambda: ServerProcess(
+            "http test server",
+            [sys.executable, script, "--root", root, "--port", "0"],
+            r"listening on http://127\.0\.0\.1:(?P<port>\d+)",
+        )
+    )
+    yield server, root
+    server.stop()

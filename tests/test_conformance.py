@@ -1,8 +1,11 @@
 """The shared conformance suite (tests/conformance.py) run against every backend on its
-real server: memory, local, s3 (moto_server)."""
+real server: memory, local, http (a range-capable test server), s3 (moto_server), gs
+(fake-gcs-server) and az (Azurite)."""
 
 from __future__ import annotations
 
+import os
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,7 @@ import pytest
 
 from mlstore import Store
 from tests.conformance import ListingConformance, ReadConformance, WriteConformance
+from tests.emulators import ServerProcess
 
 
 class TestMemory(ReadConformance, WriteConformance, ListingConformance):
@@ -69,3 +73,33 @@ class TestAzure(ReadConformance, WriteConformance, ListingConformance):
     @pytest.fixture
     def root(self, az_container: str) -> str:
         return f"az://{az_container}/{uuid.uuid4().hex[:8]}"
+
+
+class TestHttp(ReadConformance):
+    """Read-only: objects are placed as files in the directory the server serves."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[Store]:
+        with Store() as s:
+            yield s
+
+    @pytest.fixture
+    def root(self, http_server: tuple[ServerProcess, str]) -> str:
+        server, _ = http_server
+        return f"{server.endpoint}/{uuid.uuid4().hex[:8]}"
+
+    @pytest.fixture(autouse=True)
+    def _served_dir(self, http_server: tuple[ServerProcess, str]) -> None:
+        self.endpoint, self.served = http_server[0].endpoint, http_server[1]
+
+    def put(self, store: Store, url: str, data: bytes) -> None:
+        rel = urllib.parse.unquote(url[len(self.endpoint) + 1 :])
+        path = Path(self.served) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = path.stat().st_mtime_ns if path.exists() else 0
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        # a new version even within the file system's timestamp granularity
+        bumped = max(old + 10**9, path.stat().st_mtime_ns)
+        os.utime(path, ns=(bumped, bumped))
