@@ -20,7 +20,7 @@ from typing import Any
 
 from mlstore.config import SECRET_OPTION
 
-__all__ = ["mask", "register_options", "register_secret", "register_environment"]
+__all__ = ["mask", "register_environment", "register_options", "register_secret"]
 
 MASK = "***"
 _MIN_LENGTH = 6  # shorter values would mask ordinary words

@@ -19,9 +19,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, TypeVar, cast
 
+from mlstore._cached import CACHED_PROTOCOLS, CachedReads
 from mlstore._failover import CircuitBreaker, with_failover
 from mlstore._file import CountingReader, CountingWriter, TextWriter, open_ranged
 from mlstore.backends.base import Backend, ObjectInfo, get_backend_class
+from mlstore.cache.tiered import TieredCache
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig, redact_options
 from mlstore.errors import (
     ConfigError,
@@ -108,7 +110,7 @@ class Store:
             current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
             base = StoreConfig(**{**current, **given})
         self.config = base
-        self._clock = clock or time.monotonic
+        self._clock = clock
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -119,8 +121,9 @@ class Store:
         self._breaker = CircuitBreaker(
             threshold=self.config.replica_failures,
             cooldown=self.config.replica_cooldown,
-            clock=self._clock,
+            clock=self._clock or time.monotonic,
         )
+        self._cached: CachedReads | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -148,7 +151,7 @@ class Store:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.config = StoreConfig(**state)
-        self._clock = time.monotonic
+        self._clock = None
         self._init_runtime()
 
     def __enter__(self) -> Store:
@@ -161,8 +164,75 @@ class Store:
         """Release every backend's clients and connections."""
         with self._lock:
             backends, self._backends = self._backends, {}
+            cached, self._cached = self._cached, None
         for backend in backends.values():
             backend.close()
+        if cached is not None:
+            cached.close()
+
+    # ------------------------------------------------------------------ cache
+
+    @property
+    def cache(self) -> TieredCache:
+        """The read cache: ``.size()``, ``.clear()``, ``.prune(to_bytes)``, ``.verify()``."""
+        return self._cache_reads().cache
+
+    def _cache_reads(self) -> CachedReads:
+        if self._backends_pid != os.getpid():  # a fork: never reuse the parent's state
+            self._init_runtime()
+        cached = self._cached
+        if cached is None:
+            with self._lock:
+                cached = self._cached
+                if cached is None:
+                    tiered = TieredCache(
+                        self.config.cache,
+                        self._metrics,
+                        clock=self._clock or time.time,
+                    )
+                    cached = self._cached = CachedReads(self, tiered)
+        return cached
+
+    def _reads_for(self, url: URL) -> CachedReads | None:
+        """The cached read path for ``url``, or None when it is read directly."""
+        if not self.config.cache.enabled:
+            return None
+        physical = self.resolve(url)[0]
+        if physical.protocol not in CACHED_PROTOCOLS:
+            return None
+        return self._cache_reads()
+
+    def _locate(self, url: URL) -> tuple[URL, ObjectInfo]:
+        """The replica that answers for ``url`` and the object's info there (uncached)."""
+        return self._on_replicas(
+            url,
+            lambda target, backend: (target, self._call(backend, lambda: backend.info(target))),
+        )
+
+    def _fetch_whole(self, url: URL) -> tuple[bytes, str | None]:
+        """The whole object and its version, from the first replica that answers."""
+
+        def fetch(target: URL, backend: Backend) -> tuple[bytes, str | None]:
+            data, version = self._call(backend, lambda: backend.fetch(target))
+            self._count(backend, "bytes_read", len(data))
+            return data, version
+
+        return self._on_replicas(url, fetch)
+
+    def _read_pinned(self, target: URL, start: int, end: int, version: str | None) -> bytes:
+        backend = self.backend(target.protocol)
+        data: bytes = self._call(backend, lambda: backend.read(target, start, end, version))
+        self._count(backend, "bytes_read", len(data))
+        return data
+
+    def _invalidate(self, url: UrlLike) -> None:
+        """Forget cached data and metadata of ``url`` (this Store just changed it)."""
+        cached = self._cached
+        if cached is None:
+            return
+        parsed = parse_url(url)
+        for key in {parsed, *self.resolve(parsed)}:
+            cached.invalidate(key)
 
     def backend(self, protocol: str) -> Backend:
         """The backend of ``protocol`` for this process (created on first use)."""
@@ -222,10 +292,12 @@ class Store:
         Raises:
             NotFoundError: nothing exists at ``url``.
         """
-        info: ObjectInfo = self._on_replicas(
-            url, lambda target, backend: self._call(backend, lambda: backend.info(target))
-        )
-        return self._logical(url, info)
+        parsed = parse_url(url)
+        reads = self._reads_for(parsed)
+        if reads is not None:
+            return self._logical(parsed, reads.located_info(parsed)[1])
+        info: ObjectInfo = self._locate(parsed)[1]
+        return self._logical(parsed, info)
 
     def exists(self, url: UrlLike) -> bool:
         """Whether an object or directory exists at ``url``."""
@@ -250,13 +322,22 @@ class Store:
             version: read only this version (as reported by :meth:`info`); if the
                 object has changed, :class:`~mlstore.errors.PreconditionFailedError`.
         """
+        cached = self._cached
+        if cached is not None and version is None and type(url) is str:
+            hit = cached.cache.peek(url)  # the hot path: a fresh memory-tier hit
+            if hit is not None:
+                return hit if start is None and end is None else hit[start:end]
+        parsed = parse_url(url)
+        reads = self._reads_for(parsed) if version is None else None
+        if reads is not None:
+            return reads.read(parsed, start, end)
 
         def read(target: URL, backend: Backend) -> bytes:
             data: bytes = self._call(backend, lambda: backend.read(target, start, end, version))
             self._count(backend, "bytes_read", len(data))
             return data
 
-        return self._on_replicas(url, read)
+        return self._on_replicas(parsed, read)
 
     def read_many(self, urls: Iterable[UrlLike], *, max_workers: int | None = None) -> list[bytes]:
         """Read many whole objects concurrently; results come back in input order.
@@ -308,9 +389,12 @@ class Store:
             return fh
         target, _ = self._target(url)
         backend = self._writable(target, "write")
-        raw = CountingWriter(
-            backend.open_write(target), lambda n: self._count(backend, "bytes_written", n)
-        )
+
+        def committed(n: int) -> None:
+            self._count(backend, "bytes_written", n)
+            self._invalidate(url)
+
+        raw = CountingWriter(backend.open_write(target), committed)
         self._count(backend, "requests")
         if text:
             try:
@@ -323,13 +407,11 @@ class Store:
     def _open_read(
         self, url: UrlLike, *, buffer_size: int | None, version: str | None
     ) -> IO[bytes]:
-        target, info = self._on_replicas(
-            url,
-            lambda target, backend: (
-                target,
-                self._call(backend, lambda: backend.info(target)),
-            ),
-        )
+        parsed = parse_url(url)
+        reads = self._reads_for(parsed) if version is None else None
+        if reads is not None:
+            return reads.open(parsed)
+        target, info = self._locate(parsed)
         backend = self.backend(target.protocol)
         if info.is_dir:
             raise IsADirectoryError_(
@@ -453,6 +535,7 @@ class Store:
                 raise
             self._count(backend, "bytes_written", len(payload))
             done.append(str(target))
+        self._invalidate(url)
 
     def _writable(self, target: URL, operation: str) -> Backend:
         backend = self.backend(target.protocol)
@@ -486,6 +569,7 @@ class Store:
                     operation="rm",
                 )
             self._call(backend, functools.partial(backend.rm, target, recursive))
+        self._invalidate(url)
 
     def copy(
         self,
@@ -551,6 +635,7 @@ class Store:
         dst_backend = self._writable(dst, "copy")
         if src_backend is dst_backend:
             self._call(src_backend, lambda: src_backend.copy(src, dst))
+            self._invalidate(dst)
             done += entry.size
             if progress is not None:
                 progress(done, total)

@@ -80,7 +80,9 @@ class TestHttp(ReadConformance):
 
     @pytest.fixture
     def store(self) -> Iterator[Store]:
-        with Store() as s:
+        # Objects change behind the Store's back (files replaced on the server's disk):
+        # check the version on every read, as a user of such a server would configure.
+        with Store(cache={"validate": "always"}) as s:
             yield s
 
     @pytest.fixture

@@ -35,6 +35,12 @@ from tests.emulators import REPO, ServerProcess
 pytestmark = pytest.mark.gcs
 
 
+@pytest.fixture(autouse=True)
+def _backend_without_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the backend itself: every call reaches the emulator."""
+    monkeypatch.setenv("MLSTORE_CACHE", "0")
+
+
 @pytest.fixture
 def store(gcs_options: dict[str, object]) -> Iterator[Store]:
     with Store(options={"gs": gcs_options}) as s:

@@ -15,6 +15,12 @@ from mlstore.hashing import content_hash
 pytestmark = pytest.mark.s3
 
 
+@pytest.fixture(autouse=True)
+def _backend_without_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the backend itself: every call reaches the emulator."""
+    monkeypatch.setenv("MLSTORE_CACHE", "0")
+
+
 @pytest.fixture
 def store(s3_options: dict[str, object]) -> Iterator[Store]:
     with Store(options={"s3": s3_options}) as s:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import inspect
 import io
 import os
@@ -85,7 +86,7 @@ class AzureBackend(FsspecBackend):
 
     def __init__(self, options: Mapping[str, Any], config: StoreConfig) -> None:
         super().__init__(options, config)
-        self._closer: weakref.finalize | None = None
+        self._closer: weakref.finalize[Any, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # A pickled backend carries no credentials (keys, SAS, connection strings).
@@ -110,11 +111,11 @@ class AzureBackend(FsspecBackend):
                 skip_instance_cache=True, use_listings_cache=False, **opts
             )
         except TypeError as exc:
-            raise ConfigError(f"invalid az option: {_scrub(str(exc), self.options)}") from None
+            raise ConfigError(f"invalid az option: {_scrub(str(exc))}") from None
         except ValueError as exc:
             raise ConfigError(
                 "could not configure the Azure client "
-                f"({_scrub(str(exc), self.options)}); give a connection_string, or an "
+                f"({_scrub(str(exc))}); give a connection_string, or an "
                 "account_name with account_key, sas_token or credential, or set "
                 "AZURE_STORAGE_CONNECTION_STRING"
             ) from None
@@ -127,7 +128,7 @@ class AzureBackend(FsspecBackend):
                 fs.do_connect()
             except ValueError as exc:
                 raise ConfigError(
-                    f"could not configure the Azure client ({_scrub(str(exc), self.options)})"
+                    f"could not configure the Azure client ({_scrub(str(exc))})"
                 ) from None
         client = self._client_without_retries(fs.service_client, endpoint)
         fs.service_client = client
@@ -137,6 +138,9 @@ class AzureBackend(FsspecBackend):
         _detach_finalizers(fs)
         made_here = fs.credential if not self.options.get("credential") else None
         self._closer = weakref.finalize(fs, _close_client, os.getpid(), fs.loop, client, made_here)
+        _MADE_HERE.add(client)
+        if made_here is not None:
+            _MADE_HERE.add(made_here)
         return fs
 
     @contextlib.contextmanager
@@ -252,7 +256,7 @@ class AzureBackend(FsspecBackend):
         if isinstance(exc, OSError):
             return super()._translate(exc, url, operation)
         return MlstoreError(
-            f"{type(exc).__name__}: {_scrub(str(exc), self.options)}",
+            f"{type(exc).__name__}: {_scrub(str(exc))}",
             url=text,
             operation=operation,
         )
@@ -293,22 +297,37 @@ class AzureBackend(FsspecBackend):
             lo = start or 0
             if end is not None and end <= lo:
                 return b""
-            rng = None
-            if lo or end is not None:
-                rng = f"bytes={lo}-{'' if end is None else end - 1}"
             try:
-                data: bytes = self._sync(_get, url.bucket, url.path, rng, version)
+                data, _ = self._get(url, lo, end, version)
             except Exception as exc:
                 if _status(exc) == 416:  # the range starts at or past the end
                     return b""
-                if _error_code(exc) == "BlobNotFound" and self._sync(
-                    _is_directory, url.bucket, url.path
-                ):
-                    raise IsADirectoryError_(
-                        "this is a directory; use ls() to list it", url=str(url), operation="read"
-                    ) from None
                 raise
             return data
+
+    def fetch(self, url: URL) -> tuple[bytes, str | None]:
+        """The whole blob and its ETag, from one GET."""
+        with self._errors(url, "read"):
+            if not url.path or url.path.endswith("/"):
+                raise IsADirectoryError_(
+                    "this is a directory; use ls() to list it", url=str(url), operation="read"
+                )
+            return self._get(url, 0, None, None)
+
+    def _get(
+        self, url: URL, lo: int, end: int | None, version: str | None
+    ) -> tuple[bytes, str | None]:
+        try:
+            got: tuple[bytes, str | None] = self._sync(_get, url.bucket, url.path, lo, end, version)
+        except Exception as exc:
+            if _error_code(exc) == "BlobNotFound" and self._sync(
+                _is_directory, url.bucket, url.path
+            ):
+                raise IsADirectoryError_(
+                    "this is a directory; use ls() to list it", url=str(url), operation="read"
+                ) from None
+            raise
+        return got
 
     def ls(self, url: URL) -> list[ObjectInfo]:
         with self._errors(url, "ls"):
@@ -397,6 +416,33 @@ class AzureBackend(FsspecBackend):
 # ------------------------------------------------------------------- the client
 
 
+# The clients (and credentials) made in this process, and those a forked child inherited.
+_MADE_HERE: weakref.WeakSet[Any] = weakref.WeakSet()
+_INHERITED: list[Any] = []
+
+
+def _keep_inherited() -> None:
+    """In a forked child, keep the parent's clients alive and untouched for good.
+
+    Their sockets and their event loop's epoll instance are shared with the parent.
+    Closing one here, or freeing it (aiohttp then closes its pooled connections), would
+    unregister the parent's sockets from that epoll instance: the parent would wait
+    forever for its next response. So they are never closed in the child and never
+    freed, not even at interpreter exit (an extra reference that nothing releases).
+    """
+    for obj in list(_MADE_HERE):
+        _INHERITED.append(obj)
+        try:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+        except (AttributeError, OSError):  # pragma: no cover - not CPython
+            pass
+    _MADE_HERE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_keep_inherited)
+
+
 def _detach_finalizers(obj: object) -> None:
     """Detach the ``weakref.finalize`` callbacks registered on ``obj`` (adlfs's)."""
     registry = getattr(weakref.finalize, "_registry", None)
@@ -427,8 +473,8 @@ def _close_client(owner: int, loop: Any, client: Any, credential: Any) -> None:
     except RuntimeError:
         running = None
     try:
-        if running is loop:  # collected on the loop's own thread: no waiting there
-            loop.create_task(close())
+        if running is not None and running is loop:  # on the loop's own thread: no waiting
+            running.create_task(close())
         else:
             from fsspec.asyn import sync
 
@@ -519,26 +565,13 @@ _SECRET_TEXT = re.compile(
 )
 
 
-def _scrub(text: str, options: Mapping[str, Any]) -> str:
-    """``text`` with every credential it might quote masked."""
-    secrets = [
-        v
-        for k, v in {**options, **_env_secrets()}.items()
-        if isinstance(v, str) and v and k not in redact_options({k: v})
-    ]
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return _SECRET_TEXT.sub(lambda m: f"{m.group(1)}=***", text)
+def _scrub(text: str) -> str:
+    """``text`` with every credential it might quote masked: the values registered by
+    :class:`~mlstore.backends.base.Backend` (options, environment), and anything shaped
+    like a connection-string key or a SAS signature."""
+    from mlstore import _redact
 
-
-def _env_secrets() -> dict[str, str]:
-    names = (
-        "AZURE_STORAGE_CONNECTION_STRING",
-        "AZURE_STORAGE_ACCOUNT_KEY",
-        "AZURE_STORAGE_SAS_TOKEN",
-        "AZURE_STORAGE_CLIENT_SECRET",
-    )
-    return {n.lower().replace("azure_storage_", ""): os.environ.get(n, "") for n in names}
+    return _SECRET_TEXT.sub(lambda m: f"{m.group(1)}=***", _redact.mask(text))
 
 
 # ------------------------------------------------------------------- properties
@@ -606,9 +639,10 @@ async def _list(service: Any, container: str, prefix: str | None) -> list[Any]:
 
 
 async def _get(
-    service: Any, container: str, blob: str, rng: str | None, if_match: str | None
-) -> bytes:
-    """One GET of ``blob`` (a ``Range``, ``If-Match``), the body read to the end.
+    service: Any, container: str, blob: str, lo: int, end: int | None, if_match: str | None
+) -> tuple[bytes, str | None]:
+    """One GET of bytes ``[lo:end)`` of ``blob`` (with ``If-Match`` when pinned), the
+    body read to the end; the bytes and the ETag they belong to.
 
     This calls the SDK's generated operation rather than ``download_blob``: the
     ``StorageStreamDownloader`` behind ``download_blob`` re-sends a request up to three
@@ -619,6 +653,9 @@ async def _get(
 
     client = service.get_blob_client(container, blob)
     conditions = ModifiedAccessConditions(if_match=if_match) if if_match else None
+    rng = None
+    if lo or end is not None:
+        rng = f"bytes={lo}-{'' if end is None else end - 1}"
 
     def keep(pipeline_response: Any, body: Any, headers: Any) -> tuple[Any, Any]:
         return pipeline_response.http_response, body
@@ -631,7 +668,9 @@ async def _get(
     expected = response.headers.get("Content-Length")
     if expected is not None and len(data) != int(expected):
         raise ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
-    return data
+    if rng and response.status_code == 200:  # the range was ignored: the whole blob came
+        data = data[lo:end]
+    return data, _etag(response.headers.get("ETag"))
 
 
 async def _put(

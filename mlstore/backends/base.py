@@ -137,6 +137,23 @@ class Backend(abc.ABC):
         """Bytes ``[start:end)`` of ``url``; if ``version`` is given and the object is no
         longer that version, :class:`~mlstore.errors.PreconditionFailedError`."""
 
+    def fetch(self, url: URL) -> tuple[bytes, str | None]:
+        """The whole object and the version those bytes are, consistently.
+
+        The default asks for the version, then reads pinned to it (two requests);
+        backends whose GET answer carries the version override it with one request.
+        """
+        try:
+            info = self.info(url)
+        except MlstoreError as exc:
+            exc.operation = "read"  # the caller asked to read; say so
+            raise
+        if info.is_dir:
+            raise IsADirectoryError_(
+                "this is a directory; use ls() to list it", url=str(url), operation="read"
+            )
+        return self.read(url, version=info.version), info.version
+
     def open_read(self, url: URL, info: ObjectInfo) -> IO[bytes] | None:
         """A native seekable file for ``url`` when the backend has a faster one than
         ranged reads (local files), else ``None``."""

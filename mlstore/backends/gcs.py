@@ -205,6 +205,22 @@ class GCSBackend(FsspecBackend):
                     raise self._not_found_on_read(url, version, err) from exc
                 raise err from exc
 
+    def fetch(self, url: URL) -> tuple[bytes, str | None]:
+        """One GET: the bytes and the generation the server says they are."""
+        with self._errors(url, "read"):
+            if not url.path or url.path.endswith("/"):
+                raise IsADirectoryError_(
+                    "this is a directory; use ls() to list it", url=str(url), operation="read"
+                )
+            try:
+                _, headers, data = self._sync(_media, url.bucket, url.path, None, None)
+            except Exception as exc:  # translated below
+                err = self._translate(exc, url, "read")
+                if isinstance(err, NotFoundError):
+                    raise self._not_found_on_read(url, None, err) from exc
+                raise err from exc
+            return bytes(data), headers.get("x-goog-generation")
+
     def _read(self, url: URL, start: int | None, end: int | None, version: str | None) -> bytes:
         if start is not None and start < 0 and end is None:
             rng: str | None = f"bytes={start}"  # suffix range: the last -start bytes

@@ -184,6 +184,11 @@ class S3Backend(FsspecBackend):
                 raise
             return data
 
+    def fetch(self, url: URL) -> tuple[bytes, str | None]:
+        with self._errors(url, "read"):
+            data, etag = self._sync(_get_with_etag, url.bucket, url.path)
+            return data, etag
+
     def write(self, url: URL, data: bytes) -> None:
         with self._errors(url, "write"):
             self._sync(_put, url.bucket, url.path, data, {METADATA_KEY: content_hash(data)})
@@ -283,6 +288,13 @@ async def _head(fs: Any, bucket: str, key: str) -> Mapping[str, Any]:
 
 
 async def _get(fs: Any, bucket: str, key: str, rng: str | None, if_match: str | None) -> bytes:
+    data, _ = await _get_with_etag(fs, bucket, key, rng, if_match)
+    return data
+
+
+async def _get_with_etag(
+    fs: Any, bucket: str, key: str, rng: str | None = None, if_match: str | None = None
+) -> tuple[bytes, str | None]:
     await fs.set_session()
     s3 = await fs.get_s3(bucket)
     kw: dict[str, str] = {"Bucket": bucket, "Key": key}
@@ -299,7 +311,8 @@ async def _get(fs: Any, bucket: str, key: str, rng: str | None, if_match: str | 
     expected = resp.get("ContentLength")
     if expected is not None and len(data) != int(expected):
         raise ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
-    return data
+    etag = resp.get("ETag")
+    return data, str(etag) if etag else None
 
 
 async def _put(fs: Any, bucket: str, key: str, data: bytes, metadata: dict[str, str]) -> None:

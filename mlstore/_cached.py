@@ -1,0 +1,194 @@
+"""The Store's read path through the tiered cache.
+
+Remote objects (s3, gs, az, http) are cached; local files and ``memory://`` are read
+directly (caching them would only copy bytes that are already local).
+
+- Objects up to ``CacheConfig.block_threshold`` are cached whole: one GET fills them,
+  and ranged reads slice the cached bytes.
+- Larger objects are cached as aligned blocks of ``block_size``, each keyed by the
+  object's version, so only the blocks a reader touches are fetched, and a block can
+  never mix two versions. Sequential reads through ``open()`` fetch the next blocks in
+  the background (readahead).
+- Metadata (``info``) is cached per process under the same consistency policy as data.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO, TYPE_CHECKING
+
+from mlstore._file import open_ranged
+from mlstore.backends.base import ObjectInfo
+from mlstore.cache.tiered import Fetched, TieredCache
+from mlstore.errors import IsADirectoryError_
+from mlstore.url import URL
+
+if TYPE_CHECKING:
+    from mlstore.store import Store
+
+__all__ = ["CACHED_PROTOCOLS", "CachedReads"]
+
+CACHED_PROTOCOLS = frozenset({"s3", "gs", "az", "http", "https"})
+_READAHEAD_BLOCKS = 2
+
+
+class CachedReads:
+    """Cached reads for one Store in one process."""
+
+    def __init__(self, store: Store, cache: TieredCache) -> None:
+        self.store = store
+        self.cache = cache
+        self.config = cache.config
+        self._info: dict[str, tuple[URL, ObjectInfo, float]] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ metadata
+
+    def located_info(self, url: URL) -> tuple[URL, ObjectInfo]:
+        """The physical replica that answered and the object's info, cached per policy."""
+        key = str(url)
+        policy = self.config.validate
+        now = self.cache.clock()
+        if policy != "always":
+            with self._lock:
+                hit = self._info.get(key)
+            if hit is not None and (policy == "never" or now - hit[2] < self.config.ttl):
+                self.store._metrics.add("hits", "metadata")
+                return hit[0], hit[1]
+        target, info = self.store._locate(url)
+        if policy != "always":
+            with self._lock:
+                self._info[key] = (target, info, now)
+        return target, info
+
+    def invalidate(self, url: URL) -> None:
+        """Forget what is cached of ``url`` (after this Store wrote or deleted it)."""
+        key = str(url)
+        with self._lock:
+            self._info.pop(key, None)
+        self.cache.memory.discard(key)
+        if self.cache.disk is not None:
+            self.cache.disk.forget(key)
+
+    # ------------------------------------------------------------------ reads
+
+    def read(self, url: URL, start: int | None, end: int | None) -> bytes:
+        key = str(url)
+        if start is None and end is None:
+            return self.whole(url)
+        data = self.cache.peek(key)
+        if data is not None:
+            return data[start:end]
+        target, info = self.located_info(url)
+        if info.is_dir:
+            raise IsADirectoryError_(
+                "this is a directory; use ls() to list it", url=key, operation="read"
+            )
+        if info.size <= self.config.block_threshold:
+            return self.whole(url)[start:end]
+        lo, hi, _ = slice(start, end).indices(info.size)
+        if hi <= lo:
+            return b""
+        return self._blocks(target, info, lo, hi)
+
+    def whole(self, url: URL) -> bytes:
+        key = str(url)
+
+        def fetch() -> Fetched:
+            data, version = self.store._fetch_whole(url)
+            return Fetched(data, version)
+
+        def revalidate() -> str | None:
+            with self._lock:
+                self._info.pop(key, None)
+            return self.located_info(url)[1].version
+
+        return self.cache.get(key, fetch, revalidate=revalidate)
+
+    def open(self, url: URL) -> IO[bytes]:
+        key = str(url)
+        data = self.cache.peek(key)
+        if data is None:
+            target, info = self.located_info(url)
+            if info.is_dir:
+                raise IsADirectoryError_(
+                    "this is a directory; use ls() to list it", url=key, operation="open"
+                )
+            if info.size > self.config.block_threshold:
+                return self._block_file(target, info)
+            data = self.whole(url)
+        fh = io.BytesIO(data)  # shares the bytes until written to, which it never is
+        fh.name = key
+        return fh
+
+    # ------------------------------------------------------------------ blocks
+
+    def _block(self, target: URL, info: ObjectInfo, index: int) -> bytes:
+        size = self.config.block_size
+        lo = index * size
+        hi = min(lo + size, info.size)
+        key = f"{target}\x00{info.version}\x00{size}:{index}"
+
+        def fetch() -> Fetched:
+            return Fetched(self.store._read_pinned(target, lo, hi, info.version), info.version)
+
+        return self.cache.get(key, fetch, immutable=True)
+
+    def _blocks(self, target: URL, info: ObjectInfo, lo: int, hi: int) -> bytes:
+        size = self.config.block_size
+        first, last = lo // size, (hi - 1) // size
+        indices = range(first, last + 1)
+        if len(indices) == 1:
+            parts = [self._block(target, info, first)]
+        else:
+            parts = list(self._executor().map(lambda i: self._block(target, info, i), indices))
+        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+        offset = first * size
+        return joined[lo - offset : hi - offset]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        max(2, min(8, self.store.config.max_workers)),
+                        thread_name_prefix="mlstore-block",
+                    )
+        return self._pool
+
+    def _block_file(self, target: URL, info: ObjectInfo) -> IO[bytes]:
+        size = self.config.block_size
+        pending: dict[int, Future[bytes]] = {}
+        last_block = [-1]
+
+        def fetch(start: int, end: int) -> bytes:
+            first, last = start // size, (end - 1) // size
+            sequential = first in (last_block[0], last_block[0] + 1)
+            parts = []
+            for i in range(first, last + 1):
+                future = pending.pop(i, None)
+                parts.append(
+                    future.result() if future is not None else self._block(target, info, i)
+                )
+            last_block[0] = last
+            if sequential:  # a reader going forward: fetch what it will want next
+                for i in range(last + 1, min(last + 1 + _READAHEAD_BLOCKS, _count(info, size))):
+                    if i not in pending:
+                        pending[i] = self._executor().submit(self._block, target, info, i)
+            joined = parts[0] if len(parts) == 1 else b"".join(parts)
+            offset = first * size
+            return joined[start - offset : end - offset]
+
+        return open_ranged(fetch, info.size, str(target), buffer_size=size, info=info)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _count(info: ObjectInfo, size: int) -> int:
+    return -(-info.size // size)

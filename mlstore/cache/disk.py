@@ -1,0 +1,410 @@
+"""The node-wide disk tier: content-addressed blobs plus a small SQLite index.
+
+Layout of ``CacheConfig.disk_dir``::
+
+    index.sqlite     entries (key -> version, hash, size, checked) and blobs (hash -> size, atime)
+    blobs/ab/<hash>  one file per distinct content, named by its xxh3-128 (so stored once)
+    tmp/             fills in progress, named <pid>-<random>; a dead filler's are removed
+    locks/           lock stripes for single-flight (see flight.py)
+
+Why not diskcache's value store: its ``get`` runs a SQLite write per hit under an LRU
+policy and reads values through its own layer; measured on a 2-core machine that is
+3-9k gets/s for 256 KiB values against ~26k/s for a plain file read. Here a hit is one
+indexed SELECT, one file read and one xxh3 pass; access times are batched in memory and
+written every couple of seconds, which keeps eviction least-recently-used without a
+write per hit. Nothing is ever pickled: blobs are raw bytes, index rows are text and
+numbers.
+
+Invariants kept here:
+
+- fills are atomic: a temp file in ``tmp/`` (same file system), then ``rename`` into
+  ``blobs/``, then the index row. A killed filler leaves at most a temp file (removed at
+  the next start) or an unindexed blob, never an entry that can be served;
+- every blob is checked against its name when read (``verify="always"``): a mismatch
+  deletes it and reports a miss, so corrupt bytes are never returned;
+- the total stays within ``disk_bytes`` but for the object being filled: eviction runs
+  after each fill, least recently used first;
+- the directory is created 0700 and refused if another user owns it or others can write
+  to it; files are 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from mlstore.errors import ConfigError
+from mlstore.hashing import content_hash
+
+__all__ = ["DiskEntry", "DiskFullError", "DiskTier", "check_private_dir"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY, version TEXT, hash TEXT NOT NULL, size INTEGER NOT NULL,
+    checked REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_hash ON entries(hash);
+CREATE TABLE IF NOT EXISTS blobs (
+    hash TEXT PRIMARY KEY, size INTEGER NOT NULL, atime REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS blobs_atime ON blobs(atime);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('bytes', 0);
+"""
+_TOUCH_EVERY = 2.0  # seconds between flushes of batched access times
+
+
+class DiskFullError(OSError):
+    """The cache's file system is full; the caller reads without caching."""
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    """What the index knows of one cached key."""
+
+    key: str
+    version: str | None
+    hash: str
+    size: int
+    checked: float
+
+
+def check_private_dir(path: str) -> None:
+    """Create ``path`` 0700 if missing; refuse one that another user owns or that
+    others may write to (a shared cache dir would let them plant data)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the cache directory {path!r} ({exc.strerror}); set "
+            "CacheConfig(disk_dir=...) or MLSTORE_CACHE_DIR to a writable place"
+        ) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"the cache directory {path!r} is not a directory")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise ConfigError(
+            f"the cache directory {path!r} belongs to another user (uid {st.st_uid}); "
+            "mlstore refuses to read a cache others control. Use a directory of your own "
+            "(CacheConfig(disk_dir=...) or MLSTORE_CACHE_DIR)"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"the cache directory {path!r} is writable by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):o}); run 'chmod 700 {path}' or choose another "
+            "directory"
+        )
+
+
+class DiskTier:
+    """Content-addressed blobs shared by every process on the node.
+
+    Args:
+        root: the cache directory.
+        budget: byte budget of the blobs.
+        verify: re-hash blobs when read (``True``) or trust them (``False``).
+        clock: wall-clock seconds for ``checked`` times (shared across processes).
+        on_event: ``on_event(name, amount)`` for metrics (evictions, integrity failures).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        budget: int,
+        *,
+        verify: bool = True,
+        clock: Callable[[], float] = time.time,
+        on_event: Callable[[str, int], None] = lambda name, amount: None,
+    ) -> None:
+        check_private_dir(root)
+        self.root = root
+        self.budget = budget
+        self.verify = verify
+        self.clock = clock
+        self.on_event = on_event
+        for sub in ("blobs", "tmp", "locks"):
+            os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+        self._local = threading.local()
+        self._touched: dict[str, float] = {}
+        self._touch_lock = threading.Lock()
+        self._last_flush = time.monotonic()
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+        self.clean_orphans()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            os.path.join(self.root, "index.sqlite"),
+            timeout=60,
+            isolation_level=None,  # explicit transactions only
+            check_same_thread=False,
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection (one per thread and process)."""
+        pid = os.getpid()
+        db = getattr(self._local, "db", None)
+        if db is None or getattr(self._local, "pid", None) != pid:
+            db = self._connect()
+            self._local.db, self._local.pid = db, pid
+        yield db
+
+    def blob_path(self, digest: str) -> str:
+        return os.path.join(self.root, "blobs", digest[:2], digest)
+
+    # ------------------------------------------------------------------ reading
+
+    def lookup(self, key: str) -> DiskEntry | None:
+        """The index entry of ``key``, if any."""
+        with self._db() as db:
+            row = db.execute(
+                "SELECT version, hash, size, checked FROM entries WHERE key = ?", (key,)
+            ).fetchone()
+        if row is None:
+            return None
+        return DiskEntry(key, row[0], row[1], int(row[2]), float(row[3]))
+
+    def read_blob(self, digest: str, size: int) -> bytes | None:
+        """The bytes of blob ``digest``, or ``None`` if it is gone or corrupt (a corrupt
+        blob is deleted and counted)."""
+        path = self.blob_path(digest)
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        if len(data) != size or (self.verify and content_hash(data) != digest):
+            self.on_event("integrity_failures", 1)
+            self.drop_blob(digest)
+            return None
+        self._touch(digest)
+        return data
+
+    def blob_size(self, digest: str) -> int | None:
+        """The size of blob ``digest`` if the index has it."""
+        with self._db() as db:
+            row = db.execute("SELECT size FROM blobs WHERE hash = ?", (digest,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def has_blob(self, digest: str) -> bool:
+        with self._db() as db:
+            row = db.execute("SELECT 1 FROM blobs WHERE hash = ?", (digest,)).fetchone()
+        return row is not None and os.path.exists(self.blob_path(digest))
+
+    def _touch(self, digest: str) -> None:
+        now = self.clock()
+        with self._touch_lock:
+            self._touched[digest] = now
+            due = time.monotonic() - self._last_flush > _TOUCH_EVERY
+        if due:
+            self.flush_access_times()
+
+    def flush_access_times(self) -> None:
+        """Write the batched access times (called every few seconds and before eviction)."""
+        with self._touch_lock:
+            touched, self._touched = self._touched, {}
+            self._last_flush = time.monotonic()
+        if touched:
+            with self._db() as db:
+                db.executemany(
+                    "UPDATE blobs SET atime = max(atime, ?) WHERE hash = ?",
+                    [(t, h) for h, t in touched.items()],
+                )
+
+    # ------------------------------------------------------------------ writing
+
+    def put(self, key: str, version: str | None, data: bytes, digest: str | None = None) -> bool:
+        """Store ``data`` as the content of ``key``; returns True if the blob was new
+        (False: identical content was already cached, so only the index grew).
+
+        Raises:
+            DiskFullError: the file system is full; nothing was stored.
+        """
+        digest = digest or content_hash(data)
+        new_blob = not self.has_blob(digest)
+        if new_blob:
+            self._write_blob(digest, data)
+        now = self.clock()
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if new_blob:
+                    inserted = db.execute(
+                        "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest, len(data), now)
+                    ).rowcount
+                    if inserted:
+                        db.execute(
+                            "UPDATE meta SET value = value + ? WHERE name = 'bytes'", (len(data),)
+                        )
+                else:
+                    db.execute("UPDATE blobs SET atime = ? WHERE hash = ?", (now, digest))
+                db.execute(
+                    "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
+                    (key, version, digest, len(data), now),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        self.evict(keep=digest)
+        return new_blob
+
+    def _write_blob(self, digest: str, data: bytes) -> None:
+        tmp = os.path.join(self.root, "tmp", f"{os.getpid()}-{os.urandom(6).hex()}")
+        final = self.blob_path(digest)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if not self.verify:
+                    # Without a hash check on read, only fsync guards against a torn
+                    # file after a power loss. With it, a torn file is caught and refetched.
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+            os.replace(tmp, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(exc.errno, "the cache file system is full") from None
+            raise
+
+    def touch_entry(self, key: str) -> None:
+        """Record that ``key`` was just validated against the store."""
+        with self._db() as db:
+            db.execute("UPDATE entries SET checked = ? WHERE key = ?", (self.clock(), key))
+
+    def forget(self, key: str) -> None:
+        """Drop the index entry of ``key`` (its blob stays while others use it)."""
+        with self._db() as db:
+            db.execute("DELETE FROM entries WHERE key = ?", (key,))
+
+    def drop_blob(self, digest: str) -> None:
+        """Delete blob ``digest`` and every entry that points at it."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._delete_blobs(db, [digest])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.blob_path(digest))
+
+    @staticmethod
+    def _delete_blobs(db: sqlite3.Connection, digests: list[str]) -> int:
+        freed = 0
+        for digest in digests:
+            row = db.execute("SELECT size FROM blobs WHERE hash = ?", (digest,)).fetchone()
+            db.execute("DELETE FROM entries WHERE hash = ?", (digest,))
+            if row is not None:
+                db.execute("DELETE FROM blobs WHERE hash = ?", (digest,))
+                freed += int(row[0])
+        if freed:
+            db.execute("UPDATE meta SET value = value - ? WHERE name = 'bytes'", (freed,))
+        return freed
+
+    # ------------------------------------------------------------------ budget
+
+    def size(self) -> int:
+        """Bytes of blobs in the index."""
+        with self._db() as db:
+            return int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
+
+    def count(self) -> int:
+        with self._db() as db:
+            return int(db.execute("SELECT count(*) FROM blobs").fetchone()[0])
+
+    def evict(self, to_bytes: int | None = None, keep: str | None = None) -> int:
+        """Delete least-recently-used blobs until at most ``to_bytes`` (default: the
+        budget) remain; ``keep`` is never evicted. Returns the bytes freed."""
+        limit = self.budget if to_bytes is None else to_bytes
+        if self.size() <= limit:
+            return 0
+        self.flush_access_times()
+        victims: list[str] = []
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
+                excess = total - limit
+                if excess > 0:
+                    for digest, size in db.execute(
+                        "SELECT hash, size FROM blobs WHERE hash != ? ORDER BY atime",
+                        (keep or "",),
+                    ):
+                        victims.append(digest)
+                        excess -= int(size)
+                        if excess <= 0:
+                            break
+                freed = self._delete_blobs(db, victims)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        for digest in victims:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.blob_path(digest))
+        if victims:
+            self.on_event("evictions", len(victims))
+        return freed
+
+    def clear(self) -> None:
+        """Delete every entry and blob."""
+        self.evict(to_bytes=0)
+        with self._db() as db:
+            db.execute("DELETE FROM entries")
+
+    def clean_orphans(self) -> int:
+        """Remove temp files whose filler process is gone. Returns how many."""
+        removed = 0
+        tmp = os.path.join(self.root, "tmp")
+        for name in os.listdir(tmp):
+            pid_text = name.split("-", 1)[0]
+            alive = False
+            if pid_text.isdigit():
+                try:
+                    os.kill(int(pid_text), 0)
+                    alive = True
+                except ProcessLookupError:
+                    alive = False
+                except PermissionError:
+                    alive = True
+            if not alive:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(tmp, name))
+                    removed += 1
+        return removed
+
+    def verify_all(self) -> tuple[int, int]:
+        """Re-hash every blob; drop the bad ones. Returns (checked, dropped)."""
+        with self._db() as db:
+            rows = db.execute("SELECT hash, size FROM blobs").fetchall()
+        dropped = 0
+        for digest, size in rows:
+            try:
+                with open(self.blob_path(digest), "rb", buffering=0) as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                data = None
+            if data is None or len(data) != size or content_hash(data) != digest:
+                self.on_event("integrity_failures", 1)
+                self.drop_blob(digest)
+                dropped += 1
+        return len(rows), dropped

@@ -1,0 +1,260 @@
+"""The tiered cache: memory tier, then disk tier, then one single-flight fetch.
+
+The Store hands :meth:`TieredCache.get` a key, a ``fetch`` function (one request to the
+store, returning the bytes and the version they belong to) and, where the consistency
+policy needs it, a ``revalidate`` function (one HEAD, returning the current version).
+The cache knows no cloud.
+
+Consistency policies (``CacheConfig.validate``):
+
+- ``"never"``: a cached object is trusted for ever (immutable datasets);
+- ``"ttl"``: trusted for ``ttl`` seconds after it was fetched or last checked, then
+  checked with one HEAD: same version, trusted again; new version, refetched;
+- ``"always"``: checked with a HEAD on every read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mlstore.cache.disk import DiskFullError, DiskTier
+from mlstore.cache.flight import SingleFlight
+from mlstore.cache.memory import MemoryTier
+from mlstore.config import CacheConfig
+from mlstore.hashing import content_hash
+from mlstore.metrics import Metrics
+
+__all__ = ["Fetched", "TieredCache"]
+
+log = logging.getLogger("mlstore.cache")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What one fetch brought back: the bytes and the version they are."""
+
+    data: bytes
+    version: str | None
+
+
+@dataclass(frozen=True)
+class _Meta:
+    version: str | None
+    hash: str
+    checked: float
+
+
+class TieredCache:
+    """Memory tier + disk tier + single-flight, with one consistency policy.
+
+    Args:
+        config: the cache configuration.
+        metrics: where hits, misses and the rest are counted (labels ``memory``,
+            ``disk`` and ``cache``).
+        clock: wall-clock seconds (``checked`` times are shared between processes).
+        sleep: used while waiting for another process's fill.
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.memory: MemoryTier[_Meta] = MemoryTier(
+            config.memory_bytes, lambda name, n: metrics.add(name, "memory", n)
+        )
+        self.disk: DiskTier | None = None
+        self.flight: SingleFlight
+        root = config.resolved_disk_dir
+        if config.disk_bytes > 0:
+            self.disk = DiskTier(
+                root,
+                config.disk_bytes,
+                verify=config.verify == "always",
+                clock=clock,
+                on_event=lambda name, n: metrics.add(name, "disk", n),
+            )
+            self.flight = SingleFlight(os.path.join(root, "locks"), sleep=sleep)
+        else:
+            os.makedirs(os.path.join(root, "locks"), mode=0o700, exist_ok=True)
+            self.flight = SingleFlight(os.path.join(root, "locks"), sleep=sleep)
+        self._warned_full = False
+        self._warn_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lookups
+
+    def peek(self, key: str) -> bytes | None:
+        """A memory-tier hit that needs no revalidation, or ``None`` (the fast path)."""
+        item = self.memory.get(key)
+        if item is None:
+            return None
+        meta, data = item
+        policy = self.config.validate
+        if policy == "never" or (policy == "ttl" and self.clock() - meta.checked < self.config.ttl):
+            self.metrics.add("hits", "memory")
+            self.metrics.add("bytes_served", "memory", len(data))
+            return data
+        return None
+
+    def get(
+        self,
+        key: str,
+        fetch: Callable[[], Fetched],
+        *,
+        revalidate: Callable[[], str | None] | None = None,
+        known_hash: str | None = None,
+        immutable: bool = False,
+    ) -> bytes:
+        """The bytes of ``key``: from memory, from disk, or fetched once per node.
+
+        Args:
+            fetch: fetches the whole value with its version.
+            revalidate: returns the store's current version of ``key`` (a HEAD).
+            known_hash: the content hash, if the store's metadata gave it: when that
+                content is already cached under any key, no fetch is made.
+            immutable: the key names fixed content (a block of a pinned version):
+                never revalidated.
+        """
+        found = self._lookup(key, revalidate, immutable)
+        if found is not None:
+            return found
+        with self.flight.hold(key) as waited:
+            if waited:
+                self.metrics.add("single_flight_waits", "cache")
+                found = self._lookup(key, revalidate, immutable, after_wait=True)
+                if found is not None:
+                    return found
+            if known_hash is not None and self.disk is not None:
+                size = self.disk.blob_size(known_hash)
+                data = self.disk.read_blob(known_hash, size) if size is not None else None
+                if data is not None:
+                    version = revalidate() if revalidate is not None else None
+                    self._store(key, Fetched(data, version), known_hash, deduped=True)
+                    self.metrics.add("dedupe_hits", "cache")
+                    self.metrics.add("dedupe_bytes_saved", "cache", len(data))
+                    return data
+            fetched = fetch()
+            self.metrics.add("misses", "cache")
+            self.metrics.add("bytes_fetched", "cache", len(fetched.data))
+            self._store(key, fetched, content_hash(fetched.data))
+            return fetched.data
+
+    def _fresh(
+        self,
+        key: str,
+        version: str | None,
+        checked: float,
+        revalidate: Callable[[], str | None] | None,
+        immutable: bool,
+    ) -> bool:
+        policy = self.config.validate
+        if immutable or policy == "never" or revalidate is None:
+            return True
+        if policy == "ttl" and self.clock() - checked < self.config.ttl:
+            return True
+        self.metrics.add("revalidations", "cache")
+        current = revalidate()
+        if current is not None and current == version:
+            if self.disk is not None:
+                self.disk.touch_entry(key)
+            return True
+        self.metrics.add("stale", "cache")
+        return False
+
+    def _lookup(
+        self,
+        key: str,
+        revalidate: Callable[[], str | None] | None,
+        immutable: bool,
+        *,
+        after_wait: bool = False,
+    ) -> bytes | None:
+        item = self.memory.get(key)
+        if item is not None:
+            meta, data = item
+            if self._fresh(key, meta.version, meta.checked, revalidate, immutable):
+                if not immutable and self.config.validate != "never":
+                    self.memory.update_meta(key, _Meta(meta.version, meta.hash, self.clock()))
+                self.metrics.add("hits", "memory")
+                self.metrics.add("bytes_served", "memory", len(data))
+                return data
+            self.memory.discard(key)
+        if self.disk is None:
+            return None
+        entry = self.disk.lookup(key)
+        if entry is None:
+            return None
+        # An entry a neighbour filled while we waited is as fresh as it gets.
+        fresh = after_wait or self._fresh(key, entry.version, entry.checked, revalidate, immutable)
+        if not fresh:
+            self.disk.forget(key)
+            return None
+        blob = self.disk.read_blob(entry.hash, entry.size)
+        if blob is None:  # evicted meanwhile, or corrupt (then dropped and counted)
+            return None
+        self.memory.put(key, _Meta(entry.version, entry.hash, self.clock()), blob)
+        self.metrics.add("hits", "disk")
+        self.metrics.add("bytes_served", "disk", len(blob))
+        return blob
+
+    def _store(self, key: str, fetched: Fetched, digest: str, *, deduped: bool = False) -> None:
+        now = self.clock()
+        if self.disk is not None:
+            try:
+                new_blob = self.disk.put(key, fetched.version, fetched.data, digest)
+            except DiskFullError:
+                self._warn_disk_full()
+                self.metrics.add("disk_full", "disk")
+            else:
+                if not new_blob and not deduped:
+                    # Same content already cached under another key: stored once.
+                    self.metrics.add("dedupe_bytes_saved", "disk", len(fetched.data))
+        self.memory.put(key, _Meta(fetched.version, digest, now), fetched.data)
+
+    def _warn_disk_full(self) -> None:
+        with self._warn_lock:
+            if self._warned_full:
+                return
+            self._warned_full = True
+        log.warning(
+            "the cache directory %s is full: reads continue without the disk tier "
+            "until space is freed (store.cache.prune() or a smaller disk_bytes)",
+            self.config.resolved_disk_dir,
+        )
+
+    # ------------------------------------------------------------------ management
+
+    def size(self) -> int:
+        """Bytes in the disk tier (the memory tier if there is no disk tier)."""
+        return self.disk.size() if self.disk is not None else self.memory.size()
+
+    def clear(self) -> None:
+        """Empty both tiers."""
+        self.memory.clear()
+        if self.disk is not None:
+            self.disk.clear()
+
+    def prune(self, to_bytes: int | None = None) -> int:
+        """Evict least-recently-used data until the disk tier holds at most ``to_bytes``
+        (default: its budget). Returns the bytes freed."""
+        if self.disk is None:
+            return 0
+        return self.disk.evict(to_bytes)
+
+    def verify(self) -> dict[str, int]:
+        """Re-hash every disk blob, dropping bad ones: ``{"checked": n, "dropped": m}``."""
+        if self.disk is None:
+            return {"checked": 0, "dropped": 0}
+        checked, dropped = self.disk.verify_all()
+        return {"checked": checked, "dropped": dropped}
