@@ -17,9 +17,8 @@ from __future__ import annotations
 import io
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
-from mlstore._file import open_ranged
 from mlstore.backends.base import ObjectInfo
 from mlstore.cache.tiered import Fetched, TieredCache
 from mlstore.errors import IsADirectoryError_
@@ -106,7 +105,17 @@ class CachedReads:
                 self._info.pop(key, None)
             return self.located_info(url)[1].version
 
-        return self.cache.get(key, fetch, revalidate=revalidate)
+        # If this object's metadata is already known and names its content (mlstore
+        # wrote it), identical content cached under any other URL serves it: no GET.
+        with self._lock:
+            known = self._info.get(key)
+        return self.cache.get(
+            key,
+            fetch,
+            revalidate=revalidate,
+            known_hash=known[1].content_hash if known is not None else None,
+            known_version=known[1].version if known is not None else None,
+        )
 
     def open(self, url: URL) -> IO[bytes]:
         key = str(url)
@@ -160,35 +169,89 @@ class CachedReads:
         return self._pool
 
     def _block_file(self, target: URL, info: ObjectInfo) -> IO[bytes]:
-        size = self.config.block_size
-        pending: dict[int, Future[bytes]] = {}
-        last_block = [-1]
-
-        def fetch(start: int, end: int) -> bytes:
-            first, last = start // size, (end - 1) // size
-            sequential = first in (last_block[0], last_block[0] + 1)
-            parts = []
-            for i in range(first, last + 1):
-                future = pending.pop(i, None)
-                parts.append(
-                    future.result() if future is not None else self._block(target, info, i)
-                )
-            last_block[0] = last
-            if sequential:  # a reader going forward: fetch what it will want next
-                for i in range(last + 1, min(last + 1 + _READAHEAD_BLOCKS, _count(info, size))):
-                    if i not in pending:
-                        pending[i] = self._executor().submit(self._block, target, info, i)
-            joined = parts[0] if len(parts) == 1 else b"".join(parts)
-            offset = first * size
-            return joined[start - offset : end - offset]
-
-        return open_ranged(fetch, info.size, str(target), buffer_size=size, info=info)
+        raw = _BlockReader(self, target, info)
+        return io.BufferedReader(raw, buffer_size=self.config.block_size)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        self.cache.close()
 
 
 def _count(info: ObjectInfo, size: int) -> int:
     return -(-info.size // size)
+
+
+class _BlockReader(io.RawIOBase):
+    """A raw, seekable view of a large object, served block by block from the cache.
+
+    A read never crosses a block boundary (raw reads may be short), so touching one
+    byte fetches one block. Reading forward fetches the next blocks in the background.
+    """
+
+    def __init__(self, owner: CachedReads, target: URL, info: ObjectInfo) -> None:
+        super().__init__()
+        self._owner = owner
+        self._target = target
+        self._info = info
+        self._block_size = owner.config.block_size
+        self._blocks = _count(info, self._block_size)
+        self._pos = 0
+        self._last = -2
+        self._pending: dict[int, Future[bytes]] = {}
+        self.name = str(target)
+        self.size = info.size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            if offset < 0:
+                raise ValueError(f"negative seek value {offset}")
+            self._pos = offset
+        elif whence == io.SEEK_CUR:
+            self._pos = max(0, self._pos + offset)
+        elif whence == io.SEEK_END:
+            self._pos = max(0, self.size + offset)
+        else:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        if self._pos >= self.size:
+            return 0
+        index, offset = divmod(self._pos, self._block_size)
+        block = self._get(index)
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), len(block) - offset)
+        view[:n] = block[offset : offset + n]
+        self._pos += n
+        return n
+
+    def _get(self, index: int) -> bytes:
+        future = self._pending.pop(index, None)
+        block = future.result() if future is not None else self._fetch(index)
+        if index == self._last + 1:  # reading forward: fetch what comes next
+            pool = self._owner._executor()
+            for ahead in range(index + 1, min(index + 1 + _READAHEAD_BLOCKS, self._blocks)):
+                if ahead not in self._pending:
+                    self._pending[ahead] = pool.submit(self._fetch, ahead)
+        self._last = index
+        return block
+
+    def _fetch(self, index: int) -> bytes:
+        return self._owner._block(self._target, self._info, index)
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        super().close()

@@ -183,3 +183,20 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
     )
     yield server, root
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_proxy(moto: ServerProcess) -> Iterator[ServerProcess]:
+    """A counting reverse proxy (tests/servers/proxy.py) in front of the session's moto."""
+    import sys
+
+    script = str(Path(__file__).parent / "servers" / "proxy.py")
+    server = start_emulator(
+        lambda: ServerProcess(
+            "proxy",
+            [sys.executable, script, "--upstream", moto.endpoint, "--port", "0"],
+            r"listening on http://127\.0\.0\.1:(?P<port>\d+)",
+        )
+    )
+    yield server
+    server.stop()

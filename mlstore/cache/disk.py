@@ -130,6 +130,7 @@ class DiskTier:
         for sub in ("blobs", "tmp", "locks"):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
         self._local = threading.local()
+        self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._touched: dict[str, float] = {}
         self._touch_lock = threading.Lock()
         self._last_flush = time.monotonic()
@@ -158,7 +159,21 @@ class DiskTier:
         if db is None or getattr(self._local, "pid", None) != pid:
             db = self._connect()
             self._local.db, self._local.pid = db, pid
+            with self._touch_lock:
+                self._connections.append((pid, db))
         yield db
+
+    def close(self) -> None:
+        """Write pending access times and close this process's index connections."""
+        self.flush_access_times()
+        pid = os.getpid()
+        with self._touch_lock:
+            mine = [db for owner, db in self._connections if owner == pid]
+            self._connections = []
+        for db in mine:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        self._local = threading.local()
 
     def blob_path(self, digest: str) -> str:
         return os.path.join(self.root, "blobs", digest[:2], digest)

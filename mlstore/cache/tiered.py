@@ -114,6 +114,7 @@ class TieredCache:
         *,
         revalidate: Callable[[], str | None] | None = None,
         known_hash: str | None = None,
+        known_version: str | None = None,
         immutable: bool = False,
     ) -> bytes:
         """The bytes of ``key``: from memory, from disk, or fetched once per node.
@@ -123,9 +124,12 @@ class TieredCache:
             revalidate: returns the store's current version of ``key`` (a HEAD).
             known_hash: the content hash, if the store's metadata gave it: when that
                 content is already cached under any key, no fetch is made.
+            known_version: the version that ``known_hash`` belongs to.
             immutable: the key names fixed content (a block of a pinned version):
                 never revalidated.
         """
+        if revalidate is not None:
+            revalidate = _once(revalidate)  # one HEAD per read, whichever tier asks
         found = self._lookup(key, revalidate, immutable)
         if found is not None:
             return found
@@ -139,8 +143,7 @@ class TieredCache:
                 size = self.disk.blob_size(known_hash)
                 data = self.disk.read_blob(known_hash, size) if size is not None else None
                 if data is not None:
-                    version = revalidate() if revalidate is not None else None
-                    self._store(key, Fetched(data, version), known_hash, deduped=True)
+                    self._store(key, Fetched(data, known_version), known_hash, deduped=True)
                     self.metrics.add("dedupe_hits", "cache")
                     self.metrics.add("dedupe_bytes_saved", "cache", len(data))
                     return data
@@ -235,6 +238,11 @@ class TieredCache:
 
     # ------------------------------------------------------------------ management
 
+    def close(self) -> None:
+        """Release the disk tier's files (the cache stays on disk for the next user)."""
+        if self.disk is not None:
+            self.disk.close()
+
     def size(self) -> int:
         """Bytes in the disk tier (the memory tier if there is no disk tier)."""
         return self.disk.size() if self.disk is not None else self.memory.size()
@@ -258,3 +266,15 @@ class TieredCache:
             return {"checked": 0, "dropped": 0}
         checked, dropped = self.disk.verify_all()
         return {"checked": checked, "dropped": dropped}
+
+
+def _once(fn: Callable[[], str | None]) -> Callable[[], str | None]:
+    """``fn`` called at most once; later calls return the first answer."""
+    memo: list[str | None] = []
+
+    def call() -> str | None:
+        if not memo:
+            memo.append(fn())
+        return memo[0]
+
+    return call

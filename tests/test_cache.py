@@ -1,0 +1,529 @@
+"""The tiered cache against a real S3 (moto_server) behind a counting proxy: hits,
+single-flight across real processes, integrity, eviction, dedupe, policies, SIGKILLed
+fillers, a full disk, and the cache directory's safety rules."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mlstore
+from mlstore import Store
+from mlstore.cache import MemoryTier
+from mlstore.cache.disk import DiskTier
+from mlstore.hashing import content_hash
+from tests.emulators import ServerProcess
+from tests.servers import proxy
+
+pytestmark = pytest.mark.s3
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gets(endpoint: str) -> int:
+    methods = proxy.counts(endpoint)["methods"]
+    assert isinstance(methods, dict)
+    return int(methods.get("GET", 0))
+
+
+def heads(endpoint: str) -> int:
+    methods = proxy.counts(endpoint)["methods"]
+    assert isinstance(methods, dict)
+    return int(methods.get("HEAD", 0))
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "cache")
+
+
+@pytest.fixture
+def via_proxy(s3_proxy: ServerProcess) -> Iterator[str]:
+    proxy.reset(s3_proxy.endpoint)
+    yield s3_proxy.endpoint
+
+
+@pytest.fixture
+def bucket(s3_bucket: str) -> str:
+    return s3_bucket
+
+
+def make_store(endpoint: str, cache_dir: str, **cache: Any) -> Store:
+    settings: dict[str, Any] = {"disk_dir": cache_dir, **cache}
+    clock = settings.pop("clock", None)
+    return Store(options={"s3": {"endpoint_url": endpoint}}, cache=settings, clock=clock)
+
+
+_uploaders: dict[str, Store] = {}
+
+
+def upload(endpoint: str, url: str, data: bytes) -> None:
+    """Write through a cache-less Store, so the writer's cache plays no part."""
+    if endpoint not in _uploaders:
+        _uploaders[endpoint] = Store(
+            options={"s3": {"endpoint_url": endpoint}}, cache={"enabled": False}
+        )
+    _uploaders[endpoint].write_bytes(url, data)
+
+
+# ---------------------------------------------------------------- memory tier
+
+
+def test_memory_tier_keeps_its_budget_and_evicts_least_recently_used() -> None:
+    tier: MemoryTier[None] = MemoryTier(10 * KiB)
+    for i in range(20):
+        tier.put(f"k{i}", None, bytes(KiB))
+        assert tier.size() <= 10 * KiB
+    assert tier.get("k0") is None and tier.get("k19") is not None
+    tier.get("k10")  # used: survives the next insertions
+    for i in range(20, 29):
+        tier.put(f"k{i}", None, bytes(KiB))
+    assert tier.get("k10") is not None and tier.get("k11") is None
+    tier.put("huge", None, bytes(11 * KiB))  # larger than the whole budget: not kept
+    assert tier.get("huge") is None
+
+
+def test_memory_hit_returns_the_same_bytes_object(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    url = f"s3://{bucket}/same.bin"
+    upload(via_proxy, url, os.urandom(4096))
+    with make_store(via_proxy, cache_dir) as store:
+        first = store.read_bytes(url)
+        assert store.read_bytes(url) is first  # no copy
+        assert store.read_bytes(url, 10, 20) == first[10:20]
+        stats = store.stats()
+    assert stats.get("hits", "memory") == 2
+    assert gets(via_proxy) == 1
+
+
+# ---------------------------------------------------------------- disk tier
+
+
+def test_a_fresh_process_reads_from_the_disk_tier_without_the_network(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    data = os.urandom(256 * KiB)
+    url = f"s3://{bucket}/warm.bin"
+    upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir) as store:
+        assert store.read_bytes(url) == data
+    before = proxy.counts(via_proxy)["total"]
+    code = (
+        "import mlstore, sys\n"
+        f"s = mlstore.Store(options={{'s3': {{'endpoint_url': {via_proxy!r}}}}}, "
+        f"cache={{'disk_dir': {cache_dir!r}}})\n"
+        f"d = s.read_bytes({url!r})\n"
+        "st = s.stats()\n"
+        "print(mlstore.hashing.content_hash(d), st.get('hits', 'disk'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [content_hash(data), "1"]
+    assert proxy.counts(via_proxy)["total"] == before, "a disk hit sends no request"
+
+
+def _cold_read(args: tuple[str, str, list[str]]) -> list[str]:
+    endpoint, cache_dir, urls = args
+    store = make_store(endpoint, cache_dir)
+    random.Random(os.getpid()).shuffle(urls)
+    return sorted(content_hash(store.read_bytes(u)) for u in urls)
+
+
+@pytest.mark.slow
+def test_eight_processes_cold_reading_the_same_objects_fetch_each_once(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    urls = [f"s3://{bucket}/shared/{i:03d}.bin" for i in range(200)]
+    expected = []
+    for i, url in enumerate(urls):
+        data = os.urandom(8 * KiB + i)
+        upload(via_proxy, url, data)
+        expected.append(content_hash(data))
+    proxy.reset(via_proxy)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(8) as pool:
+        results = pool.map(_cold_read, [(via_proxy, cache_dir, list(urls)) for _ in range(8)])
+    assert all(r == sorted(expected) for r in results)
+    assert gets(via_proxy) == 200, "one GET per object per node"
+
+
+def test_a_tampered_blob_is_detected_evicted_and_refetched(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    data = os.urandom(64 * KiB)
+    url = f"s3://{bucket}/tamper.bin"
+    upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir) as store:
+        store.read_bytes(url)
+    blob = Path(cache_dir) / "blobs" / content_hash(data)[:2] / content_hash(data)
+    raw = bytearray(blob.read_bytes())
+    raw[1000] ^= 0xFF
+    blob.write_bytes(bytes(raw))
+    proxy.reset(via_proxy)
+    with make_store(via_proxy, cache_dir) as store:
+        assert store.read_bytes(url) == data
+        assert store.stats().get("integrity_failures", "disk") == 1
+    assert gets(via_proxy) == 1, "the corrupt copy was replaced by a fresh fetch"
+    with make_store(via_proxy, cache_dir) as store:
+        assert store.read_bytes(url) == data
+        assert store.cache.verify() == {"checked": 1, "dropped": 0}
+
+
+def test_a_planted_pickle_is_never_unpickled(
+    via_proxy: str, bucket: str, cache_dir: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (f"touch {marker}",))
+
+    payload = pickle.dumps(Exploit())
+    data = os.urandom(32 * KiB)
+    url = f"s3://{bucket}/pickle.bin"
+    upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir) as store:
+        store.read_bytes(url)
+    digest = content_hash(data)
+    (Path(cache_dir) / "blobs" / digest[:2] / digest).write_bytes(payload)
+    planted = Path(cache_dir) / "blobs" / "00" / ("0" * 32)
+    planted.parent.mkdir(exist_ok=True)
+    planted.write_bytes(payload)
+    with make_store(via_proxy, cache_dir) as store:
+        assert store.read_bytes(url) == data
+        store.cache.verify()
+    assert not marker.exists()
+
+
+def test_the_disk_budget_holds_and_eviction_is_least_recently_used(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    size, budget = 100 * KiB, 1 * MiB
+    urls = [f"s3://{bucket}/lru/{i:02d}.bin" for i in range(20)]
+    for url in urls:
+        upload(via_proxy, url, os.urandom(size))
+    with make_store(via_proxy, cache_dir, memory_bytes=0, disk_bytes=budget) as store:
+        for i, url in enumerate(urls):
+            store.read_bytes(url)
+            if i == 3:
+                store.cache.disk.flush_access_times()  # type: ignore[union-attr]
+            assert store.cache.size() <= budget + size
+            if i > 3:
+                store.read_bytes(urls[0])  # keep the first one warm
+        assert store.stats().get("evictions", "disk") > 0
+        proxy.reset(via_proxy)
+        store.read_bytes(urls[0])
+        store.read_bytes(urls[-1])
+        assert gets(via_proxy) == 0, "recently used objects survived"
+        store.read_bytes(urls[1])
+        assert gets(via_proxy) == 1, "a long unused object was evicted"
+
+
+def test_identical_content_in_two_buckets_is_stored_once(
+    via_proxy: str, s3_bucket: str, cache_dir: str
+) -> None:
+    other = f"t-{uuid.uuid4().hex[:16]}"
+    data = os.urandom(128 * KiB)
+    with Store(options={"s3": {"endpoint_url": via_proxy}}, cache={"enabled": False}) as s:
+        s.mkdir(f"s3://{other}")
+    upload(via_proxy, f"s3://{s3_bucket}/a.bin", data)
+    upload(via_proxy, f"s3://{other}/copy-of-a.bin", data)
+    with make_store(via_proxy, cache_dir) as store:
+        assert store.read_bytes(f"s3://{s3_bucket}/a.bin") == data
+        assert store.read_bytes(f"s3://{other}/copy-of-a.bin") == data
+        assert store.cache.disk.count() == 1  # type: ignore[union-attr]
+        assert store.cache.size() == len(data)
+        assert store.stats().get("dedupe_bytes_saved", "disk") == len(data)
+
+
+def test_known_content_hash_serves_a_new_url_without_a_get(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    data = os.urandom(96 * KiB)
+    upload(via_proxy, f"s3://{bucket}/original.bin", data)
+    upload(via_proxy, f"s3://{bucket}/renamed.bin", data)  # mlstore records the hash
+    with make_store(via_proxy, cache_dir) as store:
+        store.read_bytes(f"s3://{bucket}/original.bin")
+        assert store.info(f"s3://{bucket}/renamed.bin").content_hash == content_hash(data)
+        proxy.reset(via_proxy)
+        assert store.read_bytes(f"s3://{bucket}/renamed.bin") == data
+        assert gets(via_proxy) == 0
+        assert store.stats().get("dedupe_hits", "cache") == 1
+
+
+# ---------------------------------------------------------------- policies
+
+
+def test_ttl_policy_serves_cached_data_until_the_ttl_then_revalidates(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    clock = Clock()
+    url = f"s3://{bucket}/ttl.bin"
+    upload(via_proxy, url, b"version one")
+    with make_store(via_proxy, cache_dir, validate="ttl", ttl=10, clock=clock) as store:
+        assert store.read_bytes(url) == b"version one"
+        upload(via_proxy, url, b"version two")
+        clock.now += 9
+        assert store.read_bytes(url) == b"version one", "within the ttl: no request"
+        clock.now += 2
+        proxy.reset(via_proxy)
+        assert store.read_bytes(url) == b"version two"
+        assert heads(via_proxy) == 1 and gets(via_proxy) == 1
+        clock.now += 11
+        proxy.reset(via_proxy)
+        assert store.read_bytes(url) == b"version two"
+        assert heads(via_proxy) == 1 and gets(via_proxy) == 0, "unchanged: HEAD only"
+
+
+def test_never_policy_trusts_the_cache(via_proxy: str, bucket: str, cache_dir: str) -> None:
+    clock = Clock()
+    url = f"s3://{bucket}/never.bin"
+    upload(via_proxy, url, b"immutable shard")
+    with make_store(via_proxy, cache_dir, validate="never", clock=clock) as store:
+        store.read_bytes(url)
+        proxy.reset(via_proxy)
+        clock.now += 10**6
+        assert store.read_bytes(url) == b"immutable shard"
+    assert proxy.counts(via_proxy)["total"] == 0
+
+
+def test_always_policy_checks_every_read(via_proxy: str, bucket: str, cache_dir: str) -> None:
+    url = f"s3://{bucket}/always.bin"
+    upload(via_proxy, url, b"first")
+    with make_store(via_proxy, cache_dir, validate="always") as store:
+        assert store.read_bytes(url) == b"first"
+        proxy.reset(via_proxy)
+        assert store.read_bytes(url) == b"first"
+        assert heads(via_proxy) == 1 and gets(via_proxy) == 0
+        upload(via_proxy, url, b"second")
+        assert store.read_bytes(url) == b"second"
+
+
+def test_writes_through_the_store_are_seen_at_once(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    url = f"s3://{bucket}/rw.bin"
+    with make_store(via_proxy, cache_dir, validate="never") as store:
+        store.write_bytes(url, b"one")
+        assert store.read_bytes(url) == b"one"
+        store.write_bytes(url, b"two")
+        assert store.read_bytes(url) == b"two"
+        assert store.info(url).size == 3
+        with store.open(url, "wb") as fh:
+            fh.write(b"three")
+        assert store.read_bytes(url) == b"three"
+        store.rm(url)
+        with pytest.raises(mlstore.NotFoundError):
+            store.read_bytes(url)
+
+
+# ---------------------------------------------------------------- large objects
+
+
+def test_large_objects_are_cached_as_blocks(via_proxy: str, bucket: str, cache_dir: str) -> None:
+    data = os.urandom(4 * MiB + 123)
+    url = f"s3://{bucket}/large.bin"
+    upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir, block_threshold=1 * MiB, block_size=256 * KiB) as store:
+        proxy.reset(via_proxy)
+        with store.open(url) as fh:
+            fh.seek(3 * MiB + 5)
+            assert fh.read(10) == data[3 * MiB + 5 : 3 * MiB + 15]
+        assert gets(via_proxy) == 1, "only the block touched was fetched"
+        assert store.read_bytes(url, 100, 200) == data[100:200]
+        rng = random.Random(7)
+        for _ in range(50):
+            lo = rng.randrange(len(data))
+            hi = min(len(data), lo + rng.randrange(1, 700 * KiB))
+            assert store.read_bytes(url, lo, hi) == data[lo:hi]
+        with store.open(url) as fh:
+            assert fh.read() == data
+        blocks = -(-len(data) // (256 * KiB))
+        assert gets(via_proxy) == blocks, "every block fetched once, never twice"
+
+
+# ---------------------------------------------------------------- faults
+
+
+def _fill_then_exit(endpoint: str, cache_dir: str, url: str) -> None:
+    make_store(endpoint, cache_dir).read_bytes(url)
+
+
+@pytest.mark.slow
+def test_fillers_killed_mid_fill_never_leave_a_servable_partial_entry(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    data = os.urandom(24 * MiB)
+    url = f"s3://{bucket}/killed.bin"
+    upload(via_proxy, url, data)
+    rng = random.Random(11)
+    ctx = multiprocessing.get_context("fork")
+    # How long one whole fill takes here; kills then land across its second half, where
+    # the download ends and the blob is hashed, written and renamed.
+    began = time.monotonic()
+    child = ctx.Process(target=_fill_then_exit, args=(via_proxy, cache_dir, url))
+    child.start()
+    child.join()
+    full = time.monotonic() - began
+    shutil.rmtree(cache_dir)
+    killed = left_temp = 0
+    for _ in range(50):
+        child = ctx.Process(target=_fill_then_exit, args=(via_proxy, cache_dir, url))
+        child.start()
+        child.join(timeout=rng.uniform(0.5 * full, 1.1 * full))  # let it run a while
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            killed += 1
+        child.join()
+        left_temp += bool(os.listdir(Path(cache_dir) / "tmp"))
+        with make_store(via_proxy, cache_dir, memory_bytes=0) as store:
+            assert store.read_bytes(url) == data
+            store.cache.clear()
+    assert killed >= 10, f"only {killed} of 50 fillers were killed before they finished"
+    with make_store(via_proxy, cache_dir) as store:  # a new start removes dead fillers' temps
+        assert store.read_bytes(url) == data
+        assert os.listdir(Path(cache_dir) / "tmp") == []
+        assert store.cache.verify()["dropped"] == 0
+
+
+def test_a_full_disk_still_returns_correct_bytes_with_one_warning(
+    via_proxy: str, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir(mode=0o700)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(small)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        objects = {f"s3://{bucket}/big-{i}.bin": os.urandom(700 * KiB) for i in range(3)}
+        for url, data in objects.items():
+            upload(via_proxy, url, data)
+        with (
+            caplog.at_level(logging.WARNING, logger="mlstore"),
+            make_store(via_proxy, str(small), memory_bytes=0, disk_bytes=10 * MiB) as s,
+        ):
+            for url, data in objects.items():
+                assert s.read_bytes(url) == data
+                assert s.read_bytes(url) == data
+            assert s.stats().get("disk_full", "disk") >= 1
+        warnings = [r for r in caplog.records if "full" in r.getMessage()]
+        assert len(warnings) == 1
+        assert os.listdir(small / "tmp") == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+# ---------------------------------------------------------------- the directory
+
+
+def test_the_cache_directory_is_private(via_proxy: str, bucket: str, cache_dir: str) -> None:
+    url = f"s3://{bucket}/private.bin"
+    upload(via_proxy, url, b"x" * 100)
+    with make_store(via_proxy, cache_dir) as store:
+        store.read_bytes(url)
+    assert os.stat(cache_dir).st_mode & 0o777 == 0o700
+    digest = content_hash(b"x" * 100)
+    assert os.stat(Path(cache_dir) / "blobs" / digest[:2] / digest).st_mode & 0o777 == 0o600
+
+
+def test_a_world_writable_cache_directory_is_refused(
+    via_proxy: str, bucket: str, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(mlstore.ConfigError, match="writable by other users") as exc:
+        make_store(via_proxy, str(shared)).read_bytes(f"s3://{bucket}/x")
+    assert str(shared) in str(exc.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_a_cache_directory_owned_by_someone_else_is_refused(
+    via_proxy: str, bucket: str, tmp_path: Path
+) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(mlstore.ConfigError, match="another user"):
+        make_store(via_proxy, str(theirs)).read_bytes(f"s3://{bucket}/x")
+
+
+def test_temp_files_of_dead_fillers_are_removed_at_start(cache_dir: str) -> None:
+    DiskTier(cache_dir, MiB)
+    tmp = Path(cache_dir) / "tmp"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp / f"{dead.pid}-abc").write_bytes(b"half a blob")
+    (tmp / f"{os.getpid()}-def").write_bytes(b"a live filler's blob")
+    DiskTier(cache_dir, MiB)
+    assert sorted(os.listdir(tmp)) == [f"{os.getpid()}-def"]
+
+
+def test_cache_management(via_proxy: str, bucket: str, cache_dir: str) -> None:
+    urls = [f"s3://{bucket}/m/{i}.bin" for i in range(5)]
+    for url in urls:
+        upload(via_proxy, url, os.urandom(50 * KiB))
+    with make_store(via_proxy, cache_dir) as store:
+        store.read_many(urls)
+        assert store.cache.size() == 5 * 50 * KiB
+        freed = store.cache.prune(120 * KiB)
+        assert freed >= 3 * 50 * KiB and store.cache.size() <= 120 * KiB
+        assert store.cache.verify()["dropped"] == 0
+        store.cache.clear()
+        assert store.cache.size() == 0
+        proxy.reset(via_proxy)
+        store.read_bytes(urls[0])
+        assert gets(via_proxy) == 1
+
+
+def test_stats_name_every_tier(via_proxy: str, bucket: str, cache_dir: str) -> None:
+    url = f"s3://{bucket}/stats.bin"
+    upload(via_proxy, url, b"s" * 1000)
+    with make_store(via_proxy, cache_dir) as store:
+        store.read_bytes(url)
+        store.read_bytes(url)
+        stats = store.stats()
+    assert stats.get("misses", "cache") == 1
+    assert stats.get("hits", "memory") == 1
+    assert stats.get("bytes_fetched", "cache") == 1000
+    assert "memory" in stats.table() and "cache" in stats.table()
+
+
+def test_a_cache_on_another_disk_can_be_moved(cache_dir: str, tmp_path: Path) -> None:
+    """A cache directory is self-contained: copied elsewhere, it still serves."""
+    tier = DiskTier(cache_dir, MiB)
+    tier.put("s3://b/k", '"v1"', b"portable")
+    moved = tmp_path / "moved"
+    shutil.copytree(cache_dir, moved)
+    other = DiskTier(str(moved), MiB)
+    entry = other.lookup("s3://b/k")
+    assert entry is not None and other.read_blob(entry.hash, entry.size) == b"portable"
