@@ -11,7 +11,14 @@ from typing import IO, Any
 
 from mlstore.backends.base import Backend, ObjectInfo, PerProcess, translate_os_error
 from mlstore.config import StoreConfig
-from mlstore.errors import ConfigError, IsADirectoryError_, MlstoreError, NotFoundError
+from mlstore.errors import (
+    ConfigError,
+    ConnectionLostError,
+    IsADirectoryError_,
+    MlstoreError,
+    NotFoundError,
+    StorageTimeoutError,
+)
 from mlstore.url import URL
 
 __all__ = ["FsspecBackend"]
@@ -39,6 +46,13 @@ class FsspecBackend(Backend):
                 f"the {self.protocol} backend needs {exc.name or 'a package'}, which is not "
                 f"installed; {install_hint(self.protocol)}"
             ) from None
+
+    def _sync(self, coro_fn: Any, *args: Any) -> Any:
+        """Run ``coro_fn(fs, *args)`` on the async filesystem's event loop."""
+        from fsspec.asyn import sync
+
+        fs = self.fs
+        return sync(fs.loop, coro_fn, fs, *args)
 
     def _path(self, url: URL) -> str:
         """The fsspec path of ``url``."""
@@ -205,4 +219,39 @@ def find_cause(exc: BaseException | None, *types: type[BaseException]) -> BaseEx
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def transport_error(
+    exc: BaseException,
+    url: URL,
+    operation: str,
+    *,
+    timeouts: tuple[type[BaseException], ...] = (),
+    dropped: tuple[type[BaseException], ...] = (),
+) -> MlstoreError | None:
+    """A timeout or a dropped connection anywhere in ``exc``'s chain, as the mlstore
+    error of that meaning; ``None`` if it is neither. SDK-specific exception types are
+    added through ``timeouts`` and ``dropped``; aiohttp's (under every async SDK here)
+    are always included."""
+    import asyncio
+
+    text = str(url)
+    timeout = find_cause(exc, asyncio.TimeoutError, TimeoutError, *timeouts)
+    if timeout is not None:
+        return StorageTimeoutError(
+            f"the request timed out ({type(timeout).__name__})", url=text, operation=operation
+        )
+    kinds: tuple[type[BaseException], ...] = (ConnectionError, *dropped)
+    try:
+        import aiohttp
+
+        kinds += (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
+    except ImportError:  # pragma: no cover - every cloud SDK here brings aiohttp
+        pass
+    lost = find_cause(exc, *kinds)
+    if lost is not None:
+        return ConnectionLostError(
+            f"the connection failed ({type(lost).__name__})", url=text, operation=operation
+        )
     return None

@@ -44,7 +44,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause
+from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
 from mlstore.backends.base import ObjectInfo, PerProcess
 from mlstore.config import StoreConfig, redact_options
 from mlstore.errors import (
@@ -55,7 +55,6 @@ from mlstore.errors import (
     NotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
-    StorageTimeoutError,
     ThrottledError,
     TransientError,
 )
@@ -230,29 +229,15 @@ class AzureBackend(FsspecBackend):
                 url=text,
                 operation=operation,
             )
-        timeout = find_cause(
+        transport = transport_error(
             exc,
-            ae.ServiceRequestTimeoutError,
-            ae.ServiceResponseTimeoutError,
-            asyncio.TimeoutError,
-            TimeoutError,
+            url,
+            operation,
+            timeouts=(ae.ServiceRequestTimeoutError, ae.ServiceResponseTimeoutError),
+            dropped=(ae.ServiceRequestError, ae.ServiceResponseError),
         )
-        if timeout is not None:
-            return StorageTimeoutError(
-                f"the request timed out ({type(timeout).__name__})", url=text, operation=operation
-            )
-        lost = find_cause(exc, ae.ServiceRequestError, ae.ServiceResponseError, ConnectionError)
-        if lost is None:
-            try:
-                import aiohttp
-
-                lost = find_cause(exc, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
-            except ImportError:  # pragma: no cover
-                lost = None
-        if lost is not None:
-            return ConnectionLostError(
-                f"the connection failed ({type(lost).__name__})", url=text, operation=operation
-            )
+        if transport is not None:
+            return transport
         if isinstance(exc, OSError):
             return super()._translate(exc, url, operation)
         return MlstoreError(

@@ -25,7 +25,6 @@ given, access is anonymous (as with Google's own client library).
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import io
 import json
@@ -35,17 +34,15 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause
+from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
 from mlstore.backends.base import ObjectInfo
 from mlstore.errors import (
     ConfigError,
-    ConnectionLostError,
     IsADirectoryError_,
     MlstoreError,
     NotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
-    StorageTimeoutError,
     ThrottledError,
     TransientError,
 )
@@ -108,12 +105,6 @@ class GCSBackend(FsspecBackend):
             ) from None
         return fs
 
-    def _sync(self, coro_fn: Any, *args: Any) -> Any:
-        from fsspec.asyn import sync
-
-        fs = self.fs
-        return sync(fs.loop, coro_fn, fs, *args)
-
     def _version(self, raw: Mapping[str, Any]) -> str | None:
         generation = raw.get("generation")
         return str(generation) if generation else None
@@ -140,26 +131,13 @@ class GCSBackend(FsspecBackend):
         status, retry_after, reason = _status_of(exc)
         if status:
             return _from_status(status, reason, retry_after, url, operation)
-        timeout = find_cause(exc, asyncio.TimeoutError, TimeoutError)
-        if timeout is not None:
-            return StorageTimeoutError(
-                f"the request timed out ({type(timeout).__name__})", url=text, operation=operation
-            )
-        import aiohttp
         import google.auth.exceptions as gae
 
-        lost = find_cause(
-            exc,
-            ShortBodyError,
-            aiohttp.ClientPayloadError,
-            aiohttp.ClientConnectionError,
-            ConnectionError,
-            gae.TransportError,
+        transport = transport_error(
+            exc, url, operation, dropped=(ShortBodyError, gae.TransportError)
         )
-        if lost is not None:
-            return ConnectionLostError(
-                f"the connection failed ({type(lost).__name__})", url=text, operation=operation
-            )
+        if transport is not None:
+            return transport
         if find_cause(exc, gae.GoogleAuthError) is not None:
             return PermissionDeniedError(
                 "the GCS credentials could not be used; set GOOGLE_APPLICATION_CREDENTIALS, "

@@ -14,22 +14,19 @@ endpoint for S3-compatible stores.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause
+from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
 from mlstore.backends.base import ObjectInfo
 from mlstore.errors import (
     ConfigError,
-    ConnectionLostError,
     MlstoreError,
     NotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
-    StorageTimeoutError,
     ThrottledError,
     TransientError,
 )
@@ -82,12 +79,6 @@ class S3Backend(FsspecBackend):
         fs.read_timeout = retry.read_timeout
         return fs
 
-    def _sync(self, coro_fn: Any, *args: Any) -> Any:
-        from fsspec.asyn import sync
-
-        fs = self.fs
-        return sync(fs.loop, coro_fn, fs, *args)
-
     def _version(self, raw: Mapping[str, Any]) -> str | None:
         etag = raw.get("ETag")
         return str(etag) if etag else None
@@ -114,32 +105,20 @@ class S3Backend(FsspecBackend):
                 url=text,
                 operation=operation,
             )
-        timeout = find_cause(
-            exc, be.ConnectTimeoutError, be.ReadTimeoutError, asyncio.TimeoutError, TimeoutError
-        )
-        if timeout is not None:
-            return StorageTimeoutError(
-                f"the request timed out ({type(timeout).__name__})", url=text, operation=operation
-            )
-        lost = find_cause(
+        transport = transport_error(
             exc,
-            be.EndpointConnectionError,
-            be.ConnectionClosedError,
-            be.ResponseStreamingError,
-            be.IncompleteReadError,
-            ConnectionError,
+            url,
+            operation,
+            timeouts=(be.ConnectTimeoutError, be.ReadTimeoutError),
+            dropped=(
+                be.EndpointConnectionError,
+                be.ConnectionClosedError,
+                be.ResponseStreamingError,
+                be.IncompleteReadError,
+            ),
         )
-        if lost is None:
-            try:
-                import aiohttp
-
-                lost = find_cause(exc, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
-            except ImportError:  # pragma: no cover
-                lost = None
-        if lost is not None:
-            return ConnectionLostError(
-                f"the connection failed ({type(lost).__name__})", url=text, operation=operation
-            )
+        if transport is not None:
+            return transport
         return super()._translate(exc, url, operation)
 
     # ---- Backend
