@@ -20,6 +20,7 @@ An unknown scheme is a :class:`~mlstore.errors.ConfigError` listing the supporte
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -104,6 +105,16 @@ def _check_key(path: str, raw: str) -> None:
         raise ConfigError("a URL must not contain a NUL character", url=raw, operation="parse")
 
 
+# Remote URLs parse the same way whatever the working directory: their parse is cached
+# (a read of a cached object then costs a dictionary look-up, not a parse).
+_REMOTE = re.compile(r"^(?:s3|s3a|gs|gcs|az|abfss?|memory|https?|mlstore)://", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_remote(url: str) -> URL:
+    return _parse(url)
+
+
 def parse_url(url: str | os.PathLike[str] | URL) -> URL:
     """Parse ``url`` into a :class:`URL`, normalising scheme aliases and local paths.
 
@@ -114,6 +125,12 @@ def parse_url(url: str | os.PathLike[str] | URL) -> URL:
     """
     if isinstance(url, URL):
         return url
+    if isinstance(url, str) and _REMOTE.match(url):
+        return _parse_remote(url)
+    return _parse(url)
+
+
+def _parse(url: str | os.PathLike[str]) -> URL:
     if isinstance(url, os.PathLike):
         url = os.fspath(url)
     if not isinstance(url, str):
