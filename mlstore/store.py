@@ -323,7 +323,12 @@ class Store:
                 object has changed, :class:`~mlstore.errors.PreconditionFailedError`.
         """
         cached = self._cached
-        if cached is not None and version is None and type(url) is str:
+        if (
+            cached is not None
+            and version is None
+            and type(url) is str
+            and self._backends_pid == os.getpid()  # after a fork the child rebuilds
+        ):
             hit = cached.cache.peek(url)  # the hot path: a fresh memory-tier hit
             if hit is not None:
                 return hit if start is None and end is None else hit[start:end]
