@@ -527,3 +527,27 @@ def test_a_cache_on_another_disk_can_be_moved(cache_dir: str, tmp_path: Path) ->
     other = DiskTier(str(moved), MiB)
     entry = other.lookup("s3://b/k")
     assert entry is not None and other.read_blob(entry.hash, entry.size) == b"portable"
+
+
+def _read_in_child(args: tuple[Store, list[str]]) -> list[str]:
+    store, urls = args
+    return [content_hash(store.read_bytes(u)) for u in urls]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_warm_store_works_in_child_processes(
+    via_proxy: str, bucket: str, cache_dir: str, method: str
+) -> None:
+    urls = [f"s3://{bucket}/child/{i}.bin" for i in range(6)]
+    blobs = [os.urandom(10 * KiB + i) for i in range(6)]
+    for url, data in zip(urls, blobs, strict=True):
+        upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir) as store:
+        for url in urls[:3]:
+            store.read_bytes(url)  # warm: memory and disk
+        proxy.reset(via_proxy)
+        with multiprocessing.get_context(method).Pool(2) as pool:
+            results = pool.map(_read_in_child, [(store, urls[:3]), (store, urls[3:])])
+        assert [h for r in results for h in r] == [content_hash(b) for b in blobs]
+        assert gets(via_proxy) == 3, "the warm objects came from the shared disk tier"
+        assert store.read_bytes(urls[0]) == blobs[0]  # the parent still works
