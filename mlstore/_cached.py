@@ -49,12 +49,12 @@ class CachedReads:
     def located_info(self, url: URL) -> tuple[URL, ObjectInfo]:
         """The physical replica that answered and the object's info, cached per policy."""
         key = str(url)
-        policy = self.config.validate
+        policy, ttl = self.config.policy_for(key)
         now = self.cache.clock()
         if policy != "always":
             with self._lock:
                 hit = self._info.get(key)
-            if hit is not None and (policy == "never" or now - hit[2] < self.config.ttl):
+            if hit is not None and (policy == "never" or now - hit[2] < ttl):
                 self.store._metrics.add("hits", "metadata")
                 return hit[0], hit[1]
         target, info = self.store._locate(url)
@@ -115,6 +115,7 @@ class CachedReads:
             revalidate=revalidate,
             known_hash=known[1].content_hash if known is not None else None,
             known_version=known[1].version if known is not None else None,
+            policy=self.config.policy_for(key),
         )
 
     def open(self, url: URL) -> IO[bytes]:

@@ -242,6 +242,30 @@ class _Resolved:
             object.__setattr__(self, name, parser(value, label))
 
 
+def _policies(value: object, name: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} must map URL prefixes to {{'validate': ..., 'ttl': ...}}")
+    out: dict[str, dict[str, Any]] = {}
+    for prefix, policy in value.items():
+        label = f"{name}[{prefix!r}]"
+        if not isinstance(prefix, str) or "://" not in prefix:
+            raise ConfigError(f"{label}: a policy prefix must be a URL such as 's3://bucket/'")
+        if not isinstance(policy, Mapping) or not policy:
+            raise ConfigError(f"{label} must be a dict with 'validate' and/or 'ttl'")
+        unknown = sorted(set(policy) - {"validate", "ttl"})
+        if unknown:
+            raise ConfigError(f"{label} has unknown key(s) {unknown}; known: ['ttl', 'validate']")
+        entry: dict[str, Any] = {}
+        if "validate" in policy:
+            entry["validate"] = _choice("never", "ttl", "always")(
+                policy["validate"], f"{label}['validate']"
+            )
+        if "ttl" in policy:
+            entry["ttl"] = _nonneg(_parse_float)(policy["ttl"], f"{label}['ttl']")
+        out[prefix] = entry
+    return out
+
+
 def _choice(*choices: str) -> Any:
     def parse(value: object, name: str) -> str:
         if not isinstance(value, str) or value.lower() not in choices:
@@ -300,7 +324,12 @@ class CacheConfig(_Resolved):
         ttl: seconds a cached object is trusted under ``validate="ttl"``
             (``MLSTORE_TTL``). Default 300.
         verify: re-hash disk-tier blobs on read: ``"always"`` or ``"never"``
-            (``MLSTORE_VERIFY``). Default ``"always"``.
+            (``MLSTORE_VERIFY``). Default ``"always"``. With ``"never"`` fills are
+            also fsync'ed, since no hash check would catch a file torn by a power loss.
+        policies: consistency per URL prefix, overriding ``validate`` and ``ttl``:
+            ``{"s3://datasets/imagenet/": {"validate": "never"}}``; the longest
+            matching prefix wins (config file: ``[cache.policies."s3://..."]``).
+            Default: none.
     """
 
     enabled: bool = UNSET
@@ -312,6 +341,7 @@ class CacheConfig(_Resolved):
     validate: str = UNSET
     ttl: float = UNSET
     verify: str = UNSET
+    policies: Mapping[str, Mapping[str, Any]] = UNSET
 
     _section: ClassVar[str] = "cache"
     _sources: ClassVar[dict[str, tuple[str | None, Any, Any]]] = {
@@ -324,10 +354,22 @@ class CacheConfig(_Resolved):
         "validate": ("MLSTORE_VALIDATE", _choice("never", "ttl", "always"), "ttl"),
         "ttl": ("MLSTORE_TTL", _nonneg(_parse_float), 300.0),
         "verify": ("MLSTORE_VERIFY", _choice("always", "never"), "always"),
+        "policies": (None, lambda value, name: _policies(value, name), dict),
     }
 
     def __post_init__(self) -> None:
         self._resolve()
+
+    def policy_for(self, url: str) -> tuple[str, float]:
+        """``(validate, ttl)`` for ``url``: its longest matching prefix's, or the defaults."""
+        best = ""
+        for prefix in self.policies:
+            if url.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        if not best:
+            return self.validate, self.ttl
+        chosen = self.policies[best]
+        return chosen.get("validate", self.validate), chosen.get("ttl", self.ttl)
 
     @property
     def resolved_disk_dir(self) -> str:

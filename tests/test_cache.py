@@ -385,17 +385,20 @@ def test_fillers_killed_mid_fill_never_leave_a_servable_partial_entry(
     ctx = multiprocessing.get_context("fork")
     # How long one whole fill takes here; kills then land across its second half, where
     # the download ends and the blob is hashed, written and renamed.
-    began = time.monotonic()
-    child = ctx.Process(target=_fill_then_exit, args=(via_proxy, cache_dir, url))
-    child.start()
-    child.join()
-    full = time.monotonic() - began
-    shutil.rmtree(cache_dir)
+    durations = []
+    for _ in range(3):
+        began = time.monotonic()
+        child = ctx.Process(target=_fill_then_exit, args=(via_proxy, cache_dir, url))
+        child.start()
+        child.join()
+        durations.append(time.monotonic() - began)
+        shutil.rmtree(cache_dir)
+    full = min(durations)
     killed = left_temp = 0
     for _ in range(50):
         child = ctx.Process(target=_fill_then_exit, args=(via_proxy, cache_dir, url))
         child.start()
-        child.join(timeout=rng.uniform(0.5 * full, 1.1 * full))  # let it run a while
+        child.join(timeout=rng.uniform(0.3 * full, 1.0 * full))  # let it run a while
         if child.is_alive():
             os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
             killed += 1
@@ -551,3 +554,25 @@ def test_a_warm_store_works_in_child_processes(
         assert [h for r in results for h in r] == [content_hash(b) for b in blobs]
         assert gets(via_proxy) == 3, "the warm objects came from the shared disk tier"
         assert store.read_bytes(urls[0]) == blobs[0]  # the parent still works
+
+
+def test_policies_apply_per_url_prefix(via_proxy: str, bucket: str, cache_dir: str) -> None:
+    clock = Clock()
+    frozen, live = f"s3://{bucket}/frozen/a.bin", f"s3://{bucket}/live/a.bin"
+    upload(via_proxy, frozen, b"frozen v1")
+    upload(via_proxy, live, b"live v1")
+    policies = {f"s3://{bucket}/frozen/": {"validate": "never"}}
+    with make_store(
+        via_proxy, cache_dir, validate="always", policies=policies, clock=clock
+    ) as store:
+        store.read_bytes(frozen)
+        store.read_bytes(live)
+        upload(via_proxy, frozen, b"frozen v2")
+        upload(via_proxy, live, b"live v2")
+        assert store.read_bytes(frozen) == b"frozen v1", "immutable prefix: never checked"
+        assert store.read_bytes(live) == b"live v2", "everything else: checked every read"
+
+
+def test_a_bad_policy_is_a_config_error_naming_the_prefix() -> None:
+    with pytest.raises(mlstore.ConfigError, match="s3://b/x/"):
+        mlstore.CacheConfig(policies={"s3://b/x/": {"validate": "sometimes"}})

@@ -47,6 +47,8 @@ class _Meta:
     version: str | None
     hash: str
     checked: float
+    validate: str
+    ttl: float
 
 
 class TieredCache:
@@ -100,8 +102,9 @@ class TieredCache:
         if item is None:
             return None
         meta, data = item
-        policy = self.config.validate
-        if policy == "never" or (policy == "ttl" and self.clock() - meta.checked < self.config.ttl):
+        if meta.validate == "never" or (
+            meta.validate == "ttl" and self.clock() - meta.checked < meta.ttl
+        ):
             self.metrics.add("hits", "memory")
             self.metrics.add("bytes_served", "memory", len(data))
             return data
@@ -116,6 +119,7 @@ class TieredCache:
         known_hash: str | None = None,
         known_version: str | None = None,
         immutable: bool = False,
+        policy: tuple[str, float] | None = None,
     ) -> bytes:
         """The bytes of ``key``: from memory, from disk, or fetched once per node.
 
@@ -127,30 +131,32 @@ class TieredCache:
             known_version: the version that ``known_hash`` belongs to.
             immutable: the key names fixed content (a block of a pinned version):
                 never revalidated.
+            policy: ``(validate, ttl)`` for this key (default: the config's).
         """
+        policy = policy or (self.config.validate, self.config.ttl)
         if revalidate is not None:
             revalidate = _once(revalidate)  # one HEAD per read, whichever tier asks
-        found = self._lookup(key, revalidate, immutable)
+        found = self._lookup(key, revalidate, immutable, policy)
         if found is not None:
             return found
         with self.flight.hold(key) as waited:
             if waited:
                 self.metrics.add("single_flight_waits", "cache")
-                found = self._lookup(key, revalidate, immutable, after_wait=True)
+                found = self._lookup(key, revalidate, immutable, policy, after_wait=True)
                 if found is not None:
                     return found
             if known_hash is not None and self.disk is not None:
                 size = self.disk.blob_size(known_hash)
                 data = self.disk.read_blob(known_hash, size) if size is not None else None
                 if data is not None:
-                    self._store(key, Fetched(data, known_version), known_hash, deduped=True)
+                    self._store(key, Fetched(data, known_version), known_hash, policy, deduped=True)
                     self.metrics.add("dedupe_hits", "cache")
                     self.metrics.add("dedupe_bytes_saved", "cache", len(data))
                     return data
             fetched = fetch()
             self.metrics.add("misses", "cache")
             self.metrics.add("bytes_fetched", "cache", len(fetched.data))
-            self._store(key, fetched, content_hash(fetched.data))
+            self._store(key, fetched, content_hash(fetched.data), policy)
             return fetched.data
 
     def _fresh(
@@ -160,11 +166,12 @@ class TieredCache:
         checked: float,
         revalidate: Callable[[], str | None] | None,
         immutable: bool,
+        policy: tuple[str, float],
     ) -> bool:
-        policy = self.config.validate
-        if immutable or policy == "never" or revalidate is None:
+        validate, ttl = policy
+        if immutable or validate == "never" or revalidate is None:
             return True
-        if policy == "ttl" and self.clock() - checked < self.config.ttl:
+        if validate == "ttl" and self.clock() - checked < ttl:
             return True
         self.metrics.add("revalidations", "cache")
         current = revalidate()
@@ -180,15 +187,17 @@ class TieredCache:
         key: str,
         revalidate: Callable[[], str | None] | None,
         immutable: bool,
+        policy: tuple[str, float],
         *,
         after_wait: bool = False,
     ) -> bytes | None:
         item = self.memory.get(key)
         if item is not None:
             meta, data = item
-            if self._fresh(key, meta.version, meta.checked, revalidate, immutable):
-                if not immutable and self.config.validate != "never":
-                    self.memory.update_meta(key, _Meta(meta.version, meta.hash, self.clock()))
+            if self._fresh(key, meta.version, meta.checked, revalidate, immutable, policy):
+                if not immutable and policy[0] != "never":
+                    renewed = _Meta(meta.version, meta.hash, self.clock(), *policy)
+                    self.memory.update_meta(key, renewed)
                 self.metrics.add("hits", "memory")
                 self.metrics.add("bytes_served", "memory", len(data))
                 return data
@@ -199,19 +208,29 @@ class TieredCache:
         if entry is None:
             return None
         # An entry a neighbour filled while we waited is as fresh as it gets.
-        fresh = after_wait or self._fresh(key, entry.version, entry.checked, revalidate, immutable)
+        fresh = after_wait or self._fresh(
+            key, entry.version, entry.checked, revalidate, immutable, policy
+        )
         if not fresh:
             self.disk.forget(key)
             return None
         blob = self.disk.read_blob(entry.hash, entry.size)
         if blob is None:  # evicted meanwhile, or corrupt (then dropped and counted)
             return None
-        self.memory.put(key, _Meta(entry.version, entry.hash, self.clock()), blob)
+        self.memory.put(key, _Meta(entry.version, entry.hash, self.clock(), *policy), blob)
         self.metrics.add("hits", "disk")
         self.metrics.add("bytes_served", "disk", len(blob))
         return blob
 
-    def _store(self, key: str, fetched: Fetched, digest: str, *, deduped: bool = False) -> None:
+    def _store(
+        self,
+        key: str,
+        fetched: Fetched,
+        digest: str,
+        policy: tuple[str, float],
+        *,
+        deduped: bool = False,
+    ) -> None:
         now = self.clock()
         if self.disk is not None:
             try:
@@ -223,7 +242,7 @@ class TieredCache:
                 if not new_blob and not deduped:
                     # Same content already cached under another key: stored once.
                     self.metrics.add("dedupe_bytes_saved", "disk", len(fetched.data))
-        self.memory.put(key, _Meta(fetched.version, digest, now), fetched.data)
+        self.memory.put(key, _Meta(fetched.version, digest, now, *policy), fetched.data)
 
     def _warn_disk_full(self) -> None:
         with self._warn_lock:
