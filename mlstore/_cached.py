@@ -9,13 +9,15 @@ directly (caching them would only copy bytes that are already local).
   object's version, so only the blocks a reader touches are fetched, and a block can
   never mix two versions. Sequential reads through ``open()`` fetch the next blocks in
   the background (readahead).
-- Metadata (``info``) is cached per process under the same consistency policy as data.
+- Metadata (``info`` and ``ls``) is cached per process under the same consistency policy
+  as data; this Store's own writes and deletes invalidate it.
 """
 
 from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any
 
@@ -41,6 +43,7 @@ class CachedReads:
         self.cache = cache
         self.config = cache.config
         self._info: dict[str, tuple[URL, ObjectInfo, float]] = {}
+        self._listings: dict[str, tuple[list[ObjectInfo], float]] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -63,11 +66,29 @@ class CachedReads:
                 self._info[key] = (target, info, now)
         return target, info
 
+    def listing(self, url: URL, fetch: Callable[[], list[ObjectInfo]]) -> list[ObjectInfo]:
+        """``ls`` entries of ``url``, cached per process under the consistency policy."""
+        key = str(url)
+        policy, ttl = self.config.policy_for(key)
+        now = self.cache.clock()
+        if policy != "always":
+            with self._lock:
+                hit = self._listings.get(key)
+            if hit is not None and (policy == "never" or now - hit[1] < ttl):
+                self.store._metrics.add("hits", "metadata")
+                return hit[0]
+        entries = fetch()
+        if policy != "always":
+            with self._lock:
+                self._listings[key] = (entries, now)
+        return entries
+
     def invalidate(self, url: URL) -> None:
         """Forget what is cached of ``url`` (after this Store wrote or deleted it)."""
         key = str(url)
         with self._lock:
             self._info.pop(key, None)
+            self._listings.clear()  # any listing may have shown it
         self.cache.memory.discard(key)
         if self.cache.disk is not None:
             self.cache.disk.forget(key)

@@ -454,10 +454,17 @@ class Store:
         Raises:
             NotFoundError: ``url`` does not exist.
         """
-        entries: list[ObjectInfo] = self._on_replicas(
-            url, lambda target, backend: self._call(backend, lambda: backend.ls(target))
-        )
-        entries = [self._logical(url, e) for e in entries]
+        parsed = parse_url(url)
+
+        def listing() -> list[ObjectInfo]:
+            found: list[ObjectInfo] = self._on_replicas(
+                parsed, lambda target, backend: self._call(backend, lambda: backend.ls(target))
+            )
+            return found
+
+        reads = self._reads_for(parsed)
+        entries = reads.listing(parsed, listing) if reads is not None else listing()
+        entries = [self._logical(parsed, e) for e in entries]
         entries.sort(key=lambda e: str(e.url))
         return entries if detail else [str(e.url) for e in entries]
 

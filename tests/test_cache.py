@@ -576,3 +576,18 @@ def test_policies_apply_per_url_prefix(via_proxy: str, bucket: str, cache_dir: s
 def test_a_bad_policy_is_a_config_error_naming_the_prefix() -> None:
     with pytest.raises(mlstore.ConfigError, match="s3://b/x/"):
         mlstore.CacheConfig(policies={"s3://b/x/": {"validate": "sometimes"}})
+
+
+def test_listings_are_cached_under_the_policy(via_proxy: str, bucket: str, cache_dir: str) -> None:
+    clock = Clock()
+    upload(via_proxy, f"s3://{bucket}/dir/a.bin", b"a")
+    with make_store(via_proxy, cache_dir, validate="ttl", ttl=30, clock=clock) as store:
+        assert store.ls(f"s3://{bucket}/dir") == [f"s3://{bucket}/dir/a.bin"]
+        upload(via_proxy, f"s3://{bucket}/dir/b.bin", b"b")  # by someone else
+        proxy.reset(via_proxy)
+        assert len(store.ls(f"s3://{bucket}/dir")) == 1, "within the ttl: the cached listing"
+        assert proxy.counts(via_proxy)["total"] == 0
+        clock.now += 31
+        assert len(store.ls(f"s3://{bucket}/dir")) == 2
+        store.write_bytes(f"s3://{bucket}/dir/c.bin", b"c")  # by this Store: seen at once
+        assert len(store.ls(f"s3://{bucket}/dir")) == 3
