@@ -8,9 +8,11 @@ public API: ``open``, ``read_bytes``, ``write_bytes``, ``ls``, ``info``, ``exist
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import io
+import logging
 import os
 import re
 import threading
@@ -30,9 +32,11 @@ from mlstore.errors import (
     IsADirectoryError_,
     MlstoreError,
     NotFoundError,
+    ThrottledError,
     UnsupportedOperation,
 )
 from mlstore.metrics import Metrics, Stats
+from mlstore.retry import Retrier, RetryBudget
 from mlstore.url import URL, glob_regex, parse_url, resolve_mount, safe_join
 
 __all__ = ["Store", "default_store", "set_default_store"]
@@ -42,6 +46,15 @@ UrlLike = str | os.PathLike[str] | URL
 Progress = Callable[[int, int], None]
 
 _COPY_CHUNK = 8 * 1024 * 1024
+
+
+_IN_SWEEP: contextvars.ContextVar[bool] = contextvars.ContextVar("mlstore_sweep", default=False)
+log = logging.getLogger("mlstore")
+
+
+def _protocol_of(error: MlstoreError) -> str:
+    """The protocol an error's URL names (a metrics label; never the URL itself)."""
+    return error.url.split("://", 1)[0] if error.url and "://" in error.url else "unknown"
 
 
 def _replica_key(url: URL) -> str:
@@ -83,6 +96,7 @@ class Store:
         replica_failures: int | None = None,
         replica_cooldown: float | None = None,
         clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         base = config or StoreConfig()
         if not isinstance(base, StoreConfig):
@@ -111,6 +125,7 @@ class Store:
             base = StoreConfig(**{**current, **given})
         self.config = base
         self._clock = clock
+        self._sleep = sleep
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -124,6 +139,14 @@ class Store:
             clock=self._clock or time.monotonic,
         )
         self._cached: CachedReads | None = None
+        self._retrier = Retrier(
+            self.config.retry,
+            RetryBudget(),
+            sleep=self._sleep or time.sleep,
+            clock=self._clock or time.monotonic,
+            on_retry=self._on_retry,
+            on_give_up=lambda error, _n: self._metrics.add("give_ups", _protocol_of(error)),
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -152,6 +175,7 @@ class Store:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.config = StoreConfig(**state)
         self._clock = None
+        self._sleep = None
         self._init_runtime()
 
     def __enter__(self) -> Store:
@@ -264,19 +288,49 @@ class Store:
         return physical, self.backend(physical.protocol)
 
     def _on_replicas(self, url: UrlLike, fn: Callable[[URL, Backend], T]) -> T:
-        """Run ``fn`` on the first replica of ``url`` that answers (see _failover)."""
-        return with_failover(
-            self.resolve(url),
-            lambda target: fn(target, self.backend(target.protocol)),
-            breaker=self._breaker,
-            key=_replica_key,
-            on_failover=lambda target, _err: self._metrics.add("failovers", target.protocol),
-        )
+        """Run ``fn`` on the first replica of ``url`` that answers (see _failover).
+
+        One replica: its calls are retried as usual. Several: each replica gets one
+        attempt per sweep (a dead cloud is left quickly), and the whole sweep is
+        retried under the policy when every replica failed transiently.
+        """
+        replicas = self.resolve(url)
+        if len(replicas) == 1:
+            return fn(replicas[0], self.backend(replicas[0].protocol))
+
+        def sweep() -> T:
+            token = _IN_SWEEP.set(True)
+            try:
+                return with_failover(
+                    replicas,
+                    lambda target: fn(target, self.backend(target.protocol)),
+                    breaker=self._breaker,
+                    key=_replica_key,
+                    on_failover=lambda target, _e: self._metrics.add("failovers", target.protocol),
+                )
+            finally:
+                _IN_SWEEP.reset(token)
+
+        return self._retrier.call(sweep)
+
+    def _on_retry(self, error: MlstoreError, attempt: int, delay: float) -> None:
+        protocol = _protocol_of(error)
+        self._metrics.add("retries", protocol)
+        if isinstance(error, ThrottledError):
+            self._metrics.add("throttles", protocol)
+        log.debug("retrying after %s (attempt %d, waiting %.3fs)", error, attempt, delay)
 
     def _count(self, backend: Backend, name: str, amount: int = 1) -> None:
         self._metrics.add(name, backend.protocol, amount)
 
     def _call(self, backend: Backend, fn: Callable[[], Any]) -> Any:
+        """One backend call, counted, retried on transient errors (the one retry layer;
+        inside a replica sweep the sweep is what is retried)."""
+        if _IN_SWEEP.get() or self._backends_pid != os.getpid():
+            return self._attempt(backend, fn)
+        return self._retrier.call(lambda: self._attempt(backend, fn))
+
+    def _attempt(self, backend: Backend, fn: Callable[[], Any]) -> Any:
         self._count(backend, "requests")
         try:
             return fn()

@@ -591,3 +591,16 @@ def test_listings_are_cached_under_the_policy(via_proxy: str, bucket: str, cache
         assert len(store.ls(f"s3://{bucket}/dir")) == 2
         store.write_bytes(f"s3://{bucket}/dir/c.bin", b"c")  # by this Store: seen at once
         assert len(store.ls(f"s3://{bucket}/dir")) == 3
+
+
+def test_steady_reads_do_not_stretch_the_ttl(via_proxy: str, bucket: str, cache_dir: str) -> None:
+    clock = Clock()
+    url = f"s3://{bucket}/steady.bin"
+    upload(via_proxy, url, b"v1")
+    with make_store(via_proxy, cache_dir, validate="ttl", ttl=10, clock=clock) as store:
+        store.read_bytes(mlstore.parse_url(url))  # a URL object: the slow path each time
+        upload(via_proxy, url, b"v2")
+        for _ in range(4):
+            clock.now += 3  # reads at 3, 6, 9 are within the ttl; 12 is not
+            latest = store.read_bytes(mlstore.parse_url(url))
+        assert latest == b"v2"

@@ -37,8 +37,10 @@ pytestmark = pytest.mark.gcs
 
 @pytest.fixture(autouse=True)
 def _backend_without_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests are about the backend itself: every call reaches the emulator."""
+    """These tests are about the backend itself: every call reaches the emulator, once
+    (the retry layer has tests of its own)."""
     monkeypatch.setenv("MLSTORE_CACHE", "0")
+    monkeypatch.setenv("MLSTORE_MAX_ATTEMPTS", "1")
 
 
 @pytest.fixture

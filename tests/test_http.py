@@ -35,6 +35,15 @@ from hypothesis import strategies as st
 
 import mlstore
 
+
+@pytest.fixture(autouse=True)
+def _backend_without_cache_or_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the backend itself: every call reaches the server, once
+    (the cache and the retry layer have tests of their own)."""
+    monkeypatch.setenv("MLSTORE_CACHE", "0")
+    monkeypatch.setenv("MLSTORE_MAX_ATTEMPTS", "1")
+
+
 SERVER = Path(__file__).resolve().parent / "servers" / "http_server.py"
 TOKEN = "canary-" + secrets.token_hex(16)
 METADATA = "http://169.254.169.254/latest/meta-data"

@@ -142,9 +142,11 @@ class TieredCache:
         with self.flight.hold(key) as waited:
             if waited:
                 self.metrics.add("single_flight_waits", "cache")
-                found = self._lookup(key, revalidate, immutable, policy, after_wait=True)
-                if found is not None:
-                    return found
+            # Look again even if the lock came at once: another filler may have finished
+            # between our first look and our taking the lock.
+            found = self._lookup(key, revalidate, immutable, policy, after_wait=True)
+            if found is not None:
+                return found
             if known_hash is not None and self.disk is not None:
                 size = self.disk.blob_size(known_hash)
                 data = self.disk.read_blob(known_hash, size) if size is not None else None
@@ -167,20 +169,22 @@ class TieredCache:
         revalidate: Callable[[], str | None] | None,
         immutable: bool,
         policy: tuple[str, float],
-    ) -> bool:
+    ) -> float | None:
+        """When the cached ``version`` was last known current, or None if it is stale:
+        ``checked`` itself while the policy trusts it, now after a successful HEAD."""
         validate, ttl = policy
         if immutable or validate == "never" or revalidate is None:
-            return True
+            return checked
         if validate == "ttl" and self.clock() - checked < ttl:
-            return True
+            return checked
         self.metrics.add("revalidations", "cache")
         current = revalidate()
         if current is not None and current == version:
             if self.disk is not None:
                 self.disk.touch_entry(key)
-            return True
+            return self.clock()
         self.metrics.add("stale", "cache")
-        return False
+        return None
 
     def _lookup(
         self,
@@ -194,9 +198,10 @@ class TieredCache:
         item = self.memory.get(key)
         if item is not None:
             meta, data = item
-            if self._fresh(key, meta.version, meta.checked, revalidate, immutable, policy):
-                if not immutable and policy[0] != "never":
-                    renewed = _Meta(meta.version, meta.hash, self.clock(), *policy)
+            checked = self._fresh(key, meta.version, meta.checked, revalidate, immutable, policy)
+            if checked is not None:
+                if checked != meta.checked:  # just revalidated: trusted for another ttl
+                    renewed = _Meta(meta.version, meta.hash, checked, *policy)
                     self.memory.update_meta(key, renewed)
                 self.metrics.add("hits", "memory")
                 self.metrics.add("bytes_served", "memory", len(data))
@@ -208,16 +213,18 @@ class TieredCache:
         if entry is None:
             return None
         # An entry a neighbour filled while we waited is as fresh as it gets.
-        fresh = after_wait or self._fresh(
-            key, entry.version, entry.checked, revalidate, immutable, policy
+        checked = (
+            entry.checked
+            if after_wait
+            else self._fresh(key, entry.version, entry.checked, revalidate, immutable, policy)
         )
-        if not fresh:
+        if checked is None:
             self.disk.forget(key)
             return None
         blob = self.disk.read_blob(entry.hash, entry.size)
         if blob is None:  # evicted meanwhile, or corrupt (then dropped and counted)
             return None
-        self.memory.put(key, _Meta(entry.version, entry.hash, self.clock(), *policy), blob)
+        self.memory.put(key, _Meta(entry.version, entry.hash, checked, *policy), blob)
         self.metrics.add("hits", "disk")
         self.metrics.add("bytes_served", "disk", len(blob))
         return blob
