@@ -98,6 +98,15 @@ class Handler(BaseHTTPRequestHandler):
                 extra["Retry-After"] = query["retry_after"]
             code = int(path[len("/status/") :])
             return self.reply(code, b"status %d\n" % code, head=head, headers=extra)
+        if path.startswith("/flaky/"):
+            # /flaky/<n>/<file>: the first n requests for this path answer 503
+            failures, _, rest = path[len("/flaky/") :].partition("/")
+            with self.server.lock:
+                seen = self.server.counts[path]
+            if seen <= int(failures):
+                extra = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
+                return self.reply(503, b"slow down\n", head=head, headers=extra)
+            return self.serve(rest, set(), head)
         if path == "/echo-auth":
             sent = "Authorization" in self.headers
             return self.reply(200, b"present" if sent else b"absent", head=head)

@@ -1,0 +1,202 @@
+"""The one retry layer: exact backoff, deadlines, Retry-After and the retry budget with
+an injected clock, sleep and random source; then end to end against a real HTTP server
+that answers 503 a set number of times."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import mlstore
+from mlstore.config import RetryPolicy
+from mlstore.errors import ConnectionLostError, NotFoundError, ThrottledError, TransientError
+from mlstore.retry import Retrier, RetryBudget
+from tests.emulators import ServerProcess
+
+
+class FakeTime:
+    """A clock that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def failing(times: int, error: Callable[[], TransientError]) -> Callable[[], str]:
+    calls = {"n": 0}
+
+    def fn() -> str:
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise error()
+        return "ok"
+
+    fn.calls = calls  # type: ignore[attr-defined]
+    return fn
+
+
+def throttled(retry_after: float | None = None) -> ThrottledError:
+    err = ThrottledError("slow down", url="s3://bucket/key", operation="read")
+    err.retry_after = retry_after
+    return err
+
+
+def retrier(t: FakeTime, budget: RetryBudget | None = None, **policy: float) -> Retrier:
+    settings = {"max_attempts": 5, "deadline": 100.0, "backoff_base": 1.0, "backoff_max": 8.0}
+    settings.update(policy)
+    return Retrier(
+        RetryPolicy(**settings),  # type: ignore[arg-type]
+        budget or RetryBudget(),
+        sleep=t.sleep,
+        clock=t.clock,
+        rng=lambda: 0.999999,  # the top of each jitter range, to check the ceilings
+    )
+
+
+def test_full_jitter_ceilings_double_up_to_the_maximum() -> None:
+    t = FakeTime()
+    fn = failing(4, throttled)
+    assert retrier(t, max_attempts=6, backoff_max=5.0).call(fn) == "ok"
+    assert [round(s, 3) for s in t.sleeps] == [1.0, 2.0, 4.0, 5.0]
+
+
+def test_jitter_is_drawn_below_the_ceiling() -> None:
+    draws = iter([0.0, 0.5, 0.25])
+    t = FakeTime()
+    r = Retrier(
+        RetryPolicy(backoff_base=2.0, backoff_max=100.0),
+        RetryBudget(),
+        sleep=t.sleep,
+        clock=t.clock,
+        rng=lambda: next(draws),
+    )
+    r.call(failing(3, throttled))
+    assert t.sleeps == [0.0, 2.0, 2.0]  # 0*2, 0.5*4, 0.25*8
+
+
+def test_retry_after_is_a_floor() -> None:
+    t = FakeTime()
+    retrier(t).call(failing(1, lambda: throttled(retry_after=2.0)))
+    assert t.sleeps == [pytest.approx(2.0)]
+
+
+def test_attempts_stop_at_max_attempts_with_the_last_error() -> None:
+    t = FakeTime()
+    fn = failing(100, throttled)
+    with pytest.raises(ThrottledError):
+        retrier(t, max_attempts=3).call(fn)
+    assert fn.calls["n"] == 3  # type: ignore[attr-defined]
+
+
+def test_no_attempt_starts_past_the_deadline() -> None:
+    t = FakeTime()
+    fn = failing(100, throttled)
+    with pytest.raises(ThrottledError):
+        retrier(t, max_attempts=100, deadline=10.0, backoff_max=4.0).call(fn)
+    assert t.now <= 10.0
+    assert sum(t.sleeps) <= 10.0
+    assert fn.calls["n"] == 1 + len(t.sleeps)  # type: ignore[attr-defined]
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    t = FakeTime()
+    calls = {"n": 0}
+
+    def missing() -> str:
+        calls["n"] += 1
+        raise NotFoundError("gone", url="s3://bucket/key", operation="read")
+
+    with pytest.raises(NotFoundError):
+        retrier(t).call(missing)
+    assert calls["n"] == 1 and t.sleeps == []
+
+
+def test_an_empty_budget_stops_retrying() -> None:
+    t = FakeTime()
+    budget = RetryBudget(capacity=10, retry_cost=5, refund=1)
+    r = retrier(t, budget)
+    fn = failing(100, throttled)
+    with pytest.raises(ThrottledError):
+        r.call(fn)
+    assert fn.calls["n"] == 3, "two retries were paid for, then the bucket was empty"  # type: ignore[attr-defined]
+    assert r.call(failing(0, throttled)) == "ok"
+    assert budget.tokens == 1
+
+
+def test_connection_errors_are_retried_too() -> None:
+    t = FakeTime()
+    lost = failing(2, lambda: ConnectionLostError("reset", url="s3://b/k", operation="read"))
+    assert retrier(t).call(lost) == "ok"
+
+
+# --------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def served(http_server: tuple[ServerProcess, str]) -> Iterator[tuple[str, str]]:
+    server, root = http_server
+    name = f"retry-{uuid.uuid4().hex[:8]}.bin"
+    with open(os.path.join(root, name), "wb") as fh:
+        fh.write(b"payload after the storm")
+    yield server.endpoint, name
+
+
+def requests_for(endpoint: str, path: str) -> int:
+    with urllib.request.urlopen(f"{endpoint}/__requests", timeout=30) as resp:
+        counts: dict[str, int] = json.load(resp)
+    return counts.get(path, 0)
+
+
+def store(t: FakeTime, **retry: float) -> mlstore.Store:
+    return mlstore.Store(cache={"enabled": False}, retry=retry, sleep=t.sleep, clock=t.clock)
+
+
+def test_a_503_storm_is_ridden_out(served: tuple[str, str]) -> None:
+    endpoint, name = served
+    t = FakeTime()
+    path = f"/flaky/3/{name}"
+    with store(t, max_attempts=5) as s:
+        assert s.read_bytes(endpoint + path) == b"payload after the storm"
+        stats = s.stats()
+    assert requests_for(endpoint, path) == 4
+    assert len(t.sleeps) == 3
+    assert stats["retries"] == 3 and stats["throttles"] == 3
+
+
+def test_retry_after_from_the_server_is_honoured(served: tuple[str, str]) -> None:
+    endpoint, name = served
+    t = FakeTime()
+    with store(t, backoff_base=0.01) as s:
+        s.read_bytes(f"{endpoint}/flaky/1/{name}?retry_after=2")
+    assert t.sleeps == [pytest.approx(2.0)]
+
+
+def test_giving_up_raises_the_typed_error_naming_the_url(served: tuple[str, str]) -> None:
+    endpoint, name = served
+    t = FakeTime()
+    path = f"/flaky/99/{name}"
+    with store(t, max_attempts=4) as s, pytest.raises(ThrottledError) as exc:
+        s.read_bytes(endpoint + path)
+    assert requests_for(endpoint, path) == 4, "attempts within the policy, never more"
+    assert name in str(exc.value)
+
+
+def test_a_404_is_one_request(served: tuple[str, str]) -> None:
+    endpoint, _ = served
+    t = FakeTime()
+    path = f"/missing-{uuid.uuid4().hex}.bin"
+    with store(t) as s, pytest.raises(mlstore.NotFoundError):
+        s.read_bytes(endpoint + path)
+    assert requests_for(endpoint, path) == 1 and t.sleeps == []
