@@ -1,9 +1,10 @@
 """Choosing a replica of a mount: try them in order, and skip one that keeps failing.
 
 A replica that fails with a transient error ``threshold`` times in a row is *open*
-(skipped) for ``cooldown`` seconds; after that one request is let through, and a
-success closes it again. When every replica is open, all are tried anyway, in order:
-a cool-down never turns a slow recovery into a certain failure.
+(skipped) for ``cooldown`` seconds; after that it is tried again like any other, a
+success resets its count, and ``threshold`` more failures open it again. When every
+replica is open, all are tried anyway, in order: a cool-down never turns a slow
+recovery into a certain failure.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ _ENV_SECRETS = (
     "AZURE_STORAGE_CONNECTION_STRING",
     "AZURE_STORAGE_SAS_TOKEN",
     "AZURE_CLIENT_SECRET",
+    "AZURE_STORAGE_CLIENT_SECRET",
     "GOOGLE_OAUTH_ACCESS_TOKEN",
 )
 # Parts of a connection string that are credentials.

@@ -67,7 +67,19 @@ from mlstore.url import SCHEMES, URL, parse_url
 __all__ = ["MLStoreFileSystem"]
 
 #: Keyword arguments the Store takes.
-_STORE_KWARGS = frozenset({"config", "cache", "retry", "http", "mounts", "options", "max_workers"})
+_STORE_KWARGS = frozenset(
+    {
+        "config",
+        "cache",
+        "retry",
+        "http",
+        "mounts",
+        "options",
+        "max_workers",
+        "replica_failures",
+        "replica_cooldown",
+    }
+)
 #: Keyword arguments fsspec's AbstractFileSystem itself understands.
 _FSSPEC_KWARGS = frozenset(
     {"use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop"}

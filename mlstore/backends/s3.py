@@ -3,7 +3,8 @@
 Object reads, heads and whole-object writes call the aiobotocore client directly, so
 they carry ``If-Match`` (version pinning) and mlstore's content hash, and pass through
 no hidden retry loop: botocore's and s3fs's retries are off, and the one retry layer
-is mlstore's own. Listing, deletion, server-side copy and multipart uploads use s3fs.
+is mlstore's own. Listing, deletion and server-side copy use s3fs. Writes are one
+``PutObject`` each, so an object written through mlstore is at most 5 GiB for now.
 
 Options (``Store(options={"s3": {...}})``): ``endpoint_url``, ``region_name``, ``key``,
 ``secret``, ``token``, ``anon``, ``profile``, ``requester_pays``, and any other

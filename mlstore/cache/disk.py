@@ -410,9 +410,18 @@ class DiskTier:
         return removed
 
     def verify_all(self) -> tuple[int, int]:
-        """Re-hash every blob; drop the bad ones. Returns (checked, dropped)."""
+        """Re-hash every blob; drop the bad ones, and blob files the index does not know
+        (a filler killed between its rename and its index row). Returns
+        (checked, dropped)."""
         with self._db() as db:
             rows = db.execute("SELECT hash, size FROM blobs").fetchall()
+        known = {digest for digest, _ in rows}
+        blobs = os.path.join(self.root, "blobs")
+        for fan in os.listdir(blobs):
+            for name in os.listdir(os.path.join(blobs, fan)):
+                if name not in known:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(blobs, fan, name))
         dropped = 0
         for digest, size in rows:
             try:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mlstore.cache.disk import DiskFullError, DiskTier
+from mlstore.cache.disk import DiskFullError, DiskTier, check_private_dir
 from mlstore.cache.flight import SingleFlight
 from mlstore.cache.memory import MemoryTier
 from mlstore.config import CacheConfig
@@ -87,10 +87,10 @@ class TieredCache:
                 clock=clock,
                 on_event=lambda name, n: metrics.add(name, "disk", n),
             )
-            self.flight = SingleFlight(os.path.join(root, "locks"), sleep=sleep)
-        else:
+        else:  # memory tier only: the directory still holds the single-flight locks
+            check_private_dir(root)
             os.makedirs(os.path.join(root, "locks"), mode=0o700, exist_ok=True)
-            self.flight = SingleFlight(os.path.join(root, "locks"), sleep=sleep)
+        self.flight = SingleFlight(os.path.join(root, "locks"), sleep=sleep)
         self._warned_full = False
         self._warn_lock = threading.Lock()
 
