@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,38 +375,32 @@ def _fill_then_exit(endpoint: str, cache_dir: str, url: str) -> None:
 
 @pytest.mark.slow
 def test_fillers_killed_mid_fill_never_leave_a_servable_partial_entry(
-    via_proxy: str, bucket: str, cache_dir: str
+    via_proxy: str, bucket: str, cache_dir: str, s3_options: dict[str, object]
 ) -> None:
-    data = os.urandom(24 * MiB)
+    direct = str(s3_options["endpoint_url"])  # moto itself, past the throttled proxy
+    size, rate = 2 * MiB, 8 * MiB  # bytes/s: every fill takes at least a quarter second
+    data = os.urandom(size)
     url = f"s3://{bucket}/killed.bin"
     upload(via_proxy, url, data)
     rng = random.Random(11)
     ctx = multiprocessing.get_context("fork")
-    # How long one whole fill takes here; kills then land across its second half, where
-    # the download ends and the blob is hashed, written and renamed.
-    durations = []
-    for _ in range(3):
-        began = time.monotonic()
-        child = ctx.Process(target=_fill_then_exit, args=(via_proxy, cache_dir, url))
-        child.start()
-        child.join()
-        durations.append(time.monotonic() - began)
-        shutil.rmtree(cache_dir)
-    full = min(durations)
-    killed = left_temp = 0
-    for _ in range(50):
-        child = ctx.Process(target=_fill_then_exit, args=(via_proxy, cache_dir, url))
-        child.start()
-        child.join(timeout=rng.uniform(0.3 * full, 1.0 * full))  # let it run a while
-        if child.is_alive():
+    shortest = size / rate
+    proxy.set_rate(via_proxy, rate)
+    try:
+        for _ in range(50):
+            child = ctx.Process(target=_fill_then_exit, args=(via_proxy, cache_dir, url))
+            child.start()
+            # The child cannot finish before `shortest`: it dies mid-fill, holding the
+            # single-flight lock, at a random point of its download.
+            child.join(timeout=rng.uniform(0.05, 0.9) * shortest)
+            assert child.is_alive(), "the filler finished before it could be killed"
             os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
-            killed += 1
-        child.join()
-        left_temp += bool(os.listdir(Path(cache_dir) / "tmp"))
-        with make_store(via_proxy, cache_dir, memory_bytes=0) as store:
-            assert store.read_bytes(url) == data
-            store.cache.clear()
-    assert killed >= 10, f"only {killed} of 50 fillers were killed before they finished"
+            child.join()
+            with make_store(direct, cache_dir, memory_bytes=0) as store:
+                assert store.read_bytes(url) == data  # never a partial entry; never blocked
+                store.cache.clear()
+    finally:
+        proxy.set_rate(via_proxy, 0)
     with make_store(via_proxy, cache_dir) as store:  # a new start removes dead fillers' temps
         assert store.read_bytes(url) == data
         assert os.listdir(Path(cache_dir) / "tmp") == []

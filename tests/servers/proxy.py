@@ -14,6 +14,7 @@ Control routes (not forwarded):
 - ``GET /__proxy/counts``: ``{"total": n, "methods": {"GET": n, ...}, "paths": {...}}``
 - ``POST /__proxy/reset``: zero the counters
 - ``POST /__proxy/latency?seconds=0.02``: change the added latency
+- ``POST /__proxy/rate?bytes_per_second=N``: cap each response body's rate (0: no cap)
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ HOP_BY_HOP = {
 
 
 class Proxy:
-    def __init__(self, upstream: str, latency: float) -> None:
+    def __init__(self, upstream: str, latency: float, rate: float = 0.0) -> None:
         self.upstream = upstream.rstrip("/")
         self.latency = latency
+        self.rate = rate
         self.methods: collections.Counter[str] = collections.Counter()
         self.paths: collections.Counter[str] = collections.Counter()
         self.session: ClientSession | None = None
@@ -73,6 +75,9 @@ class Proxy:
         if action == "latency" and request.method == "POST":
             self.latency = float(request.query.get("seconds", "0"))
             return web.json_response({"latency": self.latency})
+        if action == "rate" and request.method == "POST":
+            self.rate = float(request.query.get("bytes_per_second", "0"))
+            return web.json_response({"rate": self.rate})
         raise web.HTTPNotFound()
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
@@ -99,6 +104,8 @@ class Proxy:
             if request.method != "HEAD":
                 async for chunk in upstream.content.iter_chunked(1 << 16):
                     await response.write(chunk)
+                    if self.rate:
+                        await asyncio.sleep(len(chunk) / self.rate)
             await response.write_eof()
             return response
 
@@ -108,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
+    parser.add_argument("--rate", type=float, default=0.0, help="body bytes/s cap (0: none)")
     args = parser.parse_args(argv)
-    proxy = Proxy(args.upstream, args.latency)
+    proxy = Proxy(args.upstream, args.latency, args.rate)
     app = web.Application(client_max_size=1 << 34)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
@@ -138,6 +146,17 @@ def counts(endpoint: str) -> dict[str, object]:
     with urllib.request.urlopen(f"{endpoint}/__proxy/counts", timeout=30) as resp:
         data: dict[str, object] = json.load(resp)
     return data
+
+
+def set_rate(endpoint: str, bytes_per_second: float) -> None:
+    """Cap every response body at ``bytes_per_second`` (0 lifts the cap)."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{endpoint}/__proxy/rate?bytes_per_second={bytes_per_second}", method="POST"
+    )
+    with urllib.request.urlopen(req, timeout=30):
+        pass
 
 
 def reset(endpoint: str) -> None:
