@@ -157,7 +157,9 @@ class CachedReads:
 
     # ------------------------------------------------------------------ blocks
 
-    def _block(self, target: URL, info: ObjectInfo, index: int) -> bytes:
+    def _block(
+        self, target: URL, info: ObjectInfo, index: int, *, streaming: bool = False
+    ) -> bytes:
         size = self.config.block_size
         lo = index * size
         hi = min(lo + size, info.size)
@@ -166,7 +168,7 @@ class CachedReads:
         def fetch() -> Fetched:
             return Fetched(self.store._read_pinned(target, lo, hi, info.version), info.version)
 
-        return self.cache.get(key, fetch, immutable=True)
+        return self.cache.get(key, fetch, immutable=True, keep_in_memory=not streaming)
 
     def _blocks(self, target: URL, info: ObjectInfo, lo: int, hi: int) -> bytes:
         size = self.config.block_size
@@ -270,7 +272,7 @@ class _BlockReader(io.RawIOBase):
         return block
 
     def _fetch(self, index: int) -> bytes:
-        return self._owner._block(self._target, self._info, index)
+        return self._owner._block(self._target, self._info, index, streaming=True)
 
     def close(self) -> None:
         for future in self._pending.values():

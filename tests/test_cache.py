@@ -597,3 +597,20 @@ def test_steady_reads_do_not_stretch_the_ttl(via_proxy: str, bucket: str, cache_
             clock.now += 3  # reads at 3, 6, 9 are within the ttl; 12 is not
             latest = store.read_bytes(mlstore.parse_url(url))
         assert latest == b"v2"
+
+
+def test_streaming_a_large_object_does_not_fill_the_memory_tier(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    data = os.urandom(3 * MiB)
+    url = f"s3://{bucket}/stream.bin"
+    upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir, block_threshold=MiB, block_size=256 * KiB) as store:
+        with store.open(url) as fh:
+            assert fh.read() == data
+        assert store.cache.memory.size() == 0, "streamed blocks went to the disk tier only"
+        assert store.cache.size() == len(data)
+        proxy.reset(via_proxy)
+        with store.open(url) as fh:
+            assert fh.read() == data
+        assert gets(via_proxy) == 0

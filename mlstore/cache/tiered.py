@@ -120,6 +120,7 @@ class TieredCache:
         known_version: str | None = None,
         immutable: bool = False,
         policy: tuple[str, float] | None = None,
+        keep_in_memory: bool = True,
     ) -> bytes:
         """The bytes of ``key``: from memory, from disk, or fetched once per node.
 
@@ -132,11 +133,14 @@ class TieredCache:
             immutable: the key names fixed content (a block of a pinned version):
                 never revalidated.
             policy: ``(validate, ttl)`` for this key (default: the config's).
+            keep_in_memory: False for data read once in a stream (the blocks of a
+                large object read through ``open()``): it goes to the disk tier only,
+                so streaming a large object does not fill this process's memory.
         """
         policy = policy or (self.config.validate, self.config.ttl)
         if revalidate is not None:
             revalidate = _once(revalidate)  # one HEAD per read, whichever tier asks
-        found = self._lookup(key, revalidate, immutable, policy)
+        found = self._lookup(key, revalidate, immutable, policy, keep_in_memory)
         if found is not None:
             return found
         with self.flight.hold(key) as waited:
@@ -144,7 +148,9 @@ class TieredCache:
                 self.metrics.add("single_flight_waits", "cache")
             # Look again even if the lock came at once: another filler may have finished
             # between our first look and our taking the lock.
-            found = self._lookup(key, revalidate, immutable, policy, after_wait=True)
+            found = self._lookup(
+                key, revalidate, immutable, policy, keep_in_memory, after_wait=True
+            )
             if found is not None:
                 return found
             if known_hash is not None and self.disk is not None:
@@ -158,7 +164,9 @@ class TieredCache:
             fetched = fetch()
             self.metrics.add("misses", "cache")
             self.metrics.add("bytes_fetched", "cache", len(fetched.data))
-            self._store(key, fetched, content_hash(fetched.data), policy)
+            self._store(
+                key, fetched, content_hash(fetched.data), policy, keep_in_memory=keep_in_memory
+            )
             return fetched.data
 
     def _fresh(
@@ -192,6 +200,7 @@ class TieredCache:
         revalidate: Callable[[], str | None] | None,
         immutable: bool,
         policy: tuple[str, float],
+        keep_in_memory: bool = True,
         *,
         after_wait: bool = False,
     ) -> bytes | None:
@@ -224,7 +233,8 @@ class TieredCache:
         blob = self.disk.read_blob(entry.hash, entry.size)
         if blob is None:  # evicted meanwhile, or corrupt (then dropped and counted)
             return None
-        self.memory.put(key, _Meta(entry.version, entry.hash, checked, *policy), blob)
+        if keep_in_memory:
+            self.memory.put(key, _Meta(entry.version, entry.hash, checked, *policy), blob)
         self.metrics.add("hits", "disk")
         self.metrics.add("bytes_served", "disk", len(blob))
         return blob
@@ -237,6 +247,7 @@ class TieredCache:
         policy: tuple[str, float],
         *,
         deduped: bool = False,
+        keep_in_memory: bool = True,
     ) -> None:
         now = self.clock()
         if self.disk is not None:
@@ -249,7 +260,8 @@ class TieredCache:
                 if not new_blob and not deduped:
                     # Same content already cached under another key: stored once.
                     self.metrics.add("dedupe_bytes_saved", "disk", len(fetched.data))
-        self.memory.put(key, _Meta(fetched.version, digest, now, *policy), fetched.data)
+        if keep_in_memory or self.disk is None:
+            self.memory.put(key, _Meta(fetched.version, digest, now, *policy), fetched.data)
 
     def _warn_disk_full(self) -> None:
         with self._warn_lock:
