@@ -1,0 +1,153 @@
+"""Benchmark tasks run in a fresh process: ``python -m benchmarks.child`` (see
+:class:`benchmarks.common.Child`).
+
+Protocol: one JSON task on the first stdin line; the child sets up (imports, client,
+a warm-up read), prints ``ready``, waits for ``go`` on stdin, runs the timed part and
+prints one JSON line with its results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from benchmarks.common import current_rss, digest, peak_rss
+from benchmarks.peers import make_reader
+
+
+def _barrier() -> None:
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("no go")
+
+
+def read_keys(task: dict[str, Any]) -> dict[str, Any]:
+    """Each key read once (``read``) or into one buffer (``readinto``), in this fresh
+    process; the warm-up key is read first so client setup is not timed."""
+    reader = make_reader(task["spec"])
+    paths = [reader.path(k) for k in task["keys"]]
+    expected = task["expected"]
+    if task.get("warmup"):
+        reader.warm_up(reader.path(task["warmup"]))
+    _barrier()
+    if task["mode"] == "read":
+        # Each read timed alone and its bytes hashed outside the timer, then dropped:
+        # keeping hundreds of results alive would measure page faults, not reads.
+        elapsed, ok, nbytes = 0.0, True, 0
+        clock = time.perf_counter
+        read = reader.read
+        for p, e in zip(paths, expected, strict=True):
+            t0 = clock()
+            data = read(p)
+            elapsed += clock() - t0
+            ok = ok and digest(data) == e
+            nbytes += len(memoryview(data))
+            del data
+    else:
+        buf = bytearray(task["size"])
+        view = memoryview(buf)
+        elapsed, ok, nbytes = 0.0, True, 0
+        for p, e in zip(paths, expected, strict=True):
+            t0 = time.perf_counter()
+            n = reader.readinto(p, view)
+            elapsed += time.perf_counter() - t0
+            ok = ok and digest(view[:n]) == e
+            nbytes += n
+    reader.close()
+    return {"elapsed": elapsed, "ops": len(paths), "bytes": nbytes, "ok": ok}
+
+
+def many_readers(task: dict[str, Any]) -> dict[str, Any]:
+    """One of several processes that read the same keys at the same time (B7)."""
+    reader = make_reader(task["spec"])
+    paths = [reader.path(k) for k in task["keys"]]
+    if task.get("warmup"):
+        reader.warm_up(reader.path(task["warmup"]))
+    _barrier()
+    t0 = time.perf_counter()
+    out = reader.read_many(paths)
+    elapsed = time.perf_counter() - t0
+    bad = sum(digest(b) != e for b, e in zip(out, task["expected"], strict=True))
+    reader.close()
+    return {"elapsed": elapsed, "ok": bad == 0 and len(out) == len(paths), "bad": bad}
+
+
+def stream(task: dict[str, Any]) -> dict[str, Any]:
+    """Stream one large object in chunks and report the peak RSS (B10)."""
+    import xxhash
+
+    reader = make_reader(task["spec"])
+    if task.get("warmup"):
+        reader.warm_up(reader.path(task["warmup"]))
+    baseline = peak_rss()
+    baseline_now = current_rss()
+    _barrier()
+    h = xxhash.xxh3_64()
+    n = 0
+    t0 = time.perf_counter()
+    for piece in reader.stream(reader.path(task["key"]), task["chunk"]):
+        h.update(piece)
+        n += len(memoryview(piece))
+    elapsed = time.perf_counter() - t0
+    peak = peak_rss()
+    ok = n == task["size"] and h.intdigest() == task["expected"]
+    reader.close()
+    return {
+        "elapsed": elapsed,
+        "ok": ok,
+        "baseline_peak": baseline,
+        "baseline_rss": baseline_now,
+        "peak": peak,
+    }
+
+
+def memory_budget(task: dict[str, Any]) -> dict[str, Any]:
+    """Read many small objects through a Store with a small memory tier (B10)."""
+    reader = make_reader(task["spec"])
+    paths = [reader.path(k) for k in task["keys"]]
+    if task.get("warmup"):
+        reader.warm_up(reader.path(task["warmup"]))
+    before = current_rss()
+    _barrier()
+    ok = True
+    sizes = []
+    for _ in range(task.get("passes", 1)):
+        for p, e in zip(paths, task["expected"], strict=True):
+            data = reader.read(p)
+            ok = ok and digest(data) == e
+            del data  # only the memory tier keeps anything
+        sizes.append(reader.store.cache.memory.size())  # type: ignore[attr-defined]
+    after = current_rss()
+    memory = reader.store.cache.memory  # type: ignore[attr-defined]
+    result = {
+        "ok": ok,
+        "tier_bytes": memory.size(),
+        "tier_items": len(memory),
+        "tier_max_seen": max(sizes),
+        "budget": memory.budget,
+        "rss_before": before,
+        "rss_after": after,
+        "peak": peak_rss(),
+    }
+    reader.close()
+    return result
+
+
+TASKS = {
+    "read_keys": read_keys,
+    "many_readers": many_readers,
+    "stream": stream,
+    "memory_budget": memory_budget,
+}
+
+
+def main() -> None:
+    task = json.loads(sys.stdin.readline())
+    result = TASKS[task["task"]](task)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Results out: a Markdown table, a JSON file with the raw numbers, PNG charts, and the
+docs page that shows the latest quick-mode table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Row
+
+PACKAGES = ("mlstore", "fsspec", "s3fs", "boto3", "obstore", "moto", "xxhash")
+
+
+def machine() -> dict[str, Any]:
+    """Cores, RAM, CPU, Python, OS and the versions of what was measured."""
+    ram = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    ram = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {
+        "cores": os.cpu_count(),
+        "ram_bytes": ram,
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "os": platform.platform(),
+        "packages": versions,
+    }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    ram = f"{m['ram_bytes'] / 2**30:.0f} GiB RAM" if m.get("ram_bytes") else "RAM unknown"
+    return (
+        f"{m['cores']} cores ({m['cpu'] or 'CPU unknown'}), {ram}, "
+        f"{m['implementation']} {m['python']}, {m['os']}"
+    )
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _met(r: Row) -> str:
+    if r.met is None:
+        return ""
+    return "yes" if r.met else "**NO**"
+
+
+def _ok(r: Row) -> str:
+    if r.verified is None:
+        return ""
+    return "ok" if r.verified else "**WRONG**"
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = (
+        "| scenario | peer | median | unit | ratio vs mlstore | target | met? | bytes | notes |\n"
+        "|---|---|---:|---|---:|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        peer = f"**{r.peer}**" if r.is_mlstore else r.peer
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
+        lines.append(
+            f"| {r.scenario} | {peer} | {_num(r.median)} | {r.unit} | {ratio} | "
+            f"{r.target} | {_met(r)} | {_ok(r)} | {r.note} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+LEGEND = (
+    "*ratio vs mlstore*: how many times better mlstore's row is than this row "
+    "(> 1: mlstore wins; for ops/s and GB/s mlstore / peer, for seconds, bytes, GETs and "
+    "RSS peer / mlstore). *median*: median of the repetitions. *bytes*: every byte each "
+    "peer returned was checked against the xxh3 of what was written."
+)
+
+
+def missed(rows: Sequence[Row]) -> list[Row]:
+    return [r for r in rows if r.met is False]
+
+
+def markdown(rows: Sequence[Row], info: dict[str, Any]) -> str:
+    out = [
+        "# Benchmark results",
+        "",
+        f"Command: `{info['command']}` ({info['mode']} mode, {info['reps']} repetitions, "
+        f"{info['duration_s']:.0f} s)",
+        "",
+        f"Machine: {machine_line(info['machine'])}",
+        "",
+        "Packages: " + ", ".join(f"{k} {v}" for k, v in info["machine"]["packages"].items()),
+        "",
+        table(rows),
+        LEGEND,
+        "",
+    ]
+    miss = missed(rows)
+    if miss:
+        out += ["Missed targets:", ""]
+        out += [f"- {r.scenario} / {r.peer}: {r.target} (median {_num(r.median)})" for r in miss]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_json(path: Path, rows: Sequence[Row], info: dict[str, Any]) -> None:
+    path.write_text(json.dumps({**info, "rows": [r.as_dict() for r in rows]}, indent=2) + "\n")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def charts(rows: Sequence[Row], outdir: Path) -> list[Path]:
+    """One horizontal bar chart per scenario (mlstore in orange), and a summary."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no charts (pip install matplotlib)")
+        return []
+    written = []
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        if r.median is not None:
+            groups.setdefault((r.scenario, r.unit), []).append(r)
+    for (scenario, unit), group in groups.items():
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(group) + 1.2))
+        names = [r.peer for r in group]
+        values = [r.median or 0 for r in group]
+        colors = ["tab:orange" if r.is_mlstore else "tab:blue" for r in group]
+        bars = ax.barh(names, values, color=colors)
+        for bar, r in zip(bars, group, strict=True):
+            ax.text(
+                bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {_num(r.median)}",
+                va="center", fontsize=8,
+            )  # fmt: skip
+        ax.invert_yaxis()
+        better = "higher is better" if group[0].higher_is_better else "lower is better"
+        ax.set_xlabel(f"{unit} ({better})")
+        ax.set_title(scenario)
+        ax.margins(x=0.15)
+        fig.tight_layout()
+        path = outdir / f"{_slug(scenario)}-{_slug(unit)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    # summary: for every target, achieved / required (>= 1: met), log scale
+    targets = [r for r in rows if r.met is not None and r.margin]
+    if targets:
+        fig, ax = plt.subplots(figsize=(9, 0.35 * len(targets) + 1.5))
+        labels = [f"{r.scenario} | {r.peer} | {r.target}"[:80] for r in targets]
+        y = list(range(len(targets)))
+        colors = ["tab:green" if r.met else "tab:red" for r in targets]
+        ax.barh(y, [r.margin or 0 for r in targets], color=colors)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.invert_yaxis()
+        ax.set_xlabel("achieved / required (>= 1: target met)")
+        ax.set_title("mlstore against its targets")
+        fig.tight_layout()
+        path = outdir / "summary-targets.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def docs_page(rows: Sequence[Row], info: dict[str, Any], charts_written: Sequence[Path]) -> str:
+    m = info["machine"]
+    chart_list = "\n".join(f"- `benchmarks/results/{p.name}`" for p in charts_written)
+    miss = missed(rows)
+    missed_text = (
+        "\n".join(f"- {r.scenario} / {r.peer}: {r.target}" for r in miss) if miss else "- none"
+    )
+    return f"""# Benchmarks
+
+mlstore exists to make training reads faster and cheaper than the alternatives, so every
+claim is a ratio measured side by side, in one run, against the tools a user would pick
+instead: s3fs read directly, fsspec's `simplecache::` and `blockcache::` over s3fs,
+boto3 `get_object`, obstore, and a raw local file `read()` / `readinto()` of the same
+bytes (the limit for a warm disk hit). The S3 server is a `moto_server` in its own
+process; the "cloud profile" puts a proxy in front of it that adds a fixed latency to
+every request ({int(info["latency"] * 1000)} ms), as real object stores answer in 10-100 ms.
+Every byte every peer returns is checked against the xxh3 of what was written, so no
+one wins by skipping work. Each figure is the median of several repetitions,
+interleaved across peers; ratios are taken within the run.
+
+## How to run
+
+```bash
+pip install -e . s3fs boto3 "moto[server]" obstore matplotlib
+python benchmarks/run.py --quick             # about 5 minutes on 2 cores
+python benchmarks/run.py                     # full sizes, about 20 minutes
+python benchmarks/run.py --only B1,B4        # some scenarios
+```
+
+Results go to `benchmarks/results/`: `latest.md` (the table), `latest.json` (every
+sample), and one PNG chart per scenario. A complete quick run also rewrites this page.
+No BLAS is involved anywhere in these paths: `OPENBLAS_*` variables (thread counts and
+the like) have no effect on the figures.
+
+## Latest quick-mode results
+
+Produced by `{info["command"]}` in {info["duration_s"]:.0f} s on {info["date"]}.
+
+Machine: {machine_line(m)}.
+
+Packages: {", ".join(f"{k} {v}" for k, v in m["packages"].items())}.
+
+{table(rows)}
+{LEGEND}
+
+Targets missed in this run:
+
+{missed_text}
+
+Charts of this run:
+
+{chart_list}
+
+## Scenarios
+
+- **B1** warm memory-tier hit, 256 KiB `read_bytes`, ops/s. Peers: simplecache warm
+  `cat_file`, local `read()`.
+- **B2** warm disk-tier hit in a fresh process (memory tier empty), each key read once,
+  xxh3 verification on. Peers: simplecache warm, local `read()`, all in fresh processes.
+- **B3** warm disk-tier hit of 64 MiB objects via `open().readinto`, GB/s, fresh process.
+  Peers: local `readinto()`, simplecache warm.
+- **B4** cold `read_many` of 256 KiB objects, a fresh cache each repetition. Peers: s3fs
+  `cat` batched and serial, boto3 serial and threaded, obstore serial and async,
+  simplecache.
+- **B5** B4 through the cloud profile, with the latency floor (requests x latency /
+  concurrency) and the server path's own ceiling. Peers: as B4, serial ones on a subset.
+- **B6** DataLoader epochs: not yet (needs `mlstore.torch`).
+- **B7** 8 processes cold-read the same objects at once; GETs counted at the proxy.
+  Peer: simplecache with a shared cache directory.
+- **B8** 200 random 64 KiB reads in a 64 MiB object: cold, warm, and cold through the
+  cloud profile. Peers: blockcache (s3fs's 50 MiB blocks, and 8 MiB blocks like
+  mlstore's), s3fs, obstore `get_range`.
+- **B9** 30% duplicate content: disk bytes and remote bytes over the unique bytes.
+  Peer: simplecache.
+- **B10** the memory tier's size against its budget; peak RSS while streaming a large
+  object through `open()`. Peers: s3fs `open()`, boto3 `iter_chunks`, obstore `stream()`.
+
+## Reading the numbers
+
+- The machines have 2 cores, and moto_server (plus the proxy, in the cloud profile) runs
+  on them beside the client. For cold reads the client's CPU per object decides the
+  rate, so the cold scenarios note it (`client CPU ... ms/object`, all threads of the
+  benchmark process); unlike the rates, it hardly moves when the machine is busy.
+- moto copies the whole object for every ranged GET (about 60 ms for a 64 KiB range of
+  a 64 MiB object), so on this server a ranged read costs in proportion to the object's
+  size: fewer, larger blocks win B8's cold rows by more than they would on a real store,
+  and streaming a large object in ranges (B10) is slow for s3fs and mlstore alike.
+- B5's latency floor assumes a server that scales with concurrency. The row
+  `ceiling: ... via proxy, 0 ms` is the fastest raw client through the same proxy with
+  no added latency: the server path's own limit on this machine.
+- B7: `bytes` WRONG for simplecache means some of its readers got truncated files:
+  simplecache writes into its cache file in place, and a neighbour process reads it
+  before it is complete.
+- Peak RSS (B10) is `VmHWM` of the child process: `getrusage()` on Linux also counts
+  the forked parent's pages from before `exec`.
+
+moto is the ceiling on this kind of machine (a few hundred small GETs per second, and
+concurrency does not help against it), which is why the cold scenarios are also run
+through the cloud profile, where concurrency shows.
+"""
