@@ -185,13 +185,20 @@ def charts(rows: Sequence[Row], outdir: Path) -> list[Path]:
     # summary: for every target, achieved / required (>= 1: met), log scale
     targets = [r for r in rows if r.met is not None and r.margin]
     if targets:
-        fig, ax = plt.subplots(figsize=(9, 0.35 * len(targets) + 1.5))
-        labels = [f"{r.scenario} | {r.peer} | {r.target}"[:80] for r in targets]
+        from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+        fig, ax = plt.subplots(figsize=(11, 0.35 * len(targets) + 1.5))
+        labels = [f"{r.scenario} | {r.peer} | {r.target}"[:90] for r in targets]
         y = list(range(len(targets)))
         colors = ["tab:green" if r.met else "tab:red" for r in targets]
         ax.barh(y, [r.margin or 0 for r in targets], color=colors)
         ax.set_yticks(y, labels, fontsize=7)
         ax.set_xscale("log")
+        ticks = [0.1, 0.25, 0.5, 1, 2, 4, 10]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(1.0, color="black", linewidth=1)
         ax.invert_yaxis()
         ax.set_xlabel("achieved / required (>= 1: target met)")
@@ -286,7 +293,7 @@ Charts of this run:
 - The machines have 2 cores, and moto_server (plus the proxy, in the cloud profile) runs
   on them beside the client. For cold reads the client's CPU per object decides the
   rate, so the cold scenarios note it (`client CPU ... ms/object`, all threads of the
-  benchmark process); unlike the rates, it hardly moves when the machine is busy.
+  benchmark process); it is steadier than the rates when the machine is busy.
 - moto copies the whole object for every ranged GET (about 60 ms for a 64 KiB range of
   a 64 MiB object), so on this server a ranged read costs in proportion to the object's
   size: fewer, larger blocks win B8's cold rows by more than they would on a real store,

@@ -33,6 +33,7 @@ __all__ = ["CACHED_PROTOCOLS", "CachedReads"]
 
 CACHED_PROTOCOLS = frozenset({"s3", "gs", "az", "http", "https"})
 _READAHEAD_BLOCKS = 2
+_BUFFER = 256 * 1024
 
 
 class CachedReads:
@@ -194,7 +195,8 @@ class CachedReads:
 
     def _block_file(self, target: URL, info: ObjectInfo) -> IO[bytes]:
         raw = _BlockReader(self, target, info)
-        return io.BufferedReader(raw, buffer_size=self.config.block_size)
+        # A small buffer: a read after a seek copies little; large reads bypass it.
+        return io.BufferedReader(raw, buffer_size=min(self.config.block_size, _BUFFER))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -222,7 +224,8 @@ class _BlockReader(io.RawIOBase):
         self._block_size = owner.config.block_size
         self._blocks = _count(info, self._block_size)
         self._pos = 0
-        self._last = -2
+        self._last = -1  # a reader starting at byte 0 is reading forward
+        self._current: tuple[int, bytes] = (-1, b"")
         self._pending: dict[int, Future[bytes]] = {}
         self.name = str(target)
         self.size = info.size
@@ -261,21 +264,37 @@ class _BlockReader(io.RawIOBase):
         return n
 
     def _get(self, index: int) -> bytes:
+        if index == self._current[0]:
+            return self._current[1]
+        sequential = index == self._last + 1
         future = self._pending.pop(index, None)
-        block = future.result() if future is not None else self._fetch(index)
-        if index == self._last + 1:  # reading forward: fetch what comes next
+        # A reader going forward streams: its blocks go to the disk tier only. A reader
+        # jumping around keeps them in memory too, for the next jump back.
+        block = future.result() if future is not None else self._fetch(index, sequential)
+        if sequential:  # reading forward: fetch what comes next
             pool = self._owner._executor()
             for ahead in range(index + 1, min(index + 1 + _READAHEAD_BLOCKS, self._blocks)):
                 if ahead not in self._pending:
-                    self._pending[ahead] = pool.submit(self._fetch, ahead)
+                    self._pending[ahead] = pool.submit(self._fetch, ahead, True)
         self._last = index
+        self._current = (index, block)
         return block
 
-    def _fetch(self, index: int) -> bytes:
-        return self._owner._block(self._target, self._info, index, streaming=True)
+    def _fetch(self, index: int, streaming: bool) -> bytes:
+        return self._owner._block(self._target, self._info, index, streaming=streaming)
+
+    def readall(self) -> bytes:
+        parts = []
+        while self._pos < self.size:
+            index, offset = divmod(self._pos, self._block_size)
+            block = self._get(index)
+            parts.append(block[offset:] if offset else block)
+            self._pos += len(block) - offset
+        return b"".join(parts)
 
     def close(self) -> None:
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
+        self._current = (-1, b"")
         super().close()
