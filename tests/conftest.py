@@ -43,6 +43,14 @@ def _isolated_environment(
 
 
 @pytest.fixture
+def backend_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests of a backend itself: no cache and one attempt, so every call reaches
+    the server exactly once (the cache and the retry layer have tests of their own)."""
+    monkeypatch.setenv("MLSTORE_CACHE", "0")
+    monkeypatch.setenv("MLSTORE_MAX_ATTEMPTS", "1")
+
+
+@pytest.fixture
 def store() -> Iterator[mlstore.Store]:
     with mlstore.Store() as s:
         yield s

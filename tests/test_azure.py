@@ -35,15 +35,7 @@ from mlstore.hashing import content_hash
 from mlstore.url import parse_url
 from tests.emulators import AZURITE_ACCOUNT, AZURITE_KEY
 
-pytestmark = pytest.mark.azure
-
-
-@pytest.fixture(autouse=True)
-def _backend_without_cache_or_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests are about the backend itself: every call reaches the server, once
-    (the cache and the retry layer have tests of their own)."""
-    monkeypatch.setenv("MLSTORE_CACHE", "0")
-    monkeypatch.setenv("MLSTORE_MAX_ATTEMPTS", "1")
+pytestmark = [pytest.mark.azure, pytest.mark.usefixtures("backend_only")]
 
 
 # A well-formed account key (base64 of 64 bytes) that is not the account's.

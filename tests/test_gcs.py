@@ -32,15 +32,7 @@ from mlstore.url import URL, parse_url
 from tests.conftest import GCS_PROJECT
 from tests.emulators import REPO, ServerProcess
 
-pytestmark = pytest.mark.gcs
-
-
-@pytest.fixture(autouse=True)
-def _backend_without_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests are about the backend itself: every call reaches the emulator, once
-    (the retry layer has tests of its own)."""
-    monkeypatch.setenv("MLSTORE_CACHE", "0")
-    monkeypatch.setenv("MLSTORE_MAX_ATTEMPTS", "1")
+pytestmark = [pytest.mark.gcs, pytest.mark.usefixtures("backend_only")]
 
 
 @pytest.fixture

@@ -35,13 +35,8 @@ from hypothesis import strategies as st
 
 import mlstore
 
-
-@pytest.fixture(autouse=True)
-def _backend_without_cache_or_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests are about the backend itself: every call reaches the server, once
-    (the cache and the retry layer have tests of their own)."""
-    monkeypatch.setenv("MLSTORE_CACHE", "0")
-    monkeypatch.setenv("MLSTORE_MAX_ATTEMPTS", "1")
+# These tests are about the backend itself: every call reaches the server, once.
+pytestmark = pytest.mark.usefixtures("backend_only")
 
 
 SERVER = Path(__file__).resolve().parent / "servers" / "http_server.py"

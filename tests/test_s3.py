@@ -12,15 +12,7 @@ import mlstore
 from mlstore import Store
 from mlstore.hashing import content_hash
 
-pytestmark = pytest.mark.s3
-
-
-@pytest.fixture(autouse=True)
-def _backend_without_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests are about the backend itself: every call reaches the emulator, once
-    (the retry layer has tests of its own)."""
-    monkeypatch.setenv("MLSTORE_CACHE", "0")
-    monkeypatch.setenv("MLSTORE_MAX_ATTEMPTS", "1")
+pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("backend_only")]
 
 
 @pytest.fixture
