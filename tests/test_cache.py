@@ -275,6 +275,22 @@ def test_known_content_hash_serves_a_new_url_without_a_get(
         assert store.stats().get("dedupe_hits", "cache") == 1
 
 
+def test_concurrent_reads_of_known_duplicates_fetch_the_content_once(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    data = os.urandom(64 * KiB)
+    urls = [f"s3://{bucket}/copies/{i}.bin" for i in range(16)]
+    for url in urls:
+        upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir, memory_bytes=0) as store:
+        for url in urls:
+            store.info(url)  # the metadata names the content
+        proxy.reset(via_proxy)
+        assert store.read_many(urls, max_workers=16) == [data] * 16
+        assert gets(via_proxy) == 1, "one GET for sixteen URLs of one content"
+        assert store.stats().get("dedupe_hits", "cache") == 15
+
+
 # ---------------------------------------------------------------- policies
 
 
@@ -614,3 +630,106 @@ def test_streaming_a_large_object_does_not_fill_the_memory_tier(
         with store.open(url) as fh:
             assert fh.read() == data
         assert gets(via_proxy) == 0
+
+
+def test_a_disk_hit_enters_the_memory_tier_on_its_second_read(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    data = os.urandom(64 * KiB)
+    url = f"s3://{bucket}/twice.bin"
+    upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir) as store:
+        store.read_bytes(url)
+    with make_store(via_proxy, cache_dir) as store:
+        assert store.read_bytes(url) == data
+        assert store.cache.memory.size() == 0, "read once: no memory copy (an epoch streams)"
+        assert store.read_bytes(url) == data
+        assert store.cache.memory.size() == len(data), "read twice: worth keeping"
+        assert store.read_bytes(url) == data
+        stats = store.stats()
+        assert (stats.get("hits", "disk"), stats.get("hits", "memory")) == (2, 1)
+
+
+def _large_cached(via_proxy: str, bucket: str, cache_dir: str, name: str) -> tuple[str, bytes]:
+    data = os.urandom(5 * MiB + 123)
+    url = f"s3://{bucket}/{name}"
+    upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir) as store:
+        assert store.read_bytes(url) == data
+    proxy.reset(via_proxy)
+    return url, data
+
+
+@pytest.mark.parametrize("how", ["readinto", "read-pieces", "seek"])
+def test_opening_a_large_cached_object_reads_its_blob_with_no_request(
+    via_proxy: str, bucket: str, cache_dir: str, how: str
+) -> None:
+    url, data = _large_cached(via_proxy, bucket, cache_dir, f"big-{how}.bin")
+    with make_store(via_proxy, cache_dir) as store, store.open(url) as fh:
+        if how == "readinto":
+            buf = bytearray(len(data) + 10)
+            assert fh.readinto(buf) == len(data)
+            assert bytes(buf[: len(data)]) == data
+        elif how == "read-pieces":
+            got = b"".join(iter(lambda: fh.read(100_000), b""))
+            assert got == data
+        else:
+            fh.seek(-1000, os.SEEK_END)
+            assert fh.read() == data[-1000:]
+            fh.seek(10)
+            assert fh.read(5) == data[10:15]
+        assert store.stats().get("hits", "disk") == 1
+        assert store.cache.memory.size() == 0
+    assert proxy.counts(via_proxy)["total"] == 0, "no HEAD, no GET"
+
+
+@pytest.mark.parametrize("how", ["readinto", "read-pieces"])
+def test_a_tampered_large_blob_is_never_served_through_open(
+    via_proxy: str, bucket: str, cache_dir: str, how: str
+) -> None:
+    url, data = _large_cached(via_proxy, bucket, cache_dir, f"tampered-{how}.bin")
+    digest = content_hash(data)
+    blob = Path(cache_dir) / "blobs" / digest[:2] / digest
+    raw = bytearray(blob.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    blob.write_bytes(bytes(raw))
+    with make_store(via_proxy, cache_dir) as store, store.open(url) as fh:
+        if how == "readinto":
+            buf = bytearray(len(data))
+            assert fh.readinto(buf) == len(data)
+            got = bytes(buf)
+        else:
+            got = b"".join(iter(lambda: fh.read(1 << 20), b""))
+        assert got == data
+        assert store.stats().get("integrity_failures", "disk") == 1
+    assert gets(via_proxy) == 1, "refetched once"
+    with make_store(via_proxy, cache_dir) as store:
+        assert store.cache.verify() == {"checked": 1, "dropped": 0}
+
+
+def test_single_flight_keeps_a_bounded_number_of_lock_files_open(tmp_path: Path) -> None:
+    from mlstore.cache.flight import SingleFlight
+
+    flight = SingleFlight(str(tmp_path))
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(1000):
+        with flight.hold(f"s3://b/key-{i}"):
+            pass
+    assert len(os.listdir("/proc/self/fd")) - before <= 128
+    flight.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_forked_child_does_not_share_its_parents_flight_locks(tmp_path: Path) -> None:
+    from mlstore.cache.flight import SingleFlight
+
+    flight = SingleFlight(str(tmp_path), timeout=0.0)
+    with flight.hold("s3://b/shared"):  # the parent's stripe file is open and locked
+        pass
+    with flight.hold("s3://b/shared"):
+        pid = os.fork()
+        if pid == 0:  # the child must see the parent's lock as someone else's
+            with flight.hold("s3://b/shared") as waited:
+                os._exit(0 if waited else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

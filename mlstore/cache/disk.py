@@ -205,7 +205,7 @@ class DiskTier:
             self.on_event("integrity_failures", 1)
             self.drop_blob(digest)
             return None
-        self._touch(digest)
+        self.touch_blob(digest)
         return data
 
     def blob_size(self, digest: str) -> int | None:
@@ -214,12 +214,8 @@ class DiskTier:
             row = db.execute("SELECT size FROM blobs WHERE hash = ?", (digest,)).fetchone()
         return None if row is None else int(row[0])
 
-    def has_blob(self, digest: str) -> bool:
-        with self._db() as db:
-            row = db.execute("SELECT 1 FROM blobs WHERE hash = ?", (digest,)).fetchone()
-        return row is not None and os.path.exists(self.blob_path(digest))
-
-    def _touch(self, digest: str) -> None:
+    def touch_blob(self, digest: str) -> None:
+        """Record a use of blob ``digest`` (written to the index in batches)."""
         now = self.clock()
         with self._touch_lock:
             self._touched[digest] = now
@@ -249,33 +245,35 @@ class DiskTier:
             DiskFullError: the file system is full; nothing was stored.
         """
         digest = digest or content_hash(data)
-        new_blob = not self.has_blob(digest)
-        if new_blob:
+        # Blob files appear only by rename, so one that exists is whole (a torn one,
+        # after a power loss, fails its hash on read): no index query needed to know.
+        if not os.path.exists(self.blob_path(digest)):
             self._write_blob(digest, data)
         now = self.clock()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                if new_blob:
-                    inserted = db.execute(
-                        "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest, len(data), now)
-                    ).rowcount
-                    if inserted:
-                        db.execute(
-                            "UPDATE meta SET value = value + ? WHERE name = 'bytes'", (len(data),)
-                        )
+                inserted = db.execute(
+                    "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest, len(data), now)
+                ).rowcount
+                if inserted:
+                    db.execute(
+                        "UPDATE meta SET value = value + ? WHERE name = 'bytes'", (len(data),)
+                    )
                 else:
                     db.execute("UPDATE blobs SET atime = ? WHERE hash = ?", (now, digest))
                 db.execute(
                     "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
                     (key, version, digest, len(data), now),
                 )
+                total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        self.evict(keep=digest)
-        return new_blob
+        if total > self.budget:
+            self.evict(keep=digest)
+        return bool(inserted)
 
     def _write_blob(self, digest: str, data: bytes) -> None:
         tmp = os.path.join(self.root, "tmp", f"{os.getpid()}-{os.urandom(6).hex()}")

@@ -13,20 +13,32 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 __all__ = ["SingleFlight"]
 
 STRIPES = 4096
+_OPEN_STRIPES = 128  # lock files kept open per process (idle ones are closed beyond it)
 
 
 class _KeyLock:
     __slots__ = ("lock", "users")
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+class _Stripe:
+    __slots__ = ("fd", "lock", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.lock = threading.Lock()
         self.users = 0
 
@@ -51,6 +63,21 @@ class SingleFlight:
         self.sleep = sleep
         self._keys: dict[str, _KeyLock] = {}
         self._guard = threading.Lock()
+        self._stripes: dict[int, _Stripe] = {}
+        self._pid = os.getpid()
+        # A child forked while a thread here held a key (a DataLoader worker forked
+        # mid-read) inherits that lock held for ever, and the parent's open lock files,
+        # whose flocks it would share: it starts afresh.
+        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
+
+    def _forked(self) -> None:
+        self._keys = {}
+        self._guard = threading.Lock()
+        for entry in self._stripes.values():
+            with contextlib.suppress(OSError):
+                os.close(entry.fd)
+        self._stripes = {}
+        self._pid = os.getpid()
 
     @contextlib.contextmanager
     def hold(self, key: str) -> Iterator[bool]:
@@ -79,28 +106,70 @@ class SingleFlight:
         import xxhash
 
         stripe = xxhash.xxh3_64_intdigest(key.encode()) % STRIPES
-        path = os.path.join(self.lock_dir, f"{stripe:03x}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        entry = self._stripe(stripe)
+        fd = entry.fd
+        # A flock belongs to the open file, which this process's threads share: the
+        # thread lock keeps two of them (different keys, same stripe) from taking and
+        # releasing it under each other.
         try:
-            waited = False
-            deadline = time.monotonic() + self.timeout
-            delay = 0.001
-            locked = False
-            while True:
+            with entry.lock:
+                waited = False
+                deadline = time.monotonic() + self.timeout
+                delay = 0.001
+                locked = False
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        locked = True
+                        break
+                    except BlockingIOError:
+                        waited = True
+                        if time.monotonic() >= deadline:
+                            break  # a hung filler: go ahead without the lock
+                        self.sleep(delay)
+                        delay = min(delay * 2, 0.05)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    locked = True
-                    break
-                except BlockingIOError:
-                    waited = True
-                    if time.monotonic() >= deadline:
-                        break  # a hung filler: go ahead without the lock
-                    self.sleep(delay)
-                    delay = min(delay * 2, 0.05)
-            try:
-                yield waited
-            finally:
-                if locked:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    yield waited
+                finally:
+                    if locked:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            os.close(fd)
+            with self._guard:
+                entry.users -= 1
+
+    def _stripe(self, stripe: int) -> _Stripe:
+        """The stripe's lock file, opened once per process and kept open (opening and
+        closing it per fill was a measurable share of a cold read)."""
+        with self._guard:
+            found = self._stripes.get(stripe)
+            if found is None:
+                if len(self._stripes) >= _OPEN_STRIPES:
+                    self._close_idle()
+                path = os.path.join(self.lock_dir, f"{stripe:03x}")
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                found = self._stripes[stripe] = _Stripe(fd)
+            found.users += 1
+            return found
+
+    def _close_idle(self) -> None:
+        for stripe, entry in list(self._stripes.items()):
+            if entry.users == 0:  # (called under the guard) no thread holds or wants it
+                del self._stripes[stripe]
+                with contextlib.suppress(OSError):
+                    os.close(entry.fd)
+
+    def close(self) -> None:
+        """Close the lock files this process opened."""
+        with self._guard:
+            if self._pid == os.getpid():
+                for entry in self._stripes.values():
+                    if entry.users == 0:
+                        with contextlib.suppress(OSError):
+                            os.close(entry.fd)
+            self._stripes = {}
+
+
+def _after_fork(ref: weakref.ref[SingleFlight]) -> None:
+    flight = ref()
+    if flight is not None:
+        flight._forked()

@@ -15,13 +15,18 @@ Consistency policies (``CacheConfig.validate``):
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO, Any
 
+from mlstore.cache.blobfile import BlobFile
 from mlstore.cache.disk import DiskFullError, DiskTier, check_private_dir
 from mlstore.cache.flight import SingleFlight
 from mlstore.cache.memory import MemoryTier
@@ -32,6 +37,13 @@ from mlstore.metrics import Metrics
 __all__ = ["Fetched", "TieredCache"]
 
 log = logging.getLogger("mlstore.cache")
+
+#: How many keys read once from disk are remembered, so a second read admits them to
+#: the memory tier. A key read only once (an epoch over a dataset larger than memory)
+#: never costs a memory-tier copy.
+_SEEN_KEYS = 65536
+#: Disk entries at least this large are opened as files over their blob, not loaded.
+_FILE_MIN = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,9 @@ class TieredCache:
         self.flight = SingleFlight(os.path.join(root, "locks"), sleep=sleep)
         self._warned_full = False
         self._warn_lock = threading.Lock()
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._contents: dict[str, list[Any]] = {}
+        self._seen_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lookups
 
@@ -109,6 +124,51 @@ class TieredCache:
             self.metrics.add("bytes_served", "memory", len(data))
             return data
         return None
+
+    def open_fresh(
+        self, key: str, policy: tuple[str, float], refetch: Callable[[], bytes]
+    ) -> IO[bytes] | None:
+        """A file over the cached bytes of ``key`` if ``policy`` trusts them without a
+        request to the store; ``None`` otherwise (the caller takes the usual path).
+
+        A large disk entry is served from its blob file (verified before any byte is
+        returned; ``refetch`` gets the object anew if it fails), not loaded into memory.
+        """
+        data = self.peek(key)
+        if data is not None:
+            return _named(io.BytesIO(data), key)
+        if self.disk is None:
+            return None
+        entry = self.disk.lookup(key)
+        validate, ttl = policy
+        if entry is None or not (
+            validate == "never" or (validate == "ttl" and self.clock() - entry.checked < ttl)
+        ):
+            return None
+        if entry.size < _FILE_MIN:
+            found = self._lookup(key, None, True, policy)
+            return _named(io.BytesIO(found), key) if found is not None else None
+        disk = self.disk
+
+        def corrupt() -> None:
+            self.metrics.add("integrity_failures", "disk")
+            disk.drop_blob(entry.hash)
+
+        try:
+            fh = BlobFile(
+                disk.blob_path(entry.hash),
+                entry.hash,
+                entry.size,
+                name=key,
+                on_corrupt=corrupt,
+                refetch=refetch,
+            )
+        except FileNotFoundError:
+            return None
+        disk.touch_blob(entry.hash)
+        self.metrics.add("hits", "disk")
+        self.metrics.add("bytes_served", "disk", entry.size)
+        return io.BufferedReader(fh, buffer_size=256 * 1024)
 
     def get(
         self,
@@ -153,21 +213,51 @@ class TieredCache:
             )
             if found is not None:
                 return found
-            if known_hash is not None and self.disk is not None:
-                size = self.disk.blob_size(known_hash)
-                data = self.disk.read_blob(known_hash, size) if size is not None else None
-                if data is not None:
-                    self._store(key, Fetched(data, known_version), known_hash, policy, deduped=True)
-                    self.metrics.add("dedupe_hits", "cache")
-                    self.metrics.add("dedupe_bytes_saved", "cache", len(data))
-                    return data
-            fetched = fetch()
-            self.metrics.add("misses", "cache")
-            self.metrics.add("bytes_fetched", "cache", len(fetched.data))
-            self._store(
-                key, fetched, content_hash(fetched.data), policy, keep_in_memory=keep_in_memory
-            )
-            return fetched.data
+            with self._content_lock(known_hash):
+                return self._fill(key, fetch, known_hash, known_version, policy, keep_in_memory)
+
+    def _fill(
+        self,
+        key: str,
+        fetch: Callable[[], Fetched],
+        known_hash: str | None,
+        known_version: str | None,
+        policy: tuple[str, float],
+        keep_in_memory: bool,
+    ) -> bytes:
+        if known_hash is not None and self.disk is not None:
+            size = self.disk.blob_size(known_hash)
+            data = self.disk.read_blob(known_hash, size) if size is not None else None
+            if data is not None:
+                self._store(key, Fetched(data, known_version), known_hash, policy, deduped=True)
+                self.metrics.add("dedupe_hits", "cache")
+                self.metrics.add("dedupe_bytes_saved", "cache", len(data))
+                return data
+        fetched = fetch()
+        self.metrics.add("misses", "cache")
+        self.metrics.add("bytes_fetched", "cache", len(fetched.data))
+        self._store(key, fetched, content_hash(fetched.data), policy, keep_in_memory=keep_in_memory)
+        return fetched.data
+
+    @contextlib.contextmanager
+    def _content_lock(self, digest: str | None) -> Iterator[None]:
+        """Two URLs known to hold the same content are fetched once: the second waits
+        for the first, then finds the blob. (Taken only after a key's flight lock and
+        held while nothing else is locked, so it cannot deadlock.)"""
+        if digest is None:
+            yield
+            return
+        with self._seen_lock:
+            entry = self._contents.setdefault(digest, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._seen_lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._contents[digest]
 
     def _fresh(
         self,
@@ -233,11 +323,22 @@ class TieredCache:
         blob = self.disk.read_blob(entry.hash, entry.size)
         if blob is None:  # evicted meanwhile, or corrupt (then dropped and counted)
             return None
-        if keep_in_memory:
+        if keep_in_memory and self._second_touch(key):
             self.memory.put(key, _Meta(entry.version, entry.hash, checked, *policy), blob)
         self.metrics.add("hits", "disk")
         self.metrics.add("bytes_served", "disk", len(blob))
         return blob
+
+    def _second_touch(self, key: str) -> bool:
+        """True if ``key`` was served from disk before (recently): worth a memory copy."""
+        with self._seen_lock:
+            if key in self._seen:
+                del self._seen[key]
+                return True
+            self._seen[key] = None
+            if len(self._seen) > _SEEN_KEYS:
+                self._seen.popitem(last=False)
+            return False
 
     def _store(
         self,
@@ -280,6 +381,7 @@ class TieredCache:
         """Release the disk tier's files (the cache stays on disk for the next user)."""
         if self.disk is not None:
             self.disk.close()
+        self.flight.close()
 
     def size(self) -> int:
         """Bytes in the disk tier (the memory tier if there is no disk tier)."""
@@ -316,3 +418,8 @@ def _once(fn: Callable[[], str | None]) -> Callable[[], str | None]:
         return memo[0]
 
     return call
+
+
+def _named(fh: io.BytesIO, name: str) -> io.BytesIO:
+    fh.name = name
+    return fh
