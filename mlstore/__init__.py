@@ -21,6 +21,7 @@ from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
 from mlstore.errors import (
     ConfigError,
     ConnectionLostError,
+    CorruptBodyError,
     IntegrityError,
     MlstoreError,
     NotFoundError,
@@ -43,6 +44,7 @@ __all__ = [
     "CacheConfig",
     "ConfigError",
     "ConnectionLostError",
+    "CorruptBodyError",
     "HttpPolicy",
     "IntegrityError",
     "MlstoreError",

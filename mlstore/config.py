@@ -131,6 +131,19 @@ def _parse_optional_float(value: object, name: str) -> float | None:
     return _parse_float(value, name)
 
 
+def _parse_hedge(value: object, name: str) -> float | str | None:
+    """Seconds, ``"p95"`` (a percentile of observed latency, p50-p99), or off."""
+    if isinstance(value, str) and re.fullmatch(r"\s*p\d{2}\s*", value.lower()):
+        text = value.strip().lower()
+        if not 50 <= int(text[1:]) <= 99:
+            raise ConfigError(f"{name} percentile must be p50..p99, got {value!r}")
+        return text
+    out = _parse_optional_float(value, name)
+    if out is not None and out <= 0:
+        raise ConfigError(f"{name} must be greater than zero, got {value!r}")
+    return out
+
+
 def _parse_str_tuple(value: object, name: str) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -394,8 +407,11 @@ class RetryPolicy(_Resolved):
             (``MLSTORE_BACKOFF_BASE``). Default 0.2.
         backoff_max: largest backoff ceiling in seconds (``MLSTORE_BACKOFF_MAX``).
             Default 20.
-        hedge_after: seconds after which a second copy of a slow read is sent, or
-            ``None`` for no hedging (``MLSTORE_HEDGE_AFTER``). Default ``None``.
+        hedge_after: when a second copy of a slow read is sent: after this many
+            seconds, or ``"p95"`` (``"p50"``..``"p99"``) of the latencies observed so
+            far; ``None`` for no hedging (``MLSTORE_HEDGE_AFTER``). The first answer
+            wins and the other request is cancelled; hedges are capped at 5% of reads.
+            S3 reads only for now. Default ``None``.
         connect_timeout: seconds to establish a connection
             (``MLSTORE_CONNECT_TIMEOUT``). Default 10.
         read_timeout: seconds without a byte before a read is abandoned
@@ -406,7 +422,7 @@ class RetryPolicy(_Resolved):
     deadline: float = UNSET
     backoff_base: float = UNSET
     backoff_max: float = UNSET
-    hedge_after: float | None = UNSET
+    hedge_after: float | str | None = UNSET
     connect_timeout: float = UNSET
     read_timeout: float = UNSET
 
@@ -416,7 +432,7 @@ class RetryPolicy(_Resolved):
         "deadline": ("MLSTORE_DEADLINE", _positive(_parse_float), 120.0),
         "backoff_base": ("MLSTORE_BACKOFF_BASE", _nonneg(_parse_float), 0.2),
         "backoff_max": ("MLSTORE_BACKOFF_MAX", _nonneg(_parse_float), 20.0),
-        "hedge_after": ("MLSTORE_HEDGE_AFTER", _positive(_parse_optional_float), None),
+        "hedge_after": ("MLSTORE_HEDGE_AFTER", _parse_hedge, None),
         "connect_timeout": ("MLSTORE_CONNECT_TIMEOUT", _positive(_parse_float), 10.0),
         "read_timeout": ("MLSTORE_READ_TIMEOUT", _positive(_parse_float), 60.0),
     }

@@ -15,7 +15,8 @@ keeps working in code that does not know mlstore::
     └── TransientError                worth retrying
         ├── ThrottledError            503 SlowDown, 429 Too Many Requests
         ├── StorageTimeoutError  (TimeoutError)
-        └── ConnectionLostError  (ConnectionError)
+        ├── ConnectionLostError  (ConnectionError)
+        └── CorruptBodyError          (also an IntegrityError) a download failed its check
 
 Errors carry the ``url`` and the ``operation`` they concern. The message names both and,
 where it can, what to do next. Messages never contain credentials: URLs are passed
@@ -31,6 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 __all__ = [
     "ConfigError",
     "ConnectionLostError",
+    "CorruptBodyError",
     "IntegrityError",
     "IsADirectoryError_",
     "MlstoreError",
@@ -118,7 +120,12 @@ class MlstoreError(Exception):
     def __reduce__(self) -> tuple[object, ...]:
         # Keep the keyword-only attributes, and any set later (``retry_after``),
         # across pickling: DataLoader workers send exceptions back to the parent.
-        extra = {k: v for k, v in self.__dict__.items() if k not in ("url", "operation", "reason")}
+        # Private attributes (the bytes of an interrupted body) stay in this process.
+        extra = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("url", "operation", "reason") and not k.startswith("_")
+        }
         return (_rebuild, (type(self), self.reason, self.url, self.operation), extra or None)
 
 
@@ -176,3 +183,8 @@ class StorageTimeoutError(TransientError, TimeoutError):
 
 class ConnectionLostError(TransientError, ConnectionError):
     """The connection failed or was reset."""
+
+
+class CorruptBodyError(IntegrityError, TransientError):
+    """A downloaded body failed its check (the object's recorded hash, or its announced
+    length); it is fetched again, and raised only when every attempt failed."""

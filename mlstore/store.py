@@ -24,6 +24,7 @@ from typing import IO, Any, TypeVar, cast
 from mlstore._cached import CACHED_PROTOCOLS, CachedReads
 from mlstore._failover import CircuitBreaker, with_failover
 from mlstore._file import CountingReader, CountingWriter, TextWriter, open_ranged
+from mlstore._hedge import Hedge
 from mlstore.backends.base import Backend, ObjectInfo, get_backend_class
 from mlstore.cache.tiered import TieredCache
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig, redact_options
@@ -32,7 +33,9 @@ from mlstore.errors import (
     IsADirectoryError_,
     MlstoreError,
     NotFoundError,
+    PreconditionFailedError,
     ThrottledError,
+    TransientError,
     UnsupportedOperation,
 )
 from mlstore.metrics import Metrics, Stats
@@ -235,19 +238,62 @@ class Store:
 
     def _fetch_whole(self, url: URL) -> tuple[bytes, str | None]:
         """The whole object and its version, from the first replica that answers."""
-
-        def fetch(target: URL, backend: Backend) -> tuple[bytes, str | None]:
-            data, version = self._call(backend, lambda: backend.fetch(target))
-            self._count(backend, "bytes_read", len(data))
-            return data, version
-
-        return self._on_replicas(url, fetch)
+        return self._on_replicas(
+            url, lambda target, backend: self._resumable(backend, target, None, None, None)
+        )
 
     def _read_pinned(self, target: URL, start: int, end: int, version: str | None) -> bytes:
         backend = self.backend(target.protocol)
-        data: bytes = self._call(backend, lambda: backend.read(target, start, end, version))
+        return self._resumable(backend, target, start, end, version, whole=False)[0]
+
+    def _resumable(
+        self,
+        backend: Backend,
+        target: URL,
+        start: int | None,
+        end: int | None,
+        version: str | None,
+        *,
+        whole: bool = True,
+    ) -> tuple[bytes, str | None]:
+        """A read under the retry policy (the whole object when ``whole``, else
+        ``[start, end)`` pinned to ``version``) that resumes an interrupted body.
+
+        When a body stops early (reset, stall, short body), the bytes that arrived are
+        kept and the next attempt asks only for the rest, with a range request pinned
+        to the version the first response came from (If-Match / generation). If the
+        object changed meanwhile, a read pinned by the caller raises
+        :class:`~mlstore.errors.PreconditionFailedError`; an unpinned read starts over
+        on the new version. Versions are never stitched together.
+        """
+        resume = _Resume(start or 0, end, version)
+
+        def first() -> tuple[bytes, str | None]:
+            if whole:
+                return backend.fetch(target)
+            return backend.read(target, start, end, version), version
+
+        def attempt() -> tuple[bytes, str | None]:
+            try:
+                if not resume.parts:
+                    return first()
+                try:
+                    rest = backend.read(target, resume.offset, resume.end, resume.version)
+                except PreconditionFailedError:
+                    if version is not None:
+                        raise  # the caller pinned the version that is gone
+                    resume.restart()  # changed under us: start over, all on the new one
+                    self._count(backend, "restarts")
+                    return first()
+                return b"".join([*resume.parts, rest]), resume.version
+            except TransientError as err:
+                if resume.keep(err, resumable=start is None or start >= 0):
+                    self._count(backend, "resumes")
+                raise
+
+        data, got_version = cast(tuple[bytes, str | None], self._call(backend, attempt))
         self._count(backend, "bytes_read", len(data))
-        return data
+        return data, got_version
 
     def _invalidate(self, url: UrlLike) -> None:
         """Forget cached data and metadata of ``url`` (this Store just changed it)."""
@@ -275,6 +321,13 @@ class Store:
                     elif protocol == "http" and not opts:
                         opts = self.config.options.get("https", {})
                     backend = cls(opts, self.config)
+                    after = self.config.retry.hedge_after
+                    if after is not None:
+                        backend.hedge = Hedge(
+                            after,
+                            on_hedge=functools.partial(self._metrics.add, "hedges", protocol),
+                            on_win=functools.partial(self._metrics.add, "hedge_wins", protocol),
+                        )
                     self._backends[protocol] = backend
         return backend
 
@@ -391,12 +444,12 @@ class Store:
         if reads is not None:
             return reads.read(parsed, start, end)
 
-        def read(target: URL, backend: Backend) -> bytes:
-            data: bytes = self._call(backend, lambda: backend.read(target, start, end, version))
-            self._count(backend, "bytes_read", len(data))
-            return data
-
-        return self._on_replicas(parsed, read)
+        return self._on_replicas(
+            parsed,
+            lambda target, backend: self._resumable(
+                backend, target, start, end, version, whole=False
+            )[0],
+        )
 
     def read_many(self, urls: Iterable[UrlLike], *, max_workers: int | None = None) -> list[bytes]:
         """Read many whole objects concurrently; results come back in input order.
@@ -495,9 +548,7 @@ class Store:
         pinned = info.version
 
         def fetch(start: int, end: int) -> bytes:
-            data: bytes = self._call(backend, lambda: backend.read(target, start, end, pinned))
-            self._count(backend, "bytes_read", len(data))
-            return data
+            return self._resumable(backend, target, start, end, pinned, whole=False)[0]
 
         size_hint = buffer_size or min(self.config.cache.block_size, 4 * 1024 * 1024)
         return open_ranged(fetch, info.size, str(target), buffer_size=size_hint, info=info)
@@ -753,3 +804,35 @@ def set_default_store(store: Store | None) -> None:
     global _default
     with _default_lock:
         _default = store
+
+
+class _Resume:
+    """What an interrupted read has received so far, and where to go on from."""
+
+    __slots__ = ("_asked", "end", "offset", "parts", "version")
+
+    def __init__(self, start: int, end: int | None, version: str | None) -> None:
+        self._asked = (start, end)
+        self.offset = start
+        self.end = end
+        self.version = version
+        self.parts: list[bytes] = []
+
+    def restart(self) -> None:
+        """Forget what arrived (it belongs to a version that is gone)."""
+        self.__init__(*self._asked, None)  # type: ignore[misc]
+
+    def keep(self, error: TransientError, *, resumable: bool) -> bool:
+        """Keep the bytes ``error`` says arrived; True if the next attempt resumes."""
+        partial = getattr(error, "_partial", None)
+        if partial is None or not resumable or not partial.received:
+            return False
+        version = self.version or partial.version
+        if version is None:
+            return False  # nothing to pin the rest to: start over
+        if self.end is None and partial.length is not None:
+            self.end = self.offset + int(partial.length)
+        self.version = version
+        self.parts.append(partial.received)
+        self.offset += len(partial.received)
+        return True

@@ -9,7 +9,13 @@ import io
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
-from mlstore.backends.base import Backend, ObjectInfo, PerProcess, translate_os_error
+from mlstore.backends.base import (
+    Backend,
+    ObjectInfo,
+    PerProcess,
+    attach_partial,
+    translate_os_error,
+)
 from mlstore.config import StoreConfig
 from mlstore.errors import (
     ConfigError,
@@ -91,7 +97,7 @@ class FsspecBackend(Backend):
         except MlstoreError:
             raise
         except Exception as exc:
-            raise self._translate(exc, url, operation) from exc
+            raise attach_partial(self._translate(exc, url, operation), exc) from exc
 
     # ---- Backend
     def info(self, url: URL) -> ObjectInfo:

@@ -45,7 +45,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
-from mlstore.backends.base import ObjectInfo, PerProcess
+from mlstore.backends.base import ObjectInfo, PerProcess, attach_partial
 from mlstore.config import StoreConfig, redact_options
 from mlstore.errors import (
     ConfigError,
@@ -152,7 +152,7 @@ class AzureBackend(FsspecBackend):
             # A configuration error found while making the client: name the URL too.
             raise type(err)(err.reason, url=str(url), operation=operation) from None
         except Exception as exc:
-            raise self._translate(exc, url, operation) from exc
+            raise attach_partial(self._translate(exc, url, operation), exc) from exc
 
     def _client_without_retries(self, client: Any, endpoint: str | None) -> Any:
         """``client`` rebuilt with the same account URL and credential, the Azure SDK's

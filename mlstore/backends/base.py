@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any, ClassVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 from mlstore.config import StoreConfig
 from mlstore.errors import (
@@ -30,7 +30,18 @@ from mlstore.errors import (
 )
 from mlstore.url import URL
 
-__all__ = ["Backend", "ObjectInfo", "get_backend_class", "register_backend", "translate_os_error"]
+if TYPE_CHECKING:
+    from mlstore._hedge import Hedge
+
+__all__ = [
+    "Backend",
+    "InterruptedBodyError",
+    "ObjectInfo",
+    "attach_partial",
+    "get_backend_class",
+    "register_backend",
+    "translate_os_error",
+]
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,41 @@ class ObjectInfo:
         return out
 
 
+class InterruptedBodyError(Exception):
+    """Raised inside a backend when a response body stops early (a reset, a timeout, a
+    short body): it carries what did arrive, so the Store can resume from there with a
+    range request pinned to ``version`` instead of downloading it all again.
+
+    Args:
+        received: the bytes that arrived, from the start of the requested range.
+        version: the version the response belonged to (ETag, generation), or ``None``
+            (then the read cannot be resumed safely and starts over).
+        length: how many bytes the response announced, if it did.
+    """
+
+    def __init__(self, received: bytes, version: str | None, length: int | None) -> None:
+        super().__init__(f"the body stopped after {len(received)} bytes")
+        self.received = received
+        self.version = version
+        self.length = length
+
+
+def attach_partial(error: MlstoreError, cause: BaseException) -> MlstoreError:
+    """Give a translated transient ``error`` the bytes an interrupted body had delivered
+    (private attributes: never pickled, never shown)."""
+    from mlstore.backends._fsspec import find_cause
+    from mlstore.errors import IntegrityError, TransientError
+
+    found = find_cause(cause, InterruptedBodyError)
+    if (
+        isinstance(found, InterruptedBodyError)
+        and isinstance(error, TransientError)
+        and not isinstance(error, IntegrityError)  # bad bytes are not a start to build on
+    ):
+        error._partial = found  # type: ignore[attr-defined]
+    return error
+
+
 def translate_os_error(exc: OSError, url: URL, operation: str) -> MlstoreError:
     """Map a builtin ``OSError`` raised for ``url`` to the mlstore error of that meaning."""
     text = str(url)
@@ -110,6 +156,9 @@ class Backend(abc.ABC):
     protocol: ClassVar[str]
     #: Backends that cannot write (http) say so; the Store raises UnsupportedOperation.
     read_only: ClassVar[bool] = False
+    #: Set by the Store when ``RetryPolicy.hedge_after`` is on; backends that can send a
+    #: second copy of a slow read (s3) pass it to :func:`mlstore._hedge.hedged`.
+    hedge: Hedge | None = None
 
     def __init__(self, options: Mapping[str, Any], config: StoreConfig) -> None:
         self.options = dict(options)

@@ -20,10 +20,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from mlstore._hedge import Hedge, hedged
 from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
-from mlstore.backends.base import ObjectInfo
+from mlstore.backends.base import InterruptedBodyError, ObjectInfo
 from mlstore.errors import (
     ConfigError,
+    CorruptBodyError,
     MlstoreError,
     NotFoundError,
     PermissionDeniedError,
@@ -35,6 +37,8 @@ from mlstore.hashing import METADATA_KEY, content_hash
 from mlstore.url import URL
 
 __all__ = ["S3Backend"]
+
+_CHUNK = 1 << 20  # body read size: what arrived before a failure can be resumed from
 
 
 class S3Backend(FsspecBackend):
@@ -91,6 +95,13 @@ class S3Backend(FsspecBackend):
         text = str(url)
         from botocore import exceptions as be
 
+        if find_cause(exc, be.FlexibleChecksumError) is not None:
+            return CorruptBodyError(
+                "the downloaded bytes do not match the checksum S3 sent (corrupted in "
+                "transit); fetching again",
+                url=text,
+                operation=operation,
+            )
         client_error = find_cause(exc, be.ClientError)
         if client_error is not None:
             response: Mapping[str, Any] = client_error.response  # type: ignore[attr-defined]
@@ -157,7 +168,7 @@ class S3Backend(FsspecBackend):
                     else None
                 )
             try:
-                data: bytes = self._sync(_get, url.bucket, url.path, rng, version)
+                data: bytes = self._sync(_get, self.hedge, url.bucket, url.path, rng, version)[0]
             except Exception as exc:
                 if _is_invalid_range(exc):
                     return b""
@@ -166,7 +177,7 @@ class S3Backend(FsspecBackend):
 
     def fetch(self, url: URL) -> tuple[bytes, str | None]:
         with self._errors(url, "read"):
-            data, etag = self._sync(_get_with_etag, url.bucket, url.path)
+            data, etag = self._sync(_get, self.hedge, url.bucket, url.path, None, None, True)
             return data, etag
 
     def write(self, url: URL, data: bytes) -> None:
@@ -267,14 +278,34 @@ async def _head(fs: Any, bucket: str, key: str) -> Mapping[str, Any]:
     return result
 
 
-async def _get(fs: Any, bucket: str, key: str, rng: str | None, if_match: str | None) -> bytes:
-    data, _ = await _get_with_etag(fs, bucket, key, rng, if_match)
-    return data
+async def _get(
+    fs: Any,
+    hedge: Hedge | None,
+    bucket: str,
+    key: str,
+    rng: str | None,
+    if_match: str | None,
+    verify: bool = False,
+) -> tuple[bytes, str | None]:
+    """One GET, hedged under the Store's policy if it has one."""
+    return await hedged(
+        hedge, lambda: _get_with_etag(fs, bucket, key, rng, if_match, verify=verify)
+    )
 
 
 async def _get_with_etag(
-    fs: Any, bucket: str, key: str, rng: str | None = None, if_match: str | None = None
+    fs: Any,
+    bucket: str,
+    key: str,
+    rng: str | None = None,
+    if_match: str | None = None,
+    *,
+    verify: bool = False,
 ) -> tuple[bytes, str | None]:
+    """One GET. The body is read in chunks so that, if it stops early (a reset, a
+    stall past the read timeout, a short body), what arrived is handed to the Store to
+    resume from, pinned to this response's ETag. With ``verify`` (a whole-object GET),
+    a body that does not match the hash mlstore recorded in the metadata is refused."""
     await fs.set_session()
     s3 = await fs.get_s3(bucket)
     kw: dict[str, str] = {"Bucket": bucket, "Key": key}
@@ -284,15 +315,29 @@ async def _get_with_etag(
         kw["IfMatch"] = if_match
     resp = await s3.get_object(**kw)
     body = resp["Body"]
+    etag = str(resp["ETag"]) if resp.get("ETag") else None
+    expected = resp.get("ContentLength")
+    chunks: list[bytes] = []
     try:
-        data: bytes = await body.read()
+        while chunk := await body.read(_CHUNK):
+            chunks.append(chunk)
+    except Exception as exc:
+        raise InterruptedBodyError(b"".join(chunks), etag, expected) from exc
     finally:
         body.close()
-    expected = resp.get("ContentLength")
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if expected is not None and len(data) != int(expected):
-        raise ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
-    etag = resp.get("ETag")
-    return data, str(etag) if etag else None
+        short = ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
+        raise InterruptedBodyError(data, etag, expected) from short
+    recorded = (resp.get("Metadata") or {}).get(METADATA_KEY)
+    if verify and recorded and content_hash(data) != recorded:
+        raise CorruptBodyError(
+            "the downloaded bytes do not match the hash recorded when the object was "
+            "written (corrupted in transit); fetching again",
+            url=f"s3://{bucket}/{key}",
+            operation="read",
+        )
+    return data, etag
 
 
 async def _put(fs: Any, bucket: str, key: str, data: bytes, metadata: dict[str, str]) -> None:
