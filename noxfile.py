@@ -78,3 +78,10 @@ def bench(session: nox.Session) -> None:
     """Benchmarks side by side with the peers: ``nox -s bench -- --quick``."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def reliability(session: nox.Session) -> None:
+    """RELIABILITY.md's fault scenarios at full scale: ``nox -s reliability [-- --quick]``."""
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/reliability.py", *session.posargs)

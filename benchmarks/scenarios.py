@@ -694,6 +694,16 @@ def b8(ctx: Ctx) -> list[Row]:
             ),
             by_range,
         ),
+        # With its defaults, mlstore caches an object of up to 64 MiB whole (one GET),
+        # as blockcache's default 50 MiB blocks fetch this one in two.
+        "mlstore open/seek/read (defaults)": (
+            lambda p: ctx.spec("mlstore", proxy=p, cache={"disk_dir": ctx.new_dir("b8-m3")}),
+            by_file,
+        ),
+        "mlstore read_bytes(start, end) (defaults)": (
+            lambda p: ctx.spec("mlstore", proxy=p, cache={"disk_dir": ctx.new_dir("b8-m4")}),
+            by_range,
+        ),
         "blockcache (s3fs default 50 MiB blocks)": (
             lambda p: ctx.spec("blockcache", proxy=p, cache_dir=ctx.new_dir("b8-bc1")),
             by_file,
@@ -735,7 +745,10 @@ def b8(ctx: Ctx) -> list[Row]:
     makers = {n: runner(n, s, h) for n, (s, h) in peers.items()}
     rows: list[Row] = []
     cold = interleave(ctx.sizes.reps, {n: m(False) for n, m in makers.items()}, ctx.log)
-    note = {"mlstore open/seek/read": f"block_threshold 16 MiB, {block // MiB} MiB blocks"}
+    blocks = f"block_threshold 16 MiB, {block // MiB} MiB blocks"
+    note = {"mlstore open/seek/read": blocks, "mlstore read_bytes(start, end)": blocks}
+    note["mlstore open/seek/read (defaults)"] = "whole object (block_threshold 64 MiB)"
+    note["mlstore read_bytes(start, end) (defaults)"] = "whole object (block_threshold 64 MiB)"
     note["s3fs open/seek/read (no cache)"] = f"first {len(few)} reads (one GET each)"
     note["obstore get_range"] = f"first {len(few)} reads (one GET each)"
     cold_rows = rows_from("B8 cold", cold, "reads/s", notes=note)

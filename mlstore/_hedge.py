@@ -124,3 +124,5 @@ async def hedged(hedge: Hedge | None, make: Callable[[], Awaitable[T]]) -> T:
     finally:
         for task in tasks:
             task.cancel()
+        if tasks:  # let the loser unwind (close its connection) before returning
+            await asyncio.gather(*tasks, return_exceptions=True)

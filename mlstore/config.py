@@ -279,6 +279,34 @@ def _policies(value: object, name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _retry_overrides(value: object, name: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{name} must map 'read', 'write', URL prefixes or 'write:<prefix>' to "
+            "dicts of RetryPolicy fields"
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for key, fields in value.items():
+        label = f"{name}[{key!r}]"
+        prefix = key.partition(":")[2] if str(key).startswith(("read:", "write:")) else key
+        if not isinstance(key, str) or (key not in ("read", "write") and "://" not in prefix):
+            raise ConfigError(
+                f"{label}: a key is 'read', 'write', a URL prefix such as 's3://bucket/', "
+                "or 'read:'/'write:' and a prefix"
+            )
+        if not isinstance(fields, Mapping) or not fields:
+            raise ConfigError(f"{label} must be a non-empty dict of RetryPolicy fields")
+        entry: dict[str, Any] = {}
+        for field_name, raw in fields.items():
+            source = RetryPolicy._sources.get(field_name)
+            if source is None or field_name == "overrides":
+                known = sorted(n for n in RetryPolicy._sources if n != "overrides")
+                raise ConfigError(f"{label} has unknown field {field_name!r}; known: {known}")
+            entry[field_name] = source[1](raw, f"{label}[{field_name!r}]")
+        out[key] = entry
+    return out
+
+
 def _choice(*choices: str) -> Any:
     def parse(value: object, name: str) -> str:
         if not isinstance(value, str) or value.lower() not in choices:
@@ -415,7 +443,20 @@ class RetryPolicy(_Resolved):
         connect_timeout: seconds to establish a connection
             (``MLSTORE_CONNECT_TIMEOUT``). Default 10.
         read_timeout: seconds without a byte before a read is abandoned
-            (``MLSTORE_READ_TIMEOUT``). Default 60.
+            (``MLSTORE_READ_TIMEOUT``): the stall detector. Default 60.
+        overrides: other values of these fields for some calls, by key: ``"read"`` or
+            ``"write"`` (every read or write), a URL prefix (``"s3://ckpt/"``), or both
+            (``"write:s3://ckpt/"``). The most specific match wins: an operation alone,
+            then the longest prefix, then operation and prefix. Config file: a
+            ``[retry.overrides."write:s3://ckpt/"]`` table. Default: none.
+
+    Example::
+
+        RetryPolicy(max_attempts=5, overrides={
+            "write": {"max_attempts": 3},                 # fail writes sooner
+            "s3://hot-bucket/": {"deadline": 600},        # wait out a scaling prefix
+            "write:gs://checkpoints/": {"max_attempts": 10},
+        })
     """
 
     max_attempts: int = UNSET
@@ -425,6 +466,7 @@ class RetryPolicy(_Resolved):
     hedge_after: float | str | None = UNSET
     connect_timeout: float = UNSET
     read_timeout: float = UNSET
+    overrides: Mapping[str, Mapping[str, Any]] = UNSET
 
     _section: ClassVar[str] = "retry"
     _sources: ClassVar[dict[str, tuple[str | None, Any, Any]]] = {
@@ -435,6 +477,7 @@ class RetryPolicy(_Resolved):
         "hedge_after": ("MLSTORE_HEDGE_AFTER", _parse_hedge, None),
         "connect_timeout": ("MLSTORE_CONNECT_TIMEOUT", _positive(_parse_float), 10.0),
         "read_timeout": ("MLSTORE_READ_TIMEOUT", _positive(_parse_float), 60.0),
+        "overrides": (None, lambda value, name: _retry_overrides(value, name), dict),
     }
 
     def __post_init__(self) -> None:
@@ -444,6 +487,37 @@ class RetryPolicy(_Resolved):
                 f"RetryPolicy.backoff_max ({self.backoff_max}) must not be smaller "
                 f"than backoff_base ({self.backoff_base})"
             )
+
+    def matching(self, url: str, operation: str) -> tuple[str, ...]:
+        """The override keys that apply to ``operation`` (``"read"``/``"write"``) on
+        ``url``, least specific first (empty: this policy as it is)."""
+        if not self.overrides:
+            return ()
+        by_prefix: tuple[int, str] = (-1, "")
+        by_both: tuple[int, str] = (-1, "")
+        for key in self.overrides:
+            if key in ("read", "write"):
+                continue
+            op, _, prefix = key.partition(":")
+            if op not in ("read", "write"):  # a bare URL prefix ("s3://...")
+                op, prefix = "", key
+            if not url.startswith(prefix):
+                continue
+            if not op and len(prefix) > by_prefix[0]:
+                by_prefix = (len(prefix), key)
+            elif op == operation and len(prefix) > by_both[0]:
+                by_both = (len(prefix), key)
+        chosen = [operation] if operation in self.overrides else []
+        return (*chosen, *(k for _, k in (by_prefix, by_both) if k))
+
+    def resolved(self, keys: tuple[str, ...]) -> RetryPolicy:
+        """This policy with the overrides ``keys`` applied in order."""
+        values: dict[str, Any] = {
+            name: getattr(self, name) for name in self._sources if name != "overrides"
+        }
+        for key in keys:
+            values.update(self.overrides[key])
+        return RetryPolicy(**values, overrides={})
 
 
 # Cloud metadata services and link-local ranges: the classic SSRF targets.

@@ -150,6 +150,7 @@ class Store:
             on_retry=self._on_retry,
             on_give_up=lambda error, _n: self._metrics.add("give_ups", _protocol_of(error)),
         )
+        self._retriers: dict[tuple[str, ...], Retrier] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -233,7 +234,10 @@ class Store:
         """The replica that answers for ``url`` and the object's info there (uncached)."""
         return self._on_replicas(
             url,
-            lambda target, backend: (target, self._call(backend, lambda: backend.info(target))),
+            lambda target, backend: (
+                target,
+                self._call(backend, lambda: backend.info(target), target),
+            ),
         )
 
     def _fetch_whole(self, url: URL) -> tuple[bytes, str | None]:
@@ -291,7 +295,7 @@ class Store:
                     self._count(backend, "resumes")
                 raise
 
-        data, got_version = cast(tuple[bytes, str | None], self._call(backend, attempt))
+        data, got_version = cast(tuple[bytes, str | None], self._call(backend, attempt, target))
         self._count(backend, "bytes_read", len(data))
         return data, got_version
 
@@ -364,7 +368,7 @@ class Store:
             finally:
                 _IN_SWEEP.reset(token)
 
-        return self._retrier.call(sweep)
+        return self._retrier_for(parse_url(url), "read").call(sweep)
 
     def _on_retry(self, error: MlstoreError, attempt: int, delay: float) -> None:
         protocol = _protocol_of(error)
@@ -376,12 +380,39 @@ class Store:
     def _count(self, backend: Backend, name: str, amount: int = 1) -> None:
         self._metrics.add(name, backend.protocol, amount)
 
-    def _call(self, backend: Backend, fn: Callable[[], Any]) -> Any:
+    def _call(
+        self,
+        backend: Backend,
+        fn: Callable[[], Any],
+        url: URL | None = None,
+        operation: str = "read",
+    ) -> Any:
         """One backend call, counted, retried on transient errors (the one retry layer;
-        inside a replica sweep the sweep is what is retried)."""
+        inside a replica sweep the sweep is what is retried) under the policy for
+        ``operation`` on ``url``."""
         if _IN_SWEEP.get() or self._backends_pid != os.getpid():
             return self._attempt(backend, fn)
-        return self._retrier.call(lambda: self._attempt(backend, fn))
+        return self._retrier_for(url, operation).call(lambda: self._attempt(backend, fn))
+
+    def _retrier_for(self, url: URL | None, operation: str) -> Retrier:
+        """The retrier of the policy that applies (all share the process's budget)."""
+        policy = self.config.retry
+        keys = policy.matching(str(url) if url is not None else "", operation)
+        if not keys:
+            return self._retrier
+        retrier = self._retriers.get(keys)
+        if retrier is None:
+            base = self._retrier
+            retrier = Retrier(
+                policy.resolved(keys),
+                base.budget,
+                sleep=base.sleep,
+                clock=base.clock,
+                on_retry=base.on_retry,
+                on_give_up=base.on_give_up,
+            )
+            self._retriers[keys] = retrier
+        return retrier
 
     def _attempt(self, backend: Backend, fn: Callable[[], Any]) -> Any:
         self._count(backend, "requests")
@@ -506,8 +537,15 @@ class Store:
             self._count(backend, "bytes_written", n)
             self._invalidate(url)
 
-        raw = CountingWriter(backend.open_write(target), committed)
-        self._count(backend, "requests")
+        native = backend.open_write(target)
+        commit = getattr(native, "commit", None)
+        if commit is not None:  # one whole-object write at close: idempotent, so retried
+            native.commit = lambda data: self._call(  # type: ignore[attr-defined]
+                backend, functools.partial(commit, data), target, "write"
+            )
+        else:
+            self._count(backend, "requests")
+        raw = CountingWriter(native, committed)
         if text:
             try:
                 return TextWriter(raw, encoding=encoding, errors=errors, newline=newline)
@@ -563,7 +601,8 @@ class Store:
 
         def listing() -> list[ObjectInfo]:
             found: list[ObjectInfo] = self._on_replicas(
-                parsed, lambda target, backend: self._call(backend, lambda: backend.ls(target))
+                parsed,
+                lambda target, backend: self._call(backend, lambda: backend.ls(target), target),
             )
             return found
 
@@ -576,7 +615,8 @@ class Store:
     def find(self, url: UrlLike) -> list[str]:
         """Every file below ``url``, recursively, sorted."""
         found: list[ObjectInfo] = self._on_replicas(
-            url, lambda target, backend: self._call(backend, lambda: list(backend.find(target)))
+            url,
+            lambda target, backend: self._call(backend, lambda: list(backend.find(target)), target),
         )
         return sorted(str(self._logical(url, e).url) for e in found)
 
@@ -645,7 +685,9 @@ class Store:
         for target in targets:
             backend = self._writable(target, "write")
             try:
-                self._call(backend, functools.partial(backend.write, target, payload))
+                self._call(
+                    backend, functools.partial(backend.write, target, payload), target, "write"
+                )
             except MlstoreError as exc:
                 if done:
                     exc.reason += f" (already written to: {', '.join(done)})"
@@ -665,7 +707,7 @@ class Store:
     def mkdir(self, url: UrlLike) -> None:
         """Create a directory and its parents (a no-op on object stores)."""
         target, backend = self._target(url)
-        self._call(backend, lambda: backend.mkdir(target))
+        self._call(backend, lambda: backend.mkdir(target), target, "write")
 
     def rm(self, url: UrlLike, recursive: bool = False, *, replicate: bool = False) -> None:
         """Delete the object at ``url`` (or, with ``recursive``, everything below it).
@@ -685,7 +727,7 @@ class Store:
                     url=str(target),
                     operation="rm",
                 )
-            self._call(backend, functools.partial(backend.rm, target, recursive))
+            self._call(backend, functools.partial(backend.rm, target, recursive), target, "write")
         self._invalidate(url)
 
     def copy(
@@ -741,7 +783,7 @@ class Store:
 
     def _sorted_find(self, url: URL) -> Iterator[ObjectInfo]:
         backend = self.backend(url.protocol)
-        found: list[ObjectInfo] = self._call(backend, lambda: list(backend.find(url)))
+        found: list[ObjectInfo] = self._call(backend, lambda: list(backend.find(url)), url)
         return iter(sorted(found, key=lambda e: str(e.url)))
 
     def _copy_one(
@@ -751,7 +793,7 @@ class Store:
         src_backend = self.backend(src.protocol)
         dst_backend = self._writable(dst, "copy")
         if src_backend is dst_backend:
-            self._call(src_backend, lambda: src_backend.copy(src, dst))
+            self._call(src_backend, lambda: src_backend.copy(src, dst), dst, "write")
             self._invalidate(dst)
             done += entry.size
             if progress is not None:

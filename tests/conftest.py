@@ -208,3 +208,82 @@ def s3_proxy(moto: ServerProcess) -> Iterator[ServerProcess]:
     )
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------------------- fault proxies
+# A fault-injecting proxy (tests/servers/proxy.py) in front of each session emulator. The
+# session fixtures own the processes; the function-scoped ``*_fault_proxy`` fixtures hand
+# the same process to a test with no fault rules and zeroed counters and log, and clear
+# the rules again afterwards, so a test never inherits another's faults. Point a client at
+# ``.endpoint`` (see ``*_fault_options``).
+
+
+def _fault_proxy(upstream: ServerProcess) -> Iterator[ServerProcess]:
+    from tests.servers import proxy
+
+    server = start_emulator(lambda: proxy.process(upstream.endpoint))
+    yield server
+    server.stop()
+
+
+def _cleared_fault_proxy(server: ServerProcess) -> Iterator[ServerProcess]:
+    from tests.servers import proxy
+
+    proxy.clear_faults(server.endpoint)
+    proxy.reset(server.endpoint)
+    yield server
+    proxy.clear_faults(server.endpoint)
+
+
+@pytest.fixture(scope="session")
+def s3_faults(moto: ServerProcess) -> Iterator[ServerProcess]:
+    """The session's fault proxy in front of moto."""
+    yield from _fault_proxy(moto)
+
+
+@pytest.fixture(scope="session")
+def gcs_faults(fake_gcs: ServerProcess) -> Iterator[ServerProcess]:
+    """The session's fault proxy in front of fake-gcs-server."""
+    yield from _fault_proxy(fake_gcs)
+
+
+@pytest.fixture(scope="session")
+def az_faults(azurite_server: ServerProcess) -> Iterator[ServerProcess]:
+    """The session's fault proxy in front of Azurite."""
+    yield from _fault_proxy(azurite_server)
+
+
+@pytest.fixture
+def s3_fault_proxy(s3_faults: ServerProcess) -> Iterator[ServerProcess]:
+    yield from _cleared_fault_proxy(s3_faults)
+
+
+@pytest.fixture
+def gcs_fault_proxy(gcs_faults: ServerProcess) -> Iterator[ServerProcess]:
+    yield from _cleared_fault_proxy(gcs_faults)
+
+
+@pytest.fixture
+def az_fault_proxy(az_faults: ServerProcess) -> Iterator[ServerProcess]:
+    yield from _cleared_fault_proxy(az_faults)
+
+
+@pytest.fixture
+def s3_fault_options(s3_fault_proxy: ServerProcess) -> dict[str, object]:
+    """``s3_options`` through the fault proxy."""
+    return {"endpoint_url": s3_fault_proxy.endpoint}
+
+
+@pytest.fixture
+def gcs_fault_options(gcs_fault_proxy: ServerProcess) -> dict[str, object]:
+    """``gcs_options`` through the fault proxy."""
+    return {"endpoint_url": gcs_fault_proxy.endpoint, "token": "anon", "project": GCS_PROJECT}
+
+
+@pytest.fixture
+def az_fault_options(az_fault_proxy: ServerProcess) -> dict[str, object]:
+    """``az_options`` through the fault proxy (Azurite's connection string, with the
+    proxy as its blob endpoint)."""
+    from tests.emulators import azurite_connection_string
+
+    return {"connection_string": azurite_connection_string(az_fault_proxy.endpoint)}

@@ -200,3 +200,83 @@ def test_a_404_is_one_request(served: tuple[str, str]) -> None:
     with store(t) as s, pytest.raises(mlstore.NotFoundError):
         s.read_bytes(endpoint + path)
     assert requests_for(endpoint, path) == 1 and t.sleeps == []
+
+
+# ---------------------------------------------------------------- policies per prefix and operation
+
+
+def test_overrides_pick_the_most_specific_policy() -> None:
+    policy = RetryPolicy(
+        max_attempts=5,
+        deadline=100.0,
+        overrides={
+            "write": {"max_attempts": 3},
+            "s3://hot/": {"deadline": 600},
+            "s3://hot/deep/": {"deadline": 700},
+            "write:s3://hot/": {"max_attempts": 10},
+        },
+    )
+    assert policy.matching("gs://other/x", "read") == ()
+    assert policy.matching("gs://other/x", "write") == ("write",)
+    assert policy.matching("s3://hot/x", "read") == ("s3://hot/",)
+    keys = policy.matching("s3://hot/deep/x", "write")
+    assert keys == ("write", "s3://hot/deep/", "write:s3://hot/")
+    chosen = policy.resolved(keys)
+    assert (chosen.max_attempts, chosen.deadline) == (10, 700.0)
+    assert policy.resolved(policy.matching("s3://cold/x", "write")).max_attempts == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"bucket/": {"max_attempts": 2}}, "'bucket/'"),
+        ({"write": {"max_tries": 2}}, "max_tries"),
+        ({"write": {"max_attempts": 0}}, "max_attempts"),
+        ({"delete": {"max_attempts": 2}}, "'delete'"),
+        ({"s3://b/": {}}, "'s3://b/'"),
+    ],
+)
+def test_a_bad_override_is_a_config_error_naming_it(overrides: object, named: str) -> None:
+    with pytest.raises(mlstore.ConfigError, match="overrides") as info:
+        RetryPolicy(overrides=overrides)  # type: ignore[arg-type]
+    assert named in str(info.value)
+
+
+@pytest.mark.s3
+@pytest.mark.faults
+def test_writes_and_prefixes_follow_their_own_policy(
+    s3_fault_proxy: ServerProcess, s3_bucket: str
+) -> None:
+    from tests.servers import proxy
+
+    endpoint = s3_fault_proxy.endpoint
+    t = FakeTime()
+    retry = {
+        "max_attempts": 6,
+        "backoff_base": 0.01,
+        "backoff_max": 0.01,
+        "overrides": {
+            "write": {"max_attempts": 2},
+            f"s3://{s3_bucket}/patient/": {"max_attempts": 4},
+        },
+    }
+    proxy.set_faults(endpoint, {"fault": "status", "status": 503})
+    with mlstore.Store(
+        options={"s3": {"endpoint_url": endpoint}},
+        cache={"enabled": False},
+        retry=retry,
+        clock=t.clock,
+        sleep=t.sleep,
+    ) as store:
+        for url, expected in (
+            (f"s3://{s3_bucket}/a.bin", {"PUT": 2, "GET": 6}),
+            # a prefix is more specific than an operation alone: it decides writes too
+            (f"s3://{s3_bucket}/patient/a.bin", {"PUT": 4, "GET": 4}),
+        ):
+            proxy.reset(endpoint)
+            with pytest.raises(ThrottledError):
+                store.write_bytes(url, b"x")
+            with pytest.raises(ThrottledError):
+                store.read_bytes(url)
+            methods = proxy.counts(endpoint)["methods"]
+            assert {m: methods.get(m, 0) for m in expected} == expected, url

@@ -5,8 +5,9 @@ its errors and metadata translate."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 from mlstore.backends.base import (
@@ -167,7 +168,8 @@ class FsspecBackend(Backend):
 
 
 class _BufferedWrite(io.BytesIO):
-    """Collects bytes and hands them to ``backend.write`` on a clean close.
+    """Collects bytes and hands them to ``backend.write`` on a clean close: one
+    whole-object write, which the Store retries like any other (``commit``).
 
     If the surrounding ``with`` block raises, nothing is written.
     """
@@ -178,6 +180,8 @@ class _BufferedWrite(io.BytesIO):
         self._url = url
         self._failed = False
         self.name = str(url)
+        #: Writes the collected bytes; the Store replaces it with a retried write.
+        self.commit: Callable[[bytes], None] = functools.partial(backend.write, url)
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self._failed = exc_type is not None
@@ -189,7 +193,7 @@ class _BufferedWrite(io.BytesIO):
         data = self.getvalue()
         super().close()
         if not self._failed:
-            self._backend.write(self._url, data)
+            self.commit(data)
 
     def discard(self) -> None:
         """Drop what was written; nothing reaches the store."""

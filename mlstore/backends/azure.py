@@ -45,7 +45,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
-from mlstore.backends.base import ObjectInfo, PerProcess, attach_partial
+from mlstore.backends.base import InterruptedBodyError, ObjectInfo, PerProcess, attach_partial
 from mlstore.config import StoreConfig, redact_options
 from mlstore.errors import (
     ConfigError,
@@ -648,14 +648,33 @@ async def _get(
     response, body = await client._client.blob.download(
         range=rng, modified_access_conditions=conditions, decompress=False, cls=keep
     )
-    chunks = [chunk async for chunk in body]
-    data = b"".join(chunks)
+    etag = _etag(response.headers.get("ETag"))
     expected = response.headers.get("Content-Length")
-    if expected is not None and len(data) != int(expected):
-        raise ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
-    if rng and response.status_code == 200:  # the range was ignored: the whole blob came
+    length = int(expected) if expected is not None else None
+    # A 200 to a range request means the range was ignored: offsets would not line up.
+    honoured = not (rng and response.status_code == 200)
+    chunks: list[bytes] = []
+    try:
+        async for chunk in body:
+            chunks.append(chunk)
+    except Exception as exc:
+        # The SDK leaves a response that broke off open: close its connection.
+        internal = getattr(response, "internal_response", None)
+        if internal is not None:
+            internal.close()
+        if not honoured:
+            raise
+        # What arrived, so the Store can resume from there pinned to this ETag.
+        raise InterruptedBodyError(b"".join(chunks), etag, length) from exc
+    data = b"".join(chunks)
+    if length is not None and len(data) != length:
+        short = ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
+        if not honoured:
+            raise short
+        raise InterruptedBodyError(data, etag, length) from short
+    if not honoured:
         data = data[lo:end]
-    return data, _etag(response.headers.get("ETag"))
+    return data, etag
 
 
 async def _put(

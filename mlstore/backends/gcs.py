@@ -35,7 +35,7 @@ from dataclasses import replace
 from typing import Any
 
 from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
-from mlstore.backends.base import ObjectInfo
+from mlstore.backends.base import InterruptedBodyError, ObjectInfo, attach_partial
 from mlstore.errors import (
     ConfigError,
     IsADirectoryError_,
@@ -54,6 +54,7 @@ __all__ = ["GCSBackend"]
 # Attributes set on the exceptions raised for an HTTP error answer (see _fs_class):
 # gcsfs raises FileNotFoundError, OSError, FileExistsError, ValueError or HttpError
 # depending on the status, and keeps neither the status nor the headers.
+_CHUNK = 1 << 20  # media bodies are read in chunks: what arrived can be resumed from
 _STATUS = "_mlstore_status"
 _RETRY_AFTER = "_mlstore_retry_after"
 _REASON = "_mlstore_reason"
@@ -181,7 +182,7 @@ class GCSBackend(FsspecBackend):
                 err = self._translate(exc, url, "read")
                 if isinstance(err, NotFoundError):
                     raise self._not_found_on_read(url, version, err) from exc
-                raise err from exc
+                raise attach_partial(err, exc) from exc
 
     def fetch(self, url: URL) -> tuple[bytes, str | None]:
         """One GET: the bytes and the generation the server says they are."""
@@ -196,7 +197,7 @@ class GCSBackend(FsspecBackend):
                 err = self._translate(exc, url, "read")
                 if isinstance(err, NotFoundError):
                     raise self._not_found_on_read(url, None, err) from exc
-                raise err from exc
+                raise attach_partial(err, exc) from exc
             return bytes(data), headers.get("x-goog-generation")
 
     def _read(self, url: URL, start: int | None, end: int | None, version: str | None) -> bytes:
@@ -399,6 +400,7 @@ def _fs_class() -> Any:
             data: Any = None,
             cache_type: Any = None,
             cache_source: Any = None,
+            sink: _Body | None = None,
             **kwargs: Any,
         ) -> tuple[int, Any, Any, bytes]:
             await self._set_session()
@@ -423,7 +425,15 @@ def _fs_class() -> Any:
                 status = r.status
                 out_headers = r.headers
                 info = r.request_info
-                contents = await r.read()
+                if sink is not None and status < 400:
+                    # Read in chunks so that, if the body stops early, what arrived
+                    # can be resumed from (see _media).
+                    sink.headers, sink.status = out_headers, status
+                    async for chunk in r.content.iter_chunked(_CHUNK):
+                        sink.chunks.append(chunk)
+                    contents = b"".join(sink.chunks)
+                else:
+                    contents = await r.read()
             if status >= 400:
                 try:
                     validate_response(status, contents, path, args)
@@ -468,16 +478,46 @@ async def _is_prefix(fs: Any, bucket: str, key: str) -> bool:
     return bool(listing.get("items") or listing.get("prefixes"))
 
 
+class _Body:
+    """What a media download has received so far (filled by ``_request``)."""
+
+    def __init__(self) -> None:
+        self.headers: Mapping[str, str] | None = None
+        self.status = 0
+        self.chunks: list[bytes] = []
+
+
 async def _media(
     fs: Any, bucket: str, key: str, rng: str | None, generation: str | None
 ) -> tuple[int, Mapping[str, str], bytes]:
-    """The object's bytes (``alt=media``), a range of them, of one generation if given."""
+    """The object's bytes (``alt=media``), a range of them, of one generation if given.
+
+    A body that stops early raises :class:`InterruptedBodyError` with what arrived and
+    the generation it belongs to, so the Store resumes with a range of that generation.
+    """
     path = fs._location + "/download/storage/v1/b/{}/o/{}"
     headers = {"Range": rng} if rng else {}
-    status, got, _, data = await fs._request(
-        "GET", path, bucket, key, headers=headers, alt="media", generation=generation
-    )
+    body = _Body()
+    try:
+        status, got, _, data = await fs._request(
+            "GET", path, bucket, key, headers=headers, alt="media", generation=generation, sink=body
+        )
+    except Exception as exc:
+        # Resumable only if the bytes line up: not decompressed, and the range (if one
+        # was asked for) honoured rather than answered with the whole object.
+        honoured = not rng or body.status == 206
+        if body.headers is not None and honoured and not body.headers.get("Content-Encoding"):
+            length = body.headers.get("Content-Length")
+            raise InterruptedBodyError(
+                b"".join(body.chunks),
+                body.headers.get("x-goog-generation"),
+                int(length) if length is not None else None,
+            ) from exc
+        raise
     expected = got.get("Content-Length")
     if expected is not None and not got.get("Content-Encoding") and len(data) != int(expected):
-        raise ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
+        short = ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
+        if rng and status != 206:
+            raise short
+        raise InterruptedBodyError(data, got.get("x-goog-generation"), int(expected)) from short
     return status, got, data
