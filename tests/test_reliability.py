@@ -564,3 +564,49 @@ def test_whole_object_writes_are_retried(faults: str, s3_bucket: str, writer: St
     assert writer.read_bytes(url) == b"second"
     puts = [e["status"] for e in proxy.request_log(faults) if e["method"] == "PUT"]
     assert puts == [503, 503, 200, 500, 200], "write_bytes: two retries; the close's PUT: one"
+
+
+@pytest.mark.gcs
+@pytest.mark.azure
+@pytest.mark.parametrize("cloud", ["gs", "az"])
+def test_gcs_and_azure_ride_out_503s_and_fail_a_404_at_once(
+    request: pytest.FixtureRequest, cloud: str
+) -> None:
+    if cloud == "gs":
+        server = request.getfixturevalue("gcs_fault_proxy")
+        options = request.getfixturevalue("gcs_fault_options")
+        direct = request.getfixturevalue("gcs_options")
+        root = f"gs://{request.getfixturevalue('gcs_bucket')}"
+    else:
+        server = request.getfixturevalue("az_fault_proxy")
+        options = request.getfixturevalue("az_fault_options")
+        direct = request.getfixturevalue("az_options")
+        root = f"az://{request.getfixturevalue('az_container')}"
+    data = os.urandom(64 * KiB)
+    with Store(options={cloud: direct}, cache={"enabled": False}) as writer_:
+        writer_.write_bytes(f"{root}/there.bin", data)
+    proxy.set_faults(
+        server.endpoint, {"fault": "status", "status": 503, "method": "GET", "times": 2}
+    )
+    t = FakeTime()
+    retry = {"max_attempts": 5, "backoff_base": 0.5, "backoff_max": 1.0}
+    with Store(
+        options={cloud: options},
+        cache={"enabled": False},
+        retry=retry,
+        clock=t.clock,
+        sleep=t.sleep,
+    ) as store:
+        assert store.read_bytes(f"{root}/there.bin") == data
+        stats = store.stats()
+        assert (stats.get("retries", cloud), stats.get("throttles", cloud)) == (2, 2)
+        proxy.clear_faults(server.endpoint)
+        proxy.reset(server.endpoint)
+        with pytest.raises(NotFoundError) as info:
+            store.read_bytes(f"{root}/missing.bin")
+    assert f"{root}/missing.bin" in str(info.value)
+    assert len(t.sleeps) == 2, "the 404 was not retried"
+    # One GET of the object; (GCS and Azure then list once, to tell a missing object
+    # from a directory, so that a directory gets IsADirectoryError instead.)
+    log = proxy.request_log(server.endpoint)
+    assert [e["status"] for e in log if e["path"].endswith("missing.bin")] == [404]
