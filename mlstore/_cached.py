@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any
 
+from mlstore._file import SeekableRaw
 from mlstore.backends.base import ObjectInfo
 from mlstore.cache.tiered import Fetched, TieredCache
 from mlstore.errors import IsADirectoryError_
@@ -214,7 +215,7 @@ def _count(info: ObjectInfo, size: int) -> int:
     return -(-info.size // size)
 
 
-class _BlockReader(io.RawIOBase):
+class _BlockReader(SeekableRaw):
     """A raw, seekable view of a large object, served block by block from the cache.
 
     A read never crosses a block boundary (raw reads may be short), so touching one
@@ -234,28 +235,6 @@ class _BlockReader(io.RawIOBase):
         self._pending: dict[int, Future[bytes]] = {}
         self.name = str(target)
         self.size = info.size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            if offset < 0:
-                raise ValueError(f"negative seek value {offset}")
-            self._pos = offset
-        elif whence == io.SEEK_CUR:
-            self._pos = max(0, self._pos + offset)
-        elif whence == io.SEEK_END:
-            self._pos = max(0, self.size + offset)
-        else:
-            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
-        return self._pos
 
     def readinto(self, buffer: Any) -> int:
         if self._pos >= self.size:

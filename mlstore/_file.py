@@ -15,29 +15,28 @@ from typing import IO, Any
 
 from mlstore.errors import IntegrityError
 
-__all__ = ["CountingReader", "CountingWriter", "RangeReader", "TextWriter", "open_ranged"]
+__all__ = [
+    "CountingReader",
+    "CountingWriter",
+    "RangeReader",
+    "SeekableRaw",
+    "TextWriter",
+    "open_ranged",
+]
 
 Fetch = Callable[[int, int], bytes]
 
 
-class RangeReader(io.RawIOBase):
-    """A raw seekable stream of ``size`` bytes fetched on demand.
+class SeekableRaw(io.RawIOBase):
+    """A raw, seekable, read-only stream of ``size`` bytes with a position: the
+    seek/tell rules every mlstore read file shares (those of a local file)."""
 
-    Args:
-        fetch: returns bytes ``[start, end)``; must return exactly ``end - start`` bytes.
-        size: the object's length.
-        name: the URL, shown in ``repr`` and available as ``.name``.
-    """
+    size: int
+    _pos: int = 0
 
-    def __init__(self, fetch: Fetch, size: int, name: str) -> None:
-        super().__init__()
-        self._fetch = fetch
-        self.size = size
-        self.name = name
-        self._pos = 0
-
-    def __repr__(self) -> str:
-        return f"<mlstore read file {self.name!r} size={self.size}>"
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
 
     def readable(self) -> bool:
         return True
@@ -63,6 +62,26 @@ class RangeReader(io.RawIOBase):
             raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         self._pos = pos
         return pos
+
+
+class RangeReader(SeekableRaw):
+    """A raw seekable stream of ``size`` bytes fetched on demand.
+
+    Args:
+        fetch: returns bytes ``[start, end)``; must return exactly ``end - start`` bytes.
+        size: the object's length.
+        name: the URL, shown in ``repr`` and available as ``.name``.
+    """
+
+    def __init__(self, fetch: Fetch, size: int, name: str) -> None:
+        super().__init__()
+        self._fetch = fetch
+        self.size = size
+        self.name = name
+        self._pos = 0
+
+    def __repr__(self) -> str:
+        return f"<mlstore read file {self.name!r} size={self.size}>"
 
     def readinto(self, buffer: Any) -> int:
         self._check_open()
@@ -94,10 +113,6 @@ class RangeReader(io.RawIOBase):
             )
         self._pos = self.size
         return data
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ValueError("I/O operation on closed file.")
 
 
 class CountingReader(io.RawIOBase):

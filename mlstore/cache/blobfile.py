@@ -18,11 +18,11 @@ ever returned.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from typing import Any
 
+from mlstore._file import SeekableRaw
 from mlstore.hashing import Hasher
 
 __all__ = ["BlobFile"]
@@ -30,7 +30,7 @@ __all__ = ["BlobFile"]
 _CHUNK = 1 << 20  # hashed while hot in the CPU cache
 
 
-class BlobFile(io.RawIOBase):
+class BlobFile(SeekableRaw):
     """A raw, seekable, read-only view of blob ``digest`` (``size`` bytes) at ``path``.
 
     Args:
@@ -59,38 +59,13 @@ class BlobFile(io.RawIOBase):
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._digest = digest
         self._size = size
+        self.size = size  # the refetched object's, if the blob fails its check
         self._pos = 0
         self._verified = False
         self._fallback: bytes | None = None
         self._on_corrupt = on_corrupt
         self._refetch = refetch
         self.name = name
-
-    @property
-    def size(self) -> int:
-        return len(self._fallback) if self._fallback is not None else self._size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            if offset < 0:
-                raise ValueError(f"negative seek value {offset}")
-            self._pos = offset
-        elif whence == io.SEEK_CUR:
-            self._pos = max(0, self._pos + offset)
-        elif whence == io.SEEK_END:
-            self._pos = max(0, self.size + offset)
-        else:
-            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
-        return self._pos
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
@@ -150,6 +125,7 @@ class BlobFile(io.RawIOBase):
     def _corrupt(self) -> None:
         self._on_corrupt()
         self._fallback = self._refetch()
+        self.size = len(self._fallback)
         self._verified = True
 
     def close(self) -> None:
