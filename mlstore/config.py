@@ -133,10 +133,13 @@ def _parse_optional_float(value: object, name: str) -> float | None:
 
 def _parse_hedge(value: object, name: str) -> float | str | None:
     """Seconds, ``"p95"`` (a percentile of observed latency, p50-p99), or off."""
-    if isinstance(value, str) and re.fullmatch(r"\s*p\d{2}\s*", value.lower()):
+    if isinstance(value, str) and value.strip().lower().startswith("p"):
         text = value.strip().lower()
-        if not 50 <= int(text[1:]) <= 99:
-            raise ConfigError(f"{name} percentile must be p50..p99, got {value!r}")
+        if not re.fullmatch(r"p\d{2}", text) or not 50 <= int(text[1:]) <= 99:
+            raise ConfigError(
+                f"{name} must be seconds (0.5) or a latency percentile 'p50'..'p99' "
+                f"(hedge after the p95 latency: 'p95'), got {value!r}"
+            )
         return text
     out = _parse_optional_float(value, name)
     if out is not None and out <= 0:
@@ -279,6 +282,11 @@ def _policies(value: object, name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+#: RetryPolicy fields an override may change, and those fixed per backend client.
+_PER_CALL = ("max_attempts", "deadline", "backoff_base", "backoff_max")
+_CLIENT_WIDE = ("connect_timeout", "read_timeout", "hedge_after")
+
+
 def _retry_overrides(value: object, name: str) -> dict[str, dict[str, Any]]:
     if not isinstance(value, Mapping):
         raise ConfigError(
@@ -299,8 +307,13 @@ def _retry_overrides(value: object, name: str) -> dict[str, dict[str, Any]]:
         entry: dict[str, Any] = {}
         for field_name, raw in fields.items():
             source = RetryPolicy._sources.get(field_name)
+            if field_name in _CLIENT_WIDE:
+                raise ConfigError(
+                    f"{label}: {field_name!r} cannot differ per prefix or operation (it is "
+                    "set on each backend's client); set it on the RetryPolicy itself"
+                )
             if source is None or field_name == "overrides":
-                known = sorted(n for n in RetryPolicy._sources if n != "overrides")
+                known = sorted(_PER_CALL)
                 raise ConfigError(f"{label} has unknown field {field_name!r}; known: {known}")
             entry[field_name] = source[1](raw, f"{label}[{field_name!r}]")
         out[key] = entry
@@ -444,7 +457,9 @@ class RetryPolicy(_Resolved):
             (``MLSTORE_CONNECT_TIMEOUT``). Default 10.
         read_timeout: seconds without a byte before a read is abandoned
             (``MLSTORE_READ_TIMEOUT``): the stall detector. Default 60.
-        overrides: other values of these fields for some calls, by key: ``"read"`` or
+        overrides: other values of ``max_attempts``, ``deadline``, ``backoff_base`` and
+            ``backoff_max`` for some calls (the timeouts and hedging are set per
+            client, so they cannot differ), by key: ``"read"`` or
             ``"write"`` (every read or write), a URL prefix (``"s3://ckpt/"``), or both
             (``"write:s3://ckpt/"``). The most specific match wins: an operation alone,
             then the longest prefix, then operation and prefix. Config file: a

@@ -234,6 +234,8 @@ def test_overrides_pick_the_most_specific_policy() -> None:
         ({"write": {"max_attempts": 0}}, "max_attempts"),
         ({"delete": {"max_attempts": 2}}, "'delete'"),
         ({"s3://b/": {}}, "'s3://b/'"),
+        ({"s3://b/": {"read_timeout": 5}}, "read_timeout"),
+        ({"read": {"hedge_after": "p95"}}, "hedge_after"),
     ],
 )
 def test_a_bad_override_is_a_config_error_naming_it(overrides: object, named: str) -> None:
