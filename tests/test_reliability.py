@@ -610,3 +610,25 @@ def test_gcs_and_azure_ride_out_503s_and_fail_a_404_at_once(
     # from a directory, so that a directory gets IsADirectoryError instead.)
     log = proxy.request_log(server.endpoint)
     assert [e["status"] for e in log if e["path"].endswith("missing.bin")] == [404]
+
+
+@pytest.mark.gcs
+@pytest.mark.azure
+@pytest.mark.parametrize("cloud", ["gs", "az"])
+def test_gcs_and_azure_refuse_a_flipped_body(request: pytest.FixtureRequest, cloud: str) -> None:
+    fixtures = {
+        "gs": ("gcs_fault_proxy", "gcs_fault_options", "gcs_options", "gcs_bucket"),
+        "az": ("az_fault_proxy", "az_fault_options", "az_options", "az_container"),
+    }[cloud]
+    server, options, direct, bucket = (request.getfixturevalue(f) for f in fixtures)
+    url, data = f"{cloud}://{bucket}/flipped.bin", os.urandom(64 * KiB)
+    with Store(options={cloud: direct}, cache={"enabled": False}) as writer_:
+        writer_.write_bytes(url, data)  # mlstore records the content hash
+    proxy.set_faults(server.endpoint, {"fault": "flip", "method": "GET", "times": 1})
+    t = FakeTime()
+    with Store(
+        options={cloud: options}, cache={"enabled": False}, clock=t.clock, sleep=t.sleep
+    ) as store:
+        assert store.read_bytes(url) == data
+        assert store.stats().get("retries", cloud) == 1
+    assert proxy.counts(server.endpoint)["faults"] == {"flip": 1}

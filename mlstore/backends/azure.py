@@ -50,6 +50,7 @@ from mlstore.config import StoreConfig, redact_options
 from mlstore.errors import (
     ConfigError,
     ConnectionLostError,
+    CorruptBodyError,
     IsADirectoryError_,
     MlstoreError,
     NotFoundError,
@@ -674,6 +675,14 @@ async def _get(
         raise InterruptedBodyError(data, etag, length) from short
     if not honoured:
         data = data[lo:end]
+    recorded = response.headers.get(f"x-ms-meta-{AZURE_METADATA_KEY}")
+    if recorded and not rng and content_hash(data) != recorded:
+        raise CorruptBodyError(
+            "the downloaded bytes do not match the hash recorded when the blob was "
+            "written (corrupted in transit); fetching again",
+            url=f"az://{container}/{blob}",
+            operation="read",
+        )
     return data, etag
 
 

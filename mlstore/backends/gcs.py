@@ -38,6 +38,7 @@ from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, 
 from mlstore.backends.base import InterruptedBodyError, ObjectInfo, attach_partial
 from mlstore.errors import (
     ConfigError,
+    CorruptBodyError,
     IsADirectoryError_,
     MlstoreError,
     NotFoundError,
@@ -198,6 +199,7 @@ class GCSBackend(FsspecBackend):
                 if isinstance(err, NotFoundError):
                     raise self._not_found_on_read(url, None, err) from exc
                 raise attach_partial(err, exc) from exc
+            _check_recorded_hash(url, headers, data)
             return bytes(data), headers.get("x-goog-generation")
 
     def _read(self, url: URL, start: int | None, end: int | None, version: str | None) -> bytes:
@@ -225,7 +227,9 @@ class GCSBackend(FsspecBackend):
                 url=str(url),
                 operation="read",
             )
-        if rng is not None and status == 200:
+        if rng is None:
+            _check_recorded_hash(url, headers, data)
+        elif status == 200:
             # The server ignored the Range header and sent the whole object.
             return bytes(data[slice(start, end)])
         return bytes(data)
@@ -476,6 +480,19 @@ async def _is_prefix(fs: Any, bucket: str, key: str) -> bool:
     )
     listing = json.loads(contents)
     return bool(listing.get("items") or listing.get("prefixes"))
+
+
+def _check_recorded_hash(url: URL, headers: Mapping[str, str], data: bytes) -> None:
+    """Refuse a whole-object body that does not match the hash mlstore recorded in the
+    object's metadata when it wrote it (GCS sends it as ``x-goog-meta-mlstore-xxh3``)."""
+    recorded = headers.get(f"x-goog-meta-{METADATA_KEY}")
+    if recorded and content_hash(data) != recorded:
+        raise CorruptBodyError(
+            "the downloaded bytes do not match the hash recorded when the object was "
+            "written (corrupted in transit); fetching again",
+            url=str(url),
+            operation="read",
+        )
 
 
 class _Body:

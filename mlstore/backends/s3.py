@@ -168,7 +168,9 @@ class S3Backend(FsspecBackend):
                     else None
                 )
             try:
-                data: bytes = self._sync(_get, self.hedge, url.bucket, url.path, rng, version)[0]
+                data: bytes = self._sync(
+                    _get, self.hedge, url.bucket, url.path, rng, version, rng is None
+                )[0]
             except Exception as exc:
                 if _is_invalid_range(exc):
                     return b""
