@@ -129,6 +129,7 @@ class DiskTier:
         self.on_event = on_event
         for sub in ("blobs", "tmp", "locks"):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+        self._blobs = os.path.join(root, "blobs")
         self._local = threading.local()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._touched: dict[str, float] = {}
@@ -151,17 +152,21 @@ class DiskTier:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _conn(self) -> sqlite3.Connection:
         """This thread's connection (one per thread and process)."""
+        local = self._local
+        db: sqlite3.Connection | None = getattr(local, "db", None)
         pid = os.getpid()
-        db = getattr(self._local, "db", None)
-        if db is None or getattr(self._local, "pid", None) != pid:
+        if db is None or local.pid != pid:
             db = self._connect()
-            self._local.db, self._local.pid = db, pid
+            local.db, local.pid = db, pid
             with self._touch_lock:
                 self._connections.append((pid, db))
-        yield db
+        return db
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        yield self._conn()
 
     def close(self) -> None:
         """Write pending access times and close this process's index connections."""
@@ -176,16 +181,15 @@ class DiskTier:
         self._local = threading.local()
 
     def blob_path(self, digest: str) -> str:
-        return os.path.join(self.root, "blobs", digest[:2], digest)
+        return f"{self._blobs}/{digest[:2]}/{digest}"
 
     # ------------------------------------------------------------------ reading
 
     def lookup(self, key: str) -> DiskEntry | None:
         """The index entry of ``key``, if any."""
-        with self._db() as db:
-            row = db.execute(
-                "SELECT version, hash, size, checked FROM entries WHERE key = ?", (key,)
-            ).fetchone()
+        row = self._conn().execute(
+            "SELECT version, hash, size, checked FROM entries WHERE key = ?", (key,)
+        ).fetchone()
         if row is None:
             return None
         return DiskEntry(key, row[0], row[1], int(row[2]), float(row[3]))
