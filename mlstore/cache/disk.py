@@ -187,9 +187,11 @@ class DiskTier:
 
     def lookup(self, key: str) -> DiskEntry | None:
         """The index entry of ``key``, if any."""
-        row = self._conn().execute(
-            "SELECT version, hash, size, checked FROM entries WHERE key = ?", (key,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT version, hash, size, checked FROM entries WHERE key = ?", (key,))
+            .fetchone()
+        )
         if row is None:
             return None
         return DiskEntry(key, row[0], row[1], int(row[2]), float(row[3]))
