@@ -148,19 +148,16 @@ class CachedReads:
         fh = self.cache.open_fresh(key, self.config.policy_for(key), lambda: self.whole(url))
         if fh is not None:
             return fh
-        data = self.cache.peek(key)
-        if data is None:
-            target, info = self.located_info(url)
-            if info.is_dir:
-                raise IsADirectoryError_(
-                    "this is a directory; use ls() to list it", url=key, operation="open"
-                )
-            if info.size > self.config.block_threshold:
-                return self._block_file(target, info)
-            data = self.whole(url)
-        fh = io.BytesIO(data)  # shares the bytes until written to, which it never is
-        fh.name = key
-        return fh
+        target, info = self.located_info(url)
+        if info.is_dir:
+            raise IsADirectoryError_(
+                "this is a directory; use ls() to list it", url=key, operation="open"
+            )
+        if info.size > self.config.block_threshold:
+            return self._block_file(target, info)
+        whole = io.BytesIO(self.whole(url))  # shares the bytes; a BytesIO never writes them
+        whole.name = key
+        return whole
 
     # ------------------------------------------------------------------ blocks
 

@@ -270,7 +270,7 @@ class Store:
         :class:`~mlstore.errors.PreconditionFailedError`; an unpinned read starts over
         on the new version. Versions are never stitched together.
         """
-        resume = _Resume(start or 0, end, version)
+        resume = _Resume(start, end, version)
 
         def first() -> tuple[bytes, str | None]:
             if whole:
@@ -291,7 +291,7 @@ class Store:
                     return first()
                 return b"".join([*resume.parts, rest]), resume.version
             except TransientError as err:
-                if resume.keep(err, resumable=start is None or start >= 0):
+                if resume.keep(err):
                     self._count(backend, "resumes")
                 raise
 
@@ -849,25 +849,25 @@ def set_default_store(store: Store | None) -> None:
 
 
 class _Resume:
-    """What an interrupted read has received so far, and where to go on from."""
+    """What an interrupted read of ``[start, end)`` has received so far, and where to go
+    on from. A suffix read (negative ``start``) is never resumed: it starts over."""
 
     __slots__ = ("_asked", "end", "offset", "parts", "version")
 
-    def __init__(self, start: int, end: int | None, version: str | None) -> None:
-        self._asked = (start, end)
-        self.offset = start
-        self.end = end
-        self.version = version
-        self.parts: list[bytes] = []
+    def __init__(self, start: int | None, end: int | None, version: str | None) -> None:
+        self._asked = (start, end, version)
+        self.restart()
 
     def restart(self) -> None:
-        """Forget what arrived (it belongs to a version that is gone)."""
-        self.__init__(*self._asked, None)  # type: ignore[misc]
+        """Back to what was asked: forget what arrived (its version is gone)."""
+        start, self.end, self.version = self._asked
+        self.offset = start or 0
+        self.parts: list[bytes] = []
 
-    def keep(self, error: TransientError, *, resumable: bool) -> bool:
+    def keep(self, error: TransientError) -> bool:
         """Keep the bytes ``error`` says arrived; True if the next attempt resumes."""
         partial = getattr(error, "_partial", None)
-        if partial is None or not resumable or not partial.received:
+        if partial is None or not partial.received or (self._asked[0] or 0) < 0:
             return False
         version = self.version or partial.version
         if version is None:

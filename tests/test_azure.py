@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from mlstore import Store
 from mlstore.backends.azure import AZURE_METADATA_KEY
 from mlstore.hashing import content_hash
 from mlstore.url import parse_url
-from tests.emulators import AZURITE_ACCOUNT, AZURITE_KEY
+from tests.emulators import AZURITE_ACCOUNT, AZURITE_KEY, ServerProcess
 
 pytestmark = [pytest.mark.azure, pytest.mark.usefixtures("backend_only")]
 
@@ -275,15 +274,13 @@ def test_directories_containers_and_mkdir(az_options: dict[str, Any], az_contain
 
 
 class _Plan:
-    """What the failing endpoint answers: a status (with an Azure error code and
-    headers), or a body cut short, or a stall."""
+    """What the failing endpoint answers: a status, with an Azure error code and
+    headers. (Bodies cut short and stalls come from the fault proxy.)"""
 
     def __init__(self) -> None:
         self.status = 200
         self.code = ""
         self.headers: dict[str, str] = {}
-        self.truncate = False
-        self.stall = 0.0
         self.requests = 0
         self.seen: list[tuple[str, str]] = []  # (method, path) of every request
         self.lock = threading.Lock()
@@ -312,18 +309,6 @@ class _FailingHandler(BaseHTTPRequestHandler):
         with plan.lock:
             plan.requests += 1
             plan.seen.append((self.command, self.path.split("?")[0]))
-        if plan.stall:
-            time.sleep(plan.stall)
-        if plan.truncate:
-            body = b"x" * 10_000
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("ETag", '"0x1"')
-            self.end_headers()
-            self.wfile.write(body[:4000])
-            self.wfile.flush()
-            self.close_connection = True
-            return
         body = (
             f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{plan.code}</Code>'
             f"<Message>injected</Message></Error>"
@@ -405,28 +390,61 @@ def test_status_mapping_with_one_attempt(
                 assert type(err) is expected
 
 
+def _faulty_blob(
+    az_fault_proxy: ServerProcess,
+    az_options: dict[str, Any],
+    az_container: str,
+    rule: dict[str, Any],
+) -> str:
+    """A blob on Azurite whose GETs through the fault proxy meet ``rule``."""
+    from tests.servers import proxy
+
+    url = f"az://{az_container}/faulty.bin"
+    with Store(options={"az": az_options}) as s:
+        s.write_bytes(url, b"x" * 10_000)
+    proxy.set_faults(az_fault_proxy.endpoint, {"method": "GET", **rule})
+    return url
+
+
 def test_body_cut_short_is_connection_lost_after_one_request(
-    failing: tuple[_Plan, dict[str, Any]],
+    az_fault_proxy: ServerProcess,
+    az_fault_options: dict[str, Any],
+    az_options: dict[str, Any],
+    az_container: str,
 ) -> None:
-    plan, options = failing
-    plan.truncate = True
-    with Store(options={"az": options}) as s, pytest.raises(mlstore.ConnectionLostError) as exc:
-        s.read_bytes("az://ctr/k.bin")
-    assert "az://ctr/k.bin" in str(exc.value) and exc.value.operation == "read"
-    assert plan.requests == 1, "the body was re-requested by the Azure SDK"
+    from tests.servers import proxy
+
+    rule = {"fault": "truncate", "offset": 4000}
+    url = _faulty_blob(az_fault_proxy, az_options, az_container, rule)
+    with (
+        Store(options={"az": az_fault_options}) as s,
+        pytest.raises(mlstore.ConnectionLostError) as exc,
+    ):
+        s.backend("az").read(parse_url(url))
+    assert url in str(exc.value) and exc.value.operation == "read"
+    gets = proxy.counts(az_fault_proxy.endpoint)["methods"].get("GET", 0)
+    assert gets == 1, "the body was re-requested by the Azure SDK"
 
 
-def test_stall_is_a_timeout(failing: tuple[_Plan, dict[str, Any]]) -> None:
-    plan, options = failing
-    plan.stall = 3.0
+def test_stall_is_a_timeout(
+    az_fault_proxy: ServerProcess,
+    az_fault_options: dict[str, Any],
+    az_options: dict[str, Any],
+    az_container: str,
+) -> None:
+    from tests.servers import proxy
+
+    # The body never comes: only the client's read timeout can end the read (a stall
+    # that ended by itself would deliver the body, not a timeout).
+    url = _faulty_blob(az_fault_proxy, az_options, az_container, {"fault": "stall"})
     retry = mlstore.RetryPolicy(read_timeout=0.5, connect_timeout=0.5)
-    with Store(options={"az": options}, retry=retry) as s:
-        started = time.monotonic()
-        with pytest.raises(mlstore.StorageTimeoutError) as exc:
-            s.backend("az").read(parse_url("az://ctr/k"), 0, 5)
-        assert time.monotonic() - started < 2.5
+    with (
+        Store(options={"az": az_fault_options}, retry=retry) as s,
+        pytest.raises(mlstore.StorageTimeoutError) as exc,
+    ):
+        s.backend("az").read(parse_url(url), 0, 5)
     assert isinstance(exc.value, TimeoutError)
-    assert plan.requests == 1
+    assert proxy.counts(az_fault_proxy.endpoint)["methods"].get("GET", 0) == 1
 
 
 def test_refused_connection_is_connection_lost() -> None:

@@ -15,6 +15,7 @@ from mlstore.backends.base import (
     ObjectInfo,
     PerProcess,
     attach_partial,
+    find_cause,
     translate_os_error,
 )
 from mlstore.config import StoreConfig
@@ -216,20 +217,6 @@ def _mtime(raw: Mapping[str, Any]) -> float | None:
 
 class ShortBodyError(ConnectionError):
     """A response body ended before its announced length (a dropped connection)."""
-
-
-def find_cause(exc: BaseException | None, *types: type[BaseException]) -> BaseException | None:
-    """The first exception of ``types`` in ``exc``'s cause/context chain, or ``None``.
-
-    SDKs wrap transport errors in their own types; this finds the original.
-    """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, types):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def transport_error(

@@ -44,8 +44,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
-from mlstore.backends.base import InterruptedBodyError, ObjectInfo, PerProcess, attach_partial
+from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, transport_error
+from mlstore.backends.base import (
+    InterruptedBodyError,
+    ObjectInfo,
+    PerProcess,
+    attach_partial,
+    find_cause,
+)
 from mlstore.config import StoreConfig, redact_options
 from mlstore.errors import (
     ConfigError,

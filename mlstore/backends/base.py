@@ -38,6 +38,7 @@ __all__ = [
     "InterruptedBodyError",
     "ObjectInfo",
     "attach_partial",
+    "find_cause",
     "get_backend_class",
     "register_backend",
     "translate_os_error",
@@ -105,10 +106,23 @@ class InterruptedBodyError(Exception):
         self.length = length
 
 
+def find_cause(exc: BaseException | None, *types: type[BaseException]) -> BaseException | None:
+    """The first exception of ``types`` in ``exc``'s cause/context chain, or ``None``.
+
+    SDKs wrap transport errors in their own types; this finds the original.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, types):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def attach_partial(error: MlstoreError, cause: BaseException) -> MlstoreError:
     """Give a translated transient ``error`` the bytes an interrupted body had delivered
     (private attributes: never pickled, never shown)."""
-    from mlstore.backends._fsspec import find_cause
     from mlstore.errors import IntegrityError, TransientError
 
     found = find_cause(cause, InterruptedBodyError)

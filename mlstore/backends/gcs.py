@@ -34,8 +34,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
-from mlstore.backends.base import InterruptedBodyError, ObjectInfo, attach_partial
+from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, transport_error
+from mlstore.backends.base import InterruptedBodyError, ObjectInfo, attach_partial, find_cause
 from mlstore.errors import (
     ConfigError,
     CorruptBodyError,

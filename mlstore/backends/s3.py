@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlstore._hedge import Hedge, hedged
-from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, find_cause, transport_error
-from mlstore.backends.base import InterruptedBodyError, ObjectInfo
+from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, transport_error
+from mlstore.backends.base import InterruptedBodyError, ObjectInfo, find_cause
 from mlstore.errors import (
     ConfigError,
     CorruptBodyError,

@@ -135,8 +135,8 @@ class DiskTier:
         self._touched: dict[str, float] = {}
         self._touch_lock = threading.Lock()
         self._last_flush = time.monotonic()
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        db = self._conn()
+        db.executescript(_SCHEMA)
         self.clean_orphans()
 
     # ------------------------------------------------------------------ plumbing
@@ -165,8 +165,17 @@ class DiskTier:
         return db
 
     @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        yield self._conn()
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled
+        back if the block raises)."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def close(self) -> None:
         """Write pending access times and close this process's index connections."""
@@ -216,8 +225,8 @@ class DiskTier:
 
     def blob_size(self, digest: str) -> int | None:
         """The size of blob ``digest`` if the index has it."""
-        with self._db() as db:
-            row = db.execute("SELECT size FROM blobs WHERE hash = ?", (digest,)).fetchone()
+        db = self._conn()
+        row = db.execute("SELECT size FROM blobs WHERE hash = ?", (digest,)).fetchone()
         return None if row is None else int(row[0])
 
     def touch_blob(self, digest: str) -> None:
@@ -235,11 +244,11 @@ class DiskTier:
             touched, self._touched = self._touched, {}
             self._last_flush = time.monotonic()
         if touched:
-            with self._db() as db:
-                db.executemany(
-                    "UPDATE blobs SET atime = max(atime, ?) WHERE hash = ?",
-                    [(t, h) for h, t in touched.items()],
-                )
+            db = self._conn()
+            db.executemany(
+                "UPDATE blobs SET atime = max(atime, ?) WHERE hash = ?",
+                [(t, h) for h, t in touched.items()],
+            )
 
     # ------------------------------------------------------------------ writing
 
@@ -256,27 +265,19 @@ class DiskTier:
         if not os.path.exists(self.blob_path(digest)):
             self._write_blob(digest, data)
         now = self.clock()
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                inserted = db.execute(
-                    "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest, len(data), now)
-                ).rowcount
-                if inserted:
-                    db.execute(
-                        "UPDATE meta SET value = value + ? WHERE name = 'bytes'", (len(data),)
-                    )
-                else:
-                    db.execute("UPDATE blobs SET atime = ? WHERE hash = ?", (now, digest))
-                db.execute(
-                    "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
-                    (key, version, digest, len(data), now),
-                )
-                total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest, len(data), now)
+            ).rowcount
+            if inserted:
+                db.execute("UPDATE meta SET value = value + ? WHERE name = 'bytes'", (len(data),))
+            else:
+                db.execute("UPDATE blobs SET atime = ? WHERE hash = ?", (now, digest))
+            db.execute(
+                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
+                (key, version, digest, len(data), now),
+            )
+            total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
         if total > self.budget:
             self.evict(keep=digest)
         return bool(inserted)
@@ -307,24 +308,18 @@ class DiskTier:
 
     def touch_entry(self, key: str) -> None:
         """Record that ``key`` was just validated against the store."""
-        with self._db() as db:
-            db.execute("UPDATE entries SET checked = ? WHERE key = ?", (self.clock(), key))
+        db = self._conn()
+        db.execute("UPDATE entries SET checked = ? WHERE key = ?", (self.clock(), key))
 
     def forget(self, key: str) -> None:
         """Drop the index entry of ``key`` (its blob stays while others use it)."""
-        with self._db() as db:
-            db.execute("DELETE FROM entries WHERE key = ?", (key,))
+        db = self._conn()
+        db.execute("DELETE FROM entries WHERE key = ?", (key,))
 
     def drop_blob(self, digest: str) -> None:
         """Delete blob ``digest`` and every entry that points at it."""
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                self._delete_blobs(db, [digest])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            self._delete_blobs(db, [digest])
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.blob_path(digest))
 
@@ -345,12 +340,12 @@ class DiskTier:
 
     def size(self) -> int:
         """Bytes of blobs in the index."""
-        with self._db() as db:
-            return int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
+        db = self._conn()
+        return int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
 
     def count(self) -> int:
-        with self._db() as db:
-            return int(db.execute("SELECT count(*) FROM blobs").fetchone()[0])
+        db = self._conn()
+        return int(db.execute("SELECT count(*) FROM blobs").fetchone()[0])
 
     def evict(self, to_bytes: int | None = None, keep: str | None = None) -> int:
         """Delete least-recently-used blobs until at most ``to_bytes`` (default: the
@@ -360,25 +355,19 @@ class DiskTier:
             return 0
         self.flush_access_times()
         victims: list[str] = []
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
-                excess = total - limit
-                if excess > 0:
-                    for digest, size in db.execute(
-                        "SELECT hash, size FROM blobs WHERE hash != ? ORDER BY atime",
-                        (keep or "",),
-                    ):
-                        victims.append(digest)
-                        excess -= int(size)
-                        if excess <= 0:
-                            break
-                freed = self._delete_blobs(db, victims)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
+            excess = total - limit
+            if excess > 0:
+                for digest, size in db.execute(
+                    "SELECT hash, size FROM blobs WHERE hash != ? ORDER BY atime",
+                    (keep or "",),
+                ):
+                    victims.append(digest)
+                    excess -= int(size)
+                    if excess <= 0:
+                        break
+            freed = self._delete_blobs(db, victims)
         for digest in victims:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.blob_path(digest))
@@ -389,8 +378,8 @@ class DiskTier:
     def clear(self) -> None:
         """Delete every entry and blob."""
         self.evict(to_bytes=0)
-        with self._db() as db:
-            db.execute("DELETE FROM entries")
+        db = self._conn()
+        db.execute("DELETE FROM entries")
 
     def clean_orphans(self) -> int:
         """Remove temp files whose filler process is gone. Returns how many."""
@@ -417,8 +406,8 @@ class DiskTier:
         """Re-hash every blob; drop the bad ones, and blob files the index does not know
         (a filler killed between its rename and its index row). Returns
         (checked, dropped)."""
-        with self._db() as db:
-            rows = db.execute("SELECT hash, size FROM blobs").fetchall()
+        db = self._conn()
+        rows = db.execute("SELECT hash, size FROM blobs").fetchall()
         known = {digest for digest, _ in rows}
         blobs = os.path.join(self.root, "blobs")
         for fan in os.listdir(blobs):

@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 
-__all__ = ["SingleFlight"]
+__all__ = ["KeyedLocks", "SingleFlight"]
 
 STRIPES = 4096
 _OPEN_STRIPES = 128  # lock files kept open per process (idle ones are closed beyond it)
@@ -32,6 +32,35 @@ class _KeyLock:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.users = 0
+
+
+class KeyedLocks:
+    """A thread lock per key, made on first use and dropped when no thread holds or
+    waits for it."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, _KeyLock] = {}
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[bool]:
+        """Hold ``key``; yields True if another thread held it first."""
+        with self._guard:
+            entry = self._keys.setdefault(key, _KeyLock())
+            entry.users += 1
+        try:
+            waited = not entry.lock.acquire(blocking=False)
+            if waited:
+                entry.lock.acquire()
+            try:
+                yield waited
+            finally:
+                entry.lock.release()
+        finally:
+            with self._guard:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._keys[key]
 
 
 class _Stripe:
@@ -61,7 +90,8 @@ class SingleFlight:
         self.lock_dir = lock_dir
         self.timeout = timeout
         self.sleep = sleep
-        self._keys: dict[str, _KeyLock] = {}
+        self._keys = KeyedLocks()
+        self._local = KeyedLocks()
         self._guard = threading.Lock()
         self._stripes: dict[int, _Stripe] = {}
         self._pid = os.getpid()
@@ -71,7 +101,8 @@ class SingleFlight:
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
 
     def _forked(self) -> None:
-        self._keys = {}
+        self._keys = KeyedLocks()
+        self._local = KeyedLocks()
         self._guard = threading.Lock()
         for entry in self._stripes.values():
             with contextlib.suppress(OSError):
@@ -83,23 +114,12 @@ class SingleFlight:
     def hold(self, key: str) -> Iterator[bool]:
         """Hold ``key`` exclusively; yields True if someone else held it first (the
         caller should look in the cache again before fetching)."""
-        with self._guard:
-            entry = self._keys.setdefault(key, _KeyLock())
-            entry.users += 1
-        try:
-            waited = not entry.lock.acquire(blocking=False)
-            if waited:
-                entry.lock.acquire()
-            try:
-                with self._file_lock(key) as waited_for_process:
-                    yield waited or waited_for_process
-            finally:
-                entry.lock.release()
-        finally:
-            with self._guard:
-                entry.users -= 1
-                if entry.users == 0:
-                    del self._keys[key]
+        with self._keys.hold(key) as waited, self._file_lock(key) as waited_for_process:
+            yield waited or waited_for_process
+
+    def hold_in_process(self, key: str) -> contextlib.AbstractContextManager[bool]:
+        """Hold ``key`` against this process's other threads only (no file lock)."""
+        return self._local.hold(key)
 
     @contextlib.contextmanager
     def _file_lock(self, key: str) -> Iterator[bool]:

@@ -22,12 +22,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 from mlstore.cache.blobfile import BlobFile
-from mlstore.cache.disk import DiskFullError, DiskTier, check_private_dir
+from mlstore.cache.disk import DiskEntry, DiskFullError, DiskTier, check_private_dir
 from mlstore.cache.flight import SingleFlight
 from mlstore.cache.memory import MemoryTier
 from mlstore.config import CacheConfig
@@ -106,7 +106,6 @@ class TieredCache:
         self._warned_full = False
         self._warn_lock = threading.Lock()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._contents: dict[str, list[Any]] = {}
         self._seen_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lookups
@@ -117,9 +116,7 @@ class TieredCache:
         if item is None:
             return None
         meta, data = item
-        if meta.validate == "never" or (
-            meta.validate == "ttl" and self.clock() - meta.checked < meta.ttl
-        ):
+        if self._trusted(meta.validate, meta.ttl, meta.checked):
             self.metrics.add("hits", "memory")
             self.metrics.add("bytes_served", "memory", len(data))
             return data
@@ -140,13 +137,10 @@ class TieredCache:
         if self.disk is None:
             return None
         entry = self.disk.lookup(key)
-        validate, ttl = policy
-        if entry is None or not (
-            validate == "never" or (validate == "ttl" and self.clock() - entry.checked < ttl)
-        ):
+        if entry is None or not self._trusted(*policy, entry.checked):
             return None
         if entry.size < _FILE_MIN:
-            found = self._lookup(key, None, True, policy)
+            found = self._disk_hit(key, entry, entry.checked, policy, keep_in_memory=True)
             return _named(io.BytesIO(found), key) if found is not None else None
         disk = self.disk
 
@@ -239,25 +233,17 @@ class TieredCache:
         self._store(key, fetched, content_hash(fetched.data), policy, keep_in_memory=keep_in_memory)
         return fetched.data
 
-    @contextlib.contextmanager
-    def _content_lock(self, digest: str | None) -> Iterator[None]:
+    def _content_lock(self, digest: str | None) -> contextlib.AbstractContextManager[object]:
         """Two URLs known to hold the same content are fetched once: the second waits
         for the first, then finds the blob. (Taken only after a key's flight lock and
         held while nothing else is locked, so it cannot deadlock.)"""
         if digest is None:
-            yield
-            return
-        with self._seen_lock:
-            entry = self._contents.setdefault(digest, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._seen_lock:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._contents[digest]
+            return contextlib.nullcontext()
+        return self.flight.hold_in_process(f"content:{digest}")
+
+    def _trusted(self, validate: str, ttl: float, checked: float) -> bool:
+        """Whether a copy last checked at ``checked`` is trusted without asking the store."""
+        return validate == "never" or (validate == "ttl" and self.clock() - checked < ttl)
 
     def _fresh(
         self,
@@ -270,10 +256,7 @@ class TieredCache:
     ) -> float | None:
         """When the cached ``version`` was last known current, or None if it is stale:
         ``checked`` itself while the policy trusts it, now after a successful HEAD."""
-        validate, ttl = policy
-        if immutable or validate == "never" or revalidate is None:
-            return checked
-        if validate == "ttl" and self.clock() - checked < ttl:
+        if immutable or revalidate is None or self._trusted(*policy, checked):
             return checked
         self.metrics.add("revalidations", "cache")
         current = revalidate()
@@ -320,6 +303,20 @@ class TieredCache:
         if checked is None:
             self.disk.forget(key)
             return None
+        return self._disk_hit(key, entry, checked, policy, keep_in_memory=keep_in_memory)
+
+    def _disk_hit(
+        self,
+        key: str,
+        entry: DiskEntry,
+        checked: float,
+        policy: tuple[str, float],
+        *,
+        keep_in_memory: bool,
+    ) -> bytes | None:
+        """The verified bytes of a fresh disk ``entry``, copied into the memory tier
+        on a second read; ``None`` if its blob is gone or corrupt."""
+        assert self.disk is not None
         blob = self.disk.read_blob(entry.hash, entry.size)
         if blob is None:  # evicted meanwhile, or corrupt (then dropped and counted)
             return None
