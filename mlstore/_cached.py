@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any
 
-from mlstore._file import SeekableRaw
+from mlstore._util.files import SeekableRaw
 from mlstore.backends.base import ObjectInfo
 from mlstore.cache.tiered import Fetched, TieredCache
 from mlstore.errors import IsADirectoryError_

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar
 
-from mlstore.errors import REDACTED, ConfigError, redact_url
+from mlstore._util.redact import redact_options, redact_url
+from mlstore.errors import REDACTED, ConfigError
 from mlstore.url import parse_url
 
 if sys.version_info >= (3, 11):
@@ -716,30 +717,6 @@ class StoreConfig(_Resolved):
             f"max_workers={self.max_workers!r}, replica_failures={self.replica_failures!r}, "
             f"replica_cooldown={self.replica_cooldown!r})"
         )
-
-
-#: Backend option names that hold credentials: never pickled, never shown.
-SECRET_OPTION = re.compile(
-    r"(secret|token|password|passwd|credential|sas|account_key|connection_string|"
-    r"^key$|session|private|auth|headers)",
-    re.IGNORECASE,
-)
-
-
-def redact_options(options: Mapping[str, Any], replacement: object = None) -> dict[str, Any]:
-    """``options`` with every value whose name looks like a credential replaced by
-    ``replacement``, or dropped when ``replacement`` is ``None``; nested dicts (such as
-    ``client_kwargs``) are searched too."""
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if isinstance(key, str) and SECRET_OPTION.search(key):
-            if replacement is not None:
-                out[key] = replacement
-        elif isinstance(value, Mapping):
-            out[key] = redact_options(value, replacement)
-        else:
-            out[key] = value
-    return out
 
 
 def _build(cls: type[Any], values: Mapping[str, Any], name: str) -> Any:

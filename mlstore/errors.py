@@ -26,8 +26,8 @@ through :func:`redact_url` before they are stored.
 from __future__ import annotations
 
 import io
-import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from mlstore._util.redact import MASK, redact_url
 
 __all__ = [
     "ConfigError",
@@ -46,42 +46,7 @@ __all__ = [
     "redact_url",
 ]
 
-# Query parameters that carry credentials: presigned S3 URLs, Azure SAS tokens,
-# GCS signed URLs, and the usual token-ish names.
-_SECRET_PARAMS = re.compile(
-    r"^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)"
-    r"|sig|signature|se|sp|sv|st|skoid|sktid|skt|ske|sks|skv|token|access_token"
-    r"|api[-_]?key|key|password|secret|code|sas)$",
-    re.IGNORECASE,
-)
-REDACTED = "***"
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with user info and credential-bearing query values masked.
-
-    >>> redact_url("https://user:pw@host/a?sig=abc&x=1")
-    'https://***@host/a?sig=***&x=1'
-    """
-    if "://" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc and not parts.query:
-        return url
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = REDACTED + "@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, REDACTED if _SECRET_PARAMS.match(k) else v) for k, v in pairs],
-            safe="*",
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+REDACTED = MASK
 
 
 class MlstoreError(Exception):

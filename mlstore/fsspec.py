@@ -58,6 +58,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.spec import make_instance
 
+from mlstore._util.redact import SECRET_OPTION
 from mlstore.backends.base import ObjectInfo
 from mlstore.config import StoreConfig
 from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError
@@ -83,13 +84,6 @@ _STORE_KWARGS = frozenset(
 #: Keyword arguments fsspec's AbstractFileSystem itself understands.
 _FSSPEC_KWARGS = frozenset(
     {"use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop"}
-)
-# Option names that hold credentials: never pickled (the same rule as Store pickling;
-# the child process re-resolves them from its environment or config file).
-_SECRET_OPTION = re.compile(
-    r"(secret|token|password|passwd|credential|sas|account_key|connection_string|"
-    r"^key$|session|private|auth|headers)",
-    re.IGNORECASE,
 )
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -539,7 +533,7 @@ def _without_secrets(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _safe(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if not _SECRET_OPTION.search(k)}
+    return {k: v for k, v in options.items() if not SECRET_OPTION.search(k)}
 
 
 def _safe_per_protocol(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,9 +23,14 @@ from typing import IO, Any, TypeVar, cast
 
 from mlstore._cached import CACHED_PROTOCOLS, CachedReads
 from mlstore._failover import CircuitBreaker, with_failover
-from mlstore._file import CountingReader, CountingWriter, TextWriter, open_ranged
-from mlstore._hedge import Hedge
-from mlstore.backends.base import Backend, ObjectInfo, get_backend_class
+from mlstore._util.files import (
+    BufferedWrite,
+    CountingReader,
+    CountingWriter,
+    TextWriter,
+    open_ranged,
+)
+from mlstore.backends.base import Backend, Hedge, ObjectInfo, Received, get_backend_class
 from mlstore.cache.tiered import TieredCache
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig, redact_options
 from mlstore.errors import (
@@ -271,27 +276,33 @@ class Store:
         on the new version. Versions are never stitched together.
         """
         resume = _Resume(start, end, version)
+        resumable = backend.resumable
 
-        def first() -> tuple[bytes, str | None]:
+        def first(got: Received | None) -> tuple[bytes, str | None]:
             if whole:
-                return backend.fetch(target)
-            return backend.read(target, start, end, version), version
+                return backend.fetch(target, received=got) if got else backend.fetch(target)
+            if got is None:
+                return backend.read(target, start, end, version), version
+            return backend.read(target, start, end, version, received=got), version
 
         def attempt() -> tuple[bytes, str | None]:
+            got = Received() if resumable else None
             try:
                 if not resume.parts:
-                    return first()
+                    return first(got)
                 try:
-                    rest = backend.read(target, resume.offset, resume.end, resume.version)
+                    rest = backend.read(
+                        target, resume.offset, resume.end, resume.version, received=got
+                    )
                 except PreconditionFailedError:
                     if version is not None:
                         raise  # the caller pinned the version that is gone
                     resume.restart()  # changed under us: start over, all on the new one
                     self._count(backend, "restarts")
-                    return first()
+                    return first(got)
                 return b"".join([*resume.parts, rest]), resume.version
-            except TransientError as err:
-                if resume.keep(err):
+            except TransientError:
+                if got is not None and resume.keep(got):
                     self._count(backend, "resumes")
                 raise
 
@@ -324,14 +335,16 @@ class Store:
                         opts = self.config.options.get("http", {})
                     elif protocol == "http" and not opts:
                         opts = self.config.options.get("https", {})
-                    backend = cls(opts, self.config)
                     after = self.config.retry.hedge_after
-                    if after is not None:
-                        backend.hedge = Hedge(
+                    if after is not None and cls.hedges:
+                        hedge = Hedge(
                             after,
                             on_hedge=functools.partial(self._metrics.add, "hedges", protocol),
                             on_win=functools.partial(self._metrics.add, "hedge_wins", protocol),
                         )
+                        backend = cls(opts, self.config, hedge=hedge)
+                    else:
+                        backend = cls(opts, self.config)
                     self._backends[protocol] = backend
         return backend
 
@@ -537,13 +550,16 @@ class Store:
             self._count(backend, "bytes_written", n)
             self._invalidate(url)
 
-        native = backend.open_write(target)
-        commit = getattr(native, "commit", None)
-        if commit is not None:  # one whole-object write at close: idempotent, so retried
-            native.commit = lambda data: self._call(  # type: ignore[attr-defined]
-                backend, functools.partial(commit, data), target, "write"
+        native: IO[bytes]
+        if backend.buffered_writes:  # one whole-object write at close: idempotent, so retried
+            native = BufferedWrite(
+                lambda data: self._call(
+                    backend, functools.partial(backend.write, target, data), target, "write"
+                ),
+                str(target),
             )
         else:
+            native = backend.open_write(target)
             self._count(backend, "requests")
         raw = CountingWriter(native, committed)
         if text:
@@ -864,17 +880,17 @@ class _Resume:
         self.offset = start or 0
         self.parts: list[bytes] = []
 
-    def keep(self, error: TransientError) -> bool:
-        """Keep the bytes ``error`` says arrived; True if the next attempt resumes."""
-        partial = getattr(error, "_partial", None)
-        if partial is None or not partial.received or (self._asked[0] or 0) < 0:
+    def keep(self, got: Received) -> bool:
+        """Keep the bytes that arrived before the body broke off; True if the next
+        attempt resumes from them."""
+        if not got.data or (self._asked[0] or 0) < 0:
             return False
-        version = self.version or partial.version
+        version = self.version or got.version
         if version is None:
             return False  # nothing to pin the rest to: start over
-        if self.end is None and partial.length is not None:
-            self.end = self.offset + int(partial.length)
+        if self.end is None and got.length is not None:
+            self.end = self.offset + int(got.length)
         self.version = version
-        self.parts.append(partial.received)
-        self.offset += len(partial.received)
+        self.parts.append(got.data)
+        self.offset += len(got.data)
         return True

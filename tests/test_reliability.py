@@ -462,7 +462,7 @@ def test_hedges_stay_within_five_percent_of_reads(
 
 
 def test_percentile_hedging_waits_for_enough_samples() -> None:
-    from mlstore._hedge import Hedge
+    from mlstore.backends._hedge import Hedge
 
     hedge = Hedge("p95")
     assert hedge.delay() is None, "no latency known yet: no hedge"

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
+from mlstore._util.files import BufferedWrite
 from mlstore.backends.base import (
     Backend,
+    Hedge,
     ObjectInfo,
     PerProcess,
-    attach_partial,
+    Received,
     find_cause,
+    keep_received,
     translate_os_error,
 )
 from mlstore.config import StoreConfig
@@ -35,8 +37,12 @@ __all__ = ["FsspecBackend"]
 class FsspecBackend(Backend):
     """Backend whose operations run on an fsspec ``AbstractFileSystem``."""
 
-    def __init__(self, options: Mapping[str, Any], config: StoreConfig) -> None:
-        super().__init__(options, config)
+    buffered_writes = True
+
+    def __init__(
+        self, options: Mapping[str, Any], config: StoreConfig, *, hedge: Hedge | None = None
+    ) -> None:
+        super().__init__(options, config, hedge=hedge)
         self._fs = PerProcess(self._make_fs)
 
     # ---- what subclasses provide
@@ -93,13 +99,14 @@ class FsspecBackend(Backend):
         )
 
     @contextlib.contextmanager
-    def _errors(self, url: URL, operation: str) -> Iterator[None]:
+    def _errors(self, url: URL, operation: str, received: Received | None = None) -> Iterator[None]:
+        """Translate what the block raises (once); fill ``received`` from a broken body."""
         try:
             yield
         except MlstoreError:
             raise
         except Exception as exc:
-            raise attach_partial(self._translate(exc, url, operation), exc) from exc
+            raise keep_received(received, self._translate(exc, url, operation), exc) from exc
 
     # ---- Backend
     def info(self, url: URL) -> ObjectInfo:
@@ -107,7 +114,13 @@ class FsspecBackend(Backend):
             return self._info_from(self.fs.info(self._path(url)))
 
     def read(
-        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+        self,
+        url: URL,
+        start: int | None = None,
+        end: int | None = None,
+        version: str | None = None,
+        *,
+        received: Received | None = None,
     ) -> bytes:
         with self._errors(url, "read"):
             path = self._path(url)
@@ -146,7 +159,7 @@ class FsspecBackend(Backend):
             yield self._info_from(raw)
 
     def open_write(self, url: URL) -> IO[bytes]:
-        return _BufferedWrite(self, url)
+        return BufferedWrite(functools.partial(self.write, url), str(url))
 
     def write(self, url: URL, data: bytes) -> None:
         with self._errors(url, "write"):
@@ -166,40 +179,6 @@ class FsspecBackend(Backend):
     def copy(self, src: URL, dst: URL) -> None:
         with self._errors(src, "copy"):
             self.fs.cp_file(self._path(src), self._path(dst))
-
-
-class _BufferedWrite(io.BytesIO):
-    """Collects bytes and hands them to ``backend.write`` on a clean close: one
-    whole-object write, which the Store retries like any other (``commit``).
-
-    If the surrounding ``with`` block raises, nothing is written.
-    """
-
-    def __init__(self, backend: Backend, url: URL) -> None:
-        super().__init__()
-        self._backend = backend
-        self._url = url
-        self._failed = False
-        self.name = str(url)
-        #: Writes the collected bytes; the Store replaces it with a retried write.
-        self.commit: Callable[[bytes], None] = functools.partial(backend.write, url)
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        self._failed = exc_type is not None
-        self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        data = self.getvalue()
-        super().close()
-        if not self._failed:
-            self.commit(data)
-
-    def discard(self) -> None:
-        """Drop what was written; nothing reaches the store."""
-        self._failed = True
-        self.close()
 
 
 def _mtime(raw: Mapping[str, Any]) -> float | None:

@@ -37,22 +37,24 @@ import ctypes
 import inspect
 import io
 import os
-import re
 import time
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from mlstore._util.redact import redact_options, scrub
 from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, transport_error
 from mlstore.backends.base import (
+    Hedge,
     InterruptedBodyError,
     ObjectInfo,
     PerProcess,
-    attach_partial,
+    Received,
     find_cause,
+    keep_received,
 )
-from mlstore.config import StoreConfig, redact_options
+from mlstore.config import StoreConfig
 from mlstore.errors import (
     ConfigError,
     ConnectionLostError,
@@ -89,9 +91,12 @@ _DELETE_CONCURRENCY = 16
 
 class AzureBackend(FsspecBackend):
     protocol = "az"
+    resumable = True
 
-    def __init__(self, options: Mapping[str, Any], config: StoreConfig) -> None:
-        super().__init__(options, config)
+    def __init__(
+        self, options: Mapping[str, Any], config: StoreConfig, *, hedge: Hedge | None = None
+    ) -> None:
+        super().__init__(options, config, hedge=hedge)
         self._closer: weakref.finalize[Any, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -117,11 +122,11 @@ class AzureBackend(FsspecBackend):
                 skip_instance_cache=True, use_listings_cache=False, **opts
             )
         except TypeError as exc:
-            raise ConfigError(f"invalid az option: {_scrub(str(exc))}") from None
+            raise ConfigError(f"invalid az option: {scrub(str(exc))}") from None
         except ValueError as exc:
             raise ConfigError(
                 "could not configure the Azure client "
-                f"({_scrub(str(exc))}); give a connection_string, or an "
+                f"({scrub(str(exc))}); give a connection_string, or an "
                 "account_name with account_key, sas_token or credential, or set "
                 "AZURE_STORAGE_CONNECTION_STRING"
             ) from None
@@ -134,7 +139,7 @@ class AzureBackend(FsspecBackend):
                 fs.do_connect()
             except ValueError as exc:
                 raise ConfigError(
-                    f"could not configure the Azure client ({_scrub(str(exc))})"
+                    f"could not configure the Azure client ({scrub(str(exc))})"
                 ) from None
         client = self._client_without_retries(fs.service_client, endpoint)
         fs.service_client = client
@@ -150,7 +155,7 @@ class AzureBackend(FsspecBackend):
         return fs
 
     @contextlib.contextmanager
-    def _errors(self, url: URL, operation: str) -> Iterator[None]:
+    def _errors(self, url: URL, operation: str, received: Received | None = None) -> Iterator[None]:
         try:
             yield
         except MlstoreError as err:
@@ -159,7 +164,7 @@ class AzureBackend(FsspecBackend):
             # A configuration error found while making the client: name the URL too.
             raise type(err)(err.reason, url=str(url), operation=operation) from None
         except Exception as exc:
-            raise attach_partial(self._translate(exc, url, operation), exc) from exc
+            raise keep_received(received, self._translate(exc, url, operation), exc) from exc
 
     def _client_without_retries(self, client: Any, endpoint: str | None) -> Any:
         """``client`` rebuilt with the same account URL and credential, the Azure SDK's
@@ -248,7 +253,7 @@ class AzureBackend(FsspecBackend):
         if isinstance(exc, OSError):
             return super()._translate(exc, url, operation)
         return MlstoreError(
-            f"{type(exc).__name__}: {_scrub(str(exc))}",
+            f"{type(exc).__name__}: {scrub(str(exc))}",
             url=text,
             operation=operation,
         )
@@ -275,9 +280,15 @@ class AzureBackend(FsspecBackend):
             raise NotFoundError("no such blob or directory", url=str(url), operation="info")
 
     def read(
-        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+        self,
+        url: URL,
+        start: int | None = None,
+        end: int | None = None,
+        version: str | None = None,
+        *,
+        received: Received | None = None,
     ) -> bytes:
-        with self._errors(url, "read"):
+        with self._errors(url, "read", received):
             if not url.path or url.path.endswith("/"):
                 raise IsADirectoryError_(
                     "this is a directory; use ls() to list it", url=str(url), operation="read"
@@ -297,9 +308,9 @@ class AzureBackend(FsspecBackend):
                 raise
             return data
 
-    def fetch(self, url: URL) -> tuple[bytes, str | None]:
+    def fetch(self, url: URL, *, received: Received | None = None) -> tuple[bytes, str | None]:
         """The whole blob and its ETag, from one GET."""
-        with self._errors(url, "read"):
+        with self._errors(url, "read", received):
             if not url.path or url.path.endswith("/"):
                 raise IsADirectoryError_(
                     "this is a directory; use ls() to list it", url=str(url), operation="read"
@@ -550,20 +561,6 @@ def _retry_after(err: Any) -> float | None:
             except ValueError:
                 continue
     return None
-
-
-_SECRET_TEXT = re.compile(
-    r"(AccountKey|SharedAccessSignature|sig|SharedAccessKey)=[^;&\s'\"]+", re.IGNORECASE
-)
-
-
-def _scrub(text: str) -> str:
-    """``text`` with every credential it might quote masked: the values registered by
-    :class:`~mlstore.backends.base.Backend` (options, environment), and anything shaped
-    like a connection-string key or a SAS signature."""
-    from mlstore import _redact
-
-    return _SECRET_TEXT.sub(lambda m: f"{m.group(1)}=***", _redact.mask(text))
 
 
 # ------------------------------------------------------------------- properties

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import abc
 import importlib
-import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, ClassVar
+from typing import IO, Any, ClassVar
 
+from mlstore._util.process import PerProcess
+from mlstore.backends._hedge import Hedge
 from mlstore.config import StoreConfig
 from mlstore.errors import (
     ConfigError,
@@ -30,16 +31,16 @@ from mlstore.errors import (
 )
 from mlstore.url import URL
 
-if TYPE_CHECKING:
-    from mlstore._hedge import Hedge
-
 __all__ = [
     "Backend",
+    "Hedge",
     "InterruptedBodyError",
     "ObjectInfo",
-    "attach_partial",
+    "PerProcess",
+    "Received",
     "find_cause",
     "get_backend_class",
+    "keep_received",
     "register_backend",
     "translate_os_error",
 ]
@@ -120,18 +121,50 @@ def find_cause(exc: BaseException | None, *types: type[BaseException]) -> BaseEx
     return None
 
 
-def attach_partial(error: MlstoreError, cause: BaseException) -> MlstoreError:
-    """Give a translated transient ``error`` the bytes an interrupted body had delivered
-    (private attributes: never pickled, never shown)."""
+@dataclass
+class Received:
+    """What a read delivered before its body broke off.
+
+    A caller that can resume passes an empty one as ``received=`` to
+    :meth:`Backend.read` or :meth:`Backend.fetch` of a backend whose
+    :attr:`Backend.resumable` is true. When the body stops early (a reset, a stall, a
+    short body) and the error raised is transient, the backend fills it in before
+    raising: the caller then asks only for the rest, pinned to ``version``.
+
+    Attributes:
+        data: the bytes that arrived, from the start of the requested range.
+        version: the version those bytes belong to (ETag, generation), or ``None``
+            (then nothing can be pinned, and the read starts over).
+        length: how many bytes the response announced, if it did.
+    """
+
+    data: bytes = b""
+    version: str | None = None
+    length: int | None = None
+
+
+def keep_received(
+    received: Received | None, error: MlstoreError, cause: BaseException
+) -> MlstoreError:
+    """Fill ``received`` with what an interrupted body (an :class:`InterruptedBodyError`
+    in ``cause``'s chain) delivered, when ``error`` is worth resuming; returns ``error``.
+
+    Bytes that failed a check (an :class:`~mlstore.errors.IntegrityError`) are not a
+    start to build on, and neither is a permanent error.
+    """
     from mlstore.errors import IntegrityError, TransientError
 
+    if received is None or not isinstance(error, TransientError):
+        return error
+    if isinstance(error, IntegrityError):
+        return error
     found = find_cause(cause, InterruptedBodyError)
-    if (
-        isinstance(found, InterruptedBodyError)
-        and isinstance(error, TransientError)
-        and not isinstance(error, IntegrityError)  # bad bytes are not a start to build on
-    ):
-        error._partial = found  # type: ignore[attr-defined]
+    if isinstance(found, InterruptedBodyError):
+        received.data, received.version, received.length = (
+            found.received,
+            found.version,
+            found.length,
+        )
     return error
 
 
@@ -170,16 +203,27 @@ class Backend(abc.ABC):
     protocol: ClassVar[str]
     #: Backends that cannot write (http) say so; the Store raises UnsupportedOperation.
     read_only: ClassVar[bool] = False
-    #: Set by the Store when ``RetryPolicy.hedge_after`` is on; backends that can send a
-    #: second copy of a slow read (s3) pass it to :func:`mlstore._hedge.hedged`.
-    hedge: Hedge | None = None
+    #: Backends whose ``read``/``fetch`` take ``received=`` (see :class:`Received`), so
+    #: an interrupted body is resumed instead of fetched again.
+    resumable: ClassVar[bool] = False
+    #: Backends that can send a second copy of a slow read (s3) take ``hedge=`` when
+    #: they are built (``RetryPolicy.hedge_after``).
+    hedges: ClassVar[bool] = False
+    #: Backends whose :meth:`open_write` collects the bytes and stores them with one
+    #: :meth:`write` at close (the Store then retries that write as a whole); backends
+    #: that stream (local files) leave it False.
+    buffered_writes: ClassVar[bool] = False
 
-    def __init__(self, options: Mapping[str, Any], config: StoreConfig) -> None:
+    def __init__(
+        self, options: Mapping[str, Any], config: StoreConfig, *, hedge: Hedge | None = None
+    ) -> None:
         self.options = dict(options)
         self.config = config
+        #: When to send a second copy of a slow read, or ``None`` (never).
+        self.hedge = hedge
         # Credentials given to (or found for) a backend are masked in all log output,
         # including the SDKs' own DEBUG logs.
-        from mlstore import _redact
+        from mlstore._util import redact as _redact
 
         _redact.register_options(self.options)
         _redact.register_environment()
@@ -195,12 +239,19 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def read(
-        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+        self,
+        url: URL,
+        start: int | None = None,
+        end: int | None = None,
+        version: str | None = None,
+        *,
+        received: Received | None = None,
     ) -> bytes:
         """Bytes ``[start:end)`` of ``url``; if ``version`` is given and the object is no
-        longer that version, :class:`~mlstore.errors.PreconditionFailedError`."""
+        longer that version, :class:`~mlstore.errors.PreconditionFailedError`.
+        ``received`` is filled in when the body breaks off (:class:`Received`)."""
 
-    def fetch(self, url: URL) -> tuple[bytes, str | None]:
+    def fetch(self, url: URL, *, received: Received | None = None) -> tuple[bytes, str | None]:
         """The whole object and the version those bytes are, consistently.
 
         The default asks for the version, then reads pinned to it (two requests);
@@ -215,7 +266,9 @@ class Backend(abc.ABC):
             raise IsADirectoryError_(
                 "this is a directory; use ls() to list it", url=str(url), operation="read"
             )
-        return self.read(url, version=info.version), info.version
+        if received is None:  # a backend that does not resume may not take the keyword
+            return self.read(url, version=info.version), info.version
+        return self.read(url, version=info.version, received=received), info.version
 
     def open_read(self, url: URL, info: ObjectInfo) -> IO[bytes] | None:
         """A native seekable file for ``url`` when the backend has a faster one than
@@ -325,29 +378,3 @@ def get_backend_class(protocol: str) -> type[Backend]:
             _REGISTRY[protocol] = cls
         return cls
     return target
-
-
-class PerProcess:
-    """A value built lazily, once per process: a client made before ``fork`` is never
-    used in the child (it would share sockets and event loops with the parent)."""
-
-    def __init__(self, factory: Callable[[], Any]) -> None:
-        self._factory = factory
-        self._pid = -1
-        self._value: Any = None
-        self._lock = threading.Lock()
-
-    def get(self) -> Any:
-        pid = os.getpid()
-        if self._pid != pid:
-            with self._lock:
-                if self._pid != pid:
-                    self._value = self._factory()
-                    self._pid = pid
-        return self._value
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_factory": self._factory}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["_factory"])  # type: ignore[misc]

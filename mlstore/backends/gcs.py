@@ -35,7 +35,13 @@ from dataclasses import replace
 from typing import Any
 
 from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, transport_error
-from mlstore.backends.base import InterruptedBodyError, ObjectInfo, attach_partial, find_cause
+from mlstore.backends.base import (
+    InterruptedBodyError,
+    ObjectInfo,
+    Received,
+    find_cause,
+    keep_received,
+)
 from mlstore.errors import (
     ConfigError,
     CorruptBodyError,
@@ -68,6 +74,7 @@ class _SetupError(Exception):
 
 class GCSBackend(FsspecBackend):
     protocol = "gs"
+    resumable = True
 
     def _make_fs(self) -> Any:
         import aiohttp
@@ -170,7 +177,13 @@ class GCSBackend(FsspecBackend):
             raise NotFoundError("no such object or directory", url=str(url), operation="info")
 
     def read(
-        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+        self,
+        url: URL,
+        start: int | None = None,
+        end: int | None = None,
+        version: str | None = None,
+        *,
+        received: Received | None = None,
     ) -> bytes:
         with self._errors(url, "read"):
             if not url.path or url.path.endswith("/"):
@@ -183,9 +196,9 @@ class GCSBackend(FsspecBackend):
                 err = self._translate(exc, url, "read")
                 if isinstance(err, NotFoundError):
                     raise self._not_found_on_read(url, version, err) from exc
-                raise attach_partial(err, exc) from exc
+                raise keep_received(received, err, exc) from exc
 
-    def fetch(self, url: URL) -> tuple[bytes, str | None]:
+    def fetch(self, url: URL, *, received: Received | None = None) -> tuple[bytes, str | None]:
         """One GET: the bytes and the generation the server says they are."""
         with self._errors(url, "read"):
             if not url.path or url.path.endswith("/"):
@@ -198,7 +211,7 @@ class GCSBackend(FsspecBackend):
                 err = self._translate(exc, url, "read")
                 if isinstance(err, NotFoundError):
                     raise self._not_found_on_read(url, None, err) from exc
-                raise attach_partial(err, exc) from exc
+                raise keep_received(received, err, exc) from exc
             _check_recorded_hash(url, headers, data)
             return bytes(data), headers.get("x-goog-generation")
 

@@ -32,7 +32,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
-from mlstore.backends.base import Backend, ObjectInfo, PerProcess
+from mlstore._util.redact import CREDENTIAL_HEADER
+from mlstore.backends.base import Backend, ObjectInfo, PerProcess, Received
 from mlstore.config import HttpPolicy, StoreConfig
 from mlstore.errors import (
     ConfigError,
@@ -60,10 +61,6 @@ _RAW = {"redirect": False, "preload_content": False, "decode_content": False}
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 # RFC 9110 token characters: anything else in a header name is refused up front.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# Headers dropped when a redirect leads to another origin.
-_CREDENTIAL_HEADER = re.compile(
-    r"auth|cookie|token|key|secret|session|passw|signature|credential", re.IGNORECASE
-)
 _STATUS: dict[int, tuple[type[MlstoreError], str]] = {
     **dict.fromkeys(
         (401, 403, 407),
@@ -261,7 +258,7 @@ class HttpBackend(Backend):
             try:
                 after = urlsplit(urljoin(target.geturl(), location))
                 if _origin(after) != _origin(target):  # never send credentials elsewhere
-                    send = {k: v for k, v in send.items() if not _CREDENTIAL_HEADER.search(k)}
+                    send = {k: v for k, v in send.items() if not CREDENTIAL_HEADER.search(k)}
             except ValueError:
                 raise MlstoreError("the server redirected to a malformed URL", **where) from None
             target = after
@@ -301,7 +298,13 @@ class HttpBackend(Backend):
         )
 
     def read(
-        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+        self,
+        url: URL,
+        start: int | None = None,
+        end: int | None = None,
+        version: str | None = None,
+        *,
+        received: Received | None = None,
     ) -> bytes:
         if start is not None and start < 0 and end is None:
             want = slice(start, None)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import IO, Any, cast
 
 from mlstore.backends._fsspec import FsspecBackend
-from mlstore.backends.base import ObjectInfo
+from mlstore.backends.base import ObjectInfo, Received
 from mlstore.errors import IsADirectoryError_, PreconditionFailedError
 from mlstore.url import URL
 
@@ -27,6 +27,7 @@ TEMP_SUFFIX = ".mlstore-tmp"
 
 class LocalBackend(FsspecBackend):
     protocol = "file"
+    buffered_writes = False  # writes stream to a temporary file, renamed at close
 
     def _make_fs(self) -> Any:
         from fsspec.implementations.local import LocalFileSystem
@@ -52,7 +53,13 @@ class LocalBackend(FsspecBackend):
             return cast(IO[bytes], _LocalReader(url.path))
 
     def read(
-        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+        self,
+        url: URL,
+        start: int | None = None,
+        end: int | None = None,
+        version: str | None = None,
+        *,
+        received: Received | None = None,
     ) -> bytes:
         with self._errors(url, "read"), open(url.path, "rb") as fh:
             st = os.fstat(fh.fileno())

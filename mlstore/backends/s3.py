@@ -20,9 +20,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mlstore._hedge import Hedge, hedged
 from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, transport_error
-from mlstore.backends.base import InterruptedBodyError, ObjectInfo, find_cause
+from mlstore.backends._hedge import Hedge, hedged
+from mlstore.backends.base import InterruptedBodyError, ObjectInfo, Received, find_cause
 from mlstore.errors import (
     ConfigError,
     CorruptBodyError,
@@ -43,6 +43,8 @@ _CHUNK = 1 << 20  # body read size: what arrived before a failure can be resumed
 
 class S3Backend(FsspecBackend):
     protocol = "s3"
+    resumable = True
+    hedges = True
 
     def _make_fs(self) -> Any:
         import s3fs
@@ -150,9 +152,15 @@ class S3Backend(FsspecBackend):
             return self._info_from(raw)
 
     def read(
-        self, url: URL, start: int | None = None, end: int | None = None, version: str | None = None
+        self,
+        url: URL,
+        start: int | None = None,
+        end: int | None = None,
+        version: str | None = None,
+        *,
+        received: Received | None = None,
     ) -> bytes:
-        with self._errors(url, "read"):
+        with self._errors(url, "read", received):
             if (start is not None and start < 0 and end is None) and start != 0:
                 rng: str | None = f"bytes={start}"  # suffix range: the last -start bytes
             else:
@@ -177,8 +185,8 @@ class S3Backend(FsspecBackend):
                 raise
             return data
 
-    def fetch(self, url: URL) -> tuple[bytes, str | None]:
-        with self._errors(url, "read"):
+    def fetch(self, url: URL, *, received: Received | None = None) -> tuple[bytes, str | None]:
+        with self._errors(url, "read", received):
             data, etag = self._sync(_get, self.hedge, url.bucket, url.path, None, None, True)
             return data, etag
 

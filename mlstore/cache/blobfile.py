@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from mlstore._file import SeekableRaw
+from mlstore._util.files import SeekableRaw
 from mlstore.hashing import Hasher
 
 __all__ = ["BlobFile"]

@@ -16,6 +16,7 @@ from typing import IO, Any
 from mlstore.errors import IntegrityError
 
 __all__ = [
+    "BufferedWrite",
     "CountingReader",
     "CountingWriter",
     "RangeReader",
@@ -264,3 +265,35 @@ class TextWriter(io.TextIOWrapper):
                 ResourceWarning,
                 stacklevel=1,
             )
+
+
+class BufferedWrite(io.BytesIO):
+    """Collects bytes and hands them to ``commit`` on a clean close: one whole-object
+    write, which the caller may wrap (the Store passes its retried write).
+
+    If the surrounding ``with`` block raises, or :meth:`discard` is called, nothing is
+    written.
+    """
+
+    def __init__(self, commit: Callable[[bytes], None], name: str) -> None:
+        super().__init__()
+        self._commit = commit
+        self._failed = False
+        self.name = name
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self._failed = exc_type is not None
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        data = self.getvalue()
+        super().close()
+        if not self._failed:
+            self._commit(data)
+
+    def discard(self) -> None:
+        """Drop what was written; nothing reaches the store."""
+        self._failed = True
+        self.close()
