@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -208,11 +209,14 @@ def _clean_key(key: str, raw: str) -> str:
     return cleaned
 
 
-def resolve_mount(url: URL, mounts: dict[str, tuple[str, ...]] | object) -> list[URL]:
-    """The physical URLs (replicas, primary first) behind an ``mlstore://`` URL."""
+def resolve_mount(url: URL, mounts: Mapping[str, Sequence[str | URL]]) -> list[URL]:
+    """The physical URLs (replicas, primary first) behind an ``mlstore://`` URL.
+
+    ``mounts`` maps names to replica prefixes, as strings or already parsed
+    :class:`URL` objects (parsed once by a caller that resolves many URLs).
+    """
     if url.protocol != "mlstore":
         return [url]
-    assert isinstance(mounts, dict)
     prefixes = mounts.get(url.bucket)
     if prefixes is None:
         known = ", ".join(sorted(mounts)) or "none configured"

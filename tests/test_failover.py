@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlstore._failover import CircuitBreaker, with_failover
+from mlstore._engine.replicas import CircuitBreaker, with_failover
 from mlstore.errors import (
     ConnectionLostError,
     NotFoundError,

@@ -51,9 +51,9 @@ def test_endpoint_from_environment(
 
 
 def test_client_is_created_lazily(store: Store, s3_bucket: str) -> None:
-    assert "s3" not in store._backends
+    assert "s3" not in store._runtime.get().calls.built
     store.exists(f"s3://{s3_bucket}/x")
-    assert "s3" in store._backends
+    assert "s3" in store._runtime.get().calls.built
 
 
 def test_unknown_option_is_a_config_error(s3_bucket: str) -> None:

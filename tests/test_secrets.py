@@ -57,7 +57,7 @@ def assert_no_canary(
         "stats": str(store.stats()),
         "logs": logs,
     }
-    for proto, backend in store._backends.items():
+    for proto, backend in store._runtime.get().calls.built.items():
         views[f"repr(backend {proto})"] = repr(backend)
     for i, err in enumerate(errors):
         views[f"error {i} str"] = str(err)

@@ -1,4 +1,12 @@
-"""Choosing a replica of a mount: try them in order, and skip one that keeps failing.
+"""Mounts and their replicas: which physical URLs stand behind a URL, and which of them
+answers (failover, with a circuit breaker).
+
+:func:`resolve` turns a parsed URL into a :class:`Resolved` once per call; everything
+below the facade works on that, so a URL is parsed and a mount looked up once.
+:class:`Replicas` runs an operation on the first replica that answers: one replica is
+called directly (its calls are retried as usual); with several, each gets one attempt
+per sweep (a dead cloud is left quickly), and the whole sweep is retried under the
+policy when every replica failed transiently.
 
 A replica that fails with a transient error ``threshold`` times in a row is *open*
 (skipped) for ``cooldown`` seconds; after that it is tried again like any other, a
@@ -11,13 +19,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from mlstore._engine.calls import IN_SWEEP, Calls
+from mlstore.backends.base import Backend
 from mlstore.errors import MlstoreError, NotFoundError, TransientError
+from mlstore.url import URL, resolve_mount
 
-__all__ = ["CircuitBreaker", "with_failover"]
+__all__ = ["CircuitBreaker", "Replicas", "Resolved", "resolve", "with_failover"]
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -109,3 +120,70 @@ def with_failover(
     if all(isinstance(e, NotFoundError) for e in errors):
         raise errors[0]
     raise next(e for e in errors if not isinstance(e, NotFoundError))
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A URL as the caller named it, with the physical URLs behind it.
+
+    Attributes:
+        url: the URL asked for (``mlstore://mount/key`` stays logical).
+        replicas: the physical URLs, primary first (one for a URL that is no mount).
+        key: ``str(url)``: the key of its cache entries and metadata.
+    """
+
+    url: URL
+    replicas: tuple[URL, ...]
+    key: str
+
+    @property
+    def primary(self) -> URL:
+        """Where writes go, and the replica read first."""
+        return self.replicas[0]
+
+
+def resolve(url: URL, mounts: Mapping[str, Sequence[str | URL]]) -> Resolved:
+    """``url`` with its mount (if any) resolved to physical URLs."""
+    replicas = (url,) if url.protocol != "mlstore" else tuple(resolve_mount(url, mounts))
+    return Resolved(url, replicas, str(url))
+
+
+def _replica_key(url: URL) -> str:
+    """Replicas are judged per bucket (or per host, or per local tree)."""
+    return f"{url.protocol}://{url.bucket}"
+
+
+class Replicas:
+    """Runs operations on the replica of a URL that answers.
+
+    Args:
+        calls: this process's backends and retriers.
+        breaker: skips a replica that keeps failing.
+    """
+
+    def __init__(self, calls: Calls, breaker: CircuitBreaker) -> None:
+        self.calls = calls
+        self.breaker = breaker
+
+    def run(self, where: Resolved, fn: Callable[[URL, Backend], T]) -> T:
+        """``fn(replica, its backend)`` on the first replica of ``where`` that answers."""
+        replicas = where.replicas
+        if len(replicas) == 1:
+            return fn(replicas[0], self.calls.backend(replicas[0].protocol))
+        backend = self.calls.backend
+        metrics = self.calls.metrics
+
+        def sweep() -> T:
+            token = IN_SWEEP.set(True)
+            try:
+                return with_failover(
+                    replicas,
+                    lambda target: fn(target, backend(target.protocol)),
+                    breaker=self.breaker,
+                    key=_replica_key,
+                    on_failover=lambda target, _e: metrics.add("failovers", target.protocol),
+                )
+            finally:
+                IN_SWEEP.reset(token)
+
+        return self.calls.retrier_for(where.url, "read").call(sweep)

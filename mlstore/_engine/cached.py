@@ -1,4 +1,4 @@
-"""The Store's read path through the tiered cache.
+"""The cached read path: reads through the tiered cache, handed a :class:`Reader`.
 
 Remote objects (s3, gs, az, http) are cached; local files and ``memory://`` are read
 directly (caching them would only copy bytes that are already local).
@@ -10,7 +10,10 @@ directly (caching them would only copy bytes that are already local).
   never mix two versions. Sequential reads through ``open()`` fetch the next blocks in
   the background (readahead).
 - Metadata (``info`` and ``ls``) is cached per process under the same consistency policy
-  as data; this Store's own writes and deletes invalidate it.
+  as data, in LRU maps of bounded size; this Store's own writes and deletes invalidate it.
+
+This module knows the cache and a :class:`Source` (the narrow seam through which a miss
+reaches the storage: a :class:`~mlstore._engine.reader.Reader`), never the Store.
 """
 
 from __future__ import annotations
@@ -19,143 +22,168 @@ import io
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
+from mlstore._engine.replicas import Resolved
 from mlstore._util.files import SeekableRaw
+from mlstore._util.lru import LRU
 from mlstore.backends.base import ObjectInfo
 from mlstore.cache.tiered import Fetched, TieredCache
 from mlstore.errors import IsADirectoryError_
+from mlstore.metrics import Metrics
 from mlstore.url import URL
 
-if TYPE_CHECKING:
-    from mlstore.store import Store
-
-__all__ = ["CACHED_PROTOCOLS", "CachedReads"]
+__all__ = ["CACHED_PROTOCOLS", "INFO_ENTRIES", "LISTING_ENTRIES", "CachedReads"]
 
 CACHED_PROTOCOLS = frozenset({"s3", "gs", "az", "http", "https"})
+#: ``info`` answers kept per process (about 0.5 KiB each).
+INFO_ENTRIES = 65536
+#: Listings kept per process (a listing may hold many entries: fewer of them).
+LISTING_ENTRIES = 256
 _READAHEAD_BLOCKS = 2
 _BUFFER = 256 * 1024
 
+Policy = tuple[str, float]
+
+
+class Source(Protocol):
+    """The narrow seam through which a miss reaches the storage (in practice a
+    :class:`~mlstore._engine.reader.Reader`): three kinds of read, nothing else."""
+
+    def locate(self, where: Resolved) -> tuple[URL, ObjectInfo]:
+        """The replica that answers for ``where`` and the object's info there."""
+
+    def fetch_whole(self, where: Resolved) -> tuple[bytes, str | None]:
+        """The whole object and the version those bytes are."""
+
+    def read_pinned(self, target: URL, start: int, end: int, version: str | None) -> bytes:
+        """Bytes ``[start, end)`` of one physical URL, pinned to ``version``."""
+
 
 class CachedReads:
-    """Cached reads for one Store in one process."""
+    """Cached reads in one process.
 
-    def __init__(self, store: Store, cache: TieredCache) -> None:
-        self.store = store
+    Args:
+        reader: reads from the storage on a miss (a :class:`Source`).
+        cache: the tiered cache.
+        metrics: where metadata hits are counted.
+        workers: threads that fetch the blocks of one read in parallel (2 to 8).
+    """
+
+    def __init__(self, reader: Source, cache: TieredCache, metrics: Metrics, workers: int) -> None:
+        self.reader = reader
         self.cache = cache
         self.config = cache.config
-        self._info: dict[str, tuple[URL, ObjectInfo, float]] = {}
-        self._listings: dict[str, tuple[list[ObjectInfo], float]] = {}
+        self.metrics = metrics
+        self._workers = max(2, min(8, workers))
+        self._info: LRU[str, tuple[URL, ObjectInfo, float]] = LRU(INFO_ENTRIES)
+        self._listings: LRU[str, tuple[list[ObjectInfo], float]] = LRU(LISTING_ENTRIES)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
+    def policy(self, where: Resolved) -> Policy:
+        """The consistency policy (``validate``, ``ttl``) for ``where``."""
+        return self.config.policy_for(where.key)
+
     # ------------------------------------------------------------------ metadata
 
-    def located_info(self, url: URL) -> tuple[URL, ObjectInfo]:
+    def located_info(self, where: Resolved, policy: Policy | None = None) -> tuple[URL, ObjectInfo]:
         """The physical replica that answered and the object's info, cached per policy."""
-        key = str(url)
-        policy, ttl = self.config.policy_for(key)
+        validate, ttl = policy or self.policy(where)
         now = self.cache.clock()
-        if policy != "always":
-            with self._lock:
-                hit = self._info.get(key)
-            if hit is not None and (policy == "never" or now - hit[2] < ttl):
-                self.store._metrics.add("hits", "metadata")
+        if validate != "always":
+            hit = self._info.get(where.key)
+            if hit is not None and (validate == "never" or now - hit[2] < ttl):
+                self.metrics.add("hits", "metadata")
                 return hit[0], hit[1]
-        target, info = self.store._locate(url)
-        if policy != "always":
-            with self._lock:
-                self._info[key] = (target, info, now)
+        target, info = self.reader.locate(where)
+        if validate != "always":
+            self._info.put(where.key, (target, info, now))
         return target, info
 
-    def listing(self, url: URL, fetch: Callable[[], list[ObjectInfo]]) -> list[ObjectInfo]:
-        """``ls`` entries of ``url``, cached per process under the consistency policy."""
-        key = str(url)
-        policy, ttl = self.config.policy_for(key)
+    def listing(self, where: Resolved, fetch: Callable[[], list[ObjectInfo]]) -> list[ObjectInfo]:
+        """``ls`` entries of ``where``, cached per process under the consistency policy."""
+        validate, ttl = self.policy(where)
         now = self.cache.clock()
-        if policy != "always":
-            with self._lock:
-                hit = self._listings.get(key)
-            if hit is not None and (policy == "never" or now - hit[1] < ttl):
-                self.store._metrics.add("hits", "metadata")
+        if validate != "always":
+            hit = self._listings.get(where.key)
+            if hit is not None and (validate == "never" or now - hit[1] < ttl):
+                self.metrics.add("hits", "metadata")
                 return hit[0]
         entries = fetch()
-        if policy != "always":
-            with self._lock:
-                self._listings[key] = (entries, now)
+        if validate != "always":
+            self._listings.put(where.key, (entries, now))
         return entries
 
-    def invalidate(self, url: URL) -> None:
-        """Forget what is cached of ``url`` (after this Store wrote or deleted it)."""
-        key = str(url)
-        with self._lock:
-            self._info.pop(key, None)
-            self._listings.clear()  # any listing may have shown it
+    def invalidate(self, key: str) -> None:
+        """Forget what is cached of the URL ``key`` (this Store wrote or deleted it)."""
+        self._info.pop(key)
+        self._listings.clear()  # any listing may have shown it
         self.cache.memory.discard(key)
         if self.cache.disk is not None:
             self.cache.disk.forget(key)
 
     # ------------------------------------------------------------------ reads
 
-    def read(self, url: URL, start: int | None, end: int | None) -> bytes:
-        key = str(url)
+    def read(self, where: Resolved, start: int | None, end: int | None) -> bytes:
         if start is None and end is None:
-            return self.whole(url)
-        data = self.cache.peek(key)
+            return self.whole(where)
+        data = self.cache.peek(where.key)
         if data is not None:
             return data[start:end]
-        target, info = self.located_info(url)
+        policy = self.policy(where)
+        target, info = self.located_info(where, policy)
         if info.is_dir:
             raise IsADirectoryError_(
-                "this is a directory; use ls() to list it", url=key, operation="read"
+                "this is a directory; use ls() to list it", url=where.key, operation="read"
             )
         if info.size <= self.config.block_threshold:
-            return self.whole(url)[start:end]
+            return self.whole(where, policy)[start:end]
         lo, hi, _ = slice(start, end).indices(info.size)
         if hi <= lo:
             return b""
         return self._blocks(target, info, lo, hi)
 
-    def whole(self, url: URL) -> bytes:
-        key = str(url)
+    def whole(self, where: Resolved, policy: Policy | None = None) -> bytes:
+        key = where.key
+        policy = policy or self.policy(where)
 
         def fetch() -> Fetched:
-            data, version = self.store._fetch_whole(url)
+            data, version = self.reader.fetch_whole(where)
             return Fetched(data, version)
 
         def revalidate() -> str | None:
-            with self._lock:
-                self._info.pop(key, None)
-            return self.located_info(url)[1].version
+            self._info.pop(key)
+            return self.located_info(where, policy)[1].version
 
         # If this object's metadata is already known and names its content (mlstore
         # wrote it), identical content cached under any other URL serves it: no GET.
-        with self._lock:
-            known = self._info.get(key)
+        known = self._info.get(key)
         return self.cache.get(
             key,
             fetch,
             revalidate=revalidate,
             known_hash=known[1].content_hash if known is not None else None,
             known_version=known[1].version if known is not None else None,
-            policy=self.config.policy_for(key),
+            policy=policy,
         )
 
-    def open(self, url: URL) -> IO[bytes]:
-        key = str(url)
+    def open(self, where: Resolved) -> IO[bytes]:
+        key = where.key
+        policy = self.policy(where)  # looked up once for the whole open
         # Cached and trusted under the policy: no request at all (not even the HEAD
         # that would tell whole-object from blocks).
-        fh = self.cache.open_fresh(key, self.config.policy_for(key), lambda: self.whole(url))
+        fh = self.cache.open_fresh(key, policy, lambda: self.whole(where, policy))
         if fh is not None:
             return fh
-        target, info = self.located_info(url)
+        target, info = self.located_info(where, policy)
         if info.is_dir:
             raise IsADirectoryError_(
                 "this is a directory; use ls() to list it", url=key, operation="open"
             )
         if info.size > self.config.block_threshold:
             return self._block_file(target, info)
-        whole = io.BytesIO(self.whole(url))  # shares the bytes; a BytesIO never writes them
+        whole = io.BytesIO(self.whole(where, policy))  # shares the bytes; never written
         whole.name = key
         return whole
 
@@ -170,7 +198,7 @@ class CachedReads:
         key = f"{target}\x00{info.version}\x00{size}:{index}"
 
         def fetch() -> Fetched:
-            return Fetched(self.store._read_pinned(target, lo, hi, info.version), info.version)
+            return Fetched(self.reader.read_pinned(target, lo, hi, info.version), info.version)
 
         return self.cache.get(key, fetch, immutable=True, keep_in_memory=not streaming)
 
@@ -191,7 +219,7 @@ class CachedReads:
             with self._lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(
-                        max(2, min(8, self.store.config.max_workers)),
+                        self._workers,
                         thread_name_prefix="mlstore-block",
                     )
         return self._pool

@@ -1,0 +1,175 @@
+"""Per-process backends, and the one counted, retried call every request goes through.
+
+:class:`Calls` belongs to one process (the Store keeps it in a
+:class:`~mlstore._util.process.PerProcess`): a backend's clients are never shared with a
+forked child. Each request is counted in the Store's metrics and run under the
+:class:`~mlstore.retry.Retrier` of the retry policy that applies to its URL and
+operation; inside a replica sweep (see :mod:`.replicas`) the sweep as a whole is what is
+retried, so a call made there gets one attempt.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from mlstore.backends.base import Backend, Hedge, get_backend_class
+from mlstore.config import StoreConfig
+from mlstore.errors import MlstoreError, ThrottledError, UnsupportedOperation
+from mlstore.metrics import Metrics
+from mlstore.retry import Retrier, RetryBudget
+from mlstore.url import URL
+
+__all__ = ["IN_SWEEP", "Calls"]
+
+T = TypeVar("T")
+log = logging.getLogger("mlstore")
+
+#: True while a replica sweep runs: its calls make one attempt each.
+IN_SWEEP: contextvars.ContextVar[bool] = contextvars.ContextVar("mlstore_sweep", default=False)
+
+
+def protocol_of(error: MlstoreError) -> str:
+    """The protocol an error's URL names (a metrics label; never the URL itself)."""
+    return error.url.split("://", 1)[0] if error.url and "://" in error.url else "unknown"
+
+
+class Calls:
+    """One process's backends and retriers.
+
+    Args:
+        config: the Store's configuration (backend options, retry policy).
+        metrics: where requests, errors, retries and bytes are counted.
+        clock: monotonic seconds for the retry deadline (injectable).
+        sleep: waits between attempts (injectable).
+    """
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._backends: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+        self._retrier = Retrier(
+            config.retry,
+            RetryBudget(),
+            sleep=sleep,
+            clock=clock,
+            on_retry=self._on_retry,
+            on_give_up=lambda error, _n: metrics.add("give_ups", protocol_of(error)),
+        )
+        self._retriers: dict[tuple[str, ...], Retrier] = {}
+
+    # ------------------------------------------------------------------ backends
+
+    @property
+    def built(self) -> dict[str, Backend]:
+        """The backends this process has built so far, by protocol."""
+        return dict(self._backends)
+
+    def backend(self, protocol: str) -> Backend:
+        """The backend of ``protocol`` (built on first use)."""
+        backend = self._backends.get(protocol)
+        if backend is None:
+            with self._lock:
+                backend = self._backends.get(protocol)
+                if backend is None:
+                    backend = self._backends[protocol] = self._build(protocol)
+        return backend
+
+    def _build(self, protocol: str) -> Backend:
+        cls = get_backend_class(protocol)
+        options = self.config.options
+        opts = options.get(protocol, {})
+        if protocol in ("http", "https") and not opts:  # the two schemes share options
+            opts = options.get("https" if protocol == "http" else "http", {})
+        after = self.config.retry.hedge_after
+        if after is None or not cls.hedges:
+            return cls(opts, self.config)
+        hedge = Hedge(
+            after,
+            on_hedge=functools.partial(self.metrics.add, "hedges", protocol),
+            on_win=functools.partial(self.metrics.add, "hedge_wins", protocol),
+        )
+        return cls(opts, self.config, hedge=hedge)
+
+    def writable(self, target: URL, operation: str) -> Backend:
+        """The backend of ``target``, refused when it cannot write."""
+        backend = self.backend(target.protocol)
+        if backend.read_only:
+            raise UnsupportedOperation(
+                f"{target.protocol} URLs are read-only", url=str(target), operation=operation
+            )
+        return backend
+
+    def close(self) -> None:
+        """Release every backend's clients and connections."""
+        with self._lock:
+            backends, self._backends = self._backends, {}
+        for backend in backends.values():
+            backend.close()
+
+    # ------------------------------------------------------------------ calls
+
+    def count(self, backend: Backend, name: str, amount: int = 1) -> None:
+        self.metrics.add(name, backend.protocol, amount)
+
+    def call(
+        self,
+        backend: Backend,
+        fn: Callable[[], T],
+        url: URL | None = None,
+        operation: str = "read",
+    ) -> T:
+        """``fn()`` as one counted request to ``backend``, retried on transient errors
+        under the policy for ``operation`` on ``url`` (one attempt inside a sweep)."""
+        if IN_SWEEP.get():
+            return self._attempt(backend, fn)
+        return self.retrier_for(url, operation).call(lambda: self._attempt(backend, fn))
+
+    def retrier_for(self, url: URL | None, operation: str) -> Retrier:
+        """The retrier of the policy that applies (every one shares the process's budget)."""
+        policy = self.config.retry
+        if not policy.overrides:
+            return self._retrier
+        keys = policy.matching(str(url) if url is not None else "", operation)
+        if not keys:
+            return self._retrier
+        retrier = self._retriers.get(keys)
+        if retrier is None:
+            base = self._retrier
+            retrier = self._retriers[keys] = Retrier(
+                policy.resolved(keys),
+                base.budget,
+                sleep=base.sleep,
+                clock=base.clock,
+                on_retry=base.on_retry,
+                on_give_up=base.on_give_up,
+            )
+        return retrier
+
+    def _attempt(self, backend: Backend, fn: Callable[[], T]) -> T:
+        self.count(backend, "requests")
+        try:
+            return fn()
+        except MlstoreError:
+            self.count(backend, "errors")
+            raise
+
+    def _on_retry(self, error: MlstoreError, attempt: int, delay: float) -> None:
+        protocol = protocol_of(error)
+        self.metrics.add("retries", protocol)
+        if isinstance(error, ThrottledError):
+            self.metrics.add("throttles", protocol)
+        log.debug("retrying after %s (attempt %d, waiting %.3fs)", error, attempt, delay)

@@ -1,0 +1,127 @@
+"""One process's engine: the parts of :mod:`mlstore._engine` wired together.
+
+A Store keeps its :class:`Runtime` in a :class:`~mlstore._util.process.PerProcess`, so a
+forked DataLoader worker builds its own (its own clients, metrics, breaker and cache
+handles) the first time it uses the Store, and never touches its parent's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from mlstore._engine.cached import CACHED_PROTOCOLS, CachedReads
+from mlstore._engine.calls import Calls
+from mlstore._engine.listing import Listing
+from mlstore._engine.reader import Reader
+from mlstore._engine.replicas import CircuitBreaker, Replicas, Resolved, resolve
+from mlstore._engine.writer import Writer
+from mlstore.backends.base import ObjectInfo
+from mlstore.cache.tiered import TieredCache
+from mlstore.config import StoreConfig
+from mlstore.errors import NotFoundError
+from mlstore.metrics import Metrics
+from mlstore.url import URL, parse_url
+
+__all__ = ["Runtime"]
+
+
+class Runtime:
+    """Everything a Store needs in one process.
+
+    Args:
+        config: the Store's configuration.
+        clock: monotonic seconds for retries and the breaker (wall-clock seconds for the
+            cache's ``checked`` times when given); injectable so tests need no waiting.
+        sleep: waits between retry attempts.
+    """
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self.metrics = Metrics()
+        self.calls = Calls(
+            config, self.metrics, clock=clock or time.monotonic, sleep=sleep or time.sleep
+        )
+        breaker = CircuitBreaker(
+            threshold=config.replica_failures,
+            cooldown=config.replica_cooldown,
+            clock=clock or time.monotonic,
+        )
+        self.replicas = Replicas(self.calls, breaker)
+        self.reader = Reader(self.calls, self.replicas)
+        # Mount prefixes parsed once, not on every resolve.
+        self.mounts = {
+            name: tuple(parse_url(p) for p in prefixes) for name, prefixes in config.mounts.items()
+        }
+        self.listing = Listing(self.calls, self.replicas, self.resolve, self.exists)
+        self.writer = Writer(
+            self.calls,
+            self.reader,
+            resolve=self.resolve,
+            locate=self.locate,
+            invalidate=self.invalidate,
+            block_size=config.cache.block_size,
+        )
+        #: The cached read path, once something needed it (``None`` before).
+        self.cached: CachedReads | None = None
+        self._lock = threading.Lock()
+
+    def resolve(self, url: URL) -> Resolved:
+        return resolve(url, self.mounts)
+
+    # ------------------------------------------------------------------ the cache
+
+    def cache_reads(self) -> CachedReads:
+        """The cached read path (built on first use: it opens the node's disk tier)."""
+        cached = self.cached
+        if cached is None:
+            with self._lock:
+                cached = self.cached
+                if cached is None:
+                    tiered = TieredCache(
+                        self.config.cache, self.metrics, clock=self._clock or time.time
+                    )
+                    cached = CachedReads(self.reader, tiered, self.metrics, self.config.max_workers)
+                    self.cached = cached
+        return cached
+
+    def cached_for(self, where: Resolved) -> CachedReads | None:
+        """The cached read path for ``where``, or ``None`` when it is read directly."""
+        if not self.config.cache.enabled or where.primary.protocol not in CACHED_PROTOCOLS:
+            return None
+        return self.cache_reads()
+
+    def locate(self, where: Resolved) -> tuple[URL, ObjectInfo]:
+        """The answering replica and the object's info, through the metadata cache."""
+        reads = self.cached_for(where)
+        return reads.located_info(where) if reads is not None else self.reader.locate(where)
+
+    def exists(self, where: Resolved) -> bool:
+        try:
+            self.locate(where)
+        except NotFoundError:
+            return False
+        return True
+
+    def invalidate(self, where: Resolved) -> None:
+        """Forget what is cached of ``where`` and of the physical URLs behind it."""
+        cached = self.cached
+        if cached is None:
+            return
+        for key in {where.key, *(str(r) for r in where.replicas)}:
+            cached.invalidate(key)
+
+    def close(self) -> None:
+        """Release clients, connections and cache handles (they are rebuilt on use)."""
+        self.calls.close()
+        with self._lock:
+            cached, self.cached = self.cached, None
+        if cached is not None:
+            cached.close()

@@ -1,0 +1,202 @@
+"""Writes: replace an object, open one for writing, delete, copy, make a directory.
+
+Every write through a Store is seen by the next read on the node: after it, the cached
+data and metadata of the URL (and of the physical URLs behind a mount) are dropped, in
+this process's memory and in the node's disk index (``invalidate``).
+
+A whole-object write is idempotent, so it is retried like a read. A file opened for
+writing on a backend that buffers (object stores) is stored with one such write when
+it is closed, and that write is retried too.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import IO, Any, cast
+
+from mlstore._engine.calls import Calls
+from mlstore._engine.reader import Reader
+from mlstore._engine.replicas import Resolved
+from mlstore._util.files import BufferedWrite, CountingWriter, TextWriter
+from mlstore.backends.base import Backend, ObjectInfo
+from mlstore.errors import IsADirectoryError_, MlstoreError
+from mlstore.url import URL, safe_join
+
+__all__ = ["Progress", "Writer"]
+
+Progress = Callable[[int, int], None]
+
+_COPY_CHUNK = 8 * 1024 * 1024
+
+
+class Writer:
+    """Writes through this process's backends.
+
+    Args:
+        calls: this process's backends and the retried call.
+        reader: opens sources of cross-backend copies.
+        resolve: resolves a physical URL (the parts of a recursive copy).
+        locate: the replica and info of a resolved URL (through the metadata cache).
+        invalidate: forgets what is cached of a resolved URL.
+        block_size: the read size of copy sources.
+    """
+
+    def __init__(
+        self,
+        calls: Calls,
+        reader: Reader,
+        *,
+        resolve: Callable[[URL], Resolved],
+        locate: Callable[[Resolved], tuple[URL, ObjectInfo]],
+        invalidate: Callable[[Resolved], None],
+        block_size: int,
+    ) -> None:
+        self.calls = calls
+        self.reader = reader
+        self.resolve = resolve
+        self.locate = locate
+        self.invalidate = invalidate
+        self.block_size = block_size
+
+    def write(self, where: Resolved, data: bytes, *, replicate: bool) -> None:
+        """Replace the object with ``data`` on the primary (every replica with
+        ``replicate``, in order; a failure names the replicas already written)."""
+        targets = where.replicas if replicate else where.replicas[:1]
+        done: list[str] = []
+        for target in targets:
+            backend = self.calls.writable(target, "write")
+            try:
+                self.calls.call(
+                    backend, functools.partial(backend.write, target, data), target, "write"
+                )
+            except MlstoreError as exc:
+                if done:
+                    exc.reason += f" (already written to: {', '.join(done)})"
+                raise
+            self.calls.count(backend, "bytes_written", len(data))
+            done.append(str(target))
+        self.invalidate(where)
+
+    def open(
+        self,
+        where: Resolved,
+        *,
+        text: bool,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> IO[Any]:
+        """A file whose content replaces the object atomically when it is closed (and is
+        discarded if the ``with`` block raises)."""
+        target = where.primary
+        backend = self.calls.writable(target, "write")
+
+        def committed(n: int) -> None:
+            self.calls.count(backend, "bytes_written", n)
+            self.invalidate(where)
+
+        native: IO[bytes]
+        if backend.buffered_writes:  # one whole-object write at close: retried
+            native = BufferedWrite(functools.partial(self._put, backend, target), str(target))
+        else:
+            native = backend.open_write(target)
+            self.calls.count(backend, "requests")
+        raw = CountingWriter(native, committed)
+        if not text:
+            return cast(IO[Any], raw)
+        try:
+            return TextWriter(raw, encoding=encoding, errors=errors, newline=newline)
+        except BaseException:  # an unknown encoding, say: nothing is written
+            raw.discard()
+            raise
+
+    def _put(self, backend: Backend, target: URL, data: bytes) -> None:
+        self.calls.call(backend, functools.partial(backend.write, target, data), target, "write")
+
+    def mkdir(self, where: Resolved) -> None:
+        target = where.primary
+        backend = self.calls.backend(target.protocol)
+        self.calls.call(backend, functools.partial(backend.mkdir, target), target, "write")
+
+    def rm(self, where: Resolved, *, recursive: bool, replicate: bool) -> None:
+        """Delete the object (or, with ``recursive``, everything below it) on the
+        primary (every replica with ``replicate``)."""
+        targets = where.replicas if replicate else where.replicas[:1]
+        for target in targets:
+            backend = self.calls.writable(target, "rm")
+            if not recursive and self.locate(self.resolve(target))[1].is_dir:
+                raise IsADirectoryError_(
+                    "this is a directory; pass recursive=True to delete everything below it",
+                    url=str(target),
+                    operation="rm",
+                )
+            rm = functools.partial(backend.rm, target, recursive)
+            self.calls.call(backend, rm, target, "write")
+        self.invalidate(where)
+
+    def copy(
+        self, src: Resolved, dst: Resolved, *, recursive: bool, progress: Progress | None
+    ) -> list[str]:
+        """Copy ``src`` to ``dst`` (see :meth:`mlstore.Store.copy`)."""
+        src_url, dst_url = src.primary, dst.primary
+        src_info = self.locate(self.resolve(src_url))[1]
+        if src_info.is_dir and not recursive:
+            raise IsADirectoryError_(
+                "this is a directory; pass recursive=True to copy everything below it",
+                url=str(src_url),
+                operation="copy",
+            )
+        pairs: list[tuple[ObjectInfo, URL]] = []
+        if src_info.is_dir:
+            base = str(src_url).rstrip("/")
+            for entry in self._sorted_find(src_url):
+                rel = str(entry.url)[len(base) :].lstrip("/")
+                pairs.append((entry, safe_join(dst_url, rel)))  # refuses keys that escape
+        else:
+            pairs.append((src_info, dst_url))
+        total = sum(e.size for e, _ in pairs)
+        reported = -1
+
+        def report(done: int, total: int) -> None:
+            nonlocal reported
+            reported = done
+            if progress is not None:
+                progress(done, total)
+
+        done = 0
+        written = []
+        for entry, target in pairs:
+            done = self._copy_one(entry, target, done, total, report)
+            written.append(str(target))
+        if reported != done:  # empty files, or nothing to copy: still say it finished
+            report(done, total)
+        return written
+
+    def _sorted_find(self, url: URL) -> list[ObjectInfo]:
+        backend = self.calls.backend(url.protocol)
+        found = self.calls.call(backend, lambda: list(backend.find(url)), url)
+        return sorted(found, key=lambda e: str(e.url))
+
+    def _copy_one(
+        self, entry: ObjectInfo, dst: URL, done: int, total: int, progress: Progress
+    ) -> int:
+        src = entry.url
+        src_backend = self.calls.backend(src.protocol)
+        dst_backend = self.calls.writable(dst, "copy")
+        if src_backend is dst_backend:  # server side, where the storage can
+            copy = functools.partial(src_backend.copy, src, dst)
+            self.calls.call(src_backend, copy, dst, "write")
+            self.invalidate(self.resolve(dst))
+            done += entry.size
+            progress(done, total)
+            return done
+        source = self.reader.open(
+            self.resolve(src), buffer_size=None, version=entry.version, block_size=self.block_size
+        )
+        with source as fin, self.open(self.resolve(dst), text=False) as fout:
+            while chunk := fin.read(_COPY_CHUNK):
+                fout.write(chunk)
+                done += len(chunk)
+                progress(done, total)
+        return done
