@@ -22,7 +22,7 @@ import io
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 from mlstore._engine.replicas import Resolved
 from mlstore._util.files import SeekableRaw
@@ -44,6 +44,7 @@ _READAHEAD_BLOCKS = 2
 _BUFFER = 256 * 1024
 
 Policy = tuple[str, float]
+T = TypeVar("T")
 
 
 class Source(Protocol):
@@ -76,7 +77,7 @@ class CachedReads:
         self.config = cache.config
         self.metrics = metrics
         self._workers = max(2, min(8, workers))
-        self._info: LRU[str, tuple[URL, ObjectInfo, float]] = LRU(INFO_ENTRIES)
+        self._info: LRU[str, tuple[tuple[URL, ObjectInfo], float]] = LRU(INFO_ENTRIES)
         self._listings: LRU[str, tuple[list[ObjectInfo], float]] = LRU(LISTING_ENTRIES)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -89,31 +90,29 @@ class CachedReads:
 
     def located_info(self, where: Resolved, policy: Policy | None = None) -> tuple[URL, ObjectInfo]:
         """The physical replica that answered and the object's info, cached per policy."""
-        validate, ttl = policy or self.policy(where)
-        now = self.cache.clock()
-        if validate != "always":
-            hit = self._info.get(where.key)
-            if hit is not None and (validate == "never" or now - hit[2] < ttl):
-                self.metrics.add("hits", "metadata")
-                return hit[0], hit[1]
-        target, info = self.reader.locate(where)
-        if validate != "always":
-            self._info.put(where.key, (target, info, now))
-        return target, info
+        return self._remembered(
+            self._info, where.key, policy or self.policy(where), lambda: self.reader.locate(where)
+        )
 
     def listing(self, where: Resolved, fetch: Callable[[], list[ObjectInfo]]) -> list[ObjectInfo]:
         """``ls`` entries of ``where``, cached per process under the consistency policy."""
-        validate, ttl = self.policy(where)
+        return self._remembered(self._listings, where.key, self.policy(where), fetch)
+
+    def _remembered(
+        self, memo: LRU[str, tuple[T, float]], key: str, policy: Policy, fetch: Callable[[], T]
+    ) -> T:
+        """``fetch()``, or what it returned before while the policy still trusts that."""
+        validate, ttl = policy
         now = self.cache.clock()
         if validate != "always":
-            hit = self._listings.get(where.key)
+            hit = memo.get(key)
             if hit is not None and (validate == "never" or now - hit[1] < ttl):
                 self.metrics.add("hits", "metadata")
                 return hit[0]
-        entries = fetch()
+        value = fetch()
         if validate != "always":
-            self._listings.put(where.key, (entries, now))
-        return entries
+            memo.put(key, (value, now))
+        return value
 
     def invalidate(self, key: str) -> None:
         """Forget what is cached of the URL ``key`` (this Store wrote or deleted it)."""
@@ -158,13 +157,14 @@ class CachedReads:
 
         # If this object's metadata is already known and names its content (mlstore
         # wrote it), identical content cached under any other URL serves it: no GET.
-        known = self._info.get(key)
+        remembered = self._info.get(key)
+        known = remembered[0][1] if remembered is not None else None
         return self.cache.get(
             key,
             fetch,
             revalidate=revalidate,
-            known_hash=known[1].content_hash if known is not None else None,
-            known_version=known[1].version if known is not None else None,
+            known_hash=known.content_hash if known is not None else None,
+            known_version=known.version if known is not None else None,
             policy=policy,
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from mlstore.errors import IntegrityError
 
@@ -182,7 +182,36 @@ def open_ranged(
     return ReadFile(RangeReader(fetch, size, name), max(1, min(buffer_size, size or 1)), info)
 
 
-class CountingWriter(io.RawIOBase):
+class _Discarding:
+    """The promise every mlstore write file keeps: leaving a ``with`` block through an
+    exception discards the write, and so does being garbage-collected unclosed (with a
+    ``ResourceWarning``); only a clean ``close()`` publishes it."""
+
+    if TYPE_CHECKING:  # provided by the classes this is mixed into
+
+        def discard(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.close()
+
+
+def _discard_unclosed(raw: CountingWriter | None) -> None:
+    # Discard before warning, so a warning turned into an error cannot skip the discard.
+    if raw is not None and not getattr(raw, "closed", True):
+        raw.discard()
+        warnings.warn(
+            f"write file {raw.name!r} was never closed; its content was discarded",
+            ResourceWarning,
+            stacklevel=2,
+        )
+
+
+class CountingWriter(_Discarding, io.RawIOBase):
     """A write file that counts bytes and commits the inner atomic writer on close."""
 
     def __init__(self, inner: IO[bytes], count: Callable[[int], None]) -> None:
@@ -204,12 +233,6 @@ class CountingWriter(io.RawIOBase):
     def tell(self) -> int:
         return self._written
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is not None:
-            self.discard()
-        else:
-            self.close()
-
     def discard(self) -> None:
         """Abandon the write; the destination is left as it was."""
         if not self.closed:
@@ -228,43 +251,20 @@ class CountingWriter(io.RawIOBase):
             super().close()
 
     def __del__(self) -> None:
-        # Never publish a write that was not closed: an abandoned writer is discarded
-        # (before warning, so a warning turned into an error cannot skip the discard).
-        if not getattr(self, "closed", True):
-            self.discard()
-            warnings.warn(
-                f"write file {self.name!r} was never closed; its content was discarded",
-                ResourceWarning,
-                stacklevel=1,
-            )
+        _discard_unclosed(self)
 
 
-class TextWriter(io.TextIOWrapper):
-    """Text mode over a :class:`CountingWriter`, with the same promise: leaving a
-    ``with`` block through an exception, or being garbage-collected unclosed, discards
-    the write instead of publishing it."""
+class TextWriter(_Discarding, io.TextIOWrapper):
+    """Text mode over a :class:`CountingWriter`, with the same promise."""
 
     buffer: CountingWriter
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is not None:
-            self.discard()
-        else:
-            self.close()
 
     def discard(self) -> None:
         """Abandon the write; the destination is left as it was."""
         self.buffer.discard()
 
     def __del__(self) -> None:
-        raw = getattr(self, "buffer", None)
-        if raw is not None and not raw.closed:
-            raw.discard()
-            warnings.warn(
-                f"write file {raw.name!r} was never closed; its content was discarded",
-                ResourceWarning,
-                stacklevel=1,
-            )
+        _discard_unclosed(getattr(self, "buffer", None))
 
 
 class BufferedWrite(io.BytesIO):
