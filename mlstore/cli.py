@@ -14,6 +14,7 @@ Exit status: 0 on success, 1 when an operation failed, 2 for a usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -154,8 +155,8 @@ def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     out.write("# effective settings (argument > MLSTORE_* environment > config file > default)\n")
     for section in ("cache", "retry", "http"):
         obj = getattr(cfg, section)
-        for name in type(obj)._sources:
-            out.write(f"{section}.{name} = {getattr(obj, name)!r}\n")
+        for f in dataclasses.fields(obj):
+            out.write(f"{section}.{f.name} = {getattr(obj, f.name)!r}\n")
     out.write(f"max_workers = {cfg.max_workers}\n")
     for name, urls in sorted(cfg.mounts.items()):
         out.write(f"mount {name} = {', '.join(urls)}\n")

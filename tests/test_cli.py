@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mlstore.cli import main
+from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy
 
 
 def run(*argv: str) -> tuple[int, str]:
@@ -126,6 +128,15 @@ def test_config_lists_settings_without_secret_values(
     assert "options.s3: endpoint_url, secret" in out
     assert "CANARY-SECRET-1" not in out
     assert "MLSTORE_MAX_ATTEMPTS" in out
+
+
+def test_config_lists_every_field_of_each_policy() -> None:
+    status, out = run("config")
+    assert status == 0
+    lines = out.splitlines()
+    for section, cls in (("cache", CacheConfig), ("retry", RetryPolicy), ("http", HttpPolicy)):
+        shown = [ln.split(" = ")[0] for ln in lines if ln.startswith(section + ".")]
+        assert shown == [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
 
 
 def test_console_script_runs_as_a_program(tree: Path, tmp_path: Path) -> None:

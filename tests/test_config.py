@@ -3,8 +3,11 @@ size parsing, and errors that name the field and where the bad value came from."
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+import pickle
 import re
+import typing
 from collections.abc import Callable
 
 import pytest
@@ -325,6 +328,7 @@ def test_invalid_argument_names_the_field(cls: type, kwargs: dict[str, object], 
         ("MLSTORE_DEADLINE", "0", "RetryPolicy.deadline"),
         ("MLSTORE_HTTP_MAX_REDIRECTS", "x", "HttpPolicy.max_redirects"),
         ("MLSTORE_MAX_WORKERS", "many", "StoreConfig.max_workers"),
+        ("MLSTORE_HTTP_DENY_NETWORKS", "nope", "HttpPolicy.deny_networks"),
     ],
 )
 def test_invalid_env_value_names_field_and_variable(
@@ -346,6 +350,7 @@ def test_invalid_env_value_names_field_and_variable(
         ("[retry]\nmax_attempts = 0", "RetryPolicy.max_attempts", "[retry]"),
         ("[http]\ndeny_private = 'sometimes'", "HttpPolicy.deny_private", "[http]"),
         ("[store]\nmax_workers = 'x'", "StoreConfig.max_workers", "[store]"),
+        ("[http]\ndeny_networks = ['nope']", "HttpPolicy.deny_networks", "[http]"),
         ("[mounts]\nds = 5", "ds", "[mounts]"),
         ("[mounts]\nds = ['mlstore://x/y']", "ds", "[mounts]"),
         ("[options]\ns3 = 5", "options", "[options]"),
@@ -465,3 +470,35 @@ def test_backend_option_from_env_sits_between_argument_and_file(
     assert StoreConfig().options["s3"] == {"endpoint_url": "http://env", "anon": True}
     given = StoreConfig(options={"s3": {"endpoint_url": "http://arg"}})
     assert given.options["s3"]["endpoint_url"] == "http://arg"
+
+
+# ------------------------------------------------------------------ the public surface
+
+
+def test_pickles_name_the_public_module_only() -> None:
+    # A Store's config crosses a pickle to every DataLoader worker; the class paths in
+    # it must not depend on which private module of mlstore.config defines a class.
+    config = StoreConfig(
+        cache=CacheConfig(policies={"s3://bucket-a/frozen/": {"validate": "never"}}),
+        retry=RetryPolicy(overrides={"write": {"max_attempts": 3}}),
+        mounts={"ds": ("s3://bucket-a/ds",)},
+    )
+    data = pickle.dumps(config)
+    assert b"mlstore.config" in data
+    assert b"mlstore.config._" not in data
+    assert pickle.loads(data) == config
+
+
+@pytest.mark.parametrize("cls", [CacheConfig, RetryPolicy, HttpPolicy, StoreConfig])
+def test_config_classes_introspect_from_mlstore_config(cls: type) -> None:
+    assert cls.__module__ == "mlstore.config"
+    # Tools that build on dataclasses (structured configs, CLIs) resolve the annotations.
+    hints = typing.get_type_hints(cls)
+    assert {f.name for f in dataclasses.fields(cls)} <= set(hints)
+
+
+def test_overrides_refuse_a_per_client_field_and_say_why() -> None:
+    with pytest.raises(ConfigError, match="set on each backend's client") as info:
+        RetryPolicy(overrides={"s3://bucket-a/": {"connect_timeout": 1}})
+    assert "RetryPolicy.overrides['s3://bucket-a/']" in str(info.value)
+    assert "'connect_timeout'" in str(info.value)

@@ -1,0 +1,106 @@
+"""The cache policy: :class:`CacheConfig`, and the per-prefix consistency table it holds.
+
+Read by the tiered cache (memory and disk tiers, block caching, validation against the
+store); nothing here knows how the cache works, only what it may be told.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from mlstore.config._fields import (
+    GiB,
+    MiB,
+    choice,
+    directory,
+    flag,
+    nonneg,
+    positive,
+    seconds,
+    setting,
+    size,
+)
+from mlstore.config._prefixes import longest_prefix, prefix_tables
+from mlstore.config._sources import Resolved
+
+__all__ = ["CacheConfig"]
+
+# Shared by the fields and by each prefix's entry in `policies`, so both accept the same.
+_VALIDATE = choice("never", "ttl", "always")
+_TTL = nonneg(seconds)
+
+
+def _policies(value: object, name: str) -> dict[str, dict[str, Any]]:
+    return prefix_tables(
+        value,
+        name,
+        key_rule="a URL prefix such as 's3://bucket/'",
+        key_ok=lambda key: "://" in key,
+        fields={"validate": _VALIDATE, "ttl": _TTL},
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig(Resolved):
+    """How reads are cached.
+
+    Attributes:
+        enabled: cache reads at all (``MLSTORE_CACHE``). Default ``True``.
+        memory_bytes: budget of the per-process memory tier (``MLSTORE_MEMORY_BYTES``).
+            Default 512 MiB. ``0`` turns the memory tier off.
+        disk_dir: directory of the node-wide disk tier (``MLSTORE_CACHE_DIR``).
+            Default: ``$XDG_CACHE_HOME/mlstore`` or ``~/.cache/mlstore``.
+        disk_bytes: budget of the disk tier (``MLSTORE_DISK_BYTES``). Default 10 GiB.
+            ``0`` turns the disk tier off.
+        block_size: block size for large objects (``MLSTORE_BLOCK_SIZE``). Default 8 MiB.
+        block_threshold: objects larger than this are cached as blocks
+            (``MLSTORE_BLOCK_THRESHOLD``). Default 64 MiB.
+        validate: when a cached object is checked against the store: ``"never"``
+            (immutable data), ``"ttl"`` (one HEAD after ``ttl`` seconds) or
+            ``"always"`` (``MLSTORE_VALIDATE``). Default ``"ttl"``.
+        ttl: seconds a cached object is trusted under ``validate="ttl"``
+            (``MLSTORE_TTL``). Default 300.
+        verify: re-hash disk-tier blobs on read: ``"always"`` or ``"never"``
+            (``MLSTORE_VERIFY``). Default ``"always"``. With ``"never"`` fills are
+            also fsync'ed, since no hash check would catch a file torn by a power loss.
+        policies: consistency per URL prefix, overriding ``validate`` and ``ttl``:
+            ``{"s3://datasets/imagenet/": {"validate": "never"}}``; the longest
+            matching prefix wins (config file: ``[cache.policies."s3://..."]``).
+            Default: none.
+    """
+
+    enabled: bool = setting("MLSTORE_CACHE", flag, True)
+    memory_bytes: int = setting("MLSTORE_MEMORY_BYTES", nonneg(size), 512 * MiB)
+    disk_dir: str | None = setting("MLSTORE_CACHE_DIR", directory, None)
+    disk_bytes: int = setting("MLSTORE_DISK_BYTES", nonneg(size), 10 * GiB)
+    block_size: int = setting("MLSTORE_BLOCK_SIZE", positive(size), 8 * MiB)
+    block_threshold: int = setting("MLSTORE_BLOCK_THRESHOLD", nonneg(size), 64 * MiB)
+    validate: str = setting("MLSTORE_VALIDATE", _VALIDATE, "ttl")
+    ttl: float = setting("MLSTORE_TTL", _TTL, 300.0)
+    verify: str = setting("MLSTORE_VERIFY", choice("always", "never"), "always")
+    policies: Mapping[str, Mapping[str, Any]] = setting(None, _policies, MappingProxyType({}))
+
+    _section = "cache"
+
+    def __post_init__(self) -> None:
+        self._resolve()
+
+    def policy_for(self, url: str) -> tuple[str, float]:
+        """``(validate, ttl)`` for ``url``: its longest matching prefix's, or the defaults."""
+        best = longest_prefix(url, self.policies) if self.policies else None
+        if best is None:
+            return self.validate, self.ttl
+        chosen = self.policies[best]
+        return chosen.get("validate", self.validate), chosen.get("ttl", self.ttl)
+
+    @property
+    def resolved_disk_dir(self) -> str:
+        """The disk tier's directory, with the platform default filled in."""
+        if self.disk_dir:
+            return self.disk_dir
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "mlstore")

@@ -1,0 +1,149 @@
+"""The whole configuration of a Store: :class:`StoreConfig`, and :data:`ENV_VARS`.
+
+It holds the three policies (cache, retry, http), the mounts and the backend options,
+and the few settings of the Store itself. Mounts and options are merged key by key
+over the config file (and, for options, over :data:`~mlstore.config.OPTION_ENV_VARS`)
+rather than replacing them, so they have their own parsers here instead of a
+:func:`~mlstore.config._fields.setting`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlstore._util.redact import redact_options, redact_url
+from mlstore.config._cache import CacheConfig
+from mlstore.config._fields import nonneg, positive, refuse_unknown, seconds, setting, whole
+from mlstore.config._http import HttpPolicy
+from mlstore.config._retry import RetryPolicy
+from mlstore.config._sources import Resolved, env_options, env_table, load_file
+from mlstore.errors import REDACTED, ConfigError
+from mlstore.url import parse_url
+
+__all__ = ["ENV_VARS", "StoreConfig"]
+
+_MOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _mounts(value: object, name: str) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} must map a mount name to a list of URLs, got {value!r}")
+    out: dict[str, tuple[str, ...]] = {}
+    for key, urls in value.items():
+        if not isinstance(key, str) or not _MOUNT_NAME.fullmatch(key):
+            raise ConfigError(
+                f"{name}: mount name {key!r} must be letters, digits, '.', '_' or '-'"
+            )
+        if isinstance(urls, str):
+            urls = [urls]
+        if (
+            not isinstance(urls, (list, tuple))
+            or not urls
+            or not all(isinstance(u, str) for u in urls)
+        ):
+            raise ConfigError(f"{name}[{key!r}] must be a non-empty list of URLs")
+        for u in urls:
+            try:
+                target = parse_url(u)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}[{key!r}]: {exc}") from None
+            if target.protocol == "mlstore":
+                raise ConfigError(
+                    f"{name}[{key!r}] points at another mount ({u}); mounts must name "
+                    "physical URLs such as s3://bucket/prefix"
+                )
+        out[key] = tuple(u.rstrip("/") for u in urls)
+    return out
+
+
+def _options(value: object, name: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Mapping) for k, v in value.items()
+    ):
+        raise ConfigError(
+            f"{name} must map a protocol (e.g. 's3') to a dict of options, got a "
+            f"{type(value).__name__}"
+        )
+    return {k: dict(v) for k, v in value.items()}
+
+
+def _build(cls: type[Any], values: Mapping[str, Any], name: str) -> Any:
+    """``cls(**values)``, refusing a misspelt field by name rather than with a TypeError."""
+    refuse_unknown(values, [f.name for f in dataclasses.fields(cls)], name, "field")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class StoreConfig(Resolved):
+    """Everything a :class:`~mlstore.Store` is built from.
+
+    Attributes:
+        cache: the cache policy.
+        retry: the retry policy.
+        http: the URL policy of the http(s) backend.
+        mounts: logical mount names to one or more physical URL prefixes (replicas),
+            merged over the config file's ``[mounts]``.
+        options: per-protocol backend options (``{"s3": {"endpoint_url": ...}}``),
+            merged key by key over the variables of :data:`~mlstore.config.OPTION_ENV_VARS`
+            (``MLSTORE_S3_ENDPOINT_URL`` and its GCS and Azure siblings), then the config
+            file's ``[options.<protocol>]``.
+        max_workers: threads used by ``read_many`` (``MLSTORE_MAX_WORKERS``).
+            Default 32.
+        replica_failures: consecutive transient failures after which a mount's
+            replica is skipped for ``replica_cooldown`` seconds
+            (``MLSTORE_REPLICA_FAILURES``). Default 3.
+        replica_cooldown: seconds a failing replica is skipped
+            (``MLSTORE_REPLICA_COOLDOWN``). Default 30.
+    """
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    http: HttpPolicy = field(default_factory=HttpPolicy)
+    mounts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    max_workers: int = setting("MLSTORE_MAX_WORKERS", positive(whole), 32)
+    replica_failures: int = setting("MLSTORE_REPLICA_FAILURES", positive(whole), 3)
+    replica_cooldown: float = setting("MLSTORE_REPLICA_COOLDOWN", nonneg(seconds), 30.0)
+
+    _section = "store"
+
+    def __post_init__(self) -> None:
+        for name, cls in (("cache", CacheConfig), ("retry", RetryPolicy), ("http", HttpPolicy)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, _build(cls, value, f"StoreConfig.{name}"))
+            elif not isinstance(value, cls):
+                raise ConfigError(
+                    f"StoreConfig.{name} must be a {cls.__name__} or a dict, "
+                    f"got {type(value).__name__}"
+                )
+        file_mounts = _mounts(load_file().get("mounts", {}), "config file [mounts]")
+        mounts = {**file_mounts, **_mounts(self.mounts, "StoreConfig.mounts")}
+        object.__setattr__(self, "mounts", mounts)
+        file_opts = _options(load_file().get("options", {}), "config file [options]")
+        env_opts = env_options()
+        given = _options(self.options, "StoreConfig.options")
+        merged = {
+            p: {**file_opts.get(p, {}), **env_opts.get(p, {}), **given.get(p, {})}
+            for p in {*file_opts, *env_opts, *given}
+        }
+        object.__setattr__(self, "options", merged)
+        self._resolve()
+
+    def __repr__(self) -> str:
+        # Options may hold credentials and mount URLs may be presigned: mask both.
+        mounts = {k: tuple(redact_url(u) for u in v) for k, v in self.mounts.items()}
+        return (
+            f"StoreConfig(cache={self.cache!r}, retry={self.retry!r}, http={self.http!r}, "
+            f"mounts={mounts!r}, options={redact_options(self.options, REDACTED)!r}, "
+            f"max_workers={self.max_workers!r}, replica_failures={self.replica_failures!r}, "
+            f"replica_cooldown={self.replica_cooldown!r})"
+        )
+
+
+#: Every environment variable mlstore reads, and the setting it feeds.
+ENV_VARS: dict[str, str] = env_table(CacheConfig, RetryPolicy, HttpPolicy, StoreConfig)
