@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -733,3 +734,135 @@ def test_a_forked_child_does_not_share_its_parents_flight_locks(tmp_path: Path) 
                 os._exit(0 if waited else 1)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        more = os.read(fd, n - len(got))
+        assert more, "a process died before it was ready"
+        got += more
+    return got
+
+
+def test_a_killed_fillers_lock_is_freed_while_a_child_it_forked_lives(tmp_path: Path) -> None:
+    """A worker forked while its parent held a lock file, and that never takes a lock
+    itself, keeps no copy of that file open: were it to, the parent's flock would outlive
+    the parent's SIGKILL for as long as the worker lives."""
+    from mlstore.cache.flight import SingleFlight
+
+    ready_r, ready_w = os.pipe()
+    release_r, release_w = os.pipe()
+    filler = os.fork()
+    if filler == 0:
+        try:
+            flight = SingleFlight(str(tmp_path), timeout=0.0)
+            with flight.hold("s3://b/k"):
+                if os.fork() == 0:  # the worker: it never touches the cache
+                    os.close(release_w)
+                    os.write(ready_w, b"w")
+                    os.read(release_r, 1)  # returns when the test closes its end
+                    os._exit(0)
+                os.write(ready_w, b"f")
+                os.read(release_r, 1)  # never returns: the test kills this process
+        finally:
+            os._exit(1)
+    os.close(ready_w)
+    os.close(release_r)
+    flight = SingleFlight(str(tmp_path), timeout=0.0)
+    try:
+        assert sorted(_read_exactly(ready_r, 2)) == sorted(b"fw")
+        os.kill(filler, signal.SIGKILL)  # the filler dies holding the lock
+        assert _exit_code(filler) == -signal.SIGKILL
+        with flight.hold("s3://b/k") as waited:
+            assert not waited, "the dead filler's lock was freed though its worker lives"
+    finally:
+        flight.close()
+        os.close(release_w)  # the worker exits
+        os.close(ready_r)
+
+
+def test_a_child_forked_while_a_parent_thread_builds_does_not_wait_for_it() -> None:
+    """The fork rule's holder gives the child a lock of its own: the parent's may be held
+    by a thread that does not exist in the child."""
+    from mlstore._util.process import PerProcess
+
+    parent = os.getpid()
+    building, finish = threading.Event(), threading.Event()
+
+    def build() -> str:
+        if os.getpid() != parent:
+            return "child's"
+        building.set()
+        finish.wait()
+        return "parent's"
+
+    holder = PerProcess(build)
+    builder = threading.Thread(target=holder.get)
+    builder.start()
+    try:
+        building.wait()  # the builder holds the holder's lock until `finish`
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)  # were the child to wait for the builder: SIGALRM, not a hang
+            os._exit(0 if holder.get() == "child's" else 1)
+    finally:
+        finish.set()
+        builder.join()
+    assert _exit_code(pid) == 0
+    assert holder.get() == "parent's"
+
+
+def test_a_childs_threads_let_go_of_an_inherited_value_once() -> None:
+    from mlstore._util.process import PerProcess
+
+    let_go: list[object] = []
+    holder = PerProcess(object, on_fork=let_go.append)
+    inherited = holder.get()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(30)
+        start = threading.Barrier(8)
+        got: list[object] = []
+
+        def first_use() -> None:
+            start.wait()
+            got.append(holder.get())
+
+        threads = [threading.Thread(target=first_use) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        once = let_go == [inherited] and len({id(v) for v in got}) == 1
+        os._exit(0 if once and got[0] is not inherited else 1)
+    assert _exit_code(pid) == 0
+    assert holder.get() is inherited and let_go == []
+
+
+def test_a_disk_tier_used_across_a_fork_works_in_both_processes(tmp_path: Path) -> None:
+    """The child reads, writes and closes through index connections of its own; the
+    parent's keep working after the child closed."""
+    tier = DiskTier(str(tmp_path / "cache"), MiB)
+    tier.put("s3://b/parent", None, b"from the parent")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(30)
+            entry = tier.lookup("s3://b/parent")
+            seen = entry is not None and tier.read_blob(entry.hash, entry.size)
+            tier.put("s3://b/child", None, b"from the child")
+            tier.close()
+            code = 0 if seen == b"from the parent" else 2
+        finally:
+            os._exit(code)
+    assert _exit_code(pid) == 0
+    entry = tier.lookup("s3://b/child")
+    assert entry is not None and tier.read_blob(entry.hash, entry.size) == b"from the child"
+    tier.close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,7 +16,13 @@ import pytest
 
 import mlstore
 from mlstore.config import RetryPolicy
-from mlstore.errors import ConnectionLostError, NotFoundError, ThrottledError, TransientError
+from mlstore.errors import (
+    ConnectionLostError,
+    NotFoundError,
+    StorageTimeoutError,
+    ThrottledError,
+    TransientError,
+)
 from mlstore.retry import Retrier, RetryBudget
 from tests.emulators import ServerProcess
 
@@ -139,6 +147,108 @@ def test_connection_errors_are_retried_too() -> None:
     t = FakeTime()
     lost = failing(2, lambda: ConnectionLostError("reset", url="s3://b/k", operation="read"))
     assert retrier(t).call(lost) == "ok"
+
+
+def test_the_budget_pays_only_for_retries_that_happen() -> None:
+    t = FakeTime()
+    budget = RetryBudget(capacity=100, retry_cost=5, timeout_cost=10)
+    with pytest.raises(ThrottledError):
+        retrier(t, budget, max_attempts=3).call(failing(100, throttled))
+    assert budget.tokens == 90, "two retries paid; the attempt limit, not the bucket, ended it"
+    with pytest.raises(ThrottledError):
+        retrier(t, budget, max_attempts=100, deadline=10.0, backoff_max=4.0).call(
+            failing(100, throttled)
+        )
+    assert budget.tokens == 75, "three retries (waits 1, 2, 4); the fourth would pass 10 s"
+
+    def missing() -> str:
+        raise NotFoundError("gone", url="s3://b/k", operation="read")
+
+    with pytest.raises(NotFoundError):
+        retrier(t, budget).call(missing)
+    assert budget.tokens == 75, "a permanent error is never paid for"
+    timeout = failing(1, lambda: StorageTimeoutError("slow", url="s3://b/k", operation="read"))
+    assert retrier(t, budget).call(timeout) == "ok"
+    assert budget.tokens == 66, "a timeout costs more (10), the success earns 1 back"
+
+
+def test_callbacks_see_each_retry_and_the_give_up() -> None:
+    t = FakeTime()
+    retries: list[tuple[str, int, float]] = []
+    give_ups: list[tuple[str, int]] = []
+    r = Retrier(
+        RetryPolicy(max_attempts=3, backoff_base=1.0, backoff_max=8.0),
+        RetryBudget(),
+        sleep=t.sleep,
+        clock=t.clock,
+        rng=lambda: 0.5,
+        on_retry=lambda error, attempt, delay: retries.append(
+            (type(error).__name__, attempt, delay)
+        ),
+        on_give_up=lambda error, attempts: give_ups.append((type(error).__name__, attempts)),
+    )
+    with pytest.raises(ThrottledError):
+        r.call(failing(100, throttled))
+    assert retries == [("ThrottledError", 1, 0.5), ("ThrottledError", 2, 1.0)]
+    assert give_ups == [("ThrottledError", 3)]
+    assert t.sleeps == [0.5, 1.0]
+
+
+def test_each_call_has_its_own_deadline() -> None:
+    t = FakeTime()
+    r = retrier(t, max_attempts=100, deadline=10.0, backoff_max=4.0)
+    for _ in range(2):
+        with pytest.raises(ThrottledError):
+            r.call(failing(100, throttled))
+    assert t.sleeps == pytest.approx([1.0, 2.0, 4.0] * 2, abs=1e-4), (
+        "the second call starts its 10 s afresh"
+    )
+
+
+def test_time_spent_in_attempts_counts_against_the_deadline() -> None:
+    t = FakeTime()
+    calls = {"n": 0}
+
+    def slow() -> str:
+        calls["n"] += 1
+        t.now += 5.0  # the attempt itself takes 5 s of the injected clock
+        raise throttled()
+
+    with pytest.raises(ThrottledError):
+        retrier(t, max_attempts=100, deadline=10.0).call(slow)
+    assert calls["n"] == 2 and t.sleeps == pytest.approx([1.0], abs=1e-4), (
+        "at 11 s a third attempt could not start"
+    )
+
+
+def test_a_retried_function_may_call_through_the_same_retrier() -> None:
+    t = FakeTime()
+    r = retrier(t)
+    inner = failing(2, throttled)
+    outer_calls = {"n": 0}
+
+    def outer() -> str:
+        outer_calls["n"] += 1
+        result = r.call(inner)
+        if outer_calls["n"] == 1:
+            raise throttled()
+        return result
+
+    assert r.call(outer) == "ok"
+    assert outer_calls["n"] == 2 and inner.calls["n"] == 4  # type: ignore[attr-defined]
+
+
+def test_importing_and_configuring_leave_tenacity_unloaded() -> None:
+    code = (
+        "import sys, mlstore\n"
+        "from mlstore.config import RetryPolicy\n"
+        "from mlstore.retry import Retrier, RetryBudget\n"
+        "r = Retrier(RetryPolicy(), RetryBudget())\n"
+        "assert r.backoff(1, Exception()) >= 0\n"
+        "assert 'tenacity' not in sys.modules\n"
+        "assert r.call(lambda: 7) == 7 and 'tenacity' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
 
 
 # --------------------------------------------------------------- end to end

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import sqlite3
 import stat
@@ -40,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from mlstore._util.process import PerProcess
 from mlstore.errors import ConfigError
 from mlstore.hashing import content_hash
 
@@ -101,6 +103,53 @@ def check_private_dir(path: str) -> None:
         )
 
 
+class _ProcessIndex:
+    """One process's side of the index: a SQLite connection per thread, every one listed
+    so that :meth:`close` reaches them, and the access times waiting to be written.
+
+    SQLite connections must not cross a fork (the child would share the parent's file
+    locks and WAL state), so this lives in a :class:`PerProcess`: a forked child starts
+    with no connection, no pending access times (its parent writes its own) and a lock
+    no parent thread can be holding.
+    """
+
+    __slots__ = ("connections", "last_flush", "lock", "path", "threads", "touched")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.threads = threading.local()  # .db: that thread's connection
+        self.connections: list[sqlite3.Connection] = []
+        self.lock = threading.Lock()  # over ``connections`` and ``touched``
+        self.touched: dict[str, float] = {}
+        self.last_flush = time.monotonic()
+
+    def connection(self) -> sqlite3.Connection:
+        """The calling thread's connection (made on its first use)."""
+        db: sqlite3.Connection | None = getattr(self.threads, "db", None)
+        return db if db is not None else self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path,
+            timeout=60,
+            isolation_level=None,  # explicit transactions only
+            check_same_thread=False,
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        self.threads.db = db
+        with self.lock:
+            self.connections.append(db)
+        return db
+
+    def close(self) -> None:
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for db in connections:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+
 class DiskTier:
     """Content-addressed blobs shared by every process on the node.
 
@@ -130,39 +179,18 @@ class DiskTier:
         for sub in ("blobs", "tmp", "locks"):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
         self._blobs = os.path.join(root, "blobs")
-        self._local = threading.local()
-        self._connections: list[tuple[int, sqlite3.Connection]] = []
-        self._touched: dict[str, float] = {}
-        self._touch_lock = threading.Lock()
-        self._last_flush = time.monotonic()
+        self._index = PerProcess(
+            functools.partial(_ProcessIndex, os.path.join(root, "index.sqlite"))
+        )
         db = self._conn()
         db.executescript(_SCHEMA)
         self.clean_orphans()
 
     # ------------------------------------------------------------------ plumbing
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(
-            os.path.join(self.root, "index.sqlite"),
-            timeout=60,
-            isolation_level=None,  # explicit transactions only
-            check_same_thread=False,
-        )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
-
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection (one per thread and process)."""
-        local = self._local
-        db: sqlite3.Connection | None = getattr(local, "db", None)
-        pid = os.getpid()
-        if db is None or local.pid != pid:
-            db = self._connect()
-            local.db, local.pid = db, pid
-            with self._touch_lock:
-                self._connections.append((pid, db))
-        return db
+        return self._index.get().connection()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -178,16 +206,12 @@ class DiskTier:
         db.execute("COMMIT")
 
     def close(self) -> None:
-        """Write pending access times and close this process's index connections."""
-        self.flush_access_times()
-        pid = os.getpid()
-        with self._touch_lock:
-            mine = [db for owner, db in self._connections if owner == pid]
-            self._connections = []
-        for db in mine:
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
-        self._local = threading.local()
+        """Write pending access times and close this process's index connections (in a
+        forked child, never the parent's: those are not this process's to close)."""
+        index = self._index.reset()
+        if index is not None:
+            self._flush(index)
+            index.close()
 
     def blob_path(self, digest: str) -> str:
         return f"{self._blobs}/{digest[:2]}/{digest}"
@@ -232,20 +256,24 @@ class DiskTier:
     def touch_blob(self, digest: str) -> None:
         """Record a use of blob ``digest`` (written to the index in batches)."""
         now = self.clock()
-        with self._touch_lock:
-            self._touched[digest] = now
-            due = time.monotonic() - self._last_flush > _TOUCH_EVERY
+        index = self._index.get()
+        with index.lock:
+            index.touched[digest] = now
+            due = time.monotonic() - index.last_flush > _TOUCH_EVERY
         if due:
-            self.flush_access_times()
+            self._flush(index)
 
     def flush_access_times(self) -> None:
         """Write the batched access times (called every few seconds and before eviction)."""
-        with self._touch_lock:
-            touched, self._touched = self._touched, {}
-            self._last_flush = time.monotonic()
+        self._flush(self._index.get())
+
+    @staticmethod
+    def _flush(index: _ProcessIndex) -> None:
+        with index.lock:
+            touched, index.touched = index.touched, {}
+            index.last_flush = time.monotonic()
         if touched:
-            db = self._conn()
-            db.executemany(
+            index.connection().executemany(
                 "UPDATE blobs SET atime = max(atime, ?) WHERE hash = ?",
                 [(t, h) for h, t in touched.items()],
             )

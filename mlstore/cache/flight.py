@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
+
+from mlstore._util.process import PerProcess
 
 __all__ = ["KeyedLocks", "SingleFlight"]
 
@@ -72,6 +72,63 @@ class _Stripe:
         self.users = 0
 
 
+class _Flights:
+    """One process's side of single-flight: its threads' per-key locks and the stripe
+    files it has open (file descriptions that only this process may lock through)."""
+
+    __slots__ = ("guard", "keys", "local", "stripes")
+
+    def __init__(self) -> None:
+        self.keys = KeyedLocks()
+        self.local = KeyedLocks()
+        self.guard = threading.Lock()  # over ``stripes`` and their ``users``
+        self.stripes: dict[int, _Stripe] = {}
+
+    def take(self, lock_dir: str, stripe: int) -> _Stripe:
+        """The stripe's lock file, opened once per process and kept open (opening and
+        closing it per fill was a measurable share of a cold read); counted as in use
+        until :meth:`give_back`."""
+        with self.guard:
+            found = self.stripes.get(stripe)
+            if found is None:
+                if len(self.stripes) >= _OPEN_STRIPES:
+                    self._close_idle()
+                path = os.path.join(lock_dir, f"{stripe:03x}")
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                found = self.stripes[stripe] = _Stripe(fd)
+            found.users += 1
+            return found
+
+    def give_back(self, entry: _Stripe) -> None:
+        with self.guard:
+            entry.users -= 1
+
+    def _close_idle(self) -> None:
+        for stripe, entry in list(self.stripes.items()):
+            if entry.users == 0:  # (called under the guard) no thread holds or wants it
+                del self.stripes[stripe]
+                with contextlib.suppress(OSError):
+                    os.close(entry.fd)
+
+    def close(self) -> None:
+        """Close the lock files no thread is using, and forget them all."""
+        with self.guard:
+            for entry in self.stripes.values():
+                if entry.users == 0:
+                    with contextlib.suppress(OSError):
+                        os.close(entry.fd)
+            self.stripes = {}
+
+    def close_inherited(self) -> None:
+        """In a forked child, at the fork: close the child's copies of the parent's lock
+        files, never unlocking them. A flock belongs to the open file description, which
+        the parent's own descriptor keeps, so the parent's locks stay as they were.
+        (No guard: a parent thread may have held it at the fork.)"""
+        for entry in self.stripes.values():
+            with contextlib.suppress(OSError):
+                os.close(entry.fd)
+
+
 class SingleFlight:
     """Per-key mutual exclusion across threads and processes.
 
@@ -90,43 +147,33 @@ class SingleFlight:
         self.lock_dir = lock_dir
         self.timeout = timeout
         self.sleep = sleep
-        self._keys = KeyedLocks()
-        self._local = KeyedLocks()
-        self._guard = threading.Lock()
-        self._stripes: dict[int, _Stripe] = {}
-        self._pid = os.getpid()
         # A child forked while a thread here held a key (a DataLoader worker forked
-        # mid-read) inherits that lock held for ever, and the parent's open lock files,
-        # whose flocks it would share: it starts afresh.
-        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
-
-    def _forked(self) -> None:
-        self._keys = KeyedLocks()
-        self._local = KeyedLocks()
-        self._guard = threading.Lock()
-        for entry in self._stripes.values():
-            with contextlib.suppress(OSError):
-                os.close(entry.fd)
-        self._stripes = {}
-        self._pid = os.getpid()
+        # mid-read) would inherit that lock held for ever, and the parent's open lock
+        # files, whose flocks it would share: it starts afresh. Eagerly, at the fork: a
+        # child that never takes a lock must not keep the parent's lock files open (a
+        # flock outlives its holder's death while any copy of the file stays open).
+        self._process = PerProcess(_Flights, on_fork=_Flights.close_inherited, eager=True)
 
     @contextlib.contextmanager
     def hold(self, key: str) -> Iterator[bool]:
         """Hold ``key`` exclusively; yields True if someone else held it first (the
         caller should look in the cache again before fetching)."""
-        with self._keys.hold(key) as waited, self._file_lock(key) as waited_for_process:
+        flights = self._process.get()
+        with (
+            flights.keys.hold(key) as waited,
+            self._file_lock(flights, key) as waited_for_process,
+        ):
             yield waited or waited_for_process
 
     def hold_in_process(self, key: str) -> contextlib.AbstractContextManager[bool]:
         """Hold ``key`` against this process's other threads only (no file lock)."""
-        return self._local.hold(key)
+        return self._process.get().local.hold(key)
 
     @contextlib.contextmanager
-    def _file_lock(self, key: str) -> Iterator[bool]:
+    def _file_lock(self, flights: _Flights, key: str) -> Iterator[bool]:
         import xxhash
 
-        stripe = xxhash.xxh3_64_intdigest(key.encode()) % STRIPES
-        entry = self._stripe(stripe)
+        entry = flights.take(self.lock_dir, xxhash.xxh3_64_intdigest(key.encode()) % STRIPES)
         fd = entry.fd
         # A flock belongs to the open file, which this process's threads share: the
         # thread lock keeps two of them (different keys, same stripe) from taking and
@@ -154,42 +201,11 @@ class SingleFlight:
                     if locked:
                         fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            with self._guard:
-                entry.users -= 1
-
-    def _stripe(self, stripe: int) -> _Stripe:
-        """The stripe's lock file, opened once per process and kept open (opening and
-        closing it per fill was a measurable share of a cold read)."""
-        with self._guard:
-            found = self._stripes.get(stripe)
-            if found is None:
-                if len(self._stripes) >= _OPEN_STRIPES:
-                    self._close_idle()
-                path = os.path.join(self.lock_dir, f"{stripe:03x}")
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                found = self._stripes[stripe] = _Stripe(fd)
-            found.users += 1
-            return found
-
-    def _close_idle(self) -> None:
-        for stripe, entry in list(self._stripes.items()):
-            if entry.users == 0:  # (called under the guard) no thread holds or wants it
-                del self._stripes[stripe]
-                with contextlib.suppress(OSError):
-                    os.close(entry.fd)
+            flights.give_back(entry)
 
     def close(self) -> None:
-        """Close the lock files this process opened."""
-        with self._guard:
-            if self._pid == os.getpid():
-                for entry in self._stripes.values():
-                    if entry.users == 0:
-                        with contextlib.suppress(OSError):
-                            os.close(entry.fd)
-            self._stripes = {}
-
-
-def _after_fork(ref: weakref.ref[SingleFlight]) -> None:
-    flight = ref()
-    if flight is not None:
-        flight._forked()
+        """Close the lock files this process opened (a child never saw its parent's:
+        they were closed at the fork)."""
+        flights = self._process.peek()
+        if flights is not None:
+            flights.close()
