@@ -62,8 +62,8 @@ class Runtime:
         }
         self.listing = Listing(self.calls, self.replicas, self.resolve, self.exists)
         self.writer = Writer(
-            self.calls,
-            self.reader,
+            calls=self.calls,
+            reader=self.reader,
             resolve=self.resolve,
             locate=self.locate,
             invalidate=self.invalidate,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from mlstore._engine.calls import Calls
@@ -30,10 +31,11 @@ Progress = Callable[[int, int], None]
 _COPY_CHUNK = 8 * 1024 * 1024
 
 
+@dataclass(frozen=True)
 class Writer:
     """Writes through this process's backends.
 
-    Args:
+    Attributes:
         calls: this process's backends and the retried call.
         reader: opens sources of cross-backend copies.
         resolve: resolves a physical URL (the parts of a recursive copy).
@@ -42,22 +44,12 @@ class Writer:
         block_size: the read size of copy sources.
     """
 
-    def __init__(
-        self,
-        calls: Calls,
-        reader: Reader,
-        *,
-        resolve: Callable[[URL], Resolved],
-        locate: Callable[[Resolved], tuple[URL, ObjectInfo]],
-        invalidate: Callable[[Resolved], None],
-        block_size: int,
-    ) -> None:
-        self.calls = calls
-        self.reader = reader
-        self.resolve = resolve
-        self.locate = locate
-        self.invalidate = invalidate
-        self.block_size = block_size
+    calls: Calls
+    reader: Reader
+    resolve: Callable[[URL], Resolved]
+    locate: Callable[[Resolved], tuple[URL, ObjectInfo]]
+    invalidate: Callable[[Resolved], None]
+    block_size: int
 
     def write(self, where: Resolved, data: bytes, *, replicate: bool) -> None:
         """Replace the object with ``data`` on the primary (every replica with
