@@ -16,16 +16,17 @@ that follow from that, once:
 - ``mkdir`` of a bucket URL creates the bucket; of a key, it does nothing.
 
 A cloud backend provides the requests (``_stat``, ``_has_below``, ``_download``,
-``_upload``) and what its SDK says about a failed one (``_answer``); its ``_translate``
-maps that through :func:`mlstore.backends._errors.status_error` with its
-:class:`~mlstore.backends._errors.Service`.
+``_upload``), the error answer its SDK kept (``_answer``, mapped through
+:func:`mlstore.backends._errors.status_error` with the backend's
+:class:`~mlstore.backends._errors.Service`) and what its other exceptions mean
+(``_sdk_error``).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from mlstore.backends._errors import Answer, Service
+from mlstore.backends._errors import Answer, Service, status_error
 from mlstore.backends._fsspec import FsspecBackend
 from mlstore.backends._ranges import wanted
 from mlstore.backends.base import ObjectInfo, Received, keep_received
@@ -50,6 +51,11 @@ class ObjectStoreBackend(FsspecBackend):
     # ---- what each cloud provides
     def _answer(self, exc: BaseException) -> Answer | None:
         """The failed request in ``exc``'s chain, if the SDK kept one."""
+        return None
+
+    def _sdk_error(self, exc: Exception, url: URL, operation: str) -> MlstoreError | None:
+        """What else the SDK's exception means (credentials, timeouts, dropped
+        connections), or ``None`` for the generic translation."""
         return None
 
     def _stat(self, url: URL) -> ObjectInfo:
@@ -81,6 +87,16 @@ class ObjectStoreBackend(FsspecBackend):
         return self.info(url).size
 
     # ---- shared rules
+    def _translate(self, exc: Exception, url: URL, operation: str) -> MlstoreError:
+        """mlstore's own errors as they are; an error answer through the status table;
+        then what the SDK's exception says; then the generic translation."""
+        if isinstance(exc, MlstoreError):
+            return exc
+        answer = self._answer(exc)
+        if answer is not None:
+            return status_error(answer, url, operation, self.service)
+        return self._sdk_error(exc, url, operation) or super()._translate(exc, url, operation)
+
     def _answer_in(self, exc: BaseException) -> Answer | None:
         # mlstore's own errors carry no SDK answer (and the SDK may not even be there).
         return None if isinstance(exc, MlstoreError) else self._answer(exc)

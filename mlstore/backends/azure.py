@@ -42,7 +42,7 @@ from typing import Any
 from mlstore._util.redact import redact_options, scrub
 from mlstore.backends import _azure_client
 from mlstore.backends._cloud import ObjectStoreBackend
-from mlstore.backends._errors import Answer, Service, refuse_corrupt, status_error
+from mlstore.backends._errors import Answer, Service, refuse_corrupt
 from mlstore.backends._fsspec import ShortBodyError, transport_error
 from mlstore.backends._ranges import range_header
 from mlstore.backends.base import InterruptedBodyError, ObjectInfo, PerProcess, find_cause
@@ -168,11 +168,12 @@ class AzureBackend(ObjectStoreBackend):
 
     # ---- errors: the one place where Azure failures become mlstore errors
     def _answer(self, exc: BaseException) -> Answer | None:
-        from azure.core.exceptions import HttpResponseError
+        from azure.core.exceptions import HttpResponseError, IncompleteReadError
 
         err = find_cause(exc, HttpResponseError)
         status = int(getattr(err, "status_code", 0) or 0)
-        if err is None or not status:
+        # IncompleteReadError is an HttpResponseError too, but it means a body cut short.
+        if err is None or not status or isinstance(err, IncompleteReadError):
             return None
         code = getattr(err, "error_code", None)
         headers = getattr(getattr(err, "response", None), "headers", None) or {}
@@ -180,33 +181,27 @@ class AzureBackend(ObjectStoreBackend):
             code = headers.get("x-ms-error-code", "")
         return Answer(status, code=str(getattr(code, "value", code) or ""), headers=headers)
 
-    def _translate(self, exc: Exception, url: URL, operation: str) -> MlstoreError:
-        if isinstance(exc, MlstoreError):
-            return exc
+    def _sdk_error(self, exc: Exception, url: URL, operation: str) -> MlstoreError | None:
         from azure.core import exceptions as ae
 
         where = {"url": str(url), "operation": operation}
-        # The SDK's IncompleteReadError is an HttpResponseError too: a body cut short
-        # is a dropped connection whatever the status was.
         lost = find_cause(exc, ShortBodyError, ae.IncompleteReadError)
         if lost is not None:
             why = f"the connection failed mid-body ({type(lost).__name__})"
             return ConnectionLostError(why, **where)
-        answer = self._answer(exc)
-        if answer is not None:
-            return status_error(answer, url, operation, self.service)
+        # Looked for before the transport errors: a credential chain that failed, even
+        # for want of a connection to its token endpoint, is a credential problem.
         auth = find_cause(exc, ae.ClientAuthenticationError)
         if auth is not None:
             signing = type(auth).__name__ == "AzureSigningError"
             return PermissionDeniedError(_CANNOT_SIGN if signing else _NO_CREDENTIALS, **where)
-        transport = transport_error(
+        return transport_error(
             exc,
             url,
             operation,
             timeouts=(ae.ServiceRequestTimeoutError, ae.ServiceResponseTimeoutError),
             dropped=(ae.ServiceRequestError, ae.ServiceResponseError),
         )
-        return transport or super()._translate(exc, url, operation)
 
     # ---- the requests
     def _stat(self, url: URL) -> ObjectInfo:

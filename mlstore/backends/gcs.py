@@ -33,7 +33,7 @@ from types import ModuleType
 from typing import Any
 
 from mlstore.backends._cloud import ObjectStoreBackend
-from mlstore.backends._errors import Answer, Service, refuse_corrupt, status_error
+from mlstore.backends._errors import Answer, Service, refuse_corrupt
 from mlstore.backends._fsspec import ShortBodyError, transport_error
 from mlstore.backends._ranges import range_header
 from mlstore.backends.base import ObjectInfo, find_cause
@@ -134,12 +134,7 @@ class GCSBackend(ObjectStoreBackend):
         found: Answer | None = api.answer(exc) if api is not None else None
         return found
 
-    def _translate(self, exc: Exception, url: URL, operation: str) -> MlstoreError:
-        if isinstance(exc, MlstoreError):
-            return exc
-        answer = self._answer(exc)
-        if answer is not None:
-            return status_error(answer, url, operation, self.service)
+    def _sdk_error(self, exc: Exception, url: URL, operation: str) -> MlstoreError | None:
         import google.auth.exceptions as gae
 
         # google-auth's TransportError is a GoogleAuthError too: a dropped connection
@@ -147,11 +142,9 @@ class GCSBackend(ObjectStoreBackend):
         transport = transport_error(
             exc, url, operation, dropped=(ShortBodyError, gae.TransportError)
         )
-        if transport is not None:
-            return transport
-        if find_cause(exc, gae.GoogleAuthError) is not None:
+        if transport is None and find_cause(exc, gae.GoogleAuthError) is not None:
             return PermissionDeniedError(_UNUSABLE_CREDENTIALS, url=str(url), operation=operation)
-        return super()._translate(exc, url, operation)
+        return transport
 
     # ---- the requests
     def _stat(self, url: URL) -> ObjectInfo:

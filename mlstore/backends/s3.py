@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlstore.backends._cloud import ObjectStoreBackend
-from mlstore.backends._errors import Answer, Service, refuse_corrupt, status_error
+from mlstore.backends._errors import Answer, Service, refuse_corrupt
 from mlstore.backends._fsspec import ShortBodyError, transport_error
 from mlstore.backends._hedge import Hedge, hedged
 from mlstore.backends._ranges import range_header
@@ -130,9 +130,7 @@ class S3Backend(ObjectStoreBackend):
             headers=meta.get("HTTPHeaders", {}) or {},
         )
 
-    def _translate(self, exc: Exception, url: URL, operation: str) -> MlstoreError:
-        if isinstance(exc, MlstoreError):
-            return exc
+    def _sdk_error(self, exc: Exception, url: URL, operation: str) -> MlstoreError | None:
         from botocore import exceptions as be
 
         if find_cause(exc, be.FlexibleChecksumError) is not None:
@@ -142,12 +140,9 @@ class S3Backend(ObjectStoreBackend):
                 url=str(url),
                 operation=operation,
             )
-        answer = self._answer(exc)
-        if answer is not None:
-            return status_error(answer, url, operation, self.service)
         if find_cause(exc, be.NoCredentialsError, be.PartialCredentialsError) is not None:
             return PermissionDeniedError(_NO_CREDENTIALS, url=str(url), operation=operation)
-        transport = transport_error(
+        return transport_error(
             exc,
             url,
             operation,
@@ -159,7 +154,6 @@ class S3Backend(ObjectStoreBackend):
                 be.IncompleteReadError,
             ),
         )
-        return transport or super()._translate(exc, url, operation)
 
     # ---- the requests
     def _stat(self, url: URL) -> ObjectInfo:
