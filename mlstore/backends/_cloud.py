@@ -7,7 +7,8 @@ that follow from that, once:
 - ``info`` asks for the object first, and only when there is none looks for objects
   below the prefix (a missing *bucket* ends the search);
 - reads and writes of a directory URL raise ``IsADirectoryError_`` before any request,
-  and a read that finds no object says "directory" when the URL is a prefix;
+  and a read that finds no object says "directory" when the URL is a prefix (S3 opts
+  out: there a missing key stays one request);
 - a read turns ``[start:end)`` into one ranged GET; a range that starts past the end
   is empty, as a slice is; a whole-object GET is checked against the hash mlstore
   recorded when it wrote the object;
@@ -113,6 +114,7 @@ class ObjectStoreBackend(FsspecBackend):
 
     @staticmethod
     def _key(url: URL) -> str:
+        """The key of ``url`` as a prefix: without a trailing ``/``."""
         return url.path.rstrip("/")
 
     @staticmethod
