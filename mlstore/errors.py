@@ -26,6 +26,7 @@ through :func:`redact_url` before they are stored.
 from __future__ import annotations
 
 import io
+from typing import ClassVar
 
 from mlstore._util.redact import MASK, redact_url
 
@@ -126,6 +127,20 @@ class UnsupportedOperation(MlstoreError, io.UnsupportedOperation):  # noqa: N818
 
 class IsADirectoryError_(MlstoreError, IsADirectoryError):  # noqa: N801, N818
     """A file operation was asked of a directory."""
+
+    #: What to do instead, by operation; other operations get ``"use ls() to list it"``.
+    HINTS: ClassVar[dict[str, str]] = {
+        "write": "cannot write a file over it",
+        "rm": "pass recursive=True to delete everything below it",
+        "copy": "pass recursive=True to copy everything below it",
+    }
+
+    @classmethod
+    def at(cls, url: object, operation: str, hint: str | None = None) -> IsADirectoryError_:
+        """The error for ``operation`` on the directory ``url``: "this is a directory"
+        and what to do instead (``hint``, else the one :attr:`HINTS` gives)."""
+        hint = hint or cls.HINTS.get(operation, "use ls() to list it")
+        return cls(f"this is a directory; {hint}", url=str(url), operation=operation)
 
 
 class TransientError(MlstoreError):

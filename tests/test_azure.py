@@ -390,6 +390,34 @@ def test_status_mapping_with_one_attempt(
                 assert type(err) is expected
 
 
+def test_retry_after_in_milliseconds_is_the_more_precise(
+    failing: tuple[_Plan, dict[str, Any]],
+) -> None:
+    plan, options = failing
+    plan.status, plan.code = 503, "ServerBusy"
+    plan.headers = {"x-ms-retry-after-ms": "1500", "Retry-After": "7"}
+    with (
+        Store(options={"az": options}) as s,
+        pytest.raises(mlstore.ThrottledError, match="ServerBusy") as exc,
+    ):
+        s.backend("az").read(parse_url("az://ctr/k.bin"), 0, 10)
+    assert exc.value.retry_after == 1.5
+    assert plan.requests == 1
+
+
+def test_directory_urls_are_neither_read_nor_written(
+    az_options: dict[str, Any], az_container: str
+) -> None:
+    with Store(options={"az": az_options}) as s:
+        s.write_bytes(f"az://{az_container}/dir/x.bin", b"x")
+        for url in (f"az://{az_container}", f"az://{az_container}/dir/"):
+            with pytest.raises(IsADirectoryError, match="use ls"):
+                s.read_bytes(url)
+            with pytest.raises(IsADirectoryError, match="cannot write a file over it"):
+                s.write_bytes(url, b"y")
+        assert s.find(f"az://{az_container}") == [f"az://{az_container}/dir/x.bin"]
+
+
 def _faulty_blob(
     az_fault_proxy: ServerProcess,
     az_options: dict[str, Any],

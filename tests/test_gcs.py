@@ -415,6 +415,88 @@ def test_error_text_holds_no_credentials(proxy: FaultProxy, root: str) -> None:
         assert secret not in repr(s) and secret not in repr(s.backend("gs"))
 
 
+# ------------------------------------------------------------------ the one-attempt gcsfs
+# mlstore.backends._gcsfs subclasses gcsfs's GCSFileSystem; these pin the gcsfs behaviour
+# that subclass relies on, so a gcsfs upgrade that changes it fails here, by name.
+
+
+def test_gcsfs_still_has_what_the_one_attempt_filesystem_replaces() -> None:
+    from fsspec import asyn
+    from gcsfs.core import GCSFileSystem
+    from gcsfs.retry import HttpError, is_retriable
+
+    from mlstore.backends._gcsfs import OneAttemptGCSFileSystem
+
+    # gcsfs wraps these in retry_request, a decorator that keeps the function it wraps
+    # as __wrapped__; the subclass replaces _request and takes the others unwrapped.
+    for name in ("_request", "_get_file_request", "_get_file_concurrent"):
+        wrapped = getattr(GCSFileSystem, name)
+        assert hasattr(wrapped, "__wrapped__"), f"gcsfs no longer wraps {name}"
+        assert not hasattr(getattr(OneAttemptGCSFileSystem, name), "__wrapped__"), name
+    for name in ("_get_file_request", "_get_file_concurrent"):
+        own = getattr(GCSFileSystem, name).__wrapped__
+        assert getattr(OneAttemptGCSFileSystem, name) is own
+    # What the wrapper would do with a 503: try again (five more times).
+    assert is_retriable(HttpError({"code": 503, "message": "busy"}))
+    # The batch delete it replaces, and the helper the replacement runs deletes with.
+    assert callable(GCSFileSystem._delete_files) and callable(asyn._run_coros_in_chunks)
+
+
+@pytest.mark.parametrize(("status", "error"), [(503, "HttpError"), (404, "FileNotFoundError")])
+def test_one_attempt_filesystem_sends_a_failed_request_once(
+    gcs_fault_proxy: ServerProcess, gcs_bucket: str, status: int, error: str
+) -> None:
+    from fsspec.asyn import sync
+
+    from mlstore.backends import _errors, _gcsfs
+    from tests.servers import proxy
+
+    body = json.dumps({"error": {"code": status, "message": "injected by the proxy"}})
+    headers = {"Content-Type": "application/json", "Retry-After": "3"}
+    proxy.set_faults(
+        gcs_fault_proxy.endpoint,
+        {"fault": "status", "status": status, "headers": headers, "body": body},
+    )
+    fs = _gcsfs.OneAttemptGCSFileSystem(
+        endpoint_url=gcs_fault_proxy.endpoint,
+        token="anon",
+        project=GCS_PROJECT,
+        skip_instance_cache=True,
+    )
+    with pytest.raises(Exception) as exc:  # gcsfs raises its own types: checked below
+        sync(fs.loop, _gcsfs.metadata, fs, gcs_bucket, "some/key.bin", None)
+    assert type(exc.value).__name__ == error
+    assert proxy.counts(gcs_fault_proxy.endpoint)["total"] == 1
+    answer = _gcsfs.answer(exc.value)
+    assert answer is not None
+    assert (answer.status, answer.reason) == (status, "injected by the proxy")
+    assert _errors.retry_after(answer.headers) == 3.0
+
+
+def test_one_attempt_filesystem_reads_through_the_proxy(
+    gcs_fault_proxy: ServerProcess, gcs_bucket: str, store: Store
+) -> None:
+    from fsspec.asyn import sync
+
+    from mlstore.backends import _gcsfs
+    from tests.servers import proxy
+
+    store.write_bytes(f"gs://{gcs_bucket}/dir/obj.bin", b"0123456789")
+    fs = _gcsfs.OneAttemptGCSFileSystem(
+        endpoint_url=gcs_fault_proxy.endpoint,
+        token="anon",
+        project=GCS_PROJECT,
+        skip_instance_cache=True,
+    )
+    status, headers, data = sync(
+        fs.loop, _gcsfs.media, fs, gcs_bucket, "dir/obj.bin", "bytes=2-5", None
+    )
+    assert (status, data) == (206, b"2345") and headers.get("x-goog-generation")
+    assert sync(fs.loop, _gcsfs.has_prefix, fs, gcs_bucket, "dir")
+    assert not sync(fs.loop, _gcsfs.has_prefix, fs, gcs_bucket, "dir/obj.bin")
+    assert proxy.counts(gcs_fault_proxy.endpoint)["total"] == 3
+
+
 # ------------------------------------------------------------------ processes
 
 

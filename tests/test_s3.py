@@ -11,6 +11,8 @@ import pytest
 import mlstore
 from mlstore import Store
 from mlstore.hashing import content_hash
+from mlstore.url import parse_url
+from tests.emulators import ServerProcess
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("backend_only")]
 
@@ -28,6 +30,56 @@ def test_missing_bucket_and_key_are_not_found(store: Store, s3_bucket: str) -> N
     assert exc.value.operation == "read"
     with pytest.raises(mlstore.NotFoundError, match="no such object"):
         store.info(f"s3://{s3_bucket}/missing")
+
+
+def test_bucket_and_prefixes_are_directories(store: Store, s3_bucket: str) -> None:
+    store.write_bytes(f"s3://{s3_bucket}/a/b/c.bin", b"x")
+    for url in (f"s3://{s3_bucket}", f"s3://{s3_bucket}/a", f"s3://{s3_bucket}/a/"):
+        info = store.info(url)
+        assert info.type == "directory" and info.size == 0 and info.version is None, url
+    assert str(store.info(f"s3://{s3_bucket}/a/").url) == f"s3://{s3_bucket}/a"
+    with pytest.raises(mlstore.NotFoundError, match="no such bucket"):
+        store.info("s3://no-such-bucket-here")
+    with pytest.raises(mlstore.NotFoundError, match="no such object or directory"):
+        store.info(f"s3://{s3_bucket}/a/nothing/")
+
+
+def test_directory_urls_are_neither_read_nor_written(store: Store, s3_bucket: str) -> None:
+    store.write_bytes(f"s3://{s3_bucket}/dir/x.bin", b"x")
+    for url in (f"s3://{s3_bucket}", f"s3://{s3_bucket}/dir/"):
+        with pytest.raises(IsADirectoryError, match="use ls") as exc:
+            store.read_bytes(url)
+        assert isinstance(exc.value, mlstore.MlstoreError)
+        assert exc.value.url == url and exc.value.operation == "read"
+        with pytest.raises(IsADirectoryError, match="cannot write a file over it"):
+            store.write_bytes(url, b"y")
+    assert store.find(f"s3://{s3_bucket}") == [f"s3://{s3_bucket}/dir/x.bin"]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("4", 4.0), ("0.5", 0.5), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)]
+)
+def test_retry_after_in_seconds_or_as_a_date(
+    s3_fault_proxy: ServerProcess,
+    s3_fault_options: dict[str, object],
+    store: Store,
+    s3_bucket: str,
+    value: str,
+    seconds: float,
+) -> None:
+    from tests.servers import proxy
+
+    url = f"s3://{s3_bucket}/throttled.bin"
+    store.write_bytes(url, b"x")
+    rule = {"fault": "status", "status": 503, "headers": {"Retry-After": value}}
+    proxy.set_faults(s3_fault_proxy.endpoint, rule)
+    with (
+        Store(options={"s3": s3_fault_options}) as s,
+        pytest.raises(mlstore.ThrottledError, match="SlowDown") as exc,
+    ):
+        s.backend("s3").read(parse_url(url))
+    assert exc.value.retry_after == seconds  # a date in the past: no wait
+    assert proxy.counts(s3_fault_proxy.endpoint)["total"] == 1
 
 
 def test_writes_record_the_content_hash(store: Store, s3_bucket: str) -> None:

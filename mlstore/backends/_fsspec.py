@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from mlstore._util.files import BufferedWrite
+from mlstore._util.redact import scrub
 from mlstore.backends.base import (
     Backend,
     Hedge,
@@ -83,7 +84,9 @@ class FsspecBackend(Backend):
             return exc
         if isinstance(exc, OSError):
             return translate_os_error(exc, url, operation)
-        return MlstoreError(f"{type(exc).__name__}: {exc}", url=str(url), operation=operation)
+        # SDK messages can quote a connection string or a signed URL: mask secrets.
+        text = f"{type(exc).__name__}: {scrub(str(exc))}"
+        return MlstoreError(text, url=str(url), operation=operation)
 
     def _version(self, raw: Mapping[str, Any]) -> str | None:
         return None
@@ -100,11 +103,18 @@ class FsspecBackend(Backend):
 
     @contextlib.contextmanager
     def _errors(self, url: URL, operation: str, received: Received | None = None) -> Iterator[None]:
-        """Translate what the block raises (once); fill ``received`` from a broken body."""
+        """Translate what the block raises (once); fill ``received`` from a broken body.
+
+        An mlstore error that names no URL was raised before one was known (building
+        the client from the options): it is raised again naming ``url`` and
+        ``operation``.
+        """
         try:
             yield
-        except MlstoreError:
-            raise
+        except MlstoreError as err:
+            if err.url is not None:
+                raise
+            raise type(err)(err.reason, url=str(url), operation=operation) from None
         except Exception as exc:
             raise keep_received(received, self._translate(exc, url, operation), exc) from exc
 
@@ -130,9 +140,7 @@ class FsspecBackend(Backend):
                 data: bytes = self.fs.cat_file(path, start=start, end=end)
             except FileNotFoundError:
                 if path and self.fs.isdir(path):
-                    raise IsADirectoryError_(
-                        "this is a directory; use ls() to list it", url=str(url), operation="read"
-                    ) from None
+                    raise IsADirectoryError_.at(url, "read") from None
                 raise
             return data
 

@@ -32,34 +32,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import ctypes
-import inspect
 import io
 import os
 import time
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from mlstore._util.redact import redact_options, scrub
-from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, transport_error
-from mlstore.backends.base import (
-    Hedge,
-    InterruptedBodyError,
-    ObjectInfo,
-    PerProcess,
-    Received,
-    find_cause,
-    keep_received,
-)
-from mlstore.config import StoreConfig
+from mlstore.backends import _azure_client
+from mlstore.backends._cloud import ObjectStoreBackend
+from mlstore.backends._errors import Answer, Service, refuse_corrupt
+from mlstore.backends._fsspec import ShortBodyError, transport_error
+from mlstore.backends._ranges import range_header
+from mlstore.backends.base import InterruptedBodyError, ObjectInfo, PerProcess, find_cause
 from mlstore.errors import (
     ConfigError,
     ConnectionLostError,
-    CorruptBodyError,
-    IsADirectoryError_,
     MlstoreError,
     NotFoundError,
     PermissionDeniedError,
@@ -67,7 +56,7 @@ from mlstore.errors import (
     ThrottledError,
     TransientError,
 )
-from mlstore.hashing import METADATA_KEY, content_hash
+from mlstore.hashing import METADATA_KEY
 from mlstore.url import URL
 
 __all__ = ["AZURE_METADATA_KEY", "AzureBackend"]
@@ -79,25 +68,42 @@ AZURE_METADATA_KEY = METADATA_KEY.replace("-", "_")
 # Metadata that marks a blob as a directory (ADLS Gen2 / hierarchical namespace, adlfs).
 _DIR_MARKERS = (("hdi_isfolder", "true"), ("is_directory", "true"))
 
-# Writes up to this size are one Put Blob request; larger ones are staged in blocks of
-# _BLOCK_SIZE, _UPLOAD_CONCURRENCY at a time. A block size above 4 MiB lets the SDK
-# stream blocks from the source instead of copying each into a ``bytes``.
-_SINGLE_PUT_SIZE = 64 * 1024 * 1024
-_BLOCK_SIZE = 8 * 1024 * 1024
+# Staged uploads send this many blocks at a time.
 _UPLOAD_CONCURRENCY = 4
 # Deletes in flight at once during a recursive rm.
 _DELETE_CONCURRENCY = 16
 
+# Azure's error codes, by meaning, and what a "not found" code says is missing.
+_CODES = {
+    **dict.fromkeys(("ContainerNotFound", "BlobNotFound", "ResourceNotFound"), NotFoundError),
+    "ConditionNotMet": PreconditionFailedError,
+    "ServerBusy": ThrottledError,
+    "OperationTimedOut": TransientError,
+}
+_MISSING = {"ContainerNotFound": "container", "BlobNotFound": "blob"}
+_CANNOT_SIGN = (
+    "the account key cannot sign requests (it must be the base64 key of the storage account)"
+)
+_NO_CREDENTIALS = (
+    "no usable Azure credentials; give a connection_string, an account_key, a sas_token or a "
+    "credential, set AZURE_STORAGE_CONNECTION_STRING, or use "
+    "Store(options={'az': {'anon': True}}) for public containers"
+)
 
-class AzureBackend(FsspecBackend):
+
+class AzureBackend(ObjectStoreBackend):
     protocol = "az"
-    resumable = True
-
-    def __init__(
-        self, options: Mapping[str, Any], config: StoreConfig, *, hedge: Hedge | None = None
-    ) -> None:
-        super().__init__(options, config, hedge=hedge)
-        self._closer: weakref.finalize[Any, Any] | None = None
+    service = Service(
+        "Azure",
+        "check the account key, SAS token or credential and the container's access policy",
+        bucket="container",
+        codes=_CODES,
+        missing=_MISSING,
+    )
+    hash_key = AZURE_METADATA_KEY
+    suffix_ranges = False  # Azure has no suffix ranges: [-n:] asks for the size first
+    #: Closes the client this process made (set when it is made; see _azure_client).
+    _closer: weakref.finalize[Any, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # A pickled backend carries no credentials (keys, SAS, connection strings).
@@ -141,57 +147,9 @@ class AzureBackend(FsspecBackend):
                 raise ConfigError(
                     f"could not configure the Azure client ({scrub(str(exc))})"
                 ) from None
-        client = self._client_without_retries(fs.service_client, endpoint)
-        fs.service_client = client
-        # adlfs closes its client at exit through fsspec's loop thread, which a forked
-        # child does not have: a child that exits normally would hang. This backend's
-        # own finalizer closes the client only in the process that made it.
-        _detach_finalizers(fs)
-        made_here = fs.credential if not self.options.get("credential") else None
-        self._closer = weakref.finalize(fs, _close_client, os.getpid(), fs.loop, client, made_here)
-        _MADE_HERE.add(client)
-        if made_here is not None:
-            _MADE_HERE.add(made_here)
+        given = bool(self.options.get("credential"))
+        self._closer = _azure_client.adopt(fs, self.config, endpoint, given)
         return fs
-
-    @contextlib.contextmanager
-    def _errors(self, url: URL, operation: str, received: Received | None = None) -> Iterator[None]:
-        try:
-            yield
-        except MlstoreError as err:
-            if err.url is not None:
-                raise
-            # A configuration error found while making the client: name the URL too.
-            raise type(err)(err.reason, url=str(url), operation=operation) from None
-        except Exception as exc:
-            raise keep_received(received, self._translate(exc, url, operation), exc) from exc
-
-    def _client_without_retries(self, client: Any, endpoint: str | None) -> Any:
-        """``client`` rebuilt with the same account URL and credential, the Azure SDK's
-        retries off and mlstore's timeouts."""
-        from azure.storage.blob.aio import BlobServiceClient
-
-        url = str(client.url)
-        if endpoint:
-            query = urlsplit(url).query  # a SAS token rides on the account URL
-            url = endpoint.rstrip("/") + "/" + (f"?{query}" if query else "")
-        retry = self.config.retry
-        return BlobServiceClient(
-            account_url=url,
-            credential=client.credential,
-            secondary_hostname=client.secondary_hostname,
-            # mlstore is the one retry layer: the SDK makes exactly one attempt.
-            retry_total=0,
-            retry_connect=0,
-            retry_read=0,
-            retry_status=0,
-            retry_to_secondary=False,
-            connection_timeout=retry.connect_timeout,
-            read_timeout=retry.read_timeout,
-            max_single_put_size=_SINGLE_PUT_SIZE,
-            max_block_size=_BLOCK_SIZE,
-            user_agent="mlstore",
-        )
 
     def _sync(self, coro_fn: Any, *args: Any) -> Any:
         from fsspec.asyn import sync
@@ -209,132 +167,63 @@ class AzureBackend(FsspecBackend):
         return _etag(raw.get("etag"))
 
     # ---- errors: the one place where Azure failures become mlstore errors
-    def _translate(self, exc: Exception, url: URL, operation: str) -> MlstoreError:
-        if isinstance(exc, MlstoreError):
-            return exc
-        text = str(url)
+    def _answer(self, exc: BaseException) -> Answer | None:
+        from azure.core.exceptions import HttpResponseError, IncompleteReadError
+
+        err = find_cause(exc, HttpResponseError)
+        status = int(getattr(err, "status_code", 0) or 0)
+        # IncompleteReadError is an HttpResponseError too, but it means a body cut short.
+        if err is None or not status or isinstance(err, IncompleteReadError):
+            return None
+        code = getattr(err, "error_code", None)
+        headers = getattr(getattr(err, "response", None), "headers", None) or {}
+        if not code:
+            code = headers.get("x-ms-error-code", "")
+        return Answer(status, code=str(getattr(code, "value", code) or ""), headers=headers)
+
+    def _sdk_error(self, exc: Exception, url: URL, operation: str) -> MlstoreError | None:
         from azure.core import exceptions as ae
 
+        where = {"url": str(url), "operation": operation}
         lost = find_cause(exc, ShortBodyError, ae.IncompleteReadError)
         if lost is not None:
-            return ConnectionLostError(
-                f"the connection failed mid-body ({type(lost).__name__})",
-                url=text,
-                operation=operation,
-            )
-        http = find_cause(exc, ae.HttpResponseError)
-        if isinstance(http, ae.HttpResponseError) and http.status_code:
-            return _from_status(http, text, operation)
+            why = f"the connection failed mid-body ({type(lost).__name__})"
+            return ConnectionLostError(why, **where)
+        # Looked for before the transport errors: a credential chain that failed, even
+        # for want of a connection to its token endpoint, is a credential problem.
         auth = find_cause(exc, ae.ClientAuthenticationError)
-        if auth is not None and type(auth).__name__ == "AzureSigningError":
-            return PermissionDeniedError(
-                "the account key cannot sign requests (it must be the base64 key of the "
-                "storage account)",
-                url=text,
-                operation=operation,
-            )
         if auth is not None:
-            return PermissionDeniedError(
-                "no usable Azure credentials; give a connection_string, an account_key, a "
-                "sas_token or a credential, set AZURE_STORAGE_CONNECTION_STRING, or use "
-                "Store(options={'az': {'anon': True}}) for public containers",
-                url=text,
-                operation=operation,
-            )
-        transport = transport_error(
+            signing = type(auth).__name__ == "AzureSigningError"
+            return PermissionDeniedError(_CANNOT_SIGN if signing else _NO_CREDENTIALS, **where)
+        return transport_error(
             exc,
             url,
             operation,
             timeouts=(ae.ServiceRequestTimeoutError, ae.ServiceResponseTimeoutError),
             dropped=(ae.ServiceRequestError, ae.ServiceResponseError),
         )
-        if transport is not None:
-            return transport
-        if isinstance(exc, OSError):
-            return super()._translate(exc, url, operation)
-        return MlstoreError(
-            f"{type(exc).__name__}: {scrub(str(exc))}",
-            url=text,
-            operation=operation,
-        )
 
-    @staticmethod
-    def _blob(url: URL) -> str:
-        return url.path.rstrip("/")
+    # ---- the requests
+    def _stat(self, url: URL) -> ObjectInfo:
+        return _info_from_properties(url, self._sync(_properties, url.bucket, url.path))
 
-    # ---- Backend: reading
-    def info(self, url: URL) -> ObjectInfo:
-        with self._errors(url, "info"):
-            if url.path and not url.path.endswith("/"):
-                try:
-                    props = self._sync(_properties, url.bucket, url.path)
-                except Exception as exc:
-                    err = self._translate(exc, url, "info")
-                    if not isinstance(err, NotFoundError) or _error_code(exc) != "BlobNotFound":
-                        raise err from exc
-                else:
-                    return _info_from_properties(url, props)
-            # A "directory": a prefix with blobs below it, or the container itself.
-            if self._sync(_is_directory, url.bucket, self._blob(url)):
-                return ObjectInfo(url=url, size=0, type="directory")
-            raise NotFoundError("no such blob or directory", url=str(url), operation="info")
+    def _has_below(self, url: URL) -> bool:
+        return bool(self._sync(_is_directory, url.bucket, self._key(url)))
 
-    def read(
-        self,
-        url: URL,
-        start: int | None = None,
-        end: int | None = None,
-        version: str | None = None,
-        *,
-        received: Received | None = None,
-    ) -> bytes:
-        with self._errors(url, "read", received):
-            if not url.path or url.path.endswith("/"):
-                raise IsADirectoryError_(
-                    "this is a directory; use ls() to list it", url=str(url), operation="read"
-                )
-            if (start is not None and start < 0) or (end is not None and end < 0):
-                # Azure has no suffix ranges: resolve negative offsets against the size.
-                size = self.info(url).size
-                start, end, _ = slice(start, end).indices(size)
-            lo = start or 0
-            if end is not None and end <= lo:
-                return b""
-            try:
-                data, _ = self._get(url, lo, end, version)
-            except Exception as exc:
-                if _status(exc) == 416:  # the range starts at or past the end
-                    return b""
-                raise
-            return data
-
-    def fetch(self, url: URL, *, received: Received | None = None) -> tuple[bytes, str | None]:
-        """The whole blob and its ETag, from one GET."""
-        with self._errors(url, "read", received):
-            if not url.path or url.path.endswith("/"):
-                raise IsADirectoryError_(
-                    "this is a directory; use ls() to list it", url=str(url), operation="read"
-                )
-            return self._get(url, 0, None, None)
-
-    def _get(
-        self, url: URL, lo: int, end: int | None, version: str | None
-    ) -> tuple[bytes, str | None]:
-        try:
-            got: tuple[bytes, str | None] = self._sync(_get, url.bucket, url.path, lo, end, version)
-        except Exception as exc:
-            if _error_code(exc) == "BlobNotFound" and self._sync(
-                _is_directory, url.bucket, url.path
-            ):
-                raise IsADirectoryError_(
-                    "this is a directory; use ls() to list it", url=str(url), operation="read"
-                ) from None
-            raise
+    def _download(self, url: URL, want: slice, version: str | None) -> tuple[bytes, str | None]:
+        got: tuple[bytes, str | None] = self._sync(_get, url.bucket, url.path, want, version)
         return got
 
+    def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> None:
+        self._sync(_put, url.bucket, url.path, data, metadata)
+
+    def _create_bucket(self, bucket: str) -> None:
+        self._sync(_create_container, bucket)
+
+    # ---- listing, deleting, copying: the SDK directly
     def ls(self, url: URL) -> list[ObjectInfo]:
         with self._errors(url, "ls"):
-            entries = self._sync(_walk, url.bucket, self._blob(url))
+            entries = self._sync(_walk, url.bucket, self._key(url))
             out = [self._entry(url.bucket, e) for e in entries]
             if out:
                 return out
@@ -343,7 +232,7 @@ class AzureBackend(FsspecBackend):
 
     def find(self, url: URL) -> Iterator[ObjectInfo]:
         with self._errors(url, "find"):
-            blob = self._blob(url)
+            blob = self._key(url)
             entries = self._sync(_list, url.bucket, f"{blob}/" if blob else None)
             out = [self._entry(url.bucket, e) for e in entries]
             found = [e for e in out if e.type == "file"]
@@ -369,36 +258,13 @@ class AzureBackend(FsspecBackend):
             return ObjectInfo(url=info.url, size=0, type="directory")
         return info
 
-    # ---- Backend: writing
-    def write(self, url: URL, data: bytes) -> None:
-        with self._errors(url, "write"):
-            if not url.path:
-                raise IsADirectoryError_(
-                    "this is a container; a blob URL needs a name after it",
-                    url=str(url),
-                    operation="write",
-                )
-            metadata = {AZURE_METADATA_KEY: content_hash(data)}
-            self._sync(_put, url.bucket, url.path, bytes(data), metadata)
-
-    def mkdir(self, url: URL) -> None:
-        if url.path:
-            return  # object stores have no directories
-        with self._errors(url, "mkdir"):
-            self._sync(_create_container, url.bucket)
-
     def rm(self, url: URL, recursive: bool = False) -> None:
         with self._errors(url, "rm"):
             if not recursive:
-                if not url.path or url.path.endswith("/"):
-                    raise IsADirectoryError_(
-                        "this is a directory; pass recursive=True to delete everything below it",
-                        url=str(url),
-                        operation="rm",
-                    )
+                self._refuse_directory(url, "rm")
                 self._sync(_delete, url.bucket, url.path)
                 return
-            blob = self._blob(url)
+            blob = self._key(url)
             entries = self._sync(_list, url.bucket, f"{blob}/" if blob else None)
             names = [str(e.name) for e in entries]
             if blob and not names:
@@ -414,153 +280,6 @@ class AzureBackend(FsspecBackend):
             self._sync(
                 _copy, src.bucket, src.path, dst.bucket, dst.path, self.config.retry.deadline
             )
-
-
-# ------------------------------------------------------------------- the client
-
-
-# The clients (and credentials) made in this process, and those a forked child inherited.
-_MADE_HERE: weakref.WeakSet[Any] = weakref.WeakSet()
-_INHERITED: list[Any] = []
-
-
-def _keep_inherited() -> None:
-    """In a forked child, keep the parent's clients alive and untouched for good.
-
-    Their sockets and their event loop's epoll instance are shared with the parent.
-    Closing one here, or freeing it (aiohttp then closes its pooled connections), would
-    unregister the parent's sockets from that epoll instance: the parent would wait
-    forever for its next response. So they are never closed in the child and never
-    freed, not even at interpreter exit (an extra reference that nothing releases).
-    """
-    for obj in list(_MADE_HERE):
-        _INHERITED.append(obj)
-        try:
-            ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
-        except (AttributeError, OSError):  # pragma: no cover - not CPython
-            pass
-    _MADE_HERE.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_keep_inherited)
-
-
-def _detach_finalizers(obj: object) -> None:
-    """Detach the ``weakref.finalize`` callbacks registered on ``obj`` (adlfs's)."""
-    registry = getattr(weakref.finalize, "_registry", None)
-    if not isinstance(registry, dict):  # pragma: no cover - not CPython's finalize
-        return
-    for finalizer in list(registry):
-        found = finalizer.peek()
-        if found is not None and found[0] is obj:
-            finalizer.detach()
-
-
-def _close_client(owner: int, loop: Any, client: Any, credential: Any) -> None:
-    """Close ``client`` (and a credential adlfs made) on ``loop``, in process ``owner``
-    only: in a forked child the loop's thread does not exist."""
-    if os.getpid() != owner or loop.is_closed():
-        return
-
-    async def close() -> None:
-        await client.close()
-        closing = getattr(credential, "close", None)
-        if callable(closing):
-            result = closing()
-            if inspect.isawaitable(result):
-                await result
-
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    try:
-        if running is not None and running is loop:  # on the loop's own thread: no waiting
-            running.create_task(close())
-        else:
-            from fsspec.asyn import sync
-
-            sync(loop, close, timeout=10)
-    except Exception:  # noqa: BLE001 - closing is best effort
-        pass
-
-
-# ------------------------------------------------------------------- translation
-
-
-def _status(exc: BaseException) -> int:
-    from azure.core.exceptions import HttpResponseError
-
-    err = find_cause(exc, HttpResponseError)
-    return int(getattr(err, "status_code", 0) or 0)
-
-
-def _error_code(exc: BaseException) -> str:
-    from azure.core.exceptions import HttpResponseError
-
-    err = find_cause(exc, HttpResponseError)
-    if err is None:
-        return ""
-    code = getattr(err, "error_code", None)
-    if not code:
-        response = getattr(err, "response", None)
-        headers = getattr(response, "headers", None) or {}
-        code = headers.get("x-ms-error-code", "")
-    return str(getattr(code, "value", code) or "")
-
-
-def _from_status(err: Any, url: str, operation: str) -> MlstoreError:
-    status = int(err.status_code or 0)
-    code = _error_code(err)
-    label = f"{code}, {status}" if code else str(status)
-    if status == 404 or code in ("ContainerNotFound", "BlobNotFound", "ResourceNotFound"):
-        what = {"ContainerNotFound": "container", "BlobNotFound": "blob"}.get(code, "object")
-        return NotFoundError(f"no such {what}", url=url, operation=operation)
-    if status in (401, 403):
-        return PermissionDeniedError(
-            f"access denied ({label}); check the account key, SAS token or credential and "
-            "the container's access policy",
-            url=url,
-            operation=operation,
-        )
-    if status == 412 or code == "ConditionNotMet":
-        return PreconditionFailedError(
-            "the blob changed since it was first read (If-Match failed)",
-            url=url,
-            operation=operation,
-        )
-    transient: TransientError
-    if status in (429, 503) or code == "ServerBusy":
-        transient = ThrottledError(
-            f"Azure asked to slow down ({label})", url=url, operation=operation
-        )
-    elif status >= 500 or status == 408 or code == "OperationTimedOut":
-        transient = TransientError(f"Azure server error ({label})", url=url, operation=operation)
-    else:
-        return MlstoreError(f"Azure refused the request ({label})", url=url, operation=operation)
-    transient.retry_after = _retry_after(err)
-    return transient
-
-
-def _retry_after(err: Any) -> float | None:
-    response = getattr(err, "response", None)
-    headers = getattr(response, "headers", None)
-    if not headers:
-        return None
-    lowered = {str(k).lower(): v for k, v in headers.items()}
-    for name, scale in (
-        ("retry-after-ms", 1e-3),
-        ("x-ms-retry-after-ms", 1e-3),
-        ("retry-after", 1),
-    ):
-        value = lowered.get(name)
-        if value:
-            try:
-                return float(value) * scale
-            except ValueError:
-                continue
-    return None
 
 
 # ------------------------------------------------------------------- properties
@@ -628,9 +347,9 @@ async def _list(service: Any, container: str, prefix: str | None) -> list[Any]:
 
 
 async def _get(
-    service: Any, container: str, blob: str, lo: int, end: int | None, if_match: str | None
+    service: Any, container: str, blob: str, want: slice, if_match: str | None
 ) -> tuple[bytes, str | None]:
-    """One GET of bytes ``[lo:end)`` of ``blob`` (with ``If-Match`` when pinned), the
+    """One GET of the bytes ``want`` of ``blob`` (with ``If-Match`` when pinned), the
     body read to the end; the bytes and the ETag they belong to.
 
     This calls the SDK's generated operation rather than ``download_blob``: the
@@ -642,9 +361,7 @@ async def _get(
 
     client = service.get_blob_client(container, blob)
     conditions = ModifiedAccessConditions(if_match=if_match) if if_match else None
-    rng = None
-    if lo or end is not None:
-        rng = f"bytes={lo}-{'' if end is None else end - 1}"
+    rng = range_header(want)
 
     def keep(pipeline_response: Any, body: Any, headers: Any) -> tuple[Any, Any]:
         return pipeline_response.http_response, body
@@ -677,15 +394,10 @@ async def _get(
             raise short
         raise InterruptedBodyError(data, etag, length) from short
     if not honoured:
-        data = data[lo:end]
-    recorded = response.headers.get(f"x-ms-meta-{AZURE_METADATA_KEY}")
-    if recorded and not rng and content_hash(data) != recorded:
-        raise CorruptBodyError(
-            "the downloaded bytes do not match the hash recorded when the blob was "
-            "written (corrupted in transit); fetching again",
-            url=f"az://{container}/{blob}",
-            operation="read",
-        )
+        data = data[want]
+    elif not rng:
+        recorded = response.headers.get(f"x-ms-meta-{AZURE_METADATA_KEY}")
+        refuse_corrupt(data, recorded, f"az://{container}/{blob}")
     return data, etag
 
 
@@ -697,10 +409,10 @@ async def _put(
     Bodies go to aiohttp as file objects, never as one large ``bytes`` (which aiohttp
     warns about): the single put calls the SDK's generated operation with a ``BytesIO``
     (``upload_blob`` would hand aiohttp the raw bytes), and the staged upload reads
-    blocks of ``_BLOCK_SIZE`` from a seekable stream.
+    blocks of ``BLOCK_SIZE`` from a seekable stream.
     """
     client = service.get_blob_client(container, blob)
-    if len(data) <= _SINGLE_PUT_SIZE:
+    if len(data) <= _azure_client.SINGLE_PUT_SIZE:
         headers = {f"x-ms-meta-{k}": v for k, v in metadata.items()}
         await client._client.block_blob.upload(
             content_length=len(data), body=io.BytesIO(data), headers=headers

@@ -179,9 +179,7 @@ def translate_os_error(exc: OSError, url: URL, operation: str) -> MlstoreError:
     if isinstance(exc, PermissionError):
         return PermissionDeniedError(f"permission denied ({reason})", url=text, operation=operation)
     if isinstance(exc, IsADirectoryError):
-        return IsADirectoryError_(
-            "this is a directory; use ls() to list it", url=text, operation=operation
-        )
+        return IsADirectoryError_.at(text, operation)
     if isinstance(exc, NotADirectoryError):
         return ConfigError(
             "a parent of this path is a file, not a directory", url=text, operation=operation
@@ -263,9 +261,7 @@ class Backend(abc.ABC):
             exc.operation = "read"  # the caller asked to read; say so
             raise
         if info.is_dir:
-            raise IsADirectoryError_(
-                "this is a directory; use ls() to list it", url=str(url), operation="read"
-            )
+            raise IsADirectoryError_.at(url, "read")
         if received is None:  # a backend that does not resume may not take the keyword
             return self.read(url, version=info.version), info.version
         return self.read(url, version=info.version, received=received), info.version

@@ -22,17 +22,17 @@ headers named like secrets (``X-Api-Key``) are not forwarded to another origin o
 from __future__ import annotations
 
 import base64
-import email.utils
 import ipaddress
 import logging
 import re
 import socket
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 from mlstore._util.redact import CREDENTIAL_HEADER
+from mlstore.backends._errors import Answer, Service, http_date, status_error
+from mlstore.backends._ranges import range_header, wanted
 from mlstore.backends.base import Backend, ObjectInfo, PerProcess, Received
 from mlstore.config import HttpPolicy, StoreConfig
 from mlstore.errors import (
@@ -40,12 +40,9 @@ from mlstore.errors import (
     ConnectionLostError,
     IntegrityError,
     MlstoreError,
-    NotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
     StorageTimeoutError,
-    ThrottledError,
-    TransientError,
     UnsupportedOperation,
     redact_url,
 )
@@ -61,17 +58,12 @@ _RAW = {"redirect": False, "preload_content": False, "decode_content": False}
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 # RFC 9110 token characters: anything else in a header name is refused up front.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_STATUS: dict[int, tuple[type[MlstoreError], str]] = {
-    **dict.fromkeys(
-        (401, 403, 407),
-        (PermissionDeniedError, "access denied; check the credentials or the 'headers' option"),
-    ),
-    **dict.fromkeys((404, 410), (NotFoundError, "no such object")),
-    **dict.fromkeys((429, 503), (ThrottledError, "the server asked to slow down")),
-    408: (TransientError, "request timeout"),
-    412: (PreconditionFailedError, "the object changed while it was read"),
-    416: (ConfigError, "the requested range is outside the object"),
-}
+# How errors are worded: a server sends no error codes mlstore knows.
+_SERVICE = Service(
+    "the server",
+    "check the credentials or the 'headers' option",
+    pin="If-Match or If-Unmodified-Since",
+)
 # A shorter rest of a body is read so the connection can be reused; a longer one is not.
 _DRAIN_LIMIT = 64 * 1024
 
@@ -293,7 +285,7 @@ class HttpBackend(Backend):
             url=url,
             size=size,
             version=_version_from(headers),
-            mtime=_http_date(headers.get("Last-Modified")),
+            mtime=http_date(headers.get("Last-Modified")),
             checksums={"md5": md5} if (md5 := headers.get("Content-MD5")) else {},
         )
 
@@ -306,25 +298,22 @@ class HttpBackend(Backend):
         *,
         received: Received | None = None,
     ) -> bytes:
-        if start is not None and start < 0 and end is None:
-            want = slice(start, None)
-            wanted: str | None = f"bytes={start}"  # a suffix range: the last -start bytes
-        else:
-            if (start is not None and start < 0) or (end is not None and end < 0):
-                found = self.info(url)
-                version = version or found.version  # the range must be of this object
-                start, end, _ = slice(start, end).indices(found.size)
-            lo = start or 0
-            if end is not None and end <= lo:
-                return b""
-            want = slice(lo, end)
-            wanted = f"bytes={lo}-{'' if end is None else end - 1}" if lo or end else None
-        headers = {"Range": wanted} if wanted else {}
+        def size() -> int:
+            nonlocal version
+            found = self.info(url)
+            version = version or found.version  # the range must be of this object
+            return found.size
+
+        want = wanted(start, end, size)
+        if want is None:
+            return b""
+        rng = range_header(want)
+        headers = {"Range": rng} if rng else {}
         if version is not None:
             headers.update(_precondition(version))
         resp = self._request("GET", url, headers, "read")
         try:
-            if resp.status == 416 and wanted:
+            if resp.status == 416 and rng:
                 return b""  # a range that starts at or past the end: empty, like a slice
             _raise_for_status(resp, url, "read")
             _check_version(resp.headers, version, url)
@@ -335,7 +324,7 @@ class HttpBackend(Backend):
             _finish(resp)
         if resp.status == 206:
             _check_range(resp.headers.get("Content-Range"), want, len(data), url)
-        elif wanted:
+        elif rng:
             data = data[want]  # the server ignored Range and sent everything
         return data
 
@@ -356,17 +345,8 @@ class HttpBackend(Backend):
 
 
 def _raise_for_status(resp: Any, url: URL, operation: str) -> None:
-    status: int = resp.status
-    if 200 <= status < 300:
-        return
-    default = (
-        (TransientError, "server error") if status >= 500 else (MlstoreError, "unexpected answer")
-    )
-    cls, what = _STATUS.get(status, default)
-    err = cls(f"{what} (HTTP {status})", url=str(url), operation=operation)
-    if isinstance(err, TransientError):
-        err.retry_after = _retry_after(resp.headers.get("Retry-After"))
-    raise err
+    if not 200 <= resp.status < 300:
+        raise status_error(Answer(resp.status, headers=resp.headers), url, operation, _SERVICE)
 
 
 def _checked_headers(value: object) -> dict[str, str]:
@@ -484,18 +464,3 @@ def _precondition(version: str) -> dict[str, str]:
     if version.startswith("lm:"):
         return {"If-Unmodified-Since": version[3:]}
     return {"If-Match": version}
-
-
-def _http_date(value: str | None) -> float | None:
-    try:
-        return email.utils.parsedate_to_datetime(value or "").timestamp()
-    except (TypeError, ValueError):
-        return None
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds: a number of seconds or an HTTP date."""
-    if value and value.strip().isdigit():
-        return float(value)
-    when = _http_date(value)
-    return None if when is None else max(0.0, when - time.time())

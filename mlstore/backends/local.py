@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import IO, Any, cast
 
 from mlstore.backends._fsspec import FsspecBackend
+from mlstore.backends._ranges import wanted
 from mlstore.backends.base import ObjectInfo, Received
 from mlstore.errors import IsADirectoryError_, PreconditionFailedError
 from mlstore.url import URL
@@ -70,19 +71,18 @@ class LocalBackend(FsspecBackend):
                     url=str(url),
                     operation="read",
                 )
-            lo, hi = _bounds(start, end, st.st_size)
+            want = wanted(start, end, lambda: st.st_size, suffix=False)
+            if want is None:
+                return b""
+            lo, hi, _ = want.indices(st.st_size)
             if lo:
                 fh.seek(lo)
-            return fh.read(hi - lo)
+            return fh.read(max(0, hi - lo))
 
     def open_write(self, url: URL) -> IO[bytes]:
         with self._errors(url, "write"):
             if os.path.isdir(url.path):
-                raise IsADirectoryError_(
-                    "this is a directory; cannot write a file over it",
-                    url=str(url),
-                    operation="write",
-                )
+                raise IsADirectoryError_.at(url, "write")
             os.makedirs(os.path.dirname(url.path) or ".", exist_ok=True)
             return cast(IO[bytes], AtomicFile(url.path))
 
@@ -117,12 +117,6 @@ class _LocalReader(io.FileIO):
         else:
             raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         return super().seek(max(0, base + offset))
-
-
-def _bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
-    """Python slice semantics for ``[start:end)`` over an object of ``size`` bytes."""
-    lo, hi, _ = slice(start, end).indices(size)
-    return lo, max(lo, hi)
 
 
 class AtomicFile(io.RawIOBase):

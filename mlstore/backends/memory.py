@@ -38,9 +38,7 @@ class MemoryBackend(FsspecBackend):
         # fsspec's memory file system would put a file beside the directory's entries,
         # and hide them; a local disk refuses, and so does this.
         if self.fs.isdir(self._path(url)):
-            raise IsADirectoryError_(
-                "this is a directory; cannot write a file over it", url=str(url), operation="write"
-            )
+            raise IsADirectoryError_.at(url, "write")
 
     def open_write(self, url: URL) -> IO[bytes]:
         self._refuse_directory(url)

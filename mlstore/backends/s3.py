@@ -20,9 +20,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mlstore.backends._fsspec import FsspecBackend, ShortBodyError, transport_error
+from mlstore.backends._cloud import ObjectStoreBackend
+from mlstore.backends._errors import Answer, Service, refuse_corrupt
+from mlstore.backends._fsspec import ShortBodyError, transport_error
 from mlstore.backends._hedge import Hedge, hedged
-from mlstore.backends.base import InterruptedBodyError, ObjectInfo, Received, find_cause
+from mlstore.backends._ranges import range_header
+from mlstore.backends.base import InterruptedBodyError, ObjectInfo, find_cause
 from mlstore.errors import (
     ConfigError,
     CorruptBodyError,
@@ -33,18 +36,40 @@ from mlstore.errors import (
     ThrottledError,
     TransientError,
 )
-from mlstore.hashing import METADATA_KEY, content_hash
+from mlstore.hashing import METADATA_KEY
 from mlstore.url import URL
 
 __all__ = ["S3Backend"]
 
 _CHUNK = 1 << 20  # body read size: what arrived before a failure can be resumed from
 
+# S3's error codes, by meaning; S3 sends some with a status that says less (a 400 for
+# RequestTimeout, a bodiless 404 for a HEAD).
+_CODES = {
+    **dict.fromkeys(("NoSuchKey", "NoSuchBucket", "NotFound", "404"), NotFoundError),
+    **dict.fromkeys(
+        ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"),
+        PermissionDeniedError,
+    ),
+    "PreconditionFailed": PreconditionFailedError,
+    **dict.fromkeys(("SlowDown", "Throttling", "RequestLimitExceeded"), ThrottledError),
+    **dict.fromkeys(("InternalError", "RequestTimeout"), TransientError),
+}
+_NO_CREDENTIALS = (
+    "no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or "
+    "Store(options={'s3': {'anon': True}}) for public buckets"
+)
 
-class S3Backend(FsspecBackend):
+
+class S3Backend(ObjectStoreBackend):
     protocol = "s3"
-    resumable = True
     hedges = True
+    service = Service(
+        "S3",
+        "check the credentials and the bucket policy",
+        codes=_CODES,
+        missing={"NoSuchBucket": "bucket"},
+    )
 
     def _make_fs(self) -> Any:
         import s3fs
@@ -91,35 +116,33 @@ class S3Backend(FsspecBackend):
         return str(etag) if etag else None
 
     # ---- errors: the one place where S3 failures become mlstore errors
-    def _translate(self, exc: Exception, url: URL, operation: str) -> MlstoreError:
-        if isinstance(exc, MlstoreError):
-            return exc
-        text = str(url)
+    def _answer(self, exc: BaseException) -> Answer | None:
+        from botocore.exceptions import ClientError
+
+        err = find_cause(exc, ClientError)
+        if err is None:
+            return None
+        response: Mapping[str, Any] = err.response  # type: ignore[attr-defined]
+        meta = response.get("ResponseMetadata", {})
+        return Answer(
+            int(meta.get("HTTPStatusCode") or 0),
+            code=str(response.get("Error", {}).get("Code", "")),
+            headers=meta.get("HTTPHeaders", {}) or {},
+        )
+
+    def _sdk_error(self, exc: Exception, url: URL, operation: str) -> MlstoreError | None:
         from botocore import exceptions as be
 
         if find_cause(exc, be.FlexibleChecksumError) is not None:
             return CorruptBodyError(
                 "the downloaded bytes do not match the checksum S3 sent (corrupted in "
                 "transit); fetching again",
-                url=text,
+                url=str(url),
                 operation=operation,
             )
-        client_error = find_cause(exc, be.ClientError)
-        if client_error is not None:
-            response: Mapping[str, Any] = client_error.response  # type: ignore[attr-defined]
-            code = str(response.get("Error", {}).get("Code", ""))
-            meta = response.get("ResponseMetadata", {})
-            status = int(meta.get("HTTPStatusCode") or 0)
-            headers = meta.get("HTTPHeaders", {}) or {}
-            return _from_status(status, code, headers, text, operation)
         if find_cause(exc, be.NoCredentialsError, be.PartialCredentialsError) is not None:
-            return PermissionDeniedError(
-                "no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a "
-                "profile, or Store(options={'s3': {'anon': True}}) for public buckets",
-                url=text,
-                operation=operation,
-            )
-        transport = transport_error(
+            return PermissionDeniedError(_NO_CREDENTIALS, url=str(url), operation=operation)
+        return transport_error(
             exc,
             url,
             operation,
@@ -131,130 +154,30 @@ class S3Backend(FsspecBackend):
                 be.IncompleteReadError,
             ),
         )
-        if transport is not None:
-            return transport
-        return super()._translate(exc, url, operation)
 
-    # ---- Backend
-    def info(self, url: URL) -> ObjectInfo:
-        with self._errors(url, "info"):
-            if url.path and not url.path.endswith("/"):
-                try:
-                    head = self._sync(_head, url.bucket, url.path)
-                except Exception as exc:
-                    err = self._translate(exc, url, "info")
-                    if not isinstance(err, NotFoundError):
-                        raise err from exc
-                else:
-                    return _info_from_head(url, head)
-            # A "directory": a prefix with keys below it, or the bucket itself.
-            raw = self.fs.info(self._path(url))
-            return self._info_from(raw)
+    # ---- the requests
+    def _stat(self, url: URL) -> ObjectInfo:
+        return _info_from_head(url, self._sync(_head, url.bucket, url.path))
 
-    def read(
-        self,
-        url: URL,
-        start: int | None = None,
-        end: int | None = None,
-        version: str | None = None,
-        *,
-        received: Received | None = None,
-    ) -> bytes:
-        with self._errors(url, "read", received):
-            if (start is not None and start < 0 and end is None) and start != 0:
-                rng: str | None = f"bytes={start}"  # suffix range: the last -start bytes
-            else:
-                if (start is not None and start < 0) or (end is not None and end < 0):
-                    size = self.info(url).size
-                    start, end, _ = slice(start, end).indices(size)
-                lo = start or 0
-                if end is not None and end <= lo:
-                    return b""
-                rng = (
-                    f"bytes={lo}-{'' if end is None else end - 1}"
-                    if lo or end is not None
-                    else None
-                )
-            try:
-                data: bytes = self._sync(
-                    _get, self.hedge, url.bucket, url.path, rng, version, rng is None
-                )[0]
-            except Exception as exc:
-                if _is_invalid_range(exc):
-                    return b""
-                raise
-            return data
+    def _has_below(self, url: URL) -> bool:
+        return bool(self._sync(_has_below, url.bucket, self._key(url)))
 
-    def fetch(self, url: URL, *, received: Received | None = None) -> tuple[bytes, str | None]:
-        with self._errors(url, "read", received):
-            data, etag = self._sync(_get, self.hedge, url.bucket, url.path, None, None, True)
-            return data, etag
-
-    def write(self, url: URL, data: bytes) -> None:
-        with self._errors(url, "write"):
-            self._sync(_put, url.bucket, url.path, data, {METADATA_KEY: content_hash(data)})
-
-    def mkdir(self, url: URL) -> None:
-        if url.path:
-            return  # object stores have no directories
-        with self._errors(url, "mkdir"):
-            if not self.fs.exists(url.bucket):
-                self.fs.mkdir(url.bucket)
-
-
-def _from_status(
-    status: int, code: str, headers: Mapping[str, str], url: str, operation: str
-) -> MlstoreError:
-    if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404"):
-        what = "bucket" if code == "NoSuchBucket" else "object"
-        return NotFoundError(f"no such {what}", url=url, operation=operation)
-    if status in (401, 403) or code in (
-        "AccessDenied",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-    ):
-        return PermissionDeniedError(
-            f"access denied ({code or status}); check the credentials and the bucket policy",
-            url=url,
-            operation=operation,
+    def _download(self, url: URL, want: slice, version: str | None) -> tuple[bytes, str | None]:
+        rng = range_header(want)
+        got: tuple[bytes, str | None] = self._sync(
+            _get, self.hedge, url.bucket, url.path, rng, version, rng is None
         )
-    if status == 412 or code == "PreconditionFailed":
-        return PreconditionFailedError(
-            "the object changed since it was first read (If-Match failed)",
-            url=url,
-            operation=operation,
-        )
-    if status in (429, 503) or code in ("SlowDown", "Throttling", "RequestLimitExceeded"):
-        err: TransientError = ThrottledError(
-            f"S3 asked to slow down ({code or status})", url=url, operation=operation
-        )
-    elif status >= 500 or status in (408,) or code in ("InternalError", "RequestTimeout"):
-        err = TransientError(f"S3 server error ({code or status})", url=url, operation=operation)
-    else:
-        return MlstoreError(
-            f"S3 refused the request ({code or status})", url=url, operation=operation
-        )
-    retry_after = {k.lower(): v for k, v in headers.items()}.get("retry-after")
-    if retry_after:
-        try:
-            err.retry_after = float(retry_after)
-        except ValueError:
-            pass
-    return err
+        return got
 
+    def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> None:
+        self._sync(_put, url.bucket, url.path, data, metadata)
 
-def _is_invalid_range(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError
-
-    err = find_cause(exc, ClientError)
-    if err is None:
-        return False
-    response = err.response  # type: ignore[attr-defined]
-    return bool(
-        response.get("Error", {}).get("Code") == "InvalidRange"
-        or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416
-    )
+    def _missing_on_read(
+        self, url: URL, version: str | None, err: NotFoundError, exc: BaseException
+    ) -> MlstoreError:
+        # A missing key stays one request (R4 in docs/reliability.md): S3 reads do not
+        # list the prefix to tell a "directory" from nothing.
+        return err
 
 
 def _info_from_head(url: URL, head: Mapping[str, Any]) -> ObjectInfo:
@@ -286,6 +209,17 @@ async def _head(fs: Any, bucket: str, key: str) -> Mapping[str, Any]:
     s3 = await fs.get_s3(bucket)
     result: Mapping[str, Any] = await s3.head_object(Bucket=bucket, Key=key)
     return result
+
+
+async def _has_below(fs: Any, bucket: str, key: str) -> bool:
+    """Whether any key starts with ``key/`` (for no key: whether the bucket exists)."""
+    await fs.set_session()
+    s3 = await fs.get_s3(bucket)
+    if not key:
+        await s3.head_bucket(Bucket=bucket)
+        return True
+    listing = await s3.list_objects_v2(Bucket=bucket, Prefix=key + "/", MaxKeys=1)
+    return bool(listing.get("Contents") or listing.get("CommonPrefixes"))
 
 
 async def _get(
@@ -339,14 +273,8 @@ async def _get_with_etag(
     if expected is not None and len(data) != int(expected):
         short = ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
         raise InterruptedBodyError(data, etag, expected) from short
-    recorded = (resp.get("Metadata") or {}).get(METADATA_KEY)
-    if verify and recorded and content_hash(data) != recorded:
-        raise CorruptBodyError(
-            "the downloaded bytes do not match the hash recorded when the object was "
-            "written (corrupted in transit); fetching again",
-            url=f"s3://{bucket}/{key}",
-            operation="read",
-        )
+    if verify:
+        refuse_corrupt(data, (resp.get("Metadata") or {}).get(METADATA_KEY), f"s3://{bucket}/{key}")
     return data, etag
 
 
