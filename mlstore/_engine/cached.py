@@ -133,9 +133,7 @@ class CachedReads:
         policy = self.policy(where)
         target, info = self.located_info(where, policy)
         if info.is_dir:
-            raise IsADirectoryError_(
-                "this is a directory; use ls() to list it", url=where.key, operation="read"
-            )
+            raise IsADirectoryError_.at(where.key, "read")
         if info.size <= self.config.block_threshold:
             return self.whole(where, policy)[start:end]
         lo, hi, _ = slice(start, end).indices(info.size)
@@ -178,9 +176,7 @@ class CachedReads:
             return fh
         target, info = self.located_info(where, policy)
         if info.is_dir:
-            raise IsADirectoryError_(
-                "this is a directory; use ls() to list it", url=key, operation="open"
-            )
+            raise IsADirectoryError_.at(key, "open")
         if info.size > self.config.block_threshold:
             return self._block_file(target, info)
         whole = io.BytesIO(self.whole(where, policy))  # shares the bytes; never written

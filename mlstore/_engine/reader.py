@@ -74,9 +74,7 @@ class Reader:
         target, info = self.locate(where)
         backend = self.calls.backend(target.protocol)
         if info.is_dir:
-            raise IsADirectoryError_(
-                "this is a directory; use ls() to list it", url=str(target), operation="open"
-            )
+            raise IsADirectoryError_.at(target, "open")
         if version is not None and info.version is not None and version != info.version:
             raise PreconditionFailedError(
                 f"version {version} was asked for, but the object is now {info.version}",

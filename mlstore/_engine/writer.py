@@ -118,11 +118,7 @@ class Writer:
         for target in targets:
             backend = self.calls.writable(target, "rm")
             if not recursive and self.locate(self.resolve(target))[1].is_dir:
-                raise IsADirectoryError_(
-                    "this is a directory; pass recursive=True to delete everything below it",
-                    url=str(target),
-                    operation="rm",
-                )
+                raise IsADirectoryError_.at(target, "rm")
             rm = functools.partial(backend.rm, target, recursive)
             self.calls.call(backend, rm, target, "write")
         self.invalidate(where)
@@ -134,11 +130,7 @@ class Writer:
         src_url, dst_url = src.primary, dst.primary
         src_info = self.locate(self.resolve(src_url))[1]
         if src_info.is_dir and not recursive:
-            raise IsADirectoryError_(
-                "this is a directory; pass recursive=True to copy everything below it",
-                url=str(src_url),
-                operation="copy",
-            )
+            raise IsADirectoryError_.at(src_url, "copy")
         pairs: list[tuple[ObjectInfo, URL]] = []
         if src_info.is_dir:
             base = str(src_url).rstrip("/")
