@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
-import io
 import os
 import re
 from collections.abc import Mapping
@@ -58,7 +57,8 @@ from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.spec import make_instance
 
-from mlstore._util.redact import SECRET_OPTION
+from mlstore._util.files import QuietReadFile
+from mlstore._util.redact import redact_options, redact_protocol_options
 from mlstore.backends.base import ObjectInfo
 from mlstore.config import StoreConfig
 from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError
@@ -308,7 +308,7 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
         autocommit: bool = True,
         cache_options: Any = None,
         **kwargs: Any,
-    ) -> IO[bytes] | _ReadFile:
+    ) -> IO[bytes] | QuietReadFile:
         if not autocommit:
             raise NotImplementedError(
                 "mlstore writes are atomic per file; fsspec transactions are not supported"
@@ -319,7 +319,7 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             fh: IO[bytes] = self.store.open(
                 url, "rb", buffer_size=buffer_size, version=kwargs.get("version")
             )
-            return _ReadFile(fh)
+            return QuietReadFile(fh)
         if mode == "xb":
             if self.store.exists(url):
                 raise FileExistsError(errno.EEXIST, "the object already exists", str(url))
@@ -460,81 +460,15 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             self.store.rm(url)
 
 
-class _ReadFile(io.BufferedIOBase):
-    """The Store's read file, closed quietly if it is garbage-collected while open, as
-    fsspec's own files are: consumers such as pyarrow drop the input files they open
-    without closing them, which would otherwise raise ``ResourceWarning``."""
-
-    def __init__(self, inner: IO[bytes]) -> None:
-        super().__init__()
-        self._inner = inner
-        self.name = getattr(inner, "url", None) or getattr(inner, "name", "")
-        size = getattr(inner, "size", None)
-        if not isinstance(size, int):
-            try:
-                size = os.fstat(inner.fileno()).st_size
-            except (OSError, ValueError):
-                size = None
-        self.size: int | None = size
-
-    def __repr__(self) -> str:
-        return f"<mlstore read file {self.name!r} size={self.size}>"
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        return self._inner.read(-1 if size is None else size)
-
-    def read1(self, size: int = -1) -> bytes:
-        read1 = getattr(self._inner, "read1", None)
-        data: bytes = read1(size) if read1 is not None else self._inner.read(size)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        n: int = self._inner.readinto(buffer)  # type: ignore[attr-defined]
-        return n
-
-    def readline(self, size: int | None = -1) -> bytes:
-        return self._inner.readline(-1 if size is None else size)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._inner.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._inner.tell()
-
-    def fileno(self) -> int:
-        return self._inner.fileno()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._inner.close()
-        finally:
-            super().close()
-
-
 def _without_secrets(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The constructor arguments minus every option whose name looks like a credential."""
     out = dict(kwargs)
     if isinstance(out.get("target_options"), Mapping):
-        out["target_options"] = _safe(out["target_options"])
+        out["target_options"] = redact_options(out["target_options"])
     if isinstance(out.get("options"), Mapping):
-        out["options"] = _safe_per_protocol(out["options"])
+        out["options"] = redact_protocol_options(out["options"])
     config = out.get("config")
     if isinstance(config, StoreConfig):
-        out["config"] = dataclasses.replace(config, options=_safe_per_protocol(config.options))
+        options = redact_protocol_options(config.options)
+        out["config"] = dataclasses.replace(config, options=options)
     return out
-
-
-def _safe(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if not SECRET_OPTION.search(k)}
-
-
-def _safe_per_protocol(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {p: _safe(o) if isinstance(o, Mapping) else o for p, o in options.items()}

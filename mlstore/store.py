@@ -22,7 +22,7 @@ from mlstore._engine.replicas import Resolved
 from mlstore._engine.runtime import Runtime
 from mlstore._engine.writer import Progress
 from mlstore._util.process import PerProcess
-from mlstore._util.redact import redact_options
+from mlstore._util.redact import redact_protocol_options
 from mlstore.backends.base import Backend, ObjectInfo
 from mlstore.cache.tiered import TieredCache
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
@@ -121,7 +121,7 @@ class Store:
         # rebuilt in the child, and options that look like credentials are dropped, so
         # the child re-resolves them from its environment or config file.
         cfg = self.config
-        safe_options = {proto: redact_options(opts) for proto, opts in cfg.options.items()}
+        safe_options = redact_protocol_options(cfg.options)
         return {
             "cache": cfg.cache,
             "retry": cfg.retry,

@@ -9,6 +9,7 @@ and iteration with the exact semantics of a local file.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ __all__ = [
     "BufferedWrite",
     "CountingReader",
     "CountingWriter",
+    "QuietReadFile",
     "RangeReader",
     "SeekableRaw",
     "TextWriter",
@@ -297,3 +299,63 @@ class BufferedWrite(io.BytesIO):
         """Drop what was written; nothing reaches the store."""
         self._failed = True
         self.close()
+
+
+class QuietReadFile(io.BufferedIOBase):
+    """A read file closed quietly if it is garbage-collected while open, as fsspec's own
+    files are: consumers such as pyarrow drop the input files they open without closing
+    them, which would otherwise raise ``ResourceWarning`` (the fsspec protocol wraps the
+    Store's read files in it)."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        super().__init__()
+        self._inner = inner
+        self.name = getattr(inner, "url", None) or getattr(inner, "name", "")
+        size = getattr(inner, "size", None)
+        if not isinstance(size, int):
+            try:
+                size = os.fstat(inner.fileno()).st_size
+            except (OSError, ValueError):
+                size = None
+        self.size: int | None = size
+
+    def __repr__(self) -> str:
+        return f"<mlstore read file {self.name!r} size={self.size}>"
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._inner.read(-1 if size is None else size)
+
+    def read1(self, size: int = -1) -> bytes:
+        read1 = getattr(self._inner, "read1", None)
+        data: bytes = read1(size) if read1 is not None else self._inner.read(size)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n: int = self._inner.readinto(buffer)  # type: ignore[attr-defined]
+        return n
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._inner.readline(-1 if size is None else size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._inner.close()
+        finally:
+            super().close()

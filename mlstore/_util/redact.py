@@ -39,6 +39,7 @@ __all__ = [
     "SECRET_TEXT",
     "mask",
     "redact_options",
+    "redact_protocol_options",
     "redact_url",
     "register_environment",
     "register_options",
@@ -178,6 +179,12 @@ def redact_options(options: Mapping[str, Any], replacement: object = None) -> di
         else:
             out[key] = value
     return out
+
+
+def redact_protocol_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-protocol backend options (``{"s3": {...}, ...}``) without credentials: what
+    may cross a pickle (the receiving process re-resolves credentials itself)."""
+    return {p: redact_options(o) if isinstance(o, Mapping) else o for p, o in options.items()}
 
 
 def redact_url(url: str) -> str:
