@@ -9,7 +9,6 @@ child with clients of its own.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import threading
@@ -74,29 +73,16 @@ class Store:
         base = config or StoreConfig()
         if not isinstance(base, StoreConfig):
             raise ConfigError(f"config must be a StoreConfig, got {type(base).__name__}")
-        given: dict[str, Any] = {
-            name: value
-            for name, value in (
-                ("cache", cache),
-                ("retry", retry),
-                ("http", http),
-                ("max_workers", max_workers),
-                ("replica_failures", replica_failures),
-                ("replica_cooldown", replica_cooldown),
-            )
-            if value is not None
-        }
-        if mounts is not None:
-            given["mounts"] = {
-                **base.mounts,
-                **{k: ([v] if isinstance(v, str) else list(v)) for k, v in mounts.items()},
-            }
-        if options is not None:
-            given["options"] = _merge_options(base.options, options)
-        if given:
-            current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-            base = StoreConfig(**{**current, **given})
-        self.config = base
+        self.config = base.updated(
+            cache=cache,
+            retry=retry,
+            http=http,
+            mounts=mounts,
+            options=options,
+            max_workers=max_workers,
+            replica_failures=replica_failures,
+            replica_cooldown=replica_cooldown,
+        )
         self._clock = clock
         self._sleep = sleep
         self._runtime = PerProcess(self._new_runtime)
@@ -350,16 +336,6 @@ class Store:
     def stats(self) -> Stats:
         """A snapshot of this Store's counters (requests, bytes, errors by protocol)."""
         return self._runtime.get().metrics.snapshot()
-
-
-def _merge_options(
-    base: Mapping[str, Mapping[str, Any]], given: Mapping[str, Mapping[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """Per-protocol options of ``given`` over those of ``base``, key by key."""
-    out = {proto: dict(opts) for proto, opts in base.items()}
-    for proto, opts in given.items():
-        out[proto] = {**out.get(proto, {}), **opts}
-    return out
 
 
 # ------------------------------------------------------------ the default store

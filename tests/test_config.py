@@ -502,3 +502,20 @@ def test_overrides_refuse_a_per_client_field_and_say_why() -> None:
         RetryPolicy(overrides={"s3://bucket-a/": {"connect_timeout": 1}})
     assert "RetryPolicy.overrides['s3://bucket-a/']" in str(info.value)
     assert "'connect_timeout'" in str(info.value)
+
+
+def test_store_arguments_add_to_a_config_object() -> None:
+    base = mlstore.StoreConfig(
+        mounts={"a": ["memory://a"]},
+        options={"s3": {"region_name": "eu-west-1", "anon": True}},
+        max_workers=5,
+    )
+    store = mlstore.Store(
+        base, mounts={"b": "memory://b"}, options={"s3": {"anon": False}, "gs": {"anon": True}}
+    )
+    assert dict(store.config.mounts) == {"a": ("memory://a",), "b": ("memory://b",)}
+    assert store.config.options["s3"] == {"region_name": "eu-west-1", "anon": False}
+    assert store.config.options["gs"] == {"anon": True}
+    assert store.config.max_workers == 5  # not given: the config object's value stays
+    assert mlstore.Store(base, max_workers=2).config.max_workers == 2
+    assert base.updated() is base  # nothing given, nothing rebuilt

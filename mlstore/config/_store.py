@@ -134,6 +134,24 @@ class StoreConfig(Resolved):
         object.__setattr__(self, "options", merged)
         self._resolve()
 
+    def updated(self, **given: Any) -> StoreConfig:
+        """This configuration with the fields in ``given`` replaced (``None`` values are
+        ignored): ``mounts`` are added to this one's, and ``options`` are merged into
+        this one's protocol by protocol, key by key."""
+        changes = {name: value for name, value in given.items() if value is not None}
+        if "mounts" in changes:
+            added = {
+                name: [prefixes] if isinstance(prefixes, str) else list(prefixes)
+                for name, prefixes in changes["mounts"].items()
+            }
+            changes["mounts"] = {**self.mounts, **added}
+        if "options" in changes:
+            merged = {proto: dict(opts) for proto, opts in self.options.items()}
+            for proto, opts in changes["options"].items():
+                merged[proto] = {**merged.get(proto, {}), **opts}
+            changes["options"] = merged
+        return dataclasses.replace(self, **changes) if changes else self
+
     def __repr__(self) -> str:
         # Options may hold credentials and mount URLs may be presigned: mask both.
         mounts = {k: tuple(redact_url(u) for u in v) for k, v in self.mounts.items()}
