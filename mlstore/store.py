@@ -184,12 +184,15 @@ class Store:
         runtime = self._runtime.get()
         cached = runtime.cached
         if cached is not None and version is None and type(url) is str:
-            hit = cached.cache.peek(url)  # the hot path: a fresh memory-tier hit
-            if hit is not None:
+            node = runtime.node_keys.get(url)
+            hit = cached.cache.peek(node) if node is not None else None
+            if hit is not None:  # the hot path: a fresh memory-tier hit
                 return hit if start is None and end is None else hit[start:end]
         where = runtime.resolve(parse_url(url))
         reads = runtime.cached_for(where) if version is None else None
         if reads is not None:
+            if type(url) is str:
+                runtime.remember(url, where)
             return reads.read(where, start, end)
         return runtime.reader.read_range(where, start, end, version)
 

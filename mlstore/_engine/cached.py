@@ -18,12 +18,14 @@ reaches the storage: a :class:`~mlstore._engine.reader.Reader`), never the Store
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Protocol, TypeVar
 
+from mlstore._engine.identity import Identity
 from mlstore._engine.replicas import Resolved
 from mlstore._util.files import SeekableRaw
 from mlstore._util.lru import LRU
@@ -69,10 +71,23 @@ class CachedReads:
         cache: the tiered cache.
         metrics: where metadata hits are counted.
         workers: threads that fetch the blocks of one read in parallel (2 to 8).
+        identity: names objects on the node (their node keys).
+
+    Data and metadata are kept under node keys (:mod:`.identity`): the physical object,
+    in the scope of this Store's endpoint and credentials. Consistency policies are
+    looked up by the URL as the caller named it.
     """
 
-    def __init__(self, reader: Source, cache: TieredCache, metrics: Metrics, workers: int) -> None:
+    def __init__(
+        self,
+        reader: Source,
+        cache: TieredCache,
+        metrics: Metrics,
+        workers: int,
+        identity: Identity,
+    ) -> None:
         self.reader = reader
+        self.identity = identity
         self.cache = cache
         self.config = cache.config
         self.metrics = metrics
@@ -86,12 +101,19 @@ class CachedReads:
         """The consistency policy (``validate``, ``ttl``) for ``where``."""
         return self.config.policy_for(where.key)
 
+    def node(self, where: Resolved) -> str:
+        """The node key of ``where`` (its primary replica's object, in this scope)."""
+        return self.identity.key(where.primary)
+
     # ------------------------------------------------------------------ metadata
 
     def located_info(self, where: Resolved, policy: Policy | None = None) -> tuple[URL, ObjectInfo]:
         """The physical replica that answered and the object's info, cached per policy."""
         return self._remembered(
-            self._info, where.key, policy or self.policy(where), lambda: self.reader.locate(where)
+            self._info,
+            self.node(where),
+            policy or self.policy(where),
+            lambda: self.reader.locate(where),
         )
 
     def listing(self, where: Resolved, fetch: Callable[[], list[ObjectInfo]]) -> list[ObjectInfo]:
@@ -114,20 +136,23 @@ class CachedReads:
             memo.put(key, (value, now))
         return value
 
-    def invalidate(self, key: str) -> None:
-        """Forget what is cached of the URL ``key`` (this Store wrote or deleted it)."""
-        self._info.pop(key)
+    def invalidate(self, where: Resolved) -> None:
+        """Forget what is cached of ``where`` and of every physical URL behind it, in
+        this process and in the node's index (this Store wrote or deleted it)."""
         self._listings.clear()  # any listing may have shown it
-        self.cache.memory.discard(key)
-        if self.cache.disk is not None:
-            self.cache.disk.forget(key)
+        for physical in where.replicas:
+            node = self.identity.key(physical)
+            self._info.pop(node)
+            self.cache.memory.discard(node)
+            if self.cache.disk is not None:
+                self.cache.disk.forget(node)
 
     # ------------------------------------------------------------------ reads
 
     def read(self, where: Resolved, start: int | None, end: int | None) -> bytes:
         if start is None and end is None:
             return self.whole(where)
-        data = self.cache.peek(where.key)
+        data = self.cache.peek(self.node(where))
         if data is not None:
             return data[start:end]
         policy = self.policy(where)
@@ -142,7 +167,7 @@ class CachedReads:
         return self._blocks(target, info, lo, hi)
 
     def whole(self, where: Resolved, policy: Policy | None = None) -> bytes:
-        key = where.key
+        key = self.node(where)
         policy = policy or self.policy(where)
 
         def fetch() -> Fetched:
@@ -171,7 +196,8 @@ class CachedReads:
         policy = self.policy(where)  # looked up once for the whole open
         # Cached and trusted under the policy: no request at all (not even the HEAD
         # that would tell whole-object from blocks).
-        fh = self.cache.open_fresh(key, policy, lambda: self.whole(where, policy))
+        refetch = functools.partial(self.whole, where, policy)
+        fh = self.cache.open_fresh(self.node(where), policy, refetch, name=key)
         if fh is not None:
             return fh
         target, info = self.located_info(where, policy)
@@ -191,7 +217,7 @@ class CachedReads:
         size = self.config.block_size
         lo = index * size
         hi = min(lo + size, info.size)
-        key = f"{target}\x00{info.version}\x00{size}:{index}"
+        key = f"{self.identity.key(target)}\x00{info.version}\x00{size}:{index}"
 
         def fetch() -> Fetched:
             return Fetched(self.reader.read_pinned(target, lo, hi, info.version), info.version)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from mlstore._engine.identity import options_for
 from mlstore.backends.base import Backend, Hedge, get_backend_class
 from mlstore.config import StoreConfig
 from mlstore.errors import MlstoreError, ThrottledError, UnsupportedOperation
@@ -90,10 +91,7 @@ class Calls:
 
     def _build(self, protocol: str) -> Backend:
         cls = get_backend_class(protocol)
-        options = self.config.options
-        opts = options.get(protocol, {})
-        if protocol in ("http", "https") and not opts:  # the two schemes share options
-            opts = options.get("https" if protocol == "http" else "http", {})
+        opts = options_for(self.config, protocol)
         after = self.config.retry.hedge_after
         if after is None or not cls.hedges:
             return cls(opts, self.config)

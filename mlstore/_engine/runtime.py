@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from mlstore._engine.cached import CACHED_PROTOCOLS, CachedReads
 from mlstore._engine.calls import Calls
+from mlstore._engine.identity import Identity
 from mlstore._engine.listing import Listing
 from mlstore._engine.reader import Reader
 from mlstore._engine.replicas import CircuitBreaker, Replicas, Resolved, resolve
@@ -69,8 +70,11 @@ class Runtime:
             invalidate=self.invalidate,
             block_size=config.cache.block_size,
         )
+        self.identity = Identity(config)
         #: The cached read path, once something needed it (``None`` before).
         self.cached: CachedReads | None = None
+        #: Node keys of URL strings read through the cache, for the memory-hit path.
+        self.node_keys: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def resolve(self, url: URL) -> Resolved:
@@ -88,7 +92,8 @@ class Runtime:
                     tiered = TieredCache(
                         self.config.cache, self.metrics, clock=self._clock or time.time
                     )
-                    cached = CachedReads(self.reader, tiered, self.metrics, self.config.max_workers)
+                    workers = self.config.max_workers
+                    cached = CachedReads(self.reader, tiered, self.metrics, workers, self.identity)
                     self.cached = cached
         return cached
 
@@ -97,6 +102,13 @@ class Runtime:
         if not self.config.cache.enabled or where.primary.protocol not in CACHED_PROTOCOLS:
             return None
         return self.cache_reads()
+
+    def remember(self, url: str, where: Resolved) -> None:
+        """Note the node key of the URL string ``url``, so its next memory hit needs no
+        parsing (bounded: the notes start over past 65,536 URLs)."""
+        if len(self.node_keys) >= 65536:
+            self.node_keys.clear()
+        self.node_keys[url] = self.identity.key(where.primary)
 
     def locate(self, where: Resolved) -> tuple[URL, ObjectInfo]:
         """The answering replica and the object's info, through the metadata cache."""
@@ -111,12 +123,14 @@ class Runtime:
         return True
 
     def invalidate(self, where: Resolved) -> None:
-        """Forget what is cached of ``where`` and of the physical URLs behind it."""
-        cached = self.cached
-        if cached is None:
+        """Forget what is cached of ``where`` and of the physical URLs behind it, here
+        and in the node's index, even if this process has read nothing yet: the next
+        reader on the node, in any process, must see this Store's write."""
+        if not self.config.cache.enabled:
             return
-        for key in {where.key, *(str(r) for r in where.replicas)}:
-            cached.invalidate(key)
+        if not any(r.protocol in CACHED_PROTOCOLS for r in where.replicas):
+            return
+        self.cache_reads().invalidate(where)
 
     def close(self) -> None:
         """Release clients, connections and cache handles (they are rebuilt on use)."""

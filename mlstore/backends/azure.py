@@ -93,6 +93,21 @@ _NO_CREDENTIALS = (
 
 class AzureBackend(ObjectStoreBackend):
     protocol = "az"
+    identity_env = (
+        "MLSTORE_AZURE_ENDPOINT_URL",
+        "AZURE_STORAGE_CONNECTION_STRING",
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_KEY",
+        "AZURE_STORAGE_SAS_TOKEN",
+        "AZURE_STORAGE_CLIENT_ID",
+        "AZURE_STORAGE_CLIENT_SECRET",
+        "AZURE_STORAGE_TENANT_ID",
+        "AZURE_STORAGE_ANON",
+        "AZURE_CLIENT_ID",
+        "AZURE_CLIENT_SECRET",
+        "AZURE_TENANT_ID",
+    )
     service = Service(
         "Azure",
         "check the account key, SAS token or credential and the container's access policy",

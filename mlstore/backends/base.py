@@ -211,6 +211,9 @@ class Backend(abc.ABC):
     #: :meth:`write` at close (the Store then retries that write as a whole); backends
     #: that stream (local files) leave it False.
     buffered_writes: ClassVar[bool] = False
+    #: Environment variables that decide which endpoint, account or credentials this
+    #: backend uses: part of the identity of what it reads (see the node cache's keys).
+    identity_env: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, options: Mapping[str, Any], config: StoreConfig, *, hedge: Hedge | None = None

@@ -57,6 +57,13 @@ _UNUSABLE_CREDENTIALS = (
 
 class GCSBackend(ObjectStoreBackend):
     protocol = "gs"
+    identity_env = (
+        "MLSTORE_GCS_ENDPOINT_URL",
+        "STORAGE_EMULATOR_HOST",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "GOOGLE_OAUTH_ACCESS_TOKEN",
+        "GOOGLE_CLOUD_PROJECT",
+    )
     # GCS sends no error codes that say more than the status.
     service = Service(
         "GCS",

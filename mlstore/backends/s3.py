@@ -63,6 +63,20 @@ _NO_CREDENTIALS = (
 
 class S3Backend(ObjectStoreBackend):
     protocol = "s3"
+    identity_env = (
+        "MLSTORE_S3_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    )
     hedges = True
     service = Service(
         "S3",

@@ -123,17 +123,24 @@ class TieredCache:
         return None
 
     def open_fresh(
-        self, key: str, policy: tuple[str, float], refetch: Callable[[], bytes]
+        self,
+        key: str,
+        policy: tuple[str, float],
+        refetch: Callable[[], bytes],
+        *,
+        name: str | None = None,
     ) -> IO[bytes] | None:
         """A file over the cached bytes of ``key`` if ``policy`` trusts them without a
-        request to the store; ``None`` otherwise (the caller takes the usual path).
+        request to the store; ``None`` otherwise (the caller takes the usual path). The
+        file is named ``name`` (default: the key).
 
         A large disk entry is served from its blob file (verified before any byte is
         returned; ``refetch`` gets the object anew if it fails), not loaded into memory.
         """
+        label = key if name is None else name
         data = self.peek(key)
         if data is not None:
-            return _named(io.BytesIO(data), key)
+            return _named(io.BytesIO(data), label)
         if self.disk is None:
             return None
         entry = self.disk.lookup(key)
@@ -141,7 +148,7 @@ class TieredCache:
             return None
         if entry.size < _FILE_MIN:
             found = self._disk_hit(key, entry, entry.checked, policy, keep_in_memory=True)
-            return _named(io.BytesIO(found), key) if found is not None else None
+            return _named(io.BytesIO(found), label) if found is not None else None
         disk = self.disk
 
         def corrupt() -> None:
@@ -153,7 +160,7 @@ class TieredCache:
                 disk.blob_path(entry.hash),
                 entry.hash,
                 entry.size,
-                name=key,
+                name=label,
                 on_corrupt=corrupt,
                 refetch=refetch,
             )
