@@ -157,14 +157,25 @@ class FsspecBackend(Backend):
 
     def ls(self, url: URL) -> list[ObjectInfo]:
         with self._errors(url, "ls"):
-            entries = self.fs.ls(self._path(url), detail=True)
-            return [self._info_from(e) for e in entries]
+            listed = self._path(url)
+            entries = []
+            for raw in self.fs.ls(listed, detail=True):
+                marker = _is_marker(raw)
+                name = str(raw.get("name", ""))
+                if (marker or raw.get("type") == "directory") and name.rstrip("/") == listed:
+                    continue  # the listed folder itself (its marker): not an entry of it
+                entries.append(self._directory_entry(name) if marker else self._info_from(raw))
+            return entries
 
     def find(self, url: URL) -> Iterator[ObjectInfo]:
         with self._errors(url, "find"):
             found = self.fs.find(self._path(url), detail=True)
         for raw in found.values():
-            yield self._info_from(raw)
+            if not _is_marker(raw):  # find lists files; a marker is a folder
+                yield self._info_from(raw)
+
+    def _directory_entry(self, path: str) -> ObjectInfo:
+        return ObjectInfo(url=self._url(path.rstrip("/")), size=0, type="directory")
 
     def open_write(self, url: URL) -> IO[bytes]:
         return BufferedWrite(functools.partial(self.write, url), str(url))
@@ -187,6 +198,19 @@ class FsspecBackend(Backend):
     def copy(self, src: URL, dst: URL) -> None:
         with self._errors(src, "copy"):
             self.fs.cp_file(self._path(src), self._path(dst))
+
+
+def _is_marker(raw: Mapping[str, Any]) -> bool:
+    """A folder marker: a zero-byte object whose key ends with ``/``, as the S3 console,
+    Hadoop, Spark and sync tools make for every "folder". It names a directory, never a
+    file (a file of that name could not be written to a local disk beside the folder)."""
+    name = raw.get("name")
+    return (
+        isinstance(name, str)
+        and name.endswith("/")
+        and raw.get("type") != "directory"
+        and not int(raw.get("size") or 0)
+    )
 
 
 def _mtime(raw: Mapping[str, Any]) -> float | None:
