@@ -67,6 +67,12 @@ class Server:
             counts: dict[str, int] = json.load(resp)
         return counts
 
+    def sent(self, path: str) -> tuple[int, bool]:
+        """Body bytes a ``/stream/`` path has written so far, and whether all of it."""
+        with urllib.request.urlopen(self.url("/__sent"), timeout=30) as resp:
+            record = json.load(resp).get(path, {"sent": 0, "finished": False})
+        return int(record["sent"]), bool(record["finished"])
+
 
 def _start(root: Path, *extra: str) -> tuple[subprocess.Popen[str], Server]:
     proc = subprocess.Popen(
@@ -302,6 +308,90 @@ def test_server_ignoring_range_still_gives_the_slice(server: Server, store: mlst
     with store.open(url, "rb", buffer_size=32) as fh:
         fh.seek(500)
         assert fh.read(40) == DATA[500:540]
+
+
+# ------------------------------------------------- bodies bounded by what was asked
+#
+# The /stream/ bodies are far larger than any socket buffer on the path (kernel send and
+# receive buffers are a few MiB), so a client that stops reading and closes the connection
+# leaves the server short of the end: it has sent well under the body and not finished.
+# A client that reads the whole body lets the server finish. No clock is involved.
+
+BIG = 128 * 1024 * 1024
+
+
+def pattern(start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a /stream/ body."""
+    return bytes(i % 251 for i in range(start, end))
+
+
+def stream_path(query: str = "") -> tuple[str, str]:
+    """A fresh /stream/ route of ``BIG`` bytes: its path (what the server counts by) and
+    the route to request."""
+    path = f"/stream/{BIG}/{uuid.uuid4().hex[:12]}"
+    return path, path + ("?" + query if query else "")
+
+
+def assert_stopped_early(server: Server, path: str) -> None:
+    sent, finished = server.sent(path)
+    assert not finished and sent < BIG // 2, (sent, finished)
+
+
+@pytest.mark.parametrize("query", ["", "chunked=1"])
+def test_ranged_read_stops_when_the_server_ignores_range(
+    server: Server, store: mlstore.Store, query: str
+) -> None:
+    path, route = stream_path(query)
+    assert store.read_bytes(server.url(route), 100, 110) == pattern(100, 110)
+    assert_stopped_early(server, path)
+
+
+def test_ends_of_a_chunked_body_that_ignores_range(server: Server, store: mlstore.Store) -> None:
+    # No length on the answer: the object's size (from HEAD) says where the end is.
+    url = server.url(f"/stream/5000/{uuid.uuid4().hex[:12]}?chunked=1")
+    assert store.read_bytes(url, -7, None) == pattern(4993, 5000)
+    assert store.read_bytes(url, 4990, None) == pattern(4990, 5000)
+    assert store.read_bytes(url, 4990, 6000) == pattern(4990, 5000)
+    assert store.read_bytes(url, 6000, 7000) == b""
+    assert store.read_bytes(url) == pattern(0, 5000)
+
+
+def test_open_reads_one_block_not_the_object_when_range_is_ignored(
+    server: Server, store: mlstore.Store
+) -> None:
+    path, route = stream_path()
+    with store.open(server.url(route), "rb", buffer_size=64 * 1024) as fh:
+        fh.seek(1000)
+        assert fh.read(100) == pattern(1000, 1100)
+    assert_stopped_early(server, path)
+
+
+def test_endless_body_is_cut_at_the_size_announced_by_head(
+    server: Server, store: mlstore.Store
+) -> None:
+    # HEAD announces 1 MiB; the GET body runs on (chunked) far beyond it.
+    path, route = stream_path(f"chunked=1&head={1024 * 1024}")
+    url = server.url(route)
+    assert store.info(url).size == 1024 * 1024
+    with pytest.raises(mlstore.IntegrityError, match="longer") as err:
+        store.read_bytes(url)
+    assert url in str(err.value)
+    assert not isinstance(err.value, mlstore.TransientError)
+    assert_stopped_early(server, path)
+
+
+@pytest.mark.parametrize("query", ["partial=1", "partial=1&chunked=1"])
+def test_partial_answer_longer_than_the_range_is_refused(
+    server: Server, store: mlstore.Store, query: str
+) -> None:
+    # 206 with the Content-Range asked for, but a body of BIG bytes (announced or not).
+    path, route = stream_path(query)
+    url = server.url(route)
+    with pytest.raises(mlstore.IntegrityError) as err:
+        store.read_bytes(url, 0, 10)
+    assert url in str(err.value)
+    assert_stopped_early(server, path)
+    assert store.read_bytes(server.url(stream_path()[1]), 0, 5) == pattern(0, 5)  # pool fine
 
 
 # -------------------------------------------------------------- version pinning
