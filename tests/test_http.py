@@ -747,6 +747,30 @@ def test_credentials_stay_with_their_origin(server: Server) -> None:
         assert s.read_bytes(url) == b"absent"
 
 
+def test_only_harmless_headers_follow_a_redirect_to_another_origin(server: Server) -> None:
+    # Artifactory's API-key header is named like no credential; it must stay home too.
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "X-JFrog-Art-Api": TOKEN,
+        "X-Trace": "1",
+        "User-Agent": "trainer/1.0",
+        "Accept": "application/octet-stream",
+    }
+    with make_store(options={"http": {"headers": headers}}) as s:
+        home = json.loads(s.read_bytes(server.url("redirect?to=/echo-headers"), 0, 10**6))
+        other = f"http://localhost:{server.port}/echo-headers"
+        away = json.loads(s.read_bytes(server.url("redirect?to=" + other), 0, 10**6))
+    assert {"authorization", "x-jfrog-art-api", "x-trace"} <= set(home)  # same origin: all
+    assert home["x-jfrog-art-api"] == TOKEN
+    for name in ("authorization", "x-jfrog-art-api", "x-trace"):
+        assert name not in away, name
+    assert TOKEN not in json.dumps(away)
+    assert away["user-agent"] == "trainer/1.0"
+    assert away["accept"] == "application/octet-stream"
+    assert away["range"] == f"bytes=0-{10**6 - 1}"
+    assert away["accept-encoding"] == "identity"
+
+
 # ------------------------------------------------------------------------ https
 
 

@@ -21,8 +21,10 @@ URL raises :class:`~mlstore.errors.PermissionDeniedError` before any connection.
 
 Options (``Store(options={"https": {...}})``; ``http`` URLs share them): ``headers``, a dict
 sent with every request, e.g. ``Authorization`` (never logged or shown). User info in the
-URL (``https://user:pw@host/x``) is sent as Basic auth. ``Authorization``, ``Cookie`` and
-headers named like secrets (``X-Api-Key``) are not forwarded to another origin on redirect.
+URL (``https://user:pw@host/x``) is sent as Basic auth. A redirect to another origin
+carries only the headers in :data:`CROSS_ORIGIN_HEADERS` (``Range``, the version
+preconditions, ``Accept``, ``Accept-Encoding``, ``User-Agent``): ``Authorization`` and every
+other header of the ``headers`` option stay with the origin they were given for.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
-from mlstore._util.redact import CREDENTIAL_HEADER
 from mlstore.backends._errors import Answer, Service, http_date, status_error
 from mlstore.backends._ranges import range_header, wanted
 from mlstore.backends.base import Backend, ObjectInfo, PerProcess, Received
@@ -54,7 +55,7 @@ from mlstore.errors import (
 )
 from mlstore.url import URL
 
-__all__ = ["HttpBackend", "PolicyRefusedError", "UrlGuard"]
+__all__ = ["CROSS_ORIGIN_HEADERS", "HttpBackend", "PolicyRefusedError", "UrlGuard"]
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -62,6 +63,23 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Redirects are followed by hand (each hop checked); bodies are streamed and never decoded.
 _RAW = {"redirect": False, "preload_content": False, "decode_content": False}
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: The only request headers that follow a redirect to another origin (names in lower
+#: case). An allow-list, not a pattern for credential-like names: a credential can hide
+#: under any name (Artifactory's ``X-JFrog-Art-Api``, a proxy's ``X-Forwarded-User``),
+#: and a presigned target needs none of the caller's headers. These describe only what is
+#: asked for (the range, the pinned version, the encoding), so the answer stays the same.
+CROSS_ORIGIN_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "range",
+        "if-match",
+        "if-none-match",
+        "if-unmodified-since",
+        "if-modified-since",
+        "user-agent",
+    }
+)
 # RFC 9110 token characters: anything else in a header name is refused up front.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # How errors are worded: a server sends no error codes mlstore knows.
@@ -257,8 +275,8 @@ class HttpBackend(Backend):
             _finish(resp)
             try:
                 after = urlsplit(urljoin(target.geturl(), location))
-                if _origin(after) != _origin(target):  # never send credentials elsewhere
-                    send = {k: v for k, v in send.items() if not CREDENTIAL_HEADER.search(k)}
+                if _origin(after) != _origin(target):  # another origin: harmless headers only
+                    send = {k: v for k, v in send.items() if k.lower() in CROSS_ORIGIN_HEADERS}
             except ValueError:
                 raise MlstoreError("the server redirected to a malformed URL", **where) from None
             target = after
