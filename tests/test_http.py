@@ -708,6 +708,22 @@ def test_redirect_to_a_private_address_when_private_is_denied(
     assert network.hosts_connected() == {"127.0.0.1"}
 
 
+@pytest.mark.parametrize(
+    "path", ["%2e%2e/%2e%2e/private/x", "%2E%2E/.%2e/private/x", "..%2f..%2fprivate%2fx"]
+)
+def test_encoded_dot_segments_cannot_leave_an_http_mount(server: Server, path: str) -> None:
+    # The server decodes %2e and %2f before it resolves the path, as many do.
+    (server.root / "private").mkdir(exist_ok=True)
+    server.put(b"private data", "private/x")
+    with make_store(mounts={"ds": server.url("public/ds")}) as s:
+        with pytest.raises(mlstore.PermissionDeniedError) as err:
+            s.read_bytes(f"mlstore://ds/{path}")
+        assert f"mlstore://ds/{path}" in str(err.value)
+        with pytest.raises(mlstore.PermissionDeniedError):
+            s.info(f"mlstore://ds/{path}")
+    assert not [p for p in server.requests() if p.endswith("private/x")]
+
+
 # -------------------------------------------------------------------- redirects
 
 
