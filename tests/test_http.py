@@ -642,6 +642,44 @@ def test_metadata_hosts_refused_by_name(network: Network, url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "http://168.63.129.16/machine?comp=goalstate",  # Azure's WireServer
+        "http://168.63.129.16:32526/vmSettings",
+        "http://[::ffff:168.63.129.16]/machine",
+        "http://[64:ff9b:1::a9fe:a9fe]/latest",  # RFC 8215 local-use NAT64 to 169.254.169.254
+        "http://[64:ff9b:1:2::a83f:8110]/machine",  # ... and to 168.63.129.16
+    ],
+)
+def test_wireserver_and_local_use_nat64_refused_by_default(network: Network, url: str) -> None:
+    # One short attempt: were the URL let through, the test would fail fast, not hang.
+    retry = {"max_attempts": 1, "connect_timeout": 2}
+    with make_store(retry=retry) as s, pytest.raises(mlstore.PermissionDeniedError) as err:
+        s.read_bytes(url)
+    assert "URL policy" in str(err.value)
+    assert network.lookups == [] and network.connects == []
+
+
+@pytest.mark.parametrize(
+    ("address", "reached"),
+    [("64:ff9b:1::a9fe:a9fe", "169.254.169.254"), ("64:ff9b:1:ffff::a9fe:1", "169.254.0.1")],
+)
+def test_local_use_nat64_is_checked_as_the_ipv4_it_carries(
+    network: Network, address: str, reached: str
+) -> None:
+    # Only an IPv4 rule: the IPv6 address is refused because of the address it reaches.
+    policy = {"deny_networks": ("169.254.0.0/16",), "deny_hosts": ()}
+    retry = {"max_attempts": 1, "connect_timeout": 2}
+    with (
+        make_store(http=policy, retry=retry) as s,
+        pytest.raises(mlstore.PermissionDeniedError) as err,
+    ):
+        s.read_bytes(f"http://[{address}]/latest")
+    assert reached in str(err.value)
+    assert network.lookups == [] and network.connects == []
+
+
+@pytest.mark.parametrize(
     "location",
     [
         METADATA,

@@ -16,7 +16,8 @@ such a connection is closed, never drained.
 The URL policy (:class:`~mlstore.config.HttpPolicy`) checks the host name, then every
 address it resolves to, and the socket is opened to one of those checked addresses (never
 to a second, unchecked DNS answer); both checks run again on each redirect. IPv4 addresses
-inside IPv6 ones (``::ffff:a.b.c.d``, 6to4, Teredo, NAT64) are checked as IPv4. A refused
+inside IPv6 ones (``::ffff:a.b.c.d``, 6to4, Teredo, NAT64 ``64:ff9b::/96`` and the
+local-use ``64:ff9b:1::/48``) are checked as IPv4. A refused
 URL raises :class:`~mlstore.errors.PermissionDeniedError` before any connection.
 
 Options (``Store(options={"https": {...}})``; ``http`` URLs share them): ``headers``, a dict
@@ -62,7 +63,10 @@ _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Redirects are followed by hand (each hop checked); bodies are streamed and never decoded.
 _RAW = {"redirect": False, "preload_content": False, "decode_content": False}
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# NAT64 prefixes: the well-known one (RFC 6052) and the local-use block (RFC 8215), in
+# which a network picks its own prefix; the IPv4 address is the last 32 bits (a /96 prefix,
+# what NAT64 gateways use).
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 #: The only request headers that follow a redirect to another origin (names in lower
 #: case). An allow-list, not a pattern for credential-like names: a credential can hide
 #: under any name (Artifactory's ``X-JFrog-Art-Api``, a proxy's ``X-Forwarded-User``),
@@ -111,7 +115,8 @@ def _reached(addr: _Address) -> list[_Address]:
     if addr.ipv4_mapped is not None:
         return [addr.ipv4_mapped]
     teredo = addr.teredo[1] if addr.teredo else None
-    nat64 = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF) if addr in _NAT64 else None
+    in_nat64 = any(addr in net for net in _NAT64)
+    nat64 = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF) if in_nat64 else None
     return [a for a in (addr, addr.sixtofour, teredo, nat64) if a is not None]
 
 
