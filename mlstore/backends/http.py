@@ -348,10 +348,11 @@ class HttpBackend(Backend):
 
         The body is read piece by piece and never past what was asked for: a server that
         ignores ``Range`` has its body skipped up to the range and abandoned after it
-        (the connection is closed, not drained), and a body that runs past the length it
-        is bound to (its ``Content-Range``, or the object's size when it announces no
-        length) is refused, so a hostile or broken server cannot make one read buffer an
-        unbounded amount. ``size``, when known, is the object's size at ``version``.
+        (the connection is closed unless a short rest is left), and a body that runs past
+        the length it is bound to (its ``Content-Range``, or the object's size when it
+        announces no length) is refused, so a hostile or broken server cannot make one
+        read buffer an unbounded amount. ``size``, when known, is the object's size at
+        ``version``.
         """
         known = size
 
