@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from mlstore.errors import ConfigError, PermissionDeniedError, redact_url
 
@@ -209,6 +209,31 @@ def _clean_key(key: str, raw: str) -> str:
     return cleaned
 
 
+# Decoding rounds a key's %-escapes get before a '..' is looked for: a proxy and then a
+# server may each decode once (%252e -> %2e -> .). A key still encoded after that is
+# refused: no real object name needs escapes nested this deep.
+_DECODE_ROUNDS = 3
+
+
+def _hidden_dotdot(path: str) -> bool:
+    """Whether ``path`` holds a ``..`` segment once a server decodes it.
+
+    Servers (and the proxies before them) decode ``%2e`` to ``.`` and ``%2f`` / ``%5c``
+    to ``/`` / ``\\`` before they resolve a path, and many treat a backslash as a
+    separator, so ``%2e%2e/``, ``.%2e/`` and ``..%2f`` climb out of a prefix as well as a
+    plain ``../``, on any backend behind a mount.
+    """
+    seen = path
+    for _ in range(_DECODE_ROUNDS + 1):
+        if ".." in re.split(r"[/\\]", seen):
+            return True
+        decoded = unquote(seen)
+        if decoded == seen:
+            return False
+        seen = decoded
+    return True
+
+
 def resolve_mount(url: URL, mounts: Mapping[str, Sequence[str | URL]]) -> list[URL]:
     """The physical URLs (replicas, primary first) behind an ``mlstore://`` URL.
 
@@ -229,6 +254,13 @@ def resolve_mount(url: URL, mounts: Mapping[str, Sequence[str | URL]]) -> list[U
     if ".." in url.path.split("/"):
         raise PermissionDeniedError(
             "a '..' segment would lead out of the mount", url=str(url), operation="resolve"
+        )
+    if _hidden_dotdot(url.path):
+        raise PermissionDeniedError(
+            "a '..' segment spelled with %-escapes or backslashes (%2e, %2f, %5c, \\) "
+            "would lead out of the mount: servers decode them",
+            url=str(url),
+            operation="resolve",
         )
     out = []
     for prefix in prefixes:

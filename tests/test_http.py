@@ -67,6 +67,12 @@ class Server:
             counts: dict[str, int] = json.load(resp)
         return counts
 
+    def sent(self, path: str) -> tuple[int, bool]:
+        """Body bytes a ``/stream/`` path has written so far, and whether all of it."""
+        with urllib.request.urlopen(self.url("/__sent"), timeout=30) as resp:
+            record = json.load(resp).get(path, {"sent": 0, "finished": False})
+        return int(record["sent"]), bool(record["finished"])
+
 
 def _start(root: Path, *extra: str) -> tuple[subprocess.Popen[str], Server]:
     proc = subprocess.Popen(
@@ -302,6 +308,90 @@ def test_server_ignoring_range_still_gives_the_slice(server: Server, store: mlst
     with store.open(url, "rb", buffer_size=32) as fh:
         fh.seek(500)
         assert fh.read(40) == DATA[500:540]
+
+
+# ------------------------------------------------- bodies bounded by what was asked
+#
+# The /stream/ bodies are far larger than any socket buffer on the path (kernel send and
+# receive buffers are a few MiB), so a client that stops reading and closes the connection
+# leaves the server short of the end: it has sent well under the body and not finished.
+# A client that reads the whole body lets the server finish. No clock is involved.
+
+BIG = 128 * 1024 * 1024
+
+
+def pattern(start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a /stream/ body."""
+    return bytes(i % 251 for i in range(start, end))
+
+
+def stream_path(query: str = "") -> tuple[str, str]:
+    """A fresh /stream/ route of ``BIG`` bytes: its path (what the server counts by) and
+    the route to request."""
+    path = f"/stream/{BIG}/{uuid.uuid4().hex[:12]}"
+    return path, path + ("?" + query if query else "")
+
+
+def assert_stopped_early(server: Server, path: str) -> None:
+    sent, finished = server.sent(path)
+    assert not finished and sent < BIG // 2, (sent, finished)
+
+
+@pytest.mark.parametrize("query", ["", "chunked=1"])
+def test_ranged_read_stops_when_the_server_ignores_range(
+    server: Server, store: mlstore.Store, query: str
+) -> None:
+    path, route = stream_path(query)
+    assert store.read_bytes(server.url(route), 100, 110) == pattern(100, 110)
+    assert_stopped_early(server, path)
+
+
+def test_ends_of_a_chunked_body_that_ignores_range(server: Server, store: mlstore.Store) -> None:
+    # No length on the answer: the object's size (from HEAD) says where the end is.
+    url = server.url(f"/stream/5000/{uuid.uuid4().hex[:12]}?chunked=1")
+    assert store.read_bytes(url, -7, None) == pattern(4993, 5000)
+    assert store.read_bytes(url, 4990, None) == pattern(4990, 5000)
+    assert store.read_bytes(url, 4990, 6000) == pattern(4990, 5000)
+    assert store.read_bytes(url, 6000, 7000) == b""
+    assert store.read_bytes(url) == pattern(0, 5000)
+
+
+def test_open_reads_one_block_not_the_object_when_range_is_ignored(
+    server: Server, store: mlstore.Store
+) -> None:
+    path, route = stream_path()
+    with store.open(server.url(route), "rb", buffer_size=64 * 1024) as fh:
+        fh.seek(1000)
+        assert fh.read(100) == pattern(1000, 1100)
+    assert_stopped_early(server, path)
+
+
+def test_endless_body_is_cut_at_the_size_announced_by_head(
+    server: Server, store: mlstore.Store
+) -> None:
+    # HEAD announces 1 MiB; the GET body runs on (chunked) far beyond it.
+    path, route = stream_path(f"chunked=1&head={1024 * 1024}")
+    url = server.url(route)
+    assert store.info(url).size == 1024 * 1024
+    with pytest.raises(mlstore.IntegrityError, match="longer") as err:
+        store.read_bytes(url)
+    assert url in str(err.value)
+    assert not isinstance(err.value, mlstore.TransientError)
+    assert_stopped_early(server, path)
+
+
+@pytest.mark.parametrize("query", ["partial=1", "partial=1&chunked=1"])
+def test_partial_answer_longer_than_the_range_is_refused(
+    server: Server, store: mlstore.Store, query: str
+) -> None:
+    # 206 with the Content-Range asked for, but a body of BIG bytes (announced or not).
+    path, route = stream_path(query)
+    url = server.url(route)
+    with pytest.raises(mlstore.IntegrityError) as err:
+        store.read_bytes(url, 0, 10)
+    assert url in str(err.value)
+    assert_stopped_early(server, path)
+    assert store.read_bytes(server.url(stream_path()[1]), 0, 5) == pattern(0, 5)  # pool fine
 
 
 # -------------------------------------------------------------- version pinning
@@ -552,6 +642,44 @@ def test_metadata_hosts_refused_by_name(network: Network, url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "http://168.63.129.16/machine?comp=goalstate",  # Azure's WireServer
+        "http://168.63.129.16:32526/vmSettings",
+        "http://[::ffff:168.63.129.16]/machine",
+        "http://[64:ff9b:1::a9fe:a9fe]/latest",  # RFC 8215 local-use NAT64 to 169.254.169.254
+        "http://[64:ff9b:1:2::a83f:8110]/machine",  # ... and to 168.63.129.16
+    ],
+)
+def test_wireserver_and_local_use_nat64_refused_by_default(network: Network, url: str) -> None:
+    # One short attempt: were the URL let through, the test would fail fast, not hang.
+    retry = {"max_attempts": 1, "connect_timeout": 2}
+    with make_store(retry=retry) as s, pytest.raises(mlstore.PermissionDeniedError) as err:
+        s.read_bytes(url)
+    assert "URL policy" in str(err.value)
+    assert network.lookups == [] and network.connects == []
+
+
+@pytest.mark.parametrize(
+    ("address", "reached"),
+    [("64:ff9b:1::a9fe:a9fe", "169.254.169.254"), ("64:ff9b:1:ffff::a9fe:1", "169.254.0.1")],
+)
+def test_local_use_nat64_is_checked_as_the_ipv4_it_carries(
+    network: Network, address: str, reached: str
+) -> None:
+    # Only an IPv4 rule: the IPv6 address is refused because of the address it reaches.
+    policy = {"deny_networks": ("169.254.0.0/16",), "deny_hosts": ()}
+    retry = {"max_attempts": 1, "connect_timeout": 2}
+    with (
+        make_store(http=policy, retry=retry) as s,
+        pytest.raises(mlstore.PermissionDeniedError) as err,
+    ):
+        s.read_bytes(f"http://[{address}]/latest")
+    assert reached in str(err.value)
+    assert network.lookups == [] and network.connects == []
+
+
+@pytest.mark.parametrize(
     "location",
     [
         METADATA,
@@ -618,6 +746,22 @@ def test_redirect_to_a_private_address_when_private_is_denied(
     assert network.hosts_connected() == {"127.0.0.1"}
 
 
+@pytest.mark.parametrize(
+    "path", ["%2e%2e/%2e%2e/private/x", "%2E%2E/.%2e/private/x", "..%2f..%2fprivate%2fx"]
+)
+def test_encoded_dot_segments_cannot_leave_an_http_mount(server: Server, path: str) -> None:
+    # The server decodes %2e and %2f before it resolves the path, as many do.
+    (server.root / "private").mkdir(exist_ok=True)
+    server.put(b"private data", "private/x")
+    with make_store(mounts={"ds": server.url("public/ds")}) as s:
+        with pytest.raises(mlstore.PermissionDeniedError) as err:
+            s.read_bytes(f"mlstore://ds/{path}")
+        assert f"mlstore://ds/{path}" in str(err.value)
+        with pytest.raises(mlstore.PermissionDeniedError):
+            s.info(f"mlstore://ds/{path}")
+    assert not [p for p in server.requests() if p.endswith("private/x")]
+
+
 # -------------------------------------------------------------------- redirects
 
 
@@ -655,6 +799,30 @@ def test_credentials_stay_with_their_origin(server: Server) -> None:
     with make_store() as s:
         url = f"http://u:{TOKEN}@127.0.0.1:{server.port}/redirect?to={other_host}"
         assert s.read_bytes(url) == b"absent"
+
+
+def test_only_harmless_headers_follow_a_redirect_to_another_origin(server: Server) -> None:
+    # Artifactory's API-key header is named like no credential; it must stay home too.
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "X-JFrog-Art-Api": TOKEN,
+        "X-Trace": "1",
+        "User-Agent": "trainer/1.0",
+        "Accept": "application/octet-stream",
+    }
+    with make_store(options={"http": {"headers": headers}}) as s:
+        home = json.loads(s.read_bytes(server.url("redirect?to=/echo-headers"), 0, 10**6))
+        other = f"http://localhost:{server.port}/echo-headers"
+        away = json.loads(s.read_bytes(server.url("redirect?to=" + other), 0, 10**6))
+    assert {"authorization", "x-jfrog-art-api", "x-trace"} <= set(home)  # same origin: all
+    assert home["x-jfrog-art-api"] == TOKEN
+    for name in ("authorization", "x-jfrog-art-api", "x-trace"):
+        assert name not in away, name
+    assert TOKEN not in json.dumps(away)
+    assert away["user-agent"] == "trainer/1.0"
+    assert away["accept"] == "application/octet-stream"
+    assert away["range"] == f"bytes=0-{10**6 - 1}"
+    assert away["accept-encoding"] == "identity"
 
 
 # ------------------------------------------------------------------------ https

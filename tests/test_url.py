@@ -9,7 +9,7 @@ import pytest
 
 import mlstore
 from mlstore.errors import ConfigError, PermissionDeniedError
-from mlstore.url import SCHEMES, URL, parse_url
+from mlstore.url import SCHEMES, URL, parse_url, resolve_mount
 
 
 @pytest.mark.parametrize(
@@ -202,3 +202,37 @@ def test_dotdot_cannot_leave_a_mount(tmp_path: pathlib.Path) -> None:
     with pytest.raises(PermissionDeniedError):
         store.write_bytes("mlstore://ds/a/../../escaped", b"x")
     assert not os.path.exists(tmp_path / "escaped")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "%2e%2e/%2e%2e/private/x",
+        "%2E%2E/private/x",
+        "a/.%2e/.%2E/private/x",
+        "%2e./private/x",
+        "..%2f..%2fprivate/x",
+        "%2e%2e%2F%2e%2e%2Fprivate%2Fx",
+        "a%2f..%2f..%2fx",
+        "..%5c..%5cprivate/x",
+        "..%5C%2e%2e%5Cx",
+        "a\\..\\..\\x",
+        "%252e%252e/%252e%252e/private/x",  # decoded twice by a proxy, then a server
+    ],
+)
+@pytest.mark.parametrize("prefix", ["https://example.com/pub/ds", "memory://ds", "s3://bkt/ds"])
+def test_encoded_dot_segments_cannot_leave_a_mount(prefix: str, path: str) -> None:
+    url = parse_url(f"mlstore://ds/{path}")
+    with pytest.raises(PermissionDeniedError, match=r"\.\.") as err:
+        resolve_mount(url, {"ds": [prefix]})
+    assert f"mlstore://ds/{path}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "path", ["a%20b", "v1%2e2/x", "...", "..x/y", "x../y", "%2e/y", "a%2fb", "x%5cy"]
+)
+def test_encoded_names_that_stay_in_the_mount_resolve(path: str) -> None:
+    url = parse_url(f"mlstore://ds/{path}")
+    assert resolve_mount(url, {"ds": ["https://example.com/pub/ds"]}) == [
+        parse_url(f"https://example.com/pub/ds/{path}")
+    ]

@@ -4,8 +4,6 @@
   never shown; :func:`redact_options`).
 - :data:`SECRET_PARAMS`: URL query parameters that carry credentials (presigned S3
   URLs, SAS tokens, signed GCS URLs; :func:`redact_url`).
-- :data:`CREDENTIAL_HEADER`: HTTP header names that carry credentials (not forwarded
-  across origins on a redirect).
 - :data:`SECRET_TEXT`: credential parts quoted inside free text (connection-string
   keys, SAS signatures; :func:`scrub`).
 - The log-record mask below.
@@ -32,7 +30,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = [
-    "CREDENTIAL_HEADER",
     "MASK",
     "SECRET_OPTION",
     "SECRET_PARAMS",
@@ -62,10 +59,6 @@ SECRET_PARAMS = re.compile(
     r"|sig|signature|se|sp|sv|st|skoid|sktid|skt|ske|sks|skv|token|access_token"
     r"|api[-_]?key|key|password|secret|code|sas)$",
     re.IGNORECASE,
-)
-#: HTTP header names that carry credentials (dropped when a redirect changes origin).
-CREDENTIAL_HEADER = re.compile(
-    r"auth|cookie|token|key|secret|session|passw|signature|credential", re.IGNORECASE
 )
 #: Credentials quoted in free text: connection-string keys and SAS signatures.
 SECRET_TEXT = re.compile(

@@ -7,16 +7,25 @@ return another version or range. Bodies are read as sent (``Accept-Encoding: ide
 never decoded), so sizes and ranges agree. ``info`` uses ``HEAD`` (or a one-byte ranged
 ``GET`` where ``HEAD`` is refused or gives no size).
 
+Bodies are streamed and bounded: a read keeps only the bytes it asked for, stops reading
+once it has them (a server that ignores ``Range`` costs the bytes up to the range's end,
+not the whole object), and refuses with :class:`~mlstore.errors.IntegrityError` a body
+longer than its ``Content-Range`` or, when it announces no length, than the object's size;
+such a connection is closed, never drained.
+
 The URL policy (:class:`~mlstore.config.HttpPolicy`) checks the host name, then every
 address it resolves to, and the socket is opened to one of those checked addresses (never
 to a second, unchecked DNS answer); both checks run again on each redirect. IPv4 addresses
-inside IPv6 ones (``::ffff:a.b.c.d``, 6to4, Teredo, NAT64) are checked as IPv4. A refused
+inside IPv6 ones (``::ffff:a.b.c.d``, 6to4, Teredo, NAT64 ``64:ff9b::/96`` and the
+local-use ``64:ff9b:1::/48``) are checked as IPv4. A refused
 URL raises :class:`~mlstore.errors.PermissionDeniedError` before any connection.
 
 Options (``Store(options={"https": {...}})``; ``http`` URLs share them): ``headers``, a dict
 sent with every request, e.g. ``Authorization`` (never logged or shown). User info in the
-URL (``https://user:pw@host/x``) is sent as Basic auth. ``Authorization``, ``Cookie`` and
-headers named like secrets (``X-Api-Key``) are not forwarded to another origin on redirect.
+URL (``https://user:pw@host/x``) is sent as Basic auth. A redirect to another origin
+carries only the headers in :data:`CROSS_ORIGIN_HEADERS` (``Range``, the version
+preconditions, ``Accept``, ``Accept-Encoding``, ``User-Agent``): ``Authorization`` and every
+other header of the ``headers`` option stay with the origin they were given for.
 """
 
 from __future__ import annotations
@@ -30,7 +39,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
-from mlstore._util.redact import CREDENTIAL_HEADER
 from mlstore.backends._errors import Answer, Service, http_date, status_error
 from mlstore.backends._ranges import range_header, wanted
 from mlstore.backends.base import Backend, ObjectInfo, PerProcess, Received
@@ -48,14 +56,34 @@ from mlstore.errors import (
 )
 from mlstore.url import URL
 
-__all__ = ["HttpBackend", "PolicyRefusedError", "UrlGuard"]
+__all__ = ["CROSS_ORIGIN_HEADERS", "HttpBackend", "PolicyRefusedError", "UrlGuard"]
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Redirects are followed by hand (each hop checked); bodies are streamed and never decoded.
 _RAW = {"redirect": False, "preload_content": False, "decode_content": False}
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# NAT64 prefixes: the well-known one (RFC 6052) and the local-use block (RFC 8215), in
+# which a network picks its own prefix; the IPv4 address is the last 32 bits (a /96 prefix,
+# what NAT64 gateways use).
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+#: The only request headers that follow a redirect to another origin (names in lower
+#: case). An allow-list, not a pattern for credential-like names: a credential can hide
+#: under any name (Artifactory's ``X-JFrog-Art-Api``, a proxy's ``X-Forwarded-User``),
+#: and a presigned target needs none of the caller's headers. These describe only what is
+#: asked for (the range, the pinned version, the encoding), so the answer stays the same.
+CROSS_ORIGIN_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "range",
+        "if-match",
+        "if-none-match",
+        "if-unmodified-since",
+        "if-modified-since",
+        "user-agent",
+    }
+)
 # RFC 9110 token characters: anything else in a header name is refused up front.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # How errors are worded: a server sends no error codes mlstore knows.
@@ -66,6 +94,8 @@ _SERVICE = Service(
 )
 # A shorter rest of a body is read so the connection can be reused; a longer one is not.
 _DRAIN_LIMIT = 64 * 1024
+# Bodies are read in pieces of this size: what a read holds beyond the bytes it keeps.
+_PIECE = 1024 * 1024
 
 
 class PolicyRefusedError(Exception):
@@ -85,7 +115,8 @@ def _reached(addr: _Address) -> list[_Address]:
     if addr.ipv4_mapped is not None:
         return [addr.ipv4_mapped]
     teredo = addr.teredo[1] if addr.teredo else None
-    nat64 = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF) if addr in _NAT64 else None
+    in_nat64 = any(addr in net for net in _NAT64)
+    nat64 = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF) if in_nat64 else None
     return [a for a in (addr, addr.sixtofour, teredo, nat64) if a is not None]
 
 
@@ -249,8 +280,8 @@ class HttpBackend(Backend):
             _finish(resp)
             try:
                 after = urlsplit(urljoin(target.geturl(), location))
-                if _origin(after) != _origin(target):  # never send credentials elsewhere
-                    send = {k: v for k, v in send.items() if not CREDENTIAL_HEADER.search(k)}
+                if _origin(after) != _origin(target):  # another origin: harmless headers only
+                    send = {k: v for k, v in send.items() if k.lower() in CROSS_ORIGIN_HEADERS}
             except ValueError:
                 raise MlstoreError("the server redirected to a malformed URL", **where) from None
             target = after
@@ -298,13 +329,42 @@ class HttpBackend(Backend):
         *,
         received: Received | None = None,
     ) -> bytes:
-        def size() -> int:
-            nonlocal version
-            found = self.info(url)
-            version = version or found.version  # the range must be of this object
-            return found.size
+        return self._get(url, start, end, version, None)
 
-        want = wanted(start, end, size)
+    def fetch(self, url: URL, *, received: Received | None = None) -> tuple[bytes, str | None]:
+        """The whole object, pinned to the version ``info`` saw, and never more bytes than
+        the size ``info`` reported when the answer itself announces no length."""
+        try:
+            found = self.info(url)
+        except MlstoreError as exc:
+            exc.operation = "read"  # the caller asked to read; say so
+            raise
+        return self._get(url, None, None, found.version, found.size), found.version
+
+    def _get(
+        self, url: URL, start: int | None, end: int | None, version: str | None, size: int | None
+    ) -> bytes:
+        """Bytes ``[start:end)`` of ``url``, streamed and bounded.
+
+        The body is read piece by piece and never past what was asked for: a server that
+        ignores ``Range`` has its body skipped up to the range and abandoned after it
+        (the connection is closed unless a short rest is left), and a body that runs past
+        the length it is bound to (its ``Content-Range``, or the object's size when it
+        announces no length) is refused, so a hostile or broken server cannot make one
+        read buffer an unbounded amount. ``size``, when known, is the object's size at
+        ``version``.
+        """
+        known = size
+
+        def object_size() -> int:
+            nonlocal known, version
+            if known is None:
+                found = self.info(url)
+                version = version or found.version  # the range must be of this object
+                known = found.size
+            return known
+
+        want = wanted(start, end, object_size)
         if want is None:
             return b""
         rng = range_header(want)
@@ -312,20 +372,36 @@ class HttpBackend(Backend):
         if version is not None:
             headers.update(_precondition(version))
         resp = self._request("GET", url, headers, "read")
+        reuse = False
         try:
             if resp.status == 416 and rng:
+                reuse = True
                 return b""  # a range that starts at or past the end: empty, like a slice
             _raise_for_status(resp, url, "read")
             _check_version(resp.headers, version, url)
-            data: bytes = resp.read(decode_content=False)
+            if resp.status == 206:
+                length = _check_range(resp.headers, want, url)
+                data = _read_body(resp, url, 0, length, final=True)
+                if len(data) != length:
+                    why = f"the server announced {length} bytes but sent {len(data)}"
+                    raise IntegrityError(why, url=str(url), operation="read")
+            else:
+                # The whole object: the range was not asked for, or the server ignored it.
+                total = _announced_length(resp.headers)
+                if total is None and (rng is None or want.start < 0 or want.stop is None):
+                    total = known if known is not None else self.info(url).size
+                if total is None:  # a bounded range of a body of unknown length
+                    lo, hi = want.start, want.stop
+                else:
+                    lo, hi, _ = want.indices(total)
+                if lo >= hi:
+                    return b""  # nothing of the body is wanted: read none of it
+                data = _read_body(resp, url, lo, hi - lo, final=want.stop is None)
+            reuse = True
         except Exception as exc:  # noqa: BLE001 - translated
             raise _translate_transport(exc, url, "read") from None
         finally:
-            _finish(resp)
-        if resp.status == 206:
-            _check_range(resp.headers.get("Content-Range"), want, len(data), url)
-        elif rng:
-            data = data[want]  # the server ignored Range and sent everything
+            _finish(resp, reuse=reuse)
         return data
 
     def ls(self, url: URL) -> list[ObjectInfo]:
@@ -374,11 +450,12 @@ def _origin(parts: SplitResult) -> tuple[str, str, int]:
     return parts.scheme, _norm(parts.hostname or ""), port
 
 
-def _finish(resp: Any) -> None:
+def _finish(resp: Any, *, reuse: bool = True) -> None:
     """Give the response's connection back to the pool: drain a short remainder,
-    close the connection on a long or unknown one (never leave unread bytes on it)."""
+    close the connection on a long or unknown one (never leave unread bytes on it), or
+    on an answer that broke the protocol (``reuse=False``: its remainder is not read)."""
     remaining = resp.length_remaining
-    if remaining is not None and remaining <= _DRAIN_LIMIT:
+    if reuse and remaining is not None and remaining <= _DRAIN_LIMIT:
         resp.drain_conn()
     else:
         resp.close()
@@ -432,17 +509,65 @@ def _check_version(headers: Mapping[str, str], version: str | None, url: URL) ->
         raise PreconditionFailedError(why, url=str(url), operation="read")
 
 
-def _check_range(content_range: str | None, want: slice, got: int, url: URL) -> None:
-    """Refuse a 206 answer that is not exactly the range asked for."""
+def _check_range(headers: Mapping[str, str], want: slice, url: URL) -> int:
+    """The length of a 206 answer, once its ``Content-Range`` is exactly the range asked
+    for and its ``Content-Length`` (if any) agrees; refused before any of the body is read
+    otherwise, so a wrong or oversized answer costs no download."""
+    content_range = headers.get("Content-Range")
     m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", content_range or "")
     if m is not None:
         first, last = int(m.group(1)), int(m.group(2))
         total = int(m.group(3)) if m.group(3) != "*" else last + 1
         lo, hi, _ = want.indices(total)
-        if (first, last + 1) == (lo, hi) and got == hi - lo:
-            return
-    why = f"the server answered {content_range!r} with {got} bytes: not the range asked for"
+        announced = _announced_length(headers)
+        if (first, last + 1) == (lo, hi) and announced in (None, hi - lo):
+            return hi - lo
+        if (first, last + 1) == (lo, hi):
+            why = (
+                f"the server answered {content_range!r} but announced a body of "
+                f"{announced} bytes, longer or shorter than the {hi - lo} asked for"
+            )
+            raise IntegrityError(why, url=str(url), operation="read")
+    why = f"the server answered {content_range!r}: not the range asked for"
     raise IntegrityError(why, url=str(url), operation="read")
+
+
+def _announced_length(headers: Mapping[str, str]) -> int | None:
+    """The body length the answer announces (``Content-Length``), if any."""
+    value = (headers.get("Content-Length") or "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _read_body(resp: Any, url: URL, skip: int, count: int, *, final: bool) -> bytes:
+    """``count`` bytes of the body after the first ``skip`` (which are read and dropped,
+    never kept), fewer only where the body ends.
+
+    The body is read in pieces of at most :data:`_PIECE` bytes, so memory holds what is
+    kept and one piece. With ``final`` the body must end there: one byte more means it
+    is longer than it may be, and :class:`IntegrityError` is raised without reading on
+    (the caller closes the connection instead of draining it, which could take forever).
+    """
+    left = skip
+    while left > 0:
+        dropped = resp.read(min(left, _PIECE), decode_content=False)
+        if not dropped:
+            return b""  # the body ended before the range began: empty, like a slice
+        left -= len(dropped)
+    parts: list[bytes] = []
+    got = 0
+    while got < count:
+        piece = resp.read(min(count - got, _PIECE), decode_content=False)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    if final and got == count and resp.read(1, decode_content=False):
+        why = (
+            f"the server sent a body longer than the {skip + count} bytes expected; "
+            "the connection was closed"
+        )
+        raise IntegrityError(why, url=str(url), operation="read")
+    return b"".join(parts)
 
 
 def _size_from(headers: Mapping[str, str]) -> int | None:

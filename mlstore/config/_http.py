@@ -14,12 +14,17 @@ from mlstore.errors import ConfigError
 
 __all__ = ["DEFAULT_DENY_HOSTS", "DEFAULT_DENY_NETWORKS", "HttpPolicy"]
 
-# Cloud metadata services and link-local ranges: the classic SSRF targets.
+# Cloud metadata services and link-local ranges: the classic SSRF targets. Azure's
+# WireServer (168.63.129.16) hands a VM its goal state and certificates without a token;
+# the RFC 8215 local-use NAT64 prefix (64:ff9b:1::/48) can translate to any IPv4
+# address, 169.254.169.254 included.
 DEFAULT_DENY_NETWORKS = (
     "169.254.0.0/16",
     "fe80::/10",
     "fd00:ec2::254/128",
     "100.100.100.200/32",
+    "168.63.129.16/32",
+    "64:ff9b:1::/48",
 )
 DEFAULT_DENY_HOSTS = (
     "metadata",
@@ -53,7 +58,8 @@ class HttpPolicy(Resolved):
 
     Attributes:
         deny_networks: CIDR ranges never contacted (``MLSTORE_HTTP_DENY_NETWORKS``,
-            comma separated). Default: link-local ranges and cloud metadata addresses.
+            comma separated). Default: link-local ranges, cloud metadata addresses,
+            Azure's WireServer and the local-use NAT64 prefix.
         deny_hosts: host names never contacted (``MLSTORE_HTTP_DENY_HOSTS``). Default:
             the cloud metadata host names.
         deny_private: also refuse private, loopback and unique-local addresses

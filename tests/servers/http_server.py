@@ -27,8 +27,20 @@ size, ``Last-Modified``, single ``Range: bytes=a-b`` / ``a-`` / ``-n`` requests
 ``/nohead/<path>``         answers ``HEAD`` with 405
 ``/gzip/<path>``           adds ``Content-Encoding: gzip`` (the file holds gzip bytes)
 ``/truncate/<path>``       announces the full length, sends half, closes the connection
+``/stream/N/<tag>``        a made-up body of N bytes (byte i is ``i % 251``), sent in 64 KiB
+                           pieces, ignoring ``Range`` and preconditions; query:
+                           ``chunked=1`` (no length, chunked encoding), ``head=n`` (``HEAD``
+                           announces n bytes instead of N), ``partial=1`` (answer 206 with the
+                           ``Content-Range`` asked for, whatever the body's length)
+``/echo-headers``          JSON: the request's headers, names in lower case
 ``/__requests``            JSON: requests received so far, by path (this route excluded)
+``/__sent``                JSON: per ``/stream/`` path, the body bytes written so far and
+                           whether the whole body went out (``{"sent": n, "finished": b}``)
 ========================  =================================================================
+
+A ``/stream/`` body is written piece by piece and counted as it goes, so a test can tell
+whether the client stopped reading early: a client that closes the connection makes the
+next write fail, and the count stops (short of N) with ``finished`` false.
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ class FileServer(ThreadingHTTPServer):
         self.root = root.resolve()
         self.token = token
         self.counts: Counter[str] = Counter()
+        self.sent: dict[str, dict[str, int | bool]] = {}
         self.lock = threading.Lock()
 
 
@@ -81,6 +94,10 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/__requests":
             with self.server.lock:
                 body = json.dumps(dict(self.server.counts)).encode()
+            return self.reply(200, body, head=head, content_type="application/json")
+        if path == "/__sent":
+            with self.server.lock:
+                body = json.dumps(self.server.sent).encode()
             return self.reply(200, body, head=head, content_type="application/json")
         with self.server.lock:
             self.server.counts[path] += 1
@@ -107,6 +124,12 @@ class Handler(BaseHTTPRequestHandler):
                 extra = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
                 return self.reply(503, b"slow down\n", head=head, headers=extra)
             return self.serve(rest, set(), head)
+        if path.startswith("/stream/"):
+            return self.stream(path, query, head)
+        if path == "/echo-headers":
+            seen = {name.lower(): value for name, value in self.headers.items()}
+            body = json.dumps(seen).encode()
+            return self.reply(200, body, head=head, content_type="application/json")
         if path == "/echo-auth":
             sent = "Authorization" in self.headers
             return self.reply(200, b"present" if sent else b"absent", head=head)
@@ -138,6 +161,54 @@ class Handler(BaseHTTPRequestHandler):
 
     def redirect(self, location: str, code: int, head: bool) -> None:
         self.reply(code, b"moved\n", head=head, headers={"Location": location})
+
+    def stream(self, path: str, query: dict[str, str], head: bool) -> None:
+        """A made-up body that ignores ``Range`` (see the module docstring)."""
+        size = int(path[len("/stream/") :].split("/", 1)[0])
+        chunked = query.get("chunked") == "1"
+        code = 200
+        headers = {"Accept-Ranges": "bytes"}
+        wanted = self.headers.get("Range")
+        if query.get("partial") == "1" and wanted and not head:
+            first, _, last = wanted.partition("=")[2].partition("-")
+            code = 206
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        if head:
+            headers["Content-Length"] = query.get("head", str(size))
+        elif chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            headers["Content-Length"] = str(size)
+        self.send_response(code)
+        self.send_header("Content-Type", "application/octet-stream")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if head:
+            return
+        with self.server.lock:
+            record = self.server.sent.setdefault(path, {"sent": 0, "finished": False})
+        piece = bytes(i % 251 for i in range(251 * 261))  # 65511 bytes, the pattern repeats
+        sent = 0
+        try:
+            while sent < size:
+                n = min(len(piece) - 251, size - sent)
+                part = piece[sent % 251 : sent % 251 + n]
+                if chunked:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                else:
+                    self.wfile.write(part)
+                sent += n
+                with self.server.lock:
+                    record["sent"] = sent
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True  # the client hung up: stop writing
+            return
+        with self.server.lock:
+            record["finished"] = True
 
     def authorized(self) -> bool:
         value = self.headers.get("Authorization", "")
