@@ -141,3 +141,40 @@ def test_azure_canary(
         [AZURITE_KEY, az_connection_string],
         {"options": {"az": opts}},
     )
+
+
+@pytest.mark.s3
+def test_nested_client_kwargs_are_masked_in_sdk_debug_logs(
+    caplog: pytest.LogCaptureFixture, s3_options: dict[str, object], s3_bucket: str
+) -> None:
+    """An access key id given inside ``client_kwargs`` is masked in botocore's DEBUG
+    logs (its request headers carry it), and so is a credential nested deeper."""
+    key_id = "AKIANESTED" + uuid.uuid4().hex[:10].upper()
+    secret = "NESTEDSECRET" + uuid.uuid4().hex
+    opts = {
+        **s3_options,
+        "client_kwargs": {"aws_access_key_id": key_id, "aws_secret_access_key": secret},
+    }
+    with caplog.at_level(logging.DEBUG), Store(options={"s3": opts}) as store:
+        store.write_bytes(f"s3://{s3_bucket}/nested.bin", b"n" * 100)
+        assert store.read_bytes(f"s3://{s3_bucket}/nested.bin") == b"n" * 100
+    assert caplog.records and "nested.bin" in caplog.text
+    for canary in (key_id, secret):
+        assert canary not in caplog.text, f"{canary[:10]}... reached a DEBUG log"
+
+
+def test_credentials_nested_under_any_name_are_masked(caplog: pytest.LogCaptureFixture) -> None:
+    """``register_options`` finds credentials by name at any depth, and a mapping whose
+    own name is a credential's (``credentials={...}``) has all its values masked."""
+    from mlstore._util.redact import register_options
+
+    deep, inner = "DEEPCANARY" + uuid.uuid4().hex, "INNERCANARY" + uuid.uuid4().hex
+    register_options(
+        {
+            "client_kwargs": {"config": {"aws_access_key_id": deep}},
+            "credentials": {"client_id": "x", "value": inner},
+        }
+    )
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("some.sdk").debug("headers %s and %s", deep, inner)
+    assert deep not in caplog.text and inner not in caplog.text
