@@ -19,9 +19,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO
 
+from mlstore._util.redact import redact_url
 from mlstore.config import ENV_VARS, StoreConfig
 from mlstore.errors import MlstoreError
 from mlstore.store import Store
@@ -150,16 +151,30 @@ def _cmd_info(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
+def _shown(value: object) -> object:
+    """``value`` as ``mlstore config`` may print it: URLs (mount prefixes, the keys of
+    per-prefix policies) with user info and signatures masked, by the same rules as
+    every other place a URL is shown. Terminal output ends up in CI logs and tickets."""
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, Mapping):
+        masked = {_shown(k): _shown(v) for k, v in value.items()}
+        return value if masked == dict(value) else masked  # unchanged: shown as it was
+    if isinstance(value, tuple):
+        return tuple(_shown(v) for v in value)
+    return value
+
+
 def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     cfg = store.config
     out.write("# effective settings (argument > MLSTORE_* environment > config file > default)\n")
     for section in ("cache", "retry", "http"):
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
-            out.write(f"{section}.{f.name} = {getattr(obj, f.name)!r}\n")
+            out.write(f"{section}.{f.name} = {_shown(getattr(obj, f.name))!r}\n")
     out.write(f"max_workers = {cfg.max_workers}\n")
     for name, urls in sorted(cfg.mounts.items()):
-        out.write(f"mount {name} = {', '.join(urls)}\n")
+        out.write(f"mount {name} = {', '.join(redact_url(u) for u in urls)}\n")
     for proto, opts in sorted(cfg.options.items()):
         # option values may be credentials: names only
         out.write(f"options.{proto}: {', '.join(sorted(opts)) or '(none)'}\n")

@@ -153,6 +153,27 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             _without_secrets(self.storage_options),
         )
 
+    def to_dict(self, *, include_password: bool = True) -> dict[str, Any]:
+        """fsspec's JSON-ready description of this filesystem, minus every credential
+        option (``to_json`` is built from it).
+
+        ``include_password`` is accepted for fsspec's sake and makes no difference: a
+        description is written to files, logs and task graphs, so it never carries a
+        secret, as the pickle does not. :meth:`from_dict` gives a filesystem that
+        re-resolves credentials from its environment, config file or credential provider.
+        """
+        from fsspec.json import FilesystemJSONEncoder
+
+        encoder = FilesystemJSONEncoder()
+        cls = type(self)
+        described: dict[str, Any] = dict(
+            cls=f"{cls.__module__}:{cls.__name__}",
+            protocol=self.protocol,
+            args=encoder.make_serializable(self.storage_args),
+            **encoder.make_serializable(_without_secrets(self.storage_options)),
+        )
+        return described
+
     # ------------------------------------------------------------------ paths
 
     @classmethod

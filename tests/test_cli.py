@@ -159,3 +159,23 @@ def test_console_script_runs_as_a_program(tree: Path, tmp_path: Path) -> None:
         check=True,
     )
     assert f"file://{dst}/a.txt" in listed.stdout
+
+
+def test_config_shows_no_secret_of_a_mount_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A mount URL's password and signature are masked in ``mlstore config`` (with and
+    without ``--env``); the rest of the URL still shows where the mount points."""
+    password, sig = "PWCANARY" + os.urandom(8).hex(), "SIGCANARY" + os.urandom(8).hex()
+    cfg = tmp_path / "mlstore.toml"
+    cfg.write_text(
+        "[mounts]\n"
+        f'data = "https://user:{password}@data.example.com/set?sig={sig}&v=2"\n'
+        f'[cache.policies."https://user:{password}@data.example.com/"]\nvalidate = "never"\n'
+    )
+    monkeypatch.setenv("MLSTORE_CONFIG", str(cfg))
+    for argv in (("config",), ("config", "--env")):
+        status, out = run(*argv)
+        assert status == 0
+        assert "mount data = https://***@data.example.com/set?sig=***&v=2" in out
+        assert password not in out and sig not in out

@@ -5,6 +5,7 @@ and mount targets, both URL spellings, options, errors, pickling and a real cons
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pickle
 import uuid
@@ -562,3 +563,40 @@ def test_pyarrow_dataset_over_a_directory(tmp_path: Path) -> None:
     table = ds.dataset(path, filesystem=fs, format="parquet").to_table()
     got = table.to_pandas().sort_values("id").reset_index(drop=True)
     pd.testing.assert_frame_equal(got, df)
+
+
+def test_serialised_filesystems_carry_no_nested_credentials() -> None:
+    """pickle, ``to_json()`` and ``to_dict()`` drop every credential option, however deep
+    it sits (``client_kwargs``, ``target_options``, per-protocol ``options``); the other
+    options survive, and the copy is a working filesystem."""
+    canaries = ["NESTEDCANARY" + uuid.uuid4().hex for _ in range(5)]
+    fs = fsspec.filesystem(
+        "mlstore",
+        skip_instance_cache=True,
+        target_protocol="s3",
+        target_options={
+            "endpoint_url": "http://127.0.0.1:9",
+            "client_kwargs": {"aws_access_key_id": canaries[0], "region_name": "eu-west-1"},
+            "secret": canaries[1],
+        },
+        options={
+            "gs": {"token": canaries[2]},
+            "s3": {"client_kwargs": {"aws_secret_access_key": canaries[3]}},
+            "az": {"credential": {"account_key": canaries[4]}},
+        },
+    )
+    blob = pickle.dumps(fs)
+    as_json = fs.to_json()
+    as_dict = json.dumps(fs.to_dict())
+    for where, text in (
+        ("pickle", blob.decode("latin-1")),
+        ("to_json", as_json),
+        ("to_dict", as_dict),
+    ):
+        assert "eu-west-1" in text, where
+        for canary in canaries:
+            assert canary not in text, f"a nested credential survived {where}"
+    for copy in (pickle.loads(blob), fsspec.AbstractFileSystem.from_json(as_json)):
+        assert isinstance(copy, MLStoreFileSystem)
+        assert copy.target_protocol == "s3"
+        assert copy.store.config.options["s3"]["client_kwargs"] == {"region_name": "eu-west-1"}

@@ -29,6 +29,7 @@ from mlstore._engine.identity import Identity
 from mlstore._engine.replicas import Resolved
 from mlstore._util.files import SeekableRaw
 from mlstore._util.lru import LRU
+from mlstore._util.redact import redact_url
 from mlstore.backends.base import ObjectInfo
 from mlstore.cache.tiered import Fetched, TieredCache
 from mlstore.errors import IsADirectoryError_
@@ -206,7 +207,7 @@ class CachedReads:
         if info.size > self.config.block_threshold:
             return self._block_file(target, info)
         whole = io.BytesIO(self.whole(where, policy))  # shares the bytes; never written
-        whole.name = key
+        whole.name = redact_url(key)  # shown by repr(): never the URL's credentials
         return whole
 
     # ------------------------------------------------------------------ blocks
@@ -280,7 +281,7 @@ class _BlockReader(SeekableRaw):
         self._last = -1  # a reader starting at byte 0 is reading forward
         self._current: tuple[int, bytes] = (-1, b"")
         self._pending: dict[int, Future[bytes]] = {}
-        self.name = str(target)
+        self.name = redact_url(str(target))
         self.size = info.size
 
     def readinto(self, buffer: Any) -> int:

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
+from mlstore._util.redact import redact_url
 from mlstore.errors import IntegrityError
 
 __all__ = [
@@ -73,14 +74,16 @@ class RangeReader(SeekableRaw):
     Args:
         fetch: returns bytes ``[start, end)``; must return exactly ``end - start`` bytes.
         size: the object's length.
-        name: the URL, shown in ``repr`` and available as ``.name``.
+        name: the URL, shown in ``repr`` and available as ``.name`` with its user info
+            and signature masked (a file object is printed, logged and pickled by
+            consumers that know nothing of credentials).
     """
 
     def __init__(self, fetch: Fetch, size: int, name: str) -> None:
         super().__init__()
         self._fetch = fetch
         self.size = size
-        self.name = name
+        self.name = redact_url(name)
         self._pos = 0
 
     def __repr__(self) -> str:
@@ -310,7 +313,7 @@ class QuietReadFile(io.BufferedIOBase):
     def __init__(self, inner: IO[bytes]) -> None:
         super().__init__()
         self._inner = inner
-        self.name = getattr(inner, "url", None) or getattr(inner, "name", "")
+        self.name = redact_url(str(getattr(inner, "url", None) or getattr(inner, "name", "")))
         size = getattr(inner, "size", None)
         if not isinstance(size, int):
             try:

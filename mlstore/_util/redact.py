@@ -49,7 +49,7 @@ MASK = "***"
 #: Backend option names that hold credentials: never pickled, never shown.
 SECRET_OPTION = re.compile(
     r"(secret|token|password|passwd|credential|sas|account_key|connection_string|"
-    r"^key$|session|private|auth|headers)",
+    r"access_key|key_id|^key$|session|private|auth|headers)",
     re.IGNORECASE,
 )
 #: Query parameters that carry credentials: presigned S3 URLs, Azure SAS tokens, GCS
@@ -105,14 +105,29 @@ def register_secret(value: object) -> None:
 
 
 def register_options(options: Mapping[str, Any]) -> None:
-    """Register every value of ``options`` whose name looks like a credential."""
+    """Register every value of ``options`` whose name looks like a credential, at any
+    depth: SDK options nest them (``client_kwargs={"aws_access_key_id": ...}``), and the
+    SDKs log them from there. The same names :func:`redact_options` drops are masked."""
     for key, value in options.items():
-        if isinstance(value, Mapping):
+        if isinstance(key, str) and SECRET_OPTION.search(key):
+            _register_all(value)
+        elif isinstance(value, Mapping):
             register_options(value)
-        elif isinstance(key, str) and SECRET_OPTION.search(key):
-            register_secret(value)
-            # credential objects (google-auth, azure-identity) carry a token attribute
-            register_secret(getattr(value, "token", None))
+
+
+def _register_all(value: object) -> None:
+    """Register ``value`` and, if it is a container (``credentials={...}``), everything
+    in it: below a credential's name, every part is taken for a credential."""
+    if isinstance(value, Mapping):
+        for item in value.values():
+            _register_all(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _register_all(item)
+    else:
+        register_secret(value)
+        # credential objects (google-auth, azure-identity) carry a token attribute
+        register_secret(getattr(value, "token", None))
 
 
 def register_environment() -> None:
@@ -186,8 +201,8 @@ def redact_url(url: str) -> str:
     >>> redact_url("https://user:pw@host/a?sig=abc&x=1")
     'https://***@host/a?sig=***&x=1'
     """
-    if "://" not in url:
-        return url
+    if "://" not in url or ("@" not in url and "?" not in url):
+        return url  # nothing to mask: no user info, no query (and no parsing cost)
     try:
         parts = urlsplit(url)
     except ValueError:

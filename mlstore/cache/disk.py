@@ -3,6 +3,7 @@
 Layout of ``CacheConfig.disk_dir``::
 
     index.sqlite     entries (key -> version, hash, size, checked) and blobs (hash -> size, atime)
+    index.key        random bytes that key the digests of credential-bearing keys (below)
     blobs/ab/<hash>  one file per distinct content, named by its xxh3-128 (so stored once)
     tmp/             fills in progress, named <pid>-<random>; a dead filler's are removed
     locks/           lock stripes for single-flight (see flight.py)
@@ -25,7 +26,16 @@ Invariants kept here:
 - the total stays within ``disk_bytes`` but for the object being filled: eviction runs
   after each fill, least recently used first;
 - the directory is created 0700 and refused if another user owns it or others can write
-  to it; files are 0600.
+  to it; one of the user's own that others may only read or enter (0755, as ``mkdir``
+  makes it) is tightened to 0700. Every file in it is 0600, the index and its WAL
+  included (SQLite gives those the index file's mode, so the index is created 0600);
+- no credential is written to the index. A key whose URL carries user info or a
+  credential query value (``https://user:pw@host/x?sig=...``) is stored as the URL with
+  those masked plus a keyed BLAKE2b digest of the whole key: still readable, still
+  distinct for URLs that differ only in their signature, and of no use for guessing the
+  password (the digest key lives in ``index.key``, so a copy of the index attached to a
+  bug report gives nothing to test guesses against). The node's cache outlives the job;
+  the credentials it was given should not.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
+import logging
 import os
 import sqlite3
 import stat
@@ -42,6 +54,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mlstore._util.process import PerProcess
+from mlstore._util.redact import redact_url
 from mlstore.errors import ConfigError
 from mlstore.hashing import content_hash
 
@@ -59,6 +72,11 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('bytes', 0);
 """
 _TOUCH_EVERY = 2.0  # seconds between flushes of batched access times
+_KEY_BYTES = 32  # of index.key
+#: ``meta`` row set once the index holds no key in clear (see ``_drop_clear_keys``).
+_KEYS_SAFE = "keys_redacted"
+
+log = logging.getLogger("mlstore.cache")
 
 
 class DiskFullError(OSError):
@@ -101,6 +119,40 @@ def check_private_dir(path: str) -> None:
             f"{stat.S_IMODE(st.st_mode):o}); run 'chmod 700 {path}' or choose another "
             "directory"
         )
+    if st.st_mode & 0o077:
+        # Others may read it but never could write to it: nothing can have been planted,
+        # so tightening it is safe, and refusing would only break every existing setup
+        # whose directory came from a plain mkdir.
+        _make_private(path, st, 0o700)
+        log.info(
+            "made the cache directory %s private (mode %o -> 700)", path, stat.S_IMODE(st.st_mode)
+        )
+
+
+def _make_private(path: str, st: os.stat_result, mode: int) -> None:
+    """``chmod`` ``path`` (of stat ``st``) to ``mode`` if others have any access to it."""
+    if not st.st_mode & 0o077:
+        return
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:
+        raise ConfigError(
+            f"{path!r} in the cache directory is open to other users (mode "
+            f"{stat.S_IMODE(st.st_mode):o}) and cannot be made private ({exc.strerror}); "
+            f"run 'chmod -R go= {path}' or choose another directory"
+        ) from None
+
+
+def _private_file(path: str) -> None:
+    """Create ``path`` 0600 if missing, or make an existing one 0600 (a cache written by
+    an older mlstore, or under a lax umask, may have left it readable)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class _ProcessIndex:
@@ -177,14 +229,90 @@ class DiskTier:
         self.clock = clock
         self.on_event = on_event
         for sub in ("blobs", "tmp", "locks"):
-            os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+            sub_path = os.path.join(root, sub)
+            os.makedirs(sub_path, mode=0o700, exist_ok=True)
+            _make_private(sub_path, os.stat(sub_path), 0o700)
         self._blobs = os.path.join(root, "blobs")
-        self._index = PerProcess(
-            functools.partial(_ProcessIndex, os.path.join(root, "index.sqlite"))
-        )
+        self._key = self._digest_key()
+        index = os.path.join(root, "index.sqlite")
+        # SQLite creates the WAL and shared-memory files with the index file's mode.
+        for path in (index, index + "-wal", index + "-shm"):
+            if path == index or os.path.exists(path):
+                _private_file(path)
+        self._index = PerProcess(functools.partial(_ProcessIndex, index))
         db = self._conn()
         db.executescript(_SCHEMA)
+        self._drop_clear_keys()
         self.clean_orphans()
+
+    # ------------------------------------------------------------------ keys
+
+    def _digest_key(self) -> bytes:
+        """The node's digest key from ``index.key``, made on first use. It is published
+        by a hard link, which fails if another process published first: every process
+        ends up with the same key, and none ever reads a half-written one."""
+        path = os.path.join(self.root, "index.key")
+        for _ in range(3):
+            try:
+                with open(path, "rb") as fh:
+                    key = fh.read()
+                if len(key) == _KEY_BYTES:
+                    return key
+                os.unlink(path)  # damaged: its digests will not be found again anyway
+            except FileNotFoundError:
+                pass
+            tmp = os.path.join(self.root, "tmp", f"{os.getpid()}-{os.urandom(6).hex()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, os.urandom(_KEY_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won: read its key
+            finally:
+                os.unlink(tmp)
+        raise ConfigError(f"cannot create the cache's digest key {path!r}")
+
+    def stored_key(self, key: str) -> str:
+        """What the index stores for ``key``: ``key`` itself, or, if its URL carries a
+        credential, the masked URL, the rest of the key, and a keyed digest of it all.
+
+        A stored key of the second form ends in ``\\x00#<hex>``; a key of the first never
+        does (block keys end in ``:<index>``), so the two forms cannot collide.
+        """
+        if "@" not in key and "?" not in key:
+            return key  # no user info, no query: nothing to hide (the common case)
+        url, sep, rest = key.partition("\x00")
+        shown = redact_url(url)
+        if shown == url:
+            return key
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), key=self._key)
+        return f"{shown}{sep}{rest}\x00#{digest.hexdigest()[:40]}"
+
+    def _drop_clear_keys(self) -> None:
+        """Once per index: delete the entries an older mlstore stored under keys with
+        credentials in clear (their blobs stay, reachable by content or evicted in
+        time). ``secure_delete`` overwrites the freed bytes, and the checkpoint empties
+        the WAL, so the secrets leave the files too."""
+        db = self._conn()
+        if db.execute("SELECT 1 FROM meta WHERE name = ?", (_KEYS_SAFE,)).fetchone():
+            return
+        db.execute("PRAGMA secure_delete = ON")
+        try:
+            with self._transaction() as tx:
+                rows = tx.execute(
+                    "SELECT key FROM entries WHERE key LIKE '%@%' OR key LIKE '%?%'"
+                ).fetchall()
+                clear = [(k,) for (k,) in rows if self.stored_key(k) != k]
+                tx.executemany("DELETE FROM entries WHERE key = ?", clear)
+                tx.execute("INSERT OR IGNORE INTO meta VALUES (?, 1)", (_KEYS_SAFE,))
+            if clear:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.execute("PRAGMA secure_delete = OFF")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -222,7 +350,10 @@ class DiskTier:
         """The index entry of ``key``, if any."""
         row = (
             self._conn()
-            .execute("SELECT version, hash, size, checked FROM entries WHERE key = ?", (key,))
+            .execute(
+                "SELECT version, hash, size, checked FROM entries WHERE key = ?",
+                (self.stored_key(key),),
+            )
             .fetchone()
         )
         if row is None:
@@ -303,7 +434,7 @@ class DiskTier:
                 db.execute("UPDATE blobs SET atime = ? WHERE hash = ?", (now, digest))
             db.execute(
                 "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
-                (key, version, digest, len(data), now),
+                (self.stored_key(key), version, digest, len(data), now),
             )
             total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
         if total > self.budget:
@@ -337,12 +468,14 @@ class DiskTier:
     def touch_entry(self, key: str) -> None:
         """Record that ``key`` was just validated against the store."""
         db = self._conn()
-        db.execute("UPDATE entries SET checked = ? WHERE key = ?", (self.clock(), key))
+        db.execute(
+            "UPDATE entries SET checked = ? WHERE key = ?", (self.clock(), self.stored_key(key))
+        )
 
     def forget(self, key: str) -> None:
         """Drop the index entry of ``key`` (its blob stays while others use it)."""
         db = self._conn()
-        db.execute("DELETE FROM entries WHERE key = ?", (key,))
+        db.execute("DELETE FROM entries WHERE key = ?", (self.stored_key(key),))
 
     def drop_blob(self, digest: str) -> None:
         """Delete blob ``digest`` and every entry that points at it."""

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from mlstore._util.redact import redact_url
 from mlstore.cache.blobfile import BlobFile
 from mlstore.cache.disk import DiskEntry, DiskFullError, DiskTier, check_private_dir
 from mlstore.cache.flight import SingleFlight
@@ -160,7 +161,7 @@ class TieredCache:
                 disk.blob_path(entry.hash),
                 entry.hash,
                 entry.size,
-                name=label,
+                name=redact_url(label),
                 on_corrupt=corrupt,
                 refetch=refetch,
             )
@@ -424,6 +425,6 @@ def _once(fn: Callable[[], str | None]) -> Callable[[], str | None]:
     return call
 
 
-def _named(fh: io.BytesIO, name: str) -> io.BytesIO:
-    fh.name = name
+def _named(fh: io.BytesIO, key: str) -> io.BytesIO:
+    fh.name = redact_url(key)  # a file's name is shown: never the URL's credentials
     return fh
