@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import gzip
 import io
+import ipaddress
 import json
 import os
 import pickle
@@ -139,7 +140,10 @@ class Network:
 
 @pytest.fixture
 def network(monkeypatch: pytest.MonkeyPatch) -> Network:
-    """Record every DNS look-up and socket connect (the real calls still happen)."""
+    """Record every DNS look-up and socket connect. Connections to this machine really
+    happen; any other address is refused before a packet leaves (a test of a refused
+    URL must never reach the address it is about, even when the code under test is
+    broken)."""
     seen = Network([], [])
     real_getaddrinfo = socket.getaddrinfo
     real_connect = socket.socket.connect
@@ -150,6 +154,13 @@ def network(monkeypatch: pytest.MonkeyPatch) -> Network:
 
     def connect(self: socket.socket, address: Any) -> None:
         seen.connects.append(address)
+        host = str(address[0]) if isinstance(address, tuple) else ""
+        try:
+            local = ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        except ValueError:
+            local = host == "localhost"
+        if not local:
+            raise ConnectionRefusedError(f"the tests reach only this machine, not {host}")
         real_connect(self, address)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
