@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import io
 import os
 import sqlite3
 import stat
@@ -59,6 +60,24 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('bytes', 0);
 """
 _TOUCH_EVERY = 2.0  # seconds between flushes of batched access times
+#: Largest blob read with a single ``read()``. Linux returns at most 0x7ffff000 bytes
+#: from one call (and macOS refuses more than 2 GiB), so a larger blob takes several.
+_ONE_READ = 1 << 30
+
+
+def _read_whole(fd: int, size: int) -> bytes:
+    """The contents of ``fd`` from its start, expected to be ``size`` bytes.
+
+    A blob that fits is one ``read`` of ``size + 1`` bytes (the extra byte shows a file
+    that grew), the hot path. A larger one is read to its end in as many calls as it
+    takes: a single call would stop at the kernel's cap, the blob would look truncated
+    and be dropped and fetched again on every read. ``FileIO.readall`` sizes one buffer
+    from the file's length and loops, so the bytes are not copied a second time.
+    """
+    if size < _ONE_READ:
+        return os.read(fd, size + 1)
+    with io.FileIO(fd, "r", closefd=False) as fh:
+        return fh.readall()
 
 
 class DiskFullError(OSError):
@@ -237,7 +256,7 @@ class DiskTier:
         except FileNotFoundError:
             return None
         try:
-            data = os.read(fd, size + 1)  # one byte more shows a file that grew
+            data = _read_whole(fd, size)
         finally:
             os.close(fd)
         if len(data) != size or (self.verify and content_hash(data) != digest):
