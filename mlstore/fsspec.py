@@ -58,7 +58,7 @@ from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.spec import make_instance
 
 from mlstore._util.files import QuietReadFile
-from mlstore._util.redact import redact_options, redact_protocol_options
+from mlstore._util.redact import redact_options, redact_protocol_options, redact_url
 from mlstore.backends.base import ObjectInfo
 from mlstore.config import StoreConfig
 from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError
@@ -365,8 +365,19 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
 
     def pipe_file(self, path: Any, value: Any, mode: str = "overwrite", **kwargs: Any) -> None:
         url = self._url(path)
-        if mode == "create" and self.store.exists(url):
-            raise FileExistsError(errno.EEXIST, "the object already exists", str(url))
+        if mode == "create":
+            # Store.write_bytes refuses a value that is not bytes-like before any request;
+            # check it here too, so that refusal also comes before the existence check.
+            try:
+                memoryview(value)
+            except TypeError:
+                raise TypeError(
+                    f"pipe_file({redact_url(str(url))!r}): value must be bytes-like (bytes, "
+                    f"bytearray, memoryview or another object supporting the buffer "
+                    f"protocol), not {type(value).__name__}"
+                ) from None
+            if self.store.exists(url):
+                raise FileExistsError(errno.EEXIST, "the object already exists", str(url))
         self.store.write_bytes(url, value)
 
     def put_file(

@@ -11,6 +11,7 @@ copy; subtracting two snapshots gives what happened in between::
 
 from __future__ import annotations
 
+import html
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,9 @@ METRICS: dict[str, str] = {
     "bytes_written": "bytes sent to a storage backend",
     "errors": "backend calls that raised",
 }
+
+_MIN_WIDTH = 15  # of a counter column in Stats.table
+_GAP = 2  # spaces at least between two columns of Stats.table
 
 
 @dataclass(frozen=True)
@@ -68,19 +72,29 @@ class Stats:
         return Stats({k: v for k, v in diff.items() if v})
 
     def table(self) -> str:
-        """A plain-text table, one row per protocol."""
+        """A plain-text table, one row per protocol.
+
+        Each column is as wide as its longest cell plus a two-space gap (15 at least,
+        so short tables look as they always did): a fixed width ran long names such as
+        ``dedupe_bytes_saved`` into their neighbour.
+        """
         rows = self.by_protocol
         names = sorted({m for m, _ in self.counters})
         if not rows:
             return "(no activity)"
-        width = max(len(p) for p in rows) + 2
-        head = "protocol".ljust(width) + "".join(n.rjust(15) for n in names)
-        lines = [head]
-        for proto in sorted(rows):
-            lines.append(
-                proto.ljust(width) + "".join(str(rows[proto].get(n, 0)).rjust(15) for n in names)
+        cells = {p: [str(rows[p].get(n, 0)) for n in names] for p in sorted(rows)}
+        first = max(len("protocol"), *(len(p) for p in rows)) + 2
+        widths = [
+            max(_MIN_WIDTH, len(n) + _GAP, *(len(c[i]) + _GAP for c in cells.values()))
+            for i, n in enumerate(names)
+        ]
+
+        def line(label: str, values: list[str]) -> str:
+            return label.ljust(first) + "".join(
+                v.rjust(w) for v, w in zip(values, widths, strict=True)
             )
-        return "\n".join(lines)
+
+        return "\n".join([line("protocol", names), *(line(p, c) for p, c in cells.items())])
 
     def __str__(self) -> str:
         return self.table()
@@ -88,9 +102,11 @@ class Stats:
     def _repr_html_(self) -> str:
         names = sorted({m for m, _ in self.counters})
         rows = self.by_protocol
-        head = "".join(f"<th>{n}</th>" for n in names)
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
         body = "".join(
-            f"<tr><td>{p}</td>" + "".join(f"<td>{rows[p].get(n, 0)}</td>" for n in names) + "</tr>"
+            f"<tr><td>{html.escape(p)}</td>"
+            + "".join(f"<td>{rows[p].get(n, 0)}</td>" for n in names)
+            + "</tr>"
             for p in sorted(rows)
         )
         return f"<table><tr><th>protocol</th>{head}</tr>{body}</table>"

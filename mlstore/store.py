@@ -25,7 +25,7 @@ from mlstore._util.redact import redact_protocol_options
 from mlstore.backends.base import Backend, ObjectInfo
 from mlstore.cache.tiered import TieredCache
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
-from mlstore.errors import ConfigError, UnsupportedOperation
+from mlstore.errors import ConfigError, UnsupportedOperation, redact_url
 from mlstore.metrics import Stats
 from mlstore.url import URL, parse_url
 
@@ -293,9 +293,24 @@ class Store:
         For a mount, the write goes to the primary (first) replica; with
         ``replicate=True`` to every replica, in order. A replica that fails stops the
         write there and the error says which replicas were already written.
+
+        Raises:
+            TypeError: ``data`` is not bytes-like (bytes, bytearray, memoryview or
+                another object with the buffer protocol). Checked before any request,
+                because ``bytes()`` would turn an int into that many zero bytes and a
+                list of ints into a small object, writing garbage without complaint.
         """
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(
+                f"write_bytes({redact_url(str(url))!r}): data must be bytes-like (bytes, "
+                f"bytearray, memoryview or another object supporting the buffer "
+                f"protocol), not {type(data).__name__}"
+            ) from None
+        payload = data if type(data) is bytes else bytes(view)
         runtime, where = self._where(url)
-        runtime.writer.write(where, bytes(data), replicate=replicate)
+        runtime.writer.write(where, payload, replicate=replicate)
 
     def mkdir(self, url: UrlLike) -> None:
         """Create a directory and its parents (a no-op on object stores)."""

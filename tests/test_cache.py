@@ -1,9 +1,10 @@
 """The tiered cache against a real S3 (moto_server) behind a counting proxy: hits,
 single-flight across real processes, integrity, eviction, dedupe, policies, SIGKILLed
-fillers, a full disk, and the cache directory's safety rules."""
+fillers, a full disk, objects past 2 GiB, and the cache directory's safety rules."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import pickle
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,7 +27,10 @@ import mlstore
 from mlstore import Store
 from mlstore.cache import MemoryTier
 from mlstore.cache.disk import DiskTier
-from mlstore.hashing import content_hash
+from mlstore.cache.tiered import Fetched, TieredCache
+from mlstore.config import CacheConfig
+from mlstore.hashing import Hasher, content_hash
+from mlstore.metrics import Metrics
 from tests.emulators import ServerProcess
 from tests.servers import proxy
 
@@ -33,6 +38,7 @@ pytestmark = pytest.mark.s3
 
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 
 
 class Clock:
@@ -706,6 +712,95 @@ def test_a_tampered_large_blob_is_never_served_through_open(
     assert gets(via_proxy) == 1, "refetched once"
     with make_store(via_proxy, cache_dir) as store:
         assert store.cache.verify() == {"checked": 1, "dropped": 0}
+
+
+# ---------------------------------------------------------------- objects past 2 GiB
+
+# Linux returns at most 0x7ffff000 bytes from one read(): a blob larger than that must be
+# read in several calls, or it looks truncated, is dropped as corrupt and is refetched.
+HUGE = 2 * GiB + MiB
+
+
+@functools.cache
+def _zeros_digest(size: int) -> str:
+    h, zeros = Hasher(), memoryview(bytes(64 * MiB))
+    for offset in range(0, size, len(zeros)):
+        h.update(zeros[: min(len(zeros), size - offset)])
+    return h.hexdigest()
+
+
+def _huge_sparse_entry(cache_dir: str, key: str) -> tuple[TieredCache, Metrics, str]:
+    """A cache whose disk tier holds ``key`` as HUGE zero bytes, left the way a filler
+    leaves an entry (blob renamed into place, then its index rows), but as a sparse
+    file: it costs no disk to speak of and reads at memory speed."""
+    if shutil.disk_usage(os.path.dirname(cache_dir)).free < GiB:
+        pytest.skip("needs some free disk for the sparse blob's metadata")
+    metrics = Metrics()
+    config = CacheConfig(disk_dir=cache_dir, memory_bytes=0, disk_bytes=4 * GiB, validate="never")
+    cache = TieredCache(config, metrics)
+    assert cache.disk is not None
+    digest = _zeros_digest(HUGE)
+    sparse = os.path.join(os.path.dirname(cache_dir), "sparse.blob")
+    fd = os.open(sparse, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, HUGE)
+    finally:
+        os.close(fd)
+    final = cache.disk.blob_path(digest)
+    os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+    os.replace(sparse, final)
+    db = sqlite3.connect(os.path.join(cache_dir, "index.sqlite"), isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO blobs VALUES (?, ?, ?)", (digest, HUGE, 0.0))
+        db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", (key, "v1", digest, HUGE, 0.0))
+        db.execute("UPDATE meta SET value = value + ? WHERE name = 'bytes'", (HUGE,))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return cache, metrics, digest
+
+
+def _no_fetch() -> Fetched:
+    raise AssertionError("fetched: the cached blob was not served")
+
+
+def _no_refetch() -> bytes:
+    raise AssertionError("refetched: the cached blob was not served")
+
+
+@pytest.mark.slow
+def test_an_object_past_2_gib_is_served_from_the_disk_tier(cache_dir: str) -> None:
+    key = "s3://bucket/huge.bin"
+    cache, metrics, digest = _huge_sparse_entry(cache_dir, key)
+    try:
+        for _ in range(2):  # and again: the blob was not dropped
+            data = cache.get(key, _no_fetch)
+            assert len(data) == HUGE and content_hash(data) == digest
+            del data
+        assert cache.verify() == {"checked": 1, "dropped": 0}
+    finally:
+        cache.close()
+    stats = metrics.snapshot()
+    assert (stats.get("hits", "disk"), stats.get("integrity_failures", "disk")) == (2, 0)
+
+
+@pytest.mark.slow
+def test_an_object_past_2_gib_opens_over_its_blob_and_reads_whole_twice(cache_dir: str) -> None:
+    key = "s3://bucket/huge-open.bin"
+    cache, metrics, digest = _huge_sparse_entry(cache_dir, key)
+    try:
+        fh = cache.open_fresh(key, ("never", 0.0), _no_refetch)
+        assert fh is not None
+        with fh:
+            assert content_hash(fh.read()) == digest  # hashed while it is read
+            fh.seek(0)
+            assert content_hash(fh.read()) == digest  # verified: served as it stands
+            fh.seek(HUGE - 10)
+            assert fh.read() == bytes(10)
+    finally:
+        cache.close()
+    assert metrics.snapshot().get("integrity_failures", "disk") == 0
 
 
 def test_single_flight_keeps_a_bounded_number_of_lock_files_open(tmp_path: Path) -> None:

@@ -67,6 +67,58 @@ def test_cache_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path)
     assert c.verify == "always"
 
 
+@pytest.mark.parametrize("source", ["argument", "environment", "config file"])
+def test_a_relative_disk_dir_is_made_absolute_when_resolved(
+    source: str,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    config_file: WriteConfig,
+) -> None:
+    # A launcher that changes directory (Hydra does) must not move the cache with it.
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.delenv("MLSTORE_CACHE_DIR")
+    if source == "environment":
+        monkeypatch.setenv("MLSTORE_CACHE_DIR", ".cache/mlstore")
+    elif source == "config file":
+        config_file('[cache]\ndisk_dir = ".cache/mlstore"\n')
+    monkeypatch.chdir(start)
+    c = CacheConfig(disk_dir=".cache/mlstore") if source == "argument" else CacheConfig()
+    expected = str(start / ".cache" / "mlstore")
+    assert c.disk_dir == expected
+    monkeypatch.chdir(elsewhere)
+    assert c.resolved_disk_dir == expected
+    assert pickle.loads(pickle.dumps(c)).resolved_disk_dir == expected
+    assert dataclasses.replace(c, ttl=1).disk_dir == expected
+
+
+@pytest.mark.s3
+def test_reads_after_a_chdir_hit_the_same_cache(
+    s3_options: dict[str, object],
+    s3_bucket: str,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    url = f"s3://{s3_bucket}/chdir.bin"
+    with mlstore.Store(options={"s3": s3_options}, cache={"enabled": False}) as writer:
+        writer.write_bytes(url, b"cached before the chdir")
+    monkeypatch.setenv("MLSTORE_CACHE_DIR", ".cache/mlstore")
+    monkeypatch.chdir(start)
+    # no memory tier: every read after the first must come from the disk tier
+    with mlstore.Store(options={"s3": s3_options}, cache={"memory_bytes": 0}) as store:
+        assert store.read_bytes(url) == b"cached before the chdir"
+        monkeypatch.chdir(elsewhere)
+        assert store.read_bytes(url) == b"cached before the chdir"
+        stats = store.stats()
+    assert (stats.get("misses", "cache"), stats.get("hits", "disk")) == (1, 1)
+    assert (start / ".cache" / "mlstore" / "index.sqlite").exists()
+    assert not (elsewhere / ".cache").exists(), "a second cache was made"
+
+
 def test_retry_defaults() -> None:
     r = RetryPolicy()
     assert (r.max_attempts, r.deadline, r.backoff_base, r.backoff_max) == (5, 120.0, 0.2, 20.0)

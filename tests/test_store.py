@@ -3,6 +3,7 @@ mounts, stats, bad input, the module-level functions, pickling and fork."""
 
 from __future__ import annotations
 
+import array
 import io
 import multiprocessing
 import os
@@ -15,6 +16,9 @@ import pytest
 
 import mlstore
 from mlstore import ConfigError, NotFoundError, Store, UnsupportedOperation
+from mlstore.fsspec import MLStoreFileSystem
+from tests.emulators import ServerProcess
+from tests.servers import proxy
 
 
 @pytest.fixture(params=["memory", "local"])
@@ -55,6 +59,46 @@ def test_write_accepts_bytearray_and_memoryview(store: Store, root: str) -> None
     store.write_bytes(f"{root}/a", bytearray(b"abc"))
     store.write_bytes(f"{root}/b", memoryview(b"xyz"))
     assert store.read_many([f"{root}/a", f"{root}/b"]) == [b"abc", b"xyz"]
+
+
+def test_write_accepts_any_buffer(store: Store, root: str) -> None:
+    store.write_bytes(f"{root}/arr", array.array("B", b"buffer protocol"))
+    assert store.read_bytes(f"{root}/arr") == b"buffer protocol"
+
+
+@pytest.mark.parametrize("data", [10**9, 5, "text", [1, 2, 3], None, 1.5])
+def test_write_refuses_what_is_not_bytes_like(store: Store, root: str, data: object) -> None:
+    # bytes(10**9) would be a gigabyte of zeros and bytes("x") a TypeError without the
+    # URL: neither says what went wrong, and the first writes it.
+    url = f"{root}/not-bytes"
+    with pytest.raises(TypeError, match="bytes-like") as caught:
+        store.write_bytes(url, data)  # type: ignore[arg-type]
+    assert url in str(caught.value) and type(data).__name__ in str(caught.value)
+    assert not store.exists(url)
+
+
+def test_a_refused_write_sends_no_request(s3_proxy: ServerProcess, s3_bucket: str) -> None:
+    proxy.reset(s3_proxy.endpoint)
+    store = Store(options={"s3": {"endpoint_url": s3_proxy.endpoint}}, cache={"enabled": False})
+    url = f"s3://{s3_bucket}/not-bytes"
+    with pytest.raises(TypeError, match="bytes-like"):
+        store.write_bytes(url, 10**9)  # type: ignore[arg-type]
+    assert proxy.counts(s3_proxy.endpoint)["total"] == 0
+
+
+def test_fsspec_pipe_file_refuses_what_is_not_bytes_like(mem_root: str) -> None:
+    fs = MLStoreFileSystem(skip_instance_cache=True)
+    path = f"{mem_root}/piped"
+    with pytest.raises(TypeError, match="bytes-like") as caught:
+        fs.pipe_file(path, 10**6)
+    assert path in str(caught.value)
+    with pytest.raises(TypeError, match="bytes-like"):
+        fs.pipe(path, "text")
+    with pytest.raises(TypeError, match="bytes-like"):
+        fs.pipe_file(path, None, mode="create")
+    assert not fs.exists(path)
+    fs.pipe_file(path, memoryview(b"ok"))
+    assert fs.cat_file(path) == b"ok"
 
 
 def test_empty_object(store: Store, root: str) -> None:

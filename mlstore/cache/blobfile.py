@@ -81,14 +81,32 @@ class BlobFile(SeekableRaw):
         want = min(len(view), self._size - self._pos)
         if want <= 0:
             return 0
-        n = os.preadv(self._fd, [view[:want]], self._pos)
-        self._pos += n
-        return n
+        # One call when it fits (the usual case); a request past the kernel's cap on one
+        # read (0x7ffff000 bytes on Linux) is served in several.
+        done = 0
+        while done < want:
+            n = os.preadv(self._fd, [view[done:want]], self._pos + done)
+            if n <= 0:
+                break
+            done += n
+        self._pos += done
+        return done
 
     def readall(self) -> bytes:
+        # ``readinto`` may return less than asked (a raw read's right); loop to the end
+        # rather than return a truncated object.
         out = bytearray(max(0, self.size - self._pos))
-        n = self.readinto(out) if out else 0
-        return bytes(out[:n])
+        view = memoryview(out)
+        filled = 0
+        while filled < len(out):
+            n = self.readinto(view[filled:])
+            if n <= 0:
+                break
+            filled += n
+        view.release()
+        if filled < len(out):
+            del out[filled:]
+        return bytes(out)
 
     def _read_all_into(self, view: memoryview) -> int:
         """Read the whole blob into ``view``, hashing as it goes; verify at the end."""

@@ -44,6 +44,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import logging
 import os
 import sqlite3
@@ -77,6 +78,24 @@ _KEY_BYTES = 32  # of index.key
 _KEYS_SAFE = "keys_redacted"
 
 log = logging.getLogger("mlstore.cache")
+#: Largest blob read with a single ``read()``. Linux returns at most 0x7ffff000 bytes
+#: from one call (and macOS refuses more than 2 GiB), so a larger blob takes several.
+_ONE_READ = 1 << 30
+
+
+def _read_whole(fd: int, size: int) -> bytes:
+    """The contents of ``fd`` from its start, expected to be ``size`` bytes.
+
+    A blob that fits is one ``read`` of ``size + 1`` bytes (the extra byte shows a file
+    that grew), the hot path. A larger one is read to its end in as many calls as it
+    takes: a single call would stop at the kernel's cap, the blob would look truncated
+    and be dropped and fetched again on every read. ``FileIO.readall`` sizes one buffer
+    from the file's length and loops, so the bytes are not copied a second time.
+    """
+    if size < _ONE_READ:
+        return os.read(fd, size + 1)
+    with io.FileIO(fd, "r", closefd=False) as fh:
+        return fh.readall()
 
 
 class DiskFullError(OSError):
@@ -368,7 +387,7 @@ class DiskTier:
         except FileNotFoundError:
             return None
         try:
-            data = os.read(fd, size + 1)  # one byte more shows a file that grew
+            data = _read_whole(fd, size)
         finally:
             os.close(fd)
         if len(data) != size or (self.verify and content_hash(data) != digest):

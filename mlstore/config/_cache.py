@@ -34,6 +34,18 @@ _VALIDATE = choice("never", "ttl", "always")
 _TTL = nonneg(seconds)
 
 
+def _absolute_directory(value: object, name: str) -> str | None:
+    """A directory as :func:`directory` reads it, made absolute against the working
+    directory of the moment the config is resolved.
+
+    A relative path left as it is would be re-read against whatever the working
+    directory is later: a launcher that changes directory (Hydra does) would make reads
+    fail, or open a second cache somewhere else.
+    """
+    path = directory(value, name)
+    return None if path is None else os.path.abspath(path)
+
+
 def _policies(value: object, name: str) -> dict[str, dict[str, Any]]:
     return prefix_tables(
         value,
@@ -53,7 +65,9 @@ class CacheConfig(Resolved):
         memory_bytes: budget of the per-process memory tier (``MLSTORE_MEMORY_BYTES``).
             Default 512 MiB. ``0`` turns the memory tier off.
         disk_dir: directory of the node-wide disk tier (``MLSTORE_CACHE_DIR``).
-            Default: ``$XDG_CACHE_HOME/mlstore`` or ``~/.cache/mlstore``.
+            Default: ``$XDG_CACHE_HOME/mlstore`` or ``~/.cache/mlstore``. A relative
+            path is made absolute once, against the working directory at the time the
+            config is made, so a later ``os.chdir`` does not move the cache.
         disk_bytes: budget of the disk tier (``MLSTORE_DISK_BYTES``). Default 10 GiB.
             ``0`` turns the disk tier off.
         block_size: block size for large objects (``MLSTORE_BLOCK_SIZE``). Default 8 MiB.
@@ -75,7 +89,7 @@ class CacheConfig(Resolved):
 
     enabled: bool = setting("MLSTORE_CACHE", flag, True)
     memory_bytes: int = setting("MLSTORE_MEMORY_BYTES", nonneg(size), 512 * MiB)
-    disk_dir: str | None = setting("MLSTORE_CACHE_DIR", directory, None)
+    disk_dir: str | None = setting("MLSTORE_CACHE_DIR", _absolute_directory, None)
     disk_bytes: int = setting("MLSTORE_DISK_BYTES", nonneg(size), 10 * GiB)
     block_size: int = setting("MLSTORE_BLOCK_SIZE", positive(size), 8 * MiB)
     block_threshold: int = setting("MLSTORE_BLOCK_THRESHOLD", nonneg(size), 64 * MiB)
