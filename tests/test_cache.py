@@ -322,6 +322,54 @@ def test_ttl_policy_serves_cached_data_until_the_ttl_then_revalidates(
         assert heads(via_proxy) == 1 and gets(via_proxy) == 0, "unchanged: HEAD only"
 
 
+def test_an_entry_stamped_in_the_future_is_revalidated(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    # A filler whose clock ran an hour ahead stamps its entries an hour ahead; without a
+    # check they would be trusted for that hour plus the ttl.
+    ahead, clock = Clock(), Clock()
+    ahead.now += 3600
+    changed, unchanged, opened = (f"s3://{bucket}/ahead-{n}.bin" for n in range(3))
+    for url in (changed, unchanged, opened):
+        upload(via_proxy, url, b"version one")
+    with make_store(via_proxy, cache_dir, validate="ttl", ttl=10, clock=ahead) as filler:
+        for url in (changed, unchanged, opened):
+            filler.read_bytes(url)
+    upload(via_proxy, changed, b"version two")
+    upload(via_proxy, opened, b"version two")
+    with make_store(via_proxy, cache_dir, validate="ttl", ttl=10, clock=clock) as store:
+        proxy.reset(via_proxy)
+        assert store.read_bytes(changed) == b"version two"
+        assert heads(via_proxy) == 1 and gets(via_proxy) == 1
+        proxy.reset(via_proxy)
+        assert store.read_bytes(unchanged) == b"version one"
+        assert heads(via_proxy) == 1 and gets(via_proxy) == 0, "same version: HEAD only"
+        with store.open(opened) as fh:
+            assert fh.read() == b"version two"
+        proxy.reset(via_proxy)
+        clock.now += 5  # restamped with this clock at the HEAD: trusted for the ttl
+        assert [store.read_bytes(u) for u in (changed, unchanged)] == [
+            b"version two",
+            b"version one",
+        ]
+        assert proxy.counts(via_proxy)["total"] == 0
+
+
+def test_a_stamp_a_little_ahead_is_still_trusted(
+    via_proxy: str, bucket: str, cache_dir: str
+) -> None:
+    ahead, clock = Clock(), Clock()
+    ahead.now += 0.5  # ordinary skew between the processes of one node
+    url = f"s3://{bucket}/nearly.bin"
+    upload(via_proxy, url, b"shard")
+    with make_store(via_proxy, cache_dir, validate="ttl", ttl=10, clock=ahead) as filler:
+        filler.read_bytes(url)
+    with make_store(via_proxy, cache_dir, validate="ttl", ttl=10, clock=clock) as store:
+        proxy.reset(via_proxy)
+        assert store.read_bytes(url) == b"shard"
+    assert proxy.counts(via_proxy)["total"] == 0
+
+
 def test_never_policy_trusts_the_cache(via_proxy: str, bucket: str, cache_dir: str) -> None:
     clock = Clock()
     url = f"s3://{bucket}/never.bin"

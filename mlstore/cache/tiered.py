@@ -9,7 +9,8 @@ Consistency policies (``CacheConfig.validate``):
 
 - ``"never"``: a cached object is trusted for ever (immutable datasets);
 - ``"ttl"``: trusted for ``ttl`` seconds after it was fetched or last checked, then
-  checked with one HEAD: same version, trusted again; new version, refetched;
+  checked with one HEAD: same version, trusted again; new version, refetched. A copy
+  stamped in the future (a clock that ran ahead) is checked at once;
 - ``"always"``: checked with a HEAD on every read.
 """
 
@@ -45,6 +46,9 @@ log = logging.getLogger("mlstore.cache")
 _SEEN_KEYS = 65536
 #: Disk entries at least this large are opened as files over their blob, not loaded.
 _FILE_MIN = 4 * 1024 * 1024
+#: Seconds a ``checked`` stamp may lie ahead of this process's clock and still be
+#: trusted (the ordinary skew between processes); a stamp further ahead is revalidated.
+_CLOCK_SKEW = 1.0
 
 
 @dataclass(frozen=True)
@@ -250,8 +254,19 @@ class TieredCache:
         return self.flight.hold_in_process(f"content:{digest}")
 
     def _trusted(self, validate: str, ttl: float, checked: float) -> bool:
-        """Whether a copy last checked at ``checked`` is trusted without asking the store."""
-        return validate == "never" or (validate == "ttl" and self.clock() - checked < ttl)
+        """Whether a copy last checked at ``checked`` is trusted without asking the store.
+
+        Under ``"ttl"`` a stamp later than now (by more than :data:`_CLOCK_SKEW`) is not
+        trusted: it was written by a clock that ran ahead (a filler on a skewed clock,
+        NTP stepping back after a VM resume), and trusting it would stretch the ttl by
+        the whole skew. Such a copy is revalidated, which restamps it with this clock.
+        """
+        if validate == "never":
+            return True
+        if validate != "ttl":
+            return False
+        age = self.clock() - checked
+        return -_CLOCK_SKEW <= age < ttl
 
     def _fresh(
         self,
