@@ -301,14 +301,15 @@ def test_r6_truncated_bodies_are_never_cached(
         faults, {"fault": "truncate", "method": "GET", "offset": 1000, "probability": 0.5}
     )
     cache = {"disk_dir": str(tmp_path / "cache")}
+    time = FakeTime()  # one clock for both Stores: the second reads later, not earlier
     # Half the bodies stop after 1,000 bytes, resumed parts included: room to finish.
-    with make_store(faults, FakeTime(), cache=cache, max_attempts=20) as store:
+    with make_store(faults, time, cache=cache, max_attempts=20) as store:
         assert all(store.read_bytes(u) == d for u, d in objects.items())
         assert store.cache.verify() == {"checked": 100, "dropped": 0}
     assert fired(faults, "truncate") > 20
     # Everything now comes from the disk tier, and every entry is whole.
     proxy.set_faults(faults, {"fault": "status", "status": 500})
-    with make_store(faults, FakeTime(), cache=cache, max_attempts=1) as store:
+    with make_store(faults, time, cache=cache, max_attempts=1) as store:
         assert all(store.read_bytes(u) == d for u, d in objects.items())
 
 
