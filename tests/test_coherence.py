@@ -206,3 +206,47 @@ def test_a_store_with_other_credentials_is_not_served_from_the_node_cache(
     again = store("owner-key")  # the same credentials: the node cache serves them
     assert again.read_bytes(url) == b"for the owner"
     assert again.stats()["requests"] == 0
+
+
+def test_bytes_always_belong_to_the_version_the_store_reports(
+    s3_options: dict[str, object], s3_bucket: str, tmp_path: Path
+) -> None:
+    import boto3
+
+    cache = {"disk_dir": str(tmp_path / "cache")}
+    url = f"s3://{s3_bucket}/report.bin"
+    with mlstore.Store(options={"s3": s3_options}, cache=cache) as first:
+        first.write_bytes(url, b"version one")
+        assert first.read_bytes(url) == b"version one"  # on the node's disk now
+    # Replaced by another tool: the node cache still holds version one, trusted by ttl.
+    client = boto3.client("s3", endpoint_url=str(s3_options["endpoint_url"]))
+    client.put_object(Bucket=s3_bucket, Key="report.bin", Body=b"version two, longer")
+    with mlstore.Store(options={"s3": s3_options}, cache=cache) as second:
+        info = second.info(url)  # asks the store: the new size and ETag
+        assert info.size == len(b"version two, longer")
+        assert second.read_bytes(url, 0, 9) == b"version t"
+        assert second.read_bytes(url) == b"version two, longer"
+        with second.open(url) as fh:
+            assert fh.read() == b"version two, longer"
+    with mlstore.Store(options={"s3": s3_options}, cache=cache) as third:
+        assert third.info(url).size == len(b"version two, longer")
+        with third.open(url) as fh:  # a fresh process's open, after its info
+            assert fh.read() == b"version two, longer"
+
+
+def test_exists_after_rm_is_false_through_the_store_and_fsspec(
+    s3_options: dict[str, object], s3_bucket: str
+) -> None:
+    import fsspec
+
+    url = f"s3://{s3_bucket}/gone.bin"
+    with mlstore.Store(options={"s3": s3_options}) as store:
+        store.write_bytes(url, b"x")
+        assert store.exists(url)
+        store.rm(url)
+        assert not store.exists(url)
+    fs = fsspec.filesystem("mlstore", options={"s3": s3_options})
+    fs.pipe_file(url, b"y")
+    assert fs.exists(url)
+    fs.rm(url)
+    assert not fs.exists(url)

@@ -102,6 +102,12 @@ class CachedReads:
         """The consistency policy (``validate``, ``ttl``) for ``where``."""
         return self.config.policy_for(where.key)
 
+    def known(self, where: Resolved) -> ObjectInfo | None:
+        """The info this process last reported for ``where``, if it still has it: the
+        cached bytes it serves must be of that version."""
+        remembered = self._info.get(self.node(where))
+        return remembered[0][1] if remembered is not None else None
+
     def node(self, where: Resolved) -> str:
         """The node key of ``where`` (its primary replica's object, in this scope)."""
         return self.identity.key(where.primary)
@@ -109,13 +115,21 @@ class CachedReads:
     # ------------------------------------------------------------------ metadata
 
     def located_info(self, where: Resolved, policy: Policy | None = None) -> tuple[URL, ObjectInfo]:
-        """The physical replica that answered and the object's info, cached per policy."""
-        return self._remembered(
-            self._info,
-            self.node(where),
-            policy or self.policy(where),
-            lambda: self.reader.locate(where),
-        )
+        """The physical replica that answered and the object's info, cached per policy.
+
+        When the store reports a version that this process holds other bytes of in
+        memory, those bytes are dropped: what is served must be of the reported version.
+        """
+        node = self.node(where)
+
+        def locate() -> tuple[URL, ObjectInfo]:
+            target, info = self.reader.locate(where)
+            held = self.cache.memory.get(node)
+            if held is not None and held[0].version != info.version:
+                self.cache.memory.discard(node)
+            return target, info
+
+        return self._remembered(self._info, node, policy or self.policy(where), locate)
 
     def listing(self, where: Resolved, fetch: Callable[[], list[ObjectInfo]]) -> list[ObjectInfo]:
         """``ls`` entries of ``where``, cached per process under the consistency policy."""
@@ -153,7 +167,8 @@ class CachedReads:
     def read(self, where: Resolved, start: int | None, end: int | None) -> bytes:
         if start is None and end is None:
             return self.whole(where)
-        data = self.cache.peek(self.node(where))
+        known = self.known(where)
+        data = self.cache.peek(self.node(where), known.version if known is not None else None)
         if data is not None:
             return data[start:end]
         policy = self.policy(where)
@@ -181,8 +196,7 @@ class CachedReads:
 
         # If this object's metadata is already known and names its content (mlstore
         # wrote it), identical content cached under any other URL serves it: no GET.
-        remembered = self._info.get(key)
-        known = remembered[0][1] if remembered is not None else None
+        known = self.known(where)
         return self.cache.get(
             key,
             fetch,
@@ -190,6 +204,7 @@ class CachedReads:
             known_hash=known.content_hash if known is not None else None,
             known_version=known.version if known is not None else None,
             policy=policy,
+            expect_version=known.version if known is not None else None,
         )
 
     def open(self, where: Resolved) -> IO[bytes]:
@@ -198,7 +213,14 @@ class CachedReads:
         # Cached and trusted under the policy: no request at all (not even the HEAD
         # that would tell whole-object from blocks).
         refetch = functools.partial(self.whole, where, policy)
-        fh = self.cache.open_fresh(self.node(where), policy, refetch, name=key)
+        known = self.known(where)
+        fh = self.cache.open_fresh(
+            self.node(where),
+            policy,
+            refetch,
+            name=key,
+            expect_version=known.version if known is not None else None,
+        )
         if fh is not None:
             return fh
         target, info = self.located_info(where, policy)

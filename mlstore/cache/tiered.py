@@ -115,12 +115,15 @@ class TieredCache:
 
     # ------------------------------------------------------------------ lookups
 
-    def peek(self, key: str) -> bytes | None:
-        """A memory-tier hit that needs no revalidation, or ``None`` (the fast path)."""
+    def peek(self, key: str, expect_version: str | None = None) -> bytes | None:
+        """A memory-tier hit that needs no revalidation (and is of ``expect_version``,
+        when given), or ``None`` (the fast path)."""
         item = self.memory.get(key)
         if item is None:
             return None
         meta, data = item
+        if expect_version is not None and meta.version != expect_version:
+            return None
         if self._trusted(meta.validate, meta.ttl, meta.checked):
             self.metrics.add("hits", "memory")
             self.metrics.add("bytes_served", "memory", len(data))
@@ -134,6 +137,7 @@ class TieredCache:
         refetch: Callable[[], bytes],
         *,
         name: str | None = None,
+        expect_version: str | None = None,
     ) -> IO[bytes] | None:
         """A file over the cached bytes of ``key`` if ``policy`` trusts them without a
         request to the store; ``None`` otherwise (the caller takes the usual path). The
@@ -143,13 +147,15 @@ class TieredCache:
         returned; ``refetch`` gets the object anew if it fails), not loaded into memory.
         """
         label = key if name is None else name
-        data = self.peek(key)
+        data = self.peek(key, expect_version)
         if data is not None:
             return _named(io.BytesIO(data), label)
         if self.disk is None:
             return None
         entry = self.disk.lookup(key)
         if entry is None or not self._trusted(*policy, entry.checked):
+            return None
+        if _other_version(entry.version, expect_version):
             return None
         if entry.size < _FILE_MIN:
             found = self._disk_hit(key, entry, entry.checked, policy, keep_in_memory=True)
@@ -187,6 +193,7 @@ class TieredCache:
         immutable: bool = False,
         policy: tuple[str, float] | None = None,
         keep_in_memory: bool = True,
+        expect_version: str | None = None,
     ) -> bytes:
         """The bytes of ``key``: from memory, from disk, or fetched once per node.
 
@@ -202,11 +209,14 @@ class TieredCache:
             keep_in_memory: False for data read once in a stream (the blocks of a
                 large object read through ``open()``): it goes to the disk tier only,
                 so streaming a large object does not fill this process's memory.
+            expect_version: the version the caller already knows the object to be
+                (it reported it): a copy of any other version is stale, whatever the
+                policy, so the bytes always belong to the version the caller reports.
         """
         policy = policy or (self.config.validate, self.config.ttl)
         if revalidate is not None:
             revalidate = _once(revalidate)  # one HEAD per read, whichever tier asks
-        found = self._lookup(key, revalidate, immutable, policy, keep_in_memory)
+        found = self._lookup(key, revalidate, immutable, policy, keep_in_memory, expect_version)
         if found is not None:
             return found
         with self.flight.hold(key) as waited:
@@ -215,7 +225,7 @@ class TieredCache:
             # Look again even if the lock came at once: another filler may have finished
             # between our first look and our taking the lock.
             found = self._lookup(
-                key, revalidate, immutable, policy, keep_in_memory, after_wait=True
+                key, revalidate, immutable, policy, keep_in_memory, expect_version, after_wait=True
             )
             if found is not None:
                 return found
@@ -297,13 +307,18 @@ class TieredCache:
         immutable: bool,
         policy: tuple[str, float],
         keep_in_memory: bool = True,
+        expect_version: str | None = None,
         *,
         after_wait: bool = False,
     ) -> bytes | None:
         item = self.memory.get(key)
         if item is not None:
             meta, data = item
-            checked = self._fresh(key, meta.version, meta.checked, revalidate, immutable, policy)
+            checked = (
+                None
+                if _other_version(meta.version, expect_version)
+                else self._fresh(key, meta.version, meta.checked, revalidate, immutable, policy)
+            )
             if checked is not None:
                 if checked != meta.checked:  # just revalidated: trusted for another ttl
                     renewed = _Meta(meta.version, meta.hash, checked, *policy)
@@ -318,11 +333,12 @@ class TieredCache:
         if entry is None:
             return None
         # An entry a neighbour filled while we waited is as fresh as it gets.
-        checked = (
-            entry.checked
-            if after_wait
-            else self._fresh(key, entry.version, entry.checked, revalidate, immutable, policy)
-        )
+        if _other_version(entry.version, expect_version):
+            checked = None
+        elif after_wait:
+            checked = entry.checked
+        else:
+            checked = self._fresh(key, entry.version, entry.checked, revalidate, immutable, policy)
         if checked is None:
             self.disk.forget(key)
             return None
@@ -438,6 +454,11 @@ def _once(fn: Callable[[], str | None]) -> Callable[[], str | None]:
         return memo[0]
 
     return call
+
+
+def _other_version(cached: str | None, expected: str | None) -> bool:
+    """Whether a copy of version ``cached`` is not the ``expected`` one (when known)."""
+    return expected is not None and cached != expected
 
 
 def _named(fh: io.BytesIO, key: str) -> io.BytesIO:
