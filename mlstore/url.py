@@ -196,11 +196,13 @@ def _parse(url: str | os.PathLike[str]) -> URL:
         raise ConfigError(
             f"{bucket!r} is not a valid bucket or container name", url=raw, operation="parse"
         )
-    return URL(protocol, bucket, _clean_key(key, raw))
+    # Object keys are data: "dir//key" is an object of its own, never "dir/key".
+    return URL(protocol, bucket, key)
 
 
 def _clean_key(key: str, raw: str) -> str:
-    """Collapse duplicate slashes; keep a trailing slash (a "directory" marker)."""
+    """A ``memory://`` path: duplicate slashes collapsed, as fsspec's memory file system
+    names its paths; a trailing slash (a "directory") kept."""
     trailing = key.endswith("/")
     parts = [p for p in key.split("/") if p not in ("",)]
     cleaned = "/".join(parts)
