@@ -27,7 +27,10 @@ instance; names below it come back as full URLs.
 
 Keyword arguments other than ``target_protocol``, ``target_options`` and ``fo`` are
 :class:`~mlstore.Store` keyword arguments (``cache``, ``retry``, ``http``, ``mounts``,
-``options``, ``max_workers``, ``config``); each filesystem instance owns one Store.
+``options``, ``max_workers``, ``config``); each filesystem instance owns one Store. The
+path fsspec passes as ``fo`` for a chained URL is not part of the instance: every chained
+URL with the same Store arguments, target protocol and target options shares one
+filesystem, and so one Store with its clients and caches.
 
 Example:
     >>> import fsspec
@@ -96,12 +99,18 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             are paths of this protocol.
         target_options: set by fsspec from the ``<protocol>={...}`` keyword: the
             backend options of ``target_protocol``.
-        fo: the path fsspec resolved for the chained URL (unused).
+        fo: the path fsspec resolved for the chained URL (unused, and left out of the
+            instance's identity).
         **store_kwargs: keyword arguments of :class:`~mlstore.Store`.
     """
 
     protocol: ClassVar[str] = "mlstore"
     root_marker = ""
+    #: fsspec passes the chained URL's path as ``fo``. An instance does not depend on it,
+    #: so it stays out of the instance-cache token (and of ``storage_options``, hence of
+    #: pickles and JSON, which rebuild the same instance): otherwise every path would build
+    #: and keep its own filesystem and Store. fsspec's own chained caches do the same.
+    _strip_tokenize_options: ClassVar[tuple[str, ...]] = ("fo",)
 
     def __init__(
         self,
@@ -136,7 +145,6 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             options = {k: dict(v) for k, v in (store_kwargs.get("options") or {}).items()}
             options[proto] = {**options.get(proto, {}), **dict(target_options)}
             store_kwargs["options"] = options
-        self.fo = fo
         self.store = Store(**store_kwargs)
 
     def __repr__(self) -> str:

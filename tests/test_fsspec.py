@@ -600,3 +600,53 @@ def test_serialised_filesystems_carry_no_nested_credentials() -> None:
         assert isinstance(copy, MLStoreFileSystem)
         assert copy.target_protocol == "s3"
         assert copy.store.config.options["s3"]["client_kwargs"] == {"region_name": "eu-west-1"}
+
+
+# ------------------------------------------------------------ one instance per Store setup
+
+
+def _instances() -> list[MLStoreFileSystem]:
+    return list(MLStoreFileSystem._cache.values())
+
+
+def test_chained_urls_share_one_filesystem_and_store(mem: str) -> None:
+    """The path of a chained URL (fsspec's ``fo``) is not part of the instance: 200 opens
+    of 200 paths go through one filesystem and so one Store, not 200 of each."""
+    for i in range(200):
+        with fsspec.open(f"mlstore::memory://{mem}/{i}.bin", "wb") as f:
+            f.write(str(i).encode())
+    stores = set()
+    for i in range(200):
+        of = fsspec.open(f"mlstore::memory://{mem}/{i}.bin", "rb")
+        with of as f:
+            assert f.read() == str(i).encode()
+        stores.add(id(of.fs.store))
+    assert len(_instances()) == 1
+    assert len(stores) == 1
+    # Other Store arguments, or another target, are another filesystem.
+    fsspec.open(f"mlstore::memory://{mem}/0.bin", mlstore={"max_workers": 3}).open().close()
+    fsspec.open(f"mlstore::file://{os.getcwd()}").fs.ls(os.getcwd())
+    assert len(_instances()) == 3
+
+
+def test_chained_s3_urls_share_one_store(s3_options: dict[str, object], s3_bucket: str) -> None:
+    for i in range(20):
+        with fsspec.open(f"mlstore::s3://{s3_bucket}/k{i}", "wb", s3=s3_options) as f:
+            f.write(b"v%d" % i)
+    opened = [fsspec.open(f"mlstore::s3://{s3_bucket}/k{i}", s3=s3_options) for i in range(20)]
+    for i, of in enumerate(opened):
+        with of as f:
+            assert f.read() == b"v%d" % i
+    assert len({id(of.fs.store) for of in opened}) == 1
+    assert len(_instances()) == 1
+
+
+def test_a_shared_instance_serialises_to_itself(mem: str) -> None:
+    """What fsspec records for an instance (``storage_options``, pickle, JSON) leaves the
+    per-path ``fo`` out too, so a copy in the same process is the same instance."""
+    fs = fsspec.open(f"mlstore::memory://{mem}/a.bin", "wb", mlstore={"max_workers": 2}).fs
+    assert "fo" not in fs.storage_options
+    assert fs.storage_options["max_workers"] == 2
+    assert pickle.loads(pickle.dumps(fs)) is fs
+    assert fsspec.AbstractFileSystem.from_json(fs.to_json()) is fs
+    assert fsspec.open(f"mlstore::memory://{mem}/b.bin", mlstore={"max_workers": 2}).fs is fs
