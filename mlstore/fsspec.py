@@ -64,7 +64,7 @@ from mlstore._util.files import QuietReadFile
 from mlstore._util.redact import redact_options, redact_protocol_options, redact_url
 from mlstore.backends.base import ObjectInfo
 from mlstore.config import StoreConfig
-from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError
+from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError, UnsupportedOperation
 from mlstore.store import Store
 from mlstore.url import SCHEMES, URL, parse_url
 
@@ -188,6 +188,8 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
     def _strip_protocol(cls, path: Any) -> Any:
         if isinstance(path, list):
             return [cls._strip_protocol(p) for p in path]
+        if path is None:  # fsspec's DirFileSystem asks for the root this way
+            return ""
         path = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
         if path.startswith("mlstore::"):
             path = path[len("mlstore::") :]
@@ -348,7 +350,17 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             fh: IO[bytes] = self.store.open(
                 url, "rb", buffer_size=buffer_size, version=kwargs.get("version")
             )
-            return QuietReadFile(fh)
+            # fsspec's block caches fetch this many bytes at a time: the Store's own cache
+            # block, unless the caller asked for a size.
+            blocksize = buffer_size or self.store.config.cache.block_size
+            return QuietReadFile(fh, path=path, fs=self, blocksize=blocksize)
+        if "a" in mode:
+            raise _AppendUnsupported(
+                "append mode is not supported: mlstore replaces an object as a whole "
+                "(read it, then write it anew with 'wb')",
+                url=str(url),
+                operation="open",
+            )
         if mode == "xb":
             if self.store.exists(url):
                 raise FileExistsError(errno.EEXIST, "the object already exists", str(url))
@@ -498,6 +510,12 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             self.store.rm(url, recursive=True)
         else:
             self.store.rm(url)
+
+
+class _AppendUnsupported(UnsupportedOperation, NotImplementedError):  # noqa: N818 - as in io
+    """Append mode is refused as fsspec filesystems refuse it (``NotImplementedError``,
+    which pyarrow's ``open_append_stream`` passes on), and as mlstore refuses any
+    unsupported mode (:class:`~mlstore.errors.UnsupportedOperation`)."""
 
 
 def _without_secrets(kwargs: Mapping[str, Any]) -> dict[str, Any]:
