@@ -27,7 +27,10 @@ instance; names below it come back as full URLs.
 
 Keyword arguments other than ``target_protocol``, ``target_options`` and ``fo`` are
 :class:`~mlstore.Store` keyword arguments (``cache``, ``retry``, ``http``, ``mounts``,
-``options``, ``max_workers``, ``config``); each filesystem instance owns one Store.
+``options``, ``max_workers``, ``config``); each filesystem instance owns one Store. The
+path fsspec passes as ``fo`` for a chained URL is not part of the instance: every chained
+URL with the same Store arguments, target protocol and target options shares one
+filesystem, and so one Store with its clients and caches.
 
 Example:
     >>> import fsspec
@@ -61,7 +64,7 @@ from mlstore._util.files import QuietReadFile
 from mlstore._util.redact import redact_options, redact_protocol_options, redact_url
 from mlstore.backends.base import ObjectInfo
 from mlstore.config import StoreConfig
-from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError
+from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError, UnsupportedOperation
 from mlstore.store import Store
 from mlstore.url import SCHEMES, URL, parse_url
 
@@ -96,12 +99,18 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             are paths of this protocol.
         target_options: set by fsspec from the ``<protocol>={...}`` keyword: the
             backend options of ``target_protocol``.
-        fo: the path fsspec resolved for the chained URL (unused).
+        fo: the path fsspec resolved for the chained URL (unused, and left out of the
+            instance's identity).
         **store_kwargs: keyword arguments of :class:`~mlstore.Store`.
     """
 
     protocol: ClassVar[str] = "mlstore"
     root_marker = ""
+    #: fsspec passes the chained URL's path as ``fo``. An instance does not depend on it,
+    #: so it stays out of the instance-cache token (and of ``storage_options``, hence of
+    #: pickles and JSON, which rebuild the same instance): otherwise every path would build
+    #: and keep its own filesystem and Store. fsspec's own chained caches do the same.
+    _strip_tokenize_options: ClassVar[tuple[str, ...]] = ("fo",)
 
     def __init__(
         self,
@@ -136,7 +145,6 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             options = {k: dict(v) for k, v in (store_kwargs.get("options") or {}).items()}
             options[proto] = {**options.get(proto, {}), **dict(target_options)}
             store_kwargs["options"] = options
-        self.fo = fo
         self.store = Store(**store_kwargs)
 
     def __repr__(self) -> str:
@@ -180,6 +188,8 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
     def _strip_protocol(cls, path: Any) -> Any:
         if isinstance(path, list):
             return [cls._strip_protocol(p) for p in path]
+        if path is None:  # fsspec's DirFileSystem asks for the root this way
+            return ""
         path = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
         if path.startswith("mlstore::"):
             path = path[len("mlstore::") :]
@@ -340,7 +350,17 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             fh: IO[bytes] = self.store.open(
                 url, "rb", buffer_size=buffer_size, version=kwargs.get("version")
             )
-            return QuietReadFile(fh)
+            # fsspec's block caches fetch this many bytes at a time: the Store's own cache
+            # block, unless the caller asked for a size.
+            blocksize = buffer_size or self.store.config.cache.block_size
+            return QuietReadFile(fh, path=path, fs=self, blocksize=blocksize)
+        if "a" in mode:
+            raise _AppendUnsupported(
+                "append mode is not supported: mlstore replaces an object as a whole "
+                "(read it, then write it anew with 'wb')",
+                url=str(url),
+                operation="open",
+            )
         if mode == "xb":
             if self.store.exists(url):
                 raise FileExistsError(errno.EEXIST, "the object already exists", str(url))
@@ -490,6 +510,12 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             self.store.rm(url, recursive=True)
         else:
             self.store.rm(url)
+
+
+class _AppendUnsupported(UnsupportedOperation, NotImplementedError):  # noqa: N818 - as in io
+    """Append mode is refused as fsspec filesystems refuse it (``NotImplementedError``,
+    which pyarrow's ``open_append_stream`` passes on), and as mlstore refuses any
+    unsupported mode (:class:`~mlstore.errors.UnsupportedOperation`)."""
 
 
 def _without_secrets(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -137,3 +137,53 @@ def test_closed_file_refuses_operations_like_bytesio(
         assert apply(fh, op) is ValueError, op
         assert apply(closed, op) is ValueError, op
     assert fh.closed
+
+
+class _LikeFsspecFile(io.BytesIO):
+    """The reference for fsspec read files: ``io.BytesIO``, except that a seek to a
+    position before the start is a ``ValueError`` (as fsspec's own files refuse it)
+    instead of the start."""
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence in (io.SEEK_CUR, io.SEEK_END) and not self.closed:
+            base = self.tell() if whence == io.SEEK_CUR else len(self.getbuffer())
+            if base + offset < 0:
+                raise ValueError("before the start")
+        return super().seek(offset, whence)
+
+
+@pytest.fixture(scope="module")
+def mlstore_fs() -> Iterator[Any]:
+    import fsspec
+
+    from mlstore.fsspec import MLStoreFileSystem
+
+    yield fsspec.filesystem("mlstore", target_protocol="memory", skip_instance_cache=True)
+    MLStoreFileSystem.clear_instance_cache()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=contents,
+    buffer_size=st.integers(min_value=1, max_value=40),
+    ops=st.lists(operations, max_size=25),
+)
+def test_fsspec_read_file_behaves_like_a_file(
+    mlstore_fs: Any, data: bytes, buffer_size: int, ops: list[Op]
+) -> None:
+    """A file from the fsspec protocol (``fs.open(path, "rb")``) gives the same results
+    as the reference under random operations, and says it refuses seeks before 0."""
+    path = f"/props-{uuid.uuid4().hex}/obj"
+    expected = _LikeFsspecFile(data)
+    mlstore_fs.pipe_file(path, data)
+    try:
+        with mlstore_fs.open(path, "rb", block_size=buffer_size) as actual:
+            assert actual.size == len(data)
+            for op in ops:
+                want = apply(expected, op)
+                got = apply(actual, op)
+                assert got == want, f"{op}: got {got!r}, the reference gave {want!r}"
+                assert actual.tell() == expected.tell(), f"position differs after {op}"
+            assert actual.read() == expected.read()
+    finally:
+        mlstore_fs.rm(path)

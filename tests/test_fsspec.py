@@ -5,6 +5,7 @@ and mount targets, both URL spellings, options, errors, pickling and a real cons
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import pickle
@@ -16,12 +17,14 @@ from typing import Any
 import fsspec
 import pandas as pd
 import pytest
+from fsspec.implementations.cached import CachingFileSystem
 from fsspec.tests.abstract import AbstractFixtures
 from fsspec.tests.abstract.copy import AbstractCopyTests
 from fsspec.tests.abstract.get import AbstractGetTests
 from fsspec.tests.abstract.open import AbstractOpenTests
 from fsspec.tests.abstract.pipe import AbstractPipeTests
 from fsspec.tests.abstract.put import AbstractPutTests
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 import mlstore
 from mlstore.fsspec import MLStoreFileSystem
@@ -600,3 +603,231 @@ def test_serialised_filesystems_carry_no_nested_credentials() -> None:
         assert isinstance(copy, MLStoreFileSystem)
         assert copy.target_protocol == "s3"
         assert copy.store.config.options["s3"]["client_kwargs"] == {"region_name": "eu-west-1"}
+
+
+# ------------------------------------------------------------ one instance per Store setup
+
+
+def _instances() -> list[MLStoreFileSystem]:
+    return list(MLStoreFileSystem._cache.values())
+
+
+def test_chained_urls_share_one_filesystem_and_store(mem: str) -> None:
+    """The path of a chained URL (fsspec's ``fo``) is not part of the instance: 200 opens
+    of 200 paths go through one filesystem and so one Store, not 200 of each."""
+    for i in range(200):
+        with fsspec.open(f"mlstore::memory://{mem}/{i}.bin", "wb") as f:
+            f.write(str(i).encode())
+    stores = set()
+    for i in range(200):
+        of = fsspec.open(f"mlstore::memory://{mem}/{i}.bin", "rb")
+        with of as f:
+            assert f.read() == str(i).encode()
+        stores.add(id(of.fs.store))
+    assert len(_instances()) == 1
+    assert len(stores) == 1
+    # Other Store arguments, or another target, are another filesystem.
+    fsspec.open(f"mlstore::memory://{mem}/0.bin", mlstore={"max_workers": 3}).open().close()
+    fsspec.open(f"mlstore::file://{os.getcwd()}").fs.ls(os.getcwd())
+    assert len(_instances()) == 3
+
+
+def test_chained_s3_urls_share_one_store(s3_options: dict[str, object], s3_bucket: str) -> None:
+    for i in range(20):
+        with fsspec.open(f"mlstore::s3://{s3_bucket}/k{i}", "wb", s3=s3_options) as f:
+            f.write(b"v%d" % i)
+    opened = [fsspec.open(f"mlstore::s3://{s3_bucket}/k{i}", s3=s3_options) for i in range(20)]
+    for i, of in enumerate(opened):
+        with of as f:
+            assert f.read() == b"v%d" % i
+    assert len({id(of.fs.store) for of in opened}) == 1
+    assert len(_instances()) == 1
+
+
+def test_a_shared_instance_serialises_to_itself(mem: str) -> None:
+    """What fsspec records for an instance (``storage_options``, pickle, JSON) leaves the
+    per-path ``fo`` out too, so a copy in the same process is the same instance."""
+    fs = fsspec.open(f"mlstore::memory://{mem}/a.bin", "wb", mlstore={"max_workers": 2}).fs
+    assert "fo" not in fs.storage_options
+    assert fs.storage_options["max_workers"] == 2
+    assert pickle.loads(pickle.dumps(fs)) is fs
+    assert fsspec.AbstractFileSystem.from_json(fs.to_json()) is fs
+    assert fsspec.open(f"mlstore::memory://{mem}/b.bin", mlstore={"max_workers": 2}).fs is fs
+
+
+# ------------------------------------------------------------ the read file's fsspec contract
+
+
+class _Progress(fsspec.callbacks.Callback):  # type: ignore[misc]
+    """Records the size fsspec announces and the progress it reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int | None] = []
+
+    def set_size(self, size: int | None) -> None:
+        self.sizes.append(size)
+        super().set_size(size)
+
+
+@pytest.fixture
+def targets(
+    tmp_path: Path, mem: str, s3_options: dict[str, object], s3_bucket: str
+) -> list[tuple[MLStoreFileSystem, str]]:
+    """(chained filesystem, directory path) for each kind of backend: S3 (moto), memory
+    and local files."""
+    s3 = fsspec.filesystem("mlstore", target_protocol="s3", target_options=s3_options)
+    return [
+        (s3, s3_bucket),
+        (fsspec.filesystem("mlstore", target_protocol="memory"), f"/{mem}"),
+        (fsspec.filesystem("mlstore", target_protocol="file"), str(tmp_path)),
+    ]
+
+
+def _block_reader_fs(s3_options: dict[str, object]) -> MLStoreFileSystem:
+    """An S3 instance whose Store serves objects over 2 KiB block by block from its
+    cache (the block reader), so that kind of read file is covered too."""
+    return fsspec.filesystem(
+        "mlstore",
+        target_protocol="s3",
+        target_options=s3_options,
+        cache={"block_size": 1024, "block_threshold": 2048},
+    )
+
+
+def test_read_file_size_is_known_on_every_backend(
+    targets: list[tuple[MLStoreFileSystem, str]],
+    s3_options: dict[str, object],
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """fsspec's ``read_block(path, offset, None)`` and ``get_file``'s progress read the
+    file's ``size``: it is the object's length whatever backend or cache tier serves it."""
+    data = bytes(range(256)) * 20
+    cases = [*targets, (_block_reader_fs(s3_options), s3_bucket)]
+    for n, (fs, root) in enumerate(cases):
+        path = f"{root}/sized.bin"
+        fs.pipe_file(path, data)
+        for _ in range(2):  # the second open may be served by the Store's cache
+            with fs.open(path, "rb") as f:
+                assert f.size == len(data), fs
+                assert (f.path, f.fs, f.loc) == (path, fs, 0), fs
+                f.read(10)
+                assert f.loc == 10
+        assert fs.read_block(path, 100, None) == data[100:], fs
+        progress = _Progress()
+        local = tmp_path / f"down-{n}.bin"
+        fs.get_file(path, str(local), callback=progress)
+        assert local.read_bytes() == data
+        assert (progress.sizes, progress.value) == ([len(data)], len(data)), fs
+
+
+# fsspec's MMapCache opens its local copy and keeps only the mmap over it, so the file
+# object is collected unclosed (it does so over any filesystem).
+@pytest.mark.filterwarnings("ignore:unclosed file <_io.BufferedRandom:ResourceWarning")
+def test_fsspec_block_caches_over_mlstore(
+    s3_options: dict[str, object], s3_bucket: str, mem: str, tmp_path: Path
+) -> None:
+    """fsspec's ``blockcache``/``cached`` filesystems read mlstore files through their own
+    block cache: a partial read fetches blocks, and a file read to the end is then served
+    from the local copy (even once the object is gone)."""
+    data = bytes(range(256)) * 40
+    url = f"s3://{s3_bucket}/blocks.bin"
+    with fsspec.open(f"mlstore::{url}", "wb", s3=s3_options) as f:
+        f.write(data)
+    chained = f"blockcache::mlstore::{url}"
+    options = {
+        "s3": s3_options,
+        "mlstore": {"cache": {"enabled": False}},  # only fsspec's cache keeps a copy
+        "blockcache": {"cache_storage": str(tmp_path / "bc")},
+    }
+    with fsspec.open(chained, "rb", **options) as f:
+        f.seek(5000)
+        assert f.read(100) == data[5000:5100]
+        f.seek(0)
+        assert f.read() == data
+    with mlstore.Store(options={"s3": s3_options}) as store:
+        store.rm(url)
+    with fsspec.open(chained, "rb", **options) as f:
+        assert f.read() == data
+
+    # The same machinery built by hand over a chained instance, and over a mounts one.
+    target = fsspec.filesystem("mlstore", target_protocol="memory")
+    target.pipe_file(f"/{mem}/c.bin", data)
+    mounts = fsspec.filesystem("mlstore", mounts={"m": f"memory://{mem}"})
+    for fs, path in ((target, f"/{mem}/c.bin"), (mounts, "m/c.bin")):
+        cached = CachingFileSystem(fs=fs, cache_storage=str(tmp_path / f"c{id(fs)}"))
+        with cached.open(path, "rb") as f:
+            f.seek(-50, os.SEEK_END)
+            assert f.read() == data[-50:]
+        assert cached.cat_file(path) == data
+        with fsspec.open(f"simplecache::mlstore::memory://{mem}/c.bin", "rb") as f:
+            assert f.read() == data
+
+
+def test_strip_protocol_of_none_is_the_root(mem: str) -> None:
+    """``get_mapper("").dirfs`` asks for ``_strip_protocol(None)``: the root, not a
+    directory named ``None``."""
+    assert MLStoreFileSystem._strip_protocol(None) == ""
+    fs = fsspec.filesystem("mlstore", mounts={"doc": f"memory://{mem}"})
+    dirfs = fs.get_mapper("").dirfs
+    dirfs.pipe_file("doc/a.txt", b"mapped")
+    assert fs.cat_file("mlstore://doc/a.txt") == b"mapped"
+    assert dirfs.ls("doc", detail=False) == ["doc/a.txt"]
+
+
+def test_read_on_a_write_file_is_an_unsupported_operation(mem: str) -> None:
+    fs = fsspec.filesystem("mlstore", target_protocol="memory")
+    with fs.open(f"/{mem}/w.bin", "wb") as f:
+        f.write(b"written")
+        for read in (f.read, lambda: f.read(1), lambda: f.readinto(bytearray(2)), f.readline):
+            with pytest.raises(io.UnsupportedOperation):
+                read()
+    assert fs.cat_file(f"/{mem}/w.bin") == b"written"
+
+
+def test_seek_before_the_start_is_refused_by_every_read_file(
+    targets: list[tuple[MLStoreFileSystem, str]],
+    s3_options: dict[str, object],
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """A position before 0 is a ``ValueError`` (as fsspec's own files and local files
+    refuse it), not silently the start; the position is left where it was."""
+    big = fsspec.filesystem("mlstore", target_protocol="s3", target_options=s3_options)
+    big.pipe_file(f"{s3_bucket}/big.bin", b"x" * 5000)
+    blocks = (_block_reader_fs(s3_options), f"{s3_bucket}/big.bin", 5000)
+    cases = [(fs, f"{root}/three.bin", 3) for fs, root in targets] + [blocks]
+    for fs, path, size in cases:
+        if size == 3:
+            fs.pipe_file(path, b"abc")
+        for _ in range(2):  # the second open may be served by the Store's cache
+            with fs.open(path, "rb") as f:
+                with pytest.raises(ValueError):
+                    f.seek(-(size + 2), os.SEEK_END)
+                assert f.tell() == 0
+                f.seek(2)
+                with pytest.raises(ValueError):
+                    f.seek(-3, os.SEEK_CUR)
+                with pytest.raises(ValueError):
+                    f.seek(-1)
+                assert f.tell() == 2
+                assert f.seek(-1, os.SEEK_END) == size - 1
+                assert f.seek(-size, os.SEEK_END) == 0
+                assert f.read(1) in (b"a", b"x")
+
+
+def test_append_is_not_implemented_for_pyarrow(mem: str) -> None:
+    """fsspec filesystems refuse append mode with ``NotImplementedError``, which pyarrow
+    passes on from ``open_append_stream``; it is also mlstore's ``UnsupportedOperation``.
+    Nothing is written."""
+    fs = fsspec.filesystem("mlstore", target_protocol="memory")
+    path = f"/{mem}/log.txt"
+    fs.pipe_file(path, b"kept")
+    arrow = PyFileSystem(FSSpecHandler(fs))
+    with pytest.raises(NotImplementedError, match="append"):
+        arrow.open_append_stream(path)
+    with pytest.raises(NotImplementedError) as refused:
+        fs.open(path, "ab")
+    assert isinstance(refused.value, mlstore.UnsupportedOperation)
+    assert fs.cat_file(path) == b"kept"

@@ -9,7 +9,6 @@ and iteration with the exact semantics of a local file.
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
@@ -238,6 +237,11 @@ class CountingWriter(_Discarding, io.RawIOBase):
     def tell(self) -> int:
         return self._written
 
+    def readinto(self, buffer: Any) -> int:
+        # Without this, io.RawIOBase's read() and readline() raise NotImplementedError;
+        # a file not open for reading refuses with io.UnsupportedOperation, as a local one.
+        raise io.UnsupportedOperation("read: the file is open for writing only")
+
     def discard(self) -> None:
         """Abandon the write; the destination is left as it was."""
         if not self.closed:
@@ -305,25 +309,85 @@ class BufferedWrite(io.BytesIO):
 
 
 class QuietReadFile(io.BufferedIOBase):
-    """A read file closed quietly if it is garbage-collected while open, as fsspec's own
-    files are: consumers such as pyarrow drop the input files they open without closing
-    them, which would otherwise raise ``ResourceWarning`` (the fsspec protocol wraps the
-    Store's read files in it)."""
+    """The read file the fsspec protocol hands out: a Store read file plus what fsspec's
+    own files offer and its helpers and caches rely on.
 
-    def __init__(self, inner: IO[bytes]) -> None:
+    * It is closed quietly if it is garbage-collected while open, as fsspec's own files
+      are: consumers such as pyarrow drop the input files they open without closing them,
+      which would otherwise raise ``ResourceWarning``.
+    * ``size`` is the object's length, whatever backend or cache tier serves the bytes
+      (``read_block(path, offset, None)`` and ``get_file``'s progress read it);
+      ``path``, ``fs``, ``loc`` and ``blocksize`` are those of fsspec's
+      ``AbstractBufferedFile``.
+    * fsspec's ``blockcache``/``cached`` filesystems fetch missing blocks with
+      :meth:`_fetch_range` and install their block cache as ``cache``; reads then go
+      through that cache, as they do on fsspec's own files.
+    * A seek to a position before the start is a ``ValueError``, as fsspec's own files
+      refuse it, rather than the start of the file.
+
+    Args:
+        inner: the Store's read file (seekable, positioned at 0).
+        path: the path the file was opened with, in the filesystem's own form.
+        fs: the filesystem that opened it.
+        blocksize: the block size reported to fsspec's block caches.
+    """
+
+    def __init__(
+        self, inner: IO[bytes], path: str = "", fs: Any = None, blocksize: int = 5 * 2**20
+    ) -> None:
         super().__init__()
         self._inner = inner
+        self._reader: IO[bytes] = inner  # where reads go: ``inner`` or an fsspec cache
+        self._cache: Any = None
         self.name = redact_url(str(getattr(inner, "url", None) or getattr(inner, "name", "")))
-        size = getattr(inner, "size", None)
-        if not isinstance(size, int):
-            try:
-                size = os.fstat(inner.fileno()).st_size
-            except (OSError, ValueError):
-                size = None
-        self.size: int | None = size
+        self.size: int = _length(inner)
+        self.path = path
+        self.fs = fs
+        self.blocksize = blocksize
 
     def __repr__(self) -> str:
         return f"<mlstore read file {self.name!r} size={self.size}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the file is closed; fsspec's caches also set it after closing."""
+        return super().closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        # fsspec's CachingFileSystem replaces ``close`` on the instance, and after that
+        # closes the file (through the original method) and sets ``closed = True``.
+        if value:
+            QuietReadFile.close(self)
+
+    @property
+    def loc(self) -> int:
+        """The position (fsspec's name for it)."""
+        return self.tell()
+
+    @property
+    def cache(self) -> Any:
+        """The block cache an fsspec caching layer installed, or ``None``."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: Any) -> None:
+        # fsspec's cached filesystems build the cache over _fetch_range and expect every
+        # later read to go through it (that is how they record which blocks are local).
+        pos = self._reader.tell()
+        fetch: Callable[[int, int], bytes] = cache._fetch
+        self._reader = open_ranged(fetch, self.size, self.name, buffer_size=self.blocksize)
+        self._reader.seek(pos)
+        self._cache = cache
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the Store's file, for fsspec's block caches."""
+        pos = self._inner.tell()
+        try:
+            self._inner.seek(start)
+            return self._inner.read(max(0, end - start))
+        finally:
+            self._inner.seek(pos)
 
     def readable(self) -> bool:
         return True
@@ -332,33 +396,51 @@ class QuietReadFile(io.BufferedIOBase):
         return True
 
     def read(self, size: int | None = -1) -> bytes:
-        return self._inner.read(-1 if size is None else size)
+        return self._reader.read(-1 if size is None else size)
 
     def read1(self, size: int = -1) -> bytes:
-        read1 = getattr(self._inner, "read1", None)
-        data: bytes = read1(size) if read1 is not None else self._inner.read(size)
+        read1 = getattr(self._reader, "read1", None)
+        data: bytes = read1(size) if read1 is not None else self._reader.read(size)
         return data
 
     def readinto(self, buffer: Any) -> int:
-        n: int = self._inner.readinto(buffer)  # type: ignore[attr-defined]
+        n: int = self._reader.readinto(buffer)  # type: ignore[attr-defined]
         return n
 
     def readline(self, size: int | None = -1) -> bytes:
-        return self._inner.readline(-1 if size is None else size)
+        return self._reader.readline(-1 if size is None else size)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._inner.seek(offset, whence)
+        if not self.closed and whence in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+            base = (0, self._reader.tell(), self.size)[whence]
+            if base + offset < 0:
+                raise ValueError(f"seek to {base + offset}, before the start of the file")
+        return self._reader.seek(offset, whence)
 
     def tell(self) -> int:
-        return self._inner.tell()
+        return self._reader.tell()
 
     def fileno(self) -> int:
-        return self._inner.fileno()
+        return self._reader.fileno()
 
     def close(self) -> None:
         if self.closed:
             return
         try:
             self._inner.close()
+            if self._reader is not self._inner:
+                self._reader.close()
         finally:
             super().close()
+
+
+def _length(fh: IO[bytes]) -> int:
+    """The length of a seekable read file positioned at 0: its ``size`` when it keeps one
+    (the ranged and block files), else where its end is (in-memory and disk copies,
+    native local files), which needs no request."""
+    size = getattr(fh, "size", None)
+    if isinstance(size, int):
+        return size
+    end = fh.seek(0, io.SEEK_END)
+    fh.seek(0)
+    return end
