@@ -35,7 +35,10 @@ Invariants kept here:
   distinct for URLs that differ only in their signature, and of no use for guessing the
   password (the digest key lives in ``index.key``, so a copy of the index attached to a
   bug report gives nothing to test guesses against). The node's cache outlives the job;
-  the credentials it was given should not.
+  the credentials it was given should not;
+- trouble with the directory (a damaged index, a full disk, the directory removed while
+  in use) is a miss, never a failed read: it is counted as ``cache_errors``, logged once,
+  and repaired (a damaged index is renamed aside, a removed directory recreated).
 """
 
 from __future__ import annotations
@@ -59,7 +62,13 @@ from mlstore._util.redact import redact_url
 from mlstore.errors import ConfigError
 from mlstore.hashing import content_hash
 
-__all__ = ["DiskEntry", "DiskFullError", "DiskTier", "check_private_dir"]
+__all__ = [
+    "DiskEntry",
+    "DiskFullError",
+    "DiskTier",
+    "DiskUnavailableError",
+    "check_private_dir",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -76,6 +85,8 @@ _TOUCH_EVERY = 2.0  # seconds between flushes of batched access times
 _KEY_BYTES = 32  # of index.key
 #: ``meta`` row set once the index holds no key in clear (see ``_drop_clear_keys``).
 _KEYS_SAFE = "keys_redacted"
+#: SQLite result codes (the primary code: the low byte of an extended one).
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 
 log = logging.getLogger("mlstore.cache")
 #: Largest blob read with a single ``read()``. Linux returns at most 0x7ffff000 bytes
@@ -100,6 +111,30 @@ def _read_whole(fd: int, size: int) -> bytes:
 
 class DiskFullError(OSError):
     """The cache's file system is full; the caller reads without caching."""
+
+
+class DiskUnavailableError(OSError):
+    """The disk tier could not store an object (counted, logged and being repaired);
+    the caller reads without caching."""
+
+
+def _sqlite_code(exc: BaseException) -> int:
+    """The primary SQLite result code of ``exc`` (0 if it carries none)."""
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return _sqlite_code(exc) == _SQLITE_FULL
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` says the index file itself is damaged (not merely busy or full)."""
+    return isinstance(exc, sqlite3.DatabaseError) and _sqlite_code(exc) in (
+        _SQLITE_CORRUPT,
+        _SQLITE_NOTADB,
+    )
 
 
 @dataclass(frozen=True)
@@ -148,6 +183,12 @@ def check_private_dir(path: str) -> None:
         )
 
 
+def _new_temp(tmp_dir: str) -> tuple[int, str]:
+    """A new temp file in ``tmp_dir``, open for writing."""
+    path = os.path.join(tmp_dir, f"{os.getpid()}-{os.urandom(6).hex()}")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+
+
 def _make_private(path: str, st: os.stat_result, mode: int) -> None:
     """``chmod`` ``path`` (of stat ``st``) to ``mode`` if others have any access to it."""
     if not st.st_mode & 0o077:
@@ -184,10 +225,13 @@ class _ProcessIndex:
     no parent thread can be holding.
     """
 
-    __slots__ = ("connections", "last_flush", "lock", "path", "threads", "touched")
+    __slots__ = ("connections", "ino", "last_flush", "lock", "path", "threads", "touched")
 
     def __init__(self, path: str) -> None:
         self.path = path
+        #: The inode of the index file this process opened: a different one at the path
+        #: means another process replaced a damaged or removed index (reconnect).
+        self.ino: int | None = None
         self.threads = threading.local()  # .db: that thread's connection
         self.connections: list[sqlite3.Connection] = []
         self.lock = threading.Lock()  # over ``connections`` and ``touched``
@@ -200,14 +244,25 @@ class _ProcessIndex:
         return db if db is not None else self._connect()
 
     def _connect(self) -> sqlite3.Connection:
+        # Made 0600 before SQLite sees it (the WAL and shared memory take its mode), and
+        # given its tables by every connection: one made after the index was quarantined
+        # or its directory recreated finds an empty file.
+        _private_file(self.path)
         db = sqlite3.connect(
             self.path,
             timeout=60,
             isolation_level=None,  # explicit transactions only
             check_same_thread=False,
         )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            if self.ino is None:
+                self.ino = os.stat(self.path).st_ino
+        except BaseException:
+            db.close()
+            raise
         self.threads.db = db
         with self.lock:
             self.connections.append(db)
@@ -241,28 +296,130 @@ class DiskTier:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, int], None] = lambda name, amount: None,
     ) -> None:
-        check_private_dir(root)
         self.root = root
         self.budget = budget
         self.verify = verify
         self.clock = clock
         self.on_event = on_event
+        self._blobs = os.path.join(root, "blobs")
+        self._tmp = os.path.join(root, "tmp")
+        self._index_path = os.path.join(root, "index.sqlite")
+        self._index = PerProcess(functools.partial(_ProcessIndex, self._index_path))
+        self._warned: set[str] = set()
+        self._warn_lock = threading.Lock()
+        self._repair_lock = threading.Lock()  # one thread repairs; the rest see its work
+        self._key = b""
+        self._prepare()
+        try:
+            self._conn()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            self.recover(exc)  # a damaged index: set aside, and a new one started
+            self._conn()
+        self._drop_clear_keys()
+        self.clean_orphans()
+
+    def _prepare(self) -> None:
+        """Make (or check) the directory and its subdirectories, the digest key, and the
+        modes of the index files."""
+        check_private_dir(self.root)
         for sub in ("blobs", "tmp", "locks"):
-            sub_path = os.path.join(root, sub)
+            sub_path = os.path.join(self.root, sub)
             os.makedirs(sub_path, mode=0o700, exist_ok=True)
             _make_private(sub_path, os.stat(sub_path), 0o700)
-        self._blobs = os.path.join(root, "blobs")
         self._key = self._digest_key()
-        index = os.path.join(root, "index.sqlite")
         # SQLite creates the WAL and shared-memory files with the index file's mode.
+        index = self._index_path
         for path in (index, index + "-wal", index + "-shm"):
             if path == index or os.path.exists(path):
                 _private_file(path)
-        self._index = PerProcess(functools.partial(_ProcessIndex, index))
-        db = self._conn()
-        db.executescript(_SCHEMA)
-        self._drop_clear_keys()
-        self.clean_orphans()
+
+    # ------------------------------------------------------------------ repair
+
+    def recover(self, exc: BaseException) -> None:
+        """Count ``exc`` (a failure of the index or the directory), repair what caused
+        it if it can be, and log it once per kind of trouble.
+
+        The cache only holds copies, so repairing never tries to save its content: a
+        damaged index is renamed aside (kept for a post-mortem) and a new, empty one
+        started; a directory removed while in use (a tmp cleaner, a job epilogue) is
+        recreated. Either way later reads cache again, and this one is a miss.
+        """
+        self.on_event("cache_errors", 1)
+        try:
+            with self._repair_lock:
+                kind, message = self._repair(exc)
+        except (OSError, sqlite3.Error, ConfigError) as failed:
+            kind, message = "unrepaired", f"failed ({exc}) and cannot be repaired ({failed})"
+        if not kind:
+            return
+        with self._warn_lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
+        log.warning(
+            "the disk cache in %s %s; reads go on and return the right bytes, uncached "
+            "where the disk tier cannot help (counted as cache_errors)",
+            self.root,
+            message,
+        )
+
+    def _repair(self, exc: BaseException) -> tuple[str, str]:
+        """Repair the cause of ``exc``: ``(kind, message)`` for the log (empty if
+        another process had already repaired it)."""
+        if not os.path.isdir(self.root):
+            self._index.reset()  # (its connections close once no thread uses them)
+            self._prepare()
+            return "removed", "was removed while in use and has been recreated, empty"
+        ours = self._index.peek()
+        try:
+            ino: int | None = os.stat(self._index_path).st_ino
+        except FileNotFoundError:
+            ino = None
+        if ours is None or (ours.ino is not None and ours.ino != ino):
+            # Another thread or process replaced the index (or this process's connections
+            # were just dropped): open the index that is there now.
+            self._index.reset()
+            return "", ""
+        if _is_corrupt(exc):
+            # Judged on a fresh connection: an error from a connection that predates a
+            # repair must not send a sound new index aside.
+            if not self._damaged():
+                self._index.reset()
+                return "", ""
+            aside = self._quarantine()
+            return "corrupt", f"had a damaged index, moved aside to {aside} (a new one is used)"
+        if isinstance(exc, FileNotFoundError):
+            self._prepare()  # a subdirectory removed: made again
+            return "missing", f"lost some of its files ({exc}); they were recreated"
+        return "failed", f"failed ({type(exc).__name__}: {exc})"
+
+    def _damaged(self) -> bool:
+        """Whether the index file at its path fails SQLite's own consistency check."""
+        try:
+            probe = sqlite3.connect(self._index_path, timeout=60)
+        except sqlite3.Error:
+            return False
+        try:
+            row = probe.execute("PRAGMA quick_check").fetchone()
+            return row is None or row[0] != "ok"
+        except sqlite3.DatabaseError as exc:
+            return _is_corrupt(exc)
+        finally:
+            probe.close()
+
+    def _quarantine(self) -> str:
+        """Rename the damaged index (with its WAL and shared memory) aside; returns
+        its new name. The next connection creates a new index."""
+        self._index.reset()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = f"{self._index_path}.corrupt-{stamp}-{os.getpid()}"
+        os.rename(self._index_path, aside)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self._index_path + suffix, aside + suffix)
+        return aside
 
     # ------------------------------------------------------------------ keys
 
@@ -280,19 +437,16 @@ class DiskTier:
                 os.unlink(path)  # damaged: its digests will not be found again anyway
             except FileNotFoundError:
                 pass
-            tmp = os.path.join(self.root, "tmp", f"{os.getpid()}-{os.urandom(6).hex()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd, tmp = _new_temp(os.path.join(self.root, "tmp"))
             try:
                 os.write(fd, os.urandom(_KEY_BYTES))
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
                 os.link(tmp, path)
             except FileExistsError:
                 pass  # another process won: read its key
             finally:
                 os.unlink(tmp)
+                os.close(fd)
         raise ConfigError(f"cannot create the cache's digest key {path!r}")
 
     def stored_key(self, key: str) -> str:
@@ -366,15 +520,19 @@ class DiskTier:
     # ------------------------------------------------------------------ reading
 
     def lookup(self, key: str) -> DiskEntry | None:
-        """The index entry of ``key``, if any."""
-        row = (
-            self._conn()
-            .execute(
-                "SELECT version, hash, size, checked FROM entries WHERE key = ?",
-                (self.stored_key(key),),
+        """The index entry of ``key``, if any (none if the index fails: repaired, counted)."""
+        try:
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT version, hash, size, checked FROM entries WHERE key = ?",
+                    (self.stored_key(key),),
+                )
+                .fetchone()
             )
-            .fetchone()
-        )
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
+            return None
         if row is None:
             return None
         return DiskEntry(key, row[0], row[1], int(row[2]), float(row[3]))
@@ -386,8 +544,14 @@ class DiskTier:
             fd = os.open(self.blob_path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            self.recover(exc)
+            return None
         try:
             data = _read_whole(fd, size)
+        except OSError as exc:
+            self.recover(exc)
+            return None
         finally:
             os.close(fd)
         if len(data) != size or (self.verify and content_hash(data) != digest):
@@ -399,8 +563,12 @@ class DiskTier:
 
     def blob_size(self, digest: str) -> int | None:
         """The size of blob ``digest`` if the index has it."""
-        db = self._conn()
-        row = db.execute("SELECT size FROM blobs WHERE hash = ?", (digest,)).fetchone()
+        try:
+            db = self._conn()
+            row = db.execute("SELECT size FROM blobs WHERE hash = ?", (digest,)).fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
+            return None
         return None if row is None else int(row[0])
 
     def touch_blob(self, digest: str) -> None:
@@ -411,7 +579,10 @@ class DiskTier:
             index.touched[digest] = now
             due = time.monotonic() - index.last_flush > _TOUCH_EVERY
         if due:
-            self._flush(index)
+            try:
+                self._flush(index)
+            except (sqlite3.Error, OSError) as exc:
+                self.recover(exc)
 
     def flush_access_times(self) -> None:
         """Write the batched access times (called every few seconds and before eviction)."""
@@ -436,12 +607,35 @@ class DiskTier:
 
         Raises:
             DiskFullError: the file system is full; nothing was stored.
+            DiskUnavailableError: the directory or its index failed (counted, logged,
+                repaired for later reads); nothing was stored.
         """
         digest = digest or content_hash(data)
+        try:
+            return self._put(key, version, data, digest)
+        except DiskFullError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            if _is_full(exc):
+                raise DiskFullError(errno.ENOSPC, "the cache file system is full") from None
+            self.recover(exc)
+            raise DiskUnavailableError(errno.EIO, f"the disk tier failed: {exc}") from None
+
+    def _put(self, key: str, version: str | None, data: bytes, digest: str) -> bool:
         # Blob files appear only by rename, so one that exists is whole (a torn one,
         # after a power loss, fails its hash on read): no index query needed to know.
-        if not os.path.exists(self.blob_path(digest)):
+        wrote = not os.path.exists(self.blob_path(digest))
+        if wrote:
             self._write_blob(digest, data)
+        try:
+            return self._index_blob(key, version, data, digest)
+        except (sqlite3.Error, OSError) as exc:
+            if wrote and _is_full(exc):  # unindexed, it would only hold on to the space
+                with contextlib.suppress(OSError):
+                    os.unlink(self.blob_path(digest))
+            raise
+
+    def _index_blob(self, key: str, version: str | None, data: bytes, digest: str) -> bool:
         now = self.clock()
         with self._transaction() as db:
             inserted = db.execute(
@@ -461,10 +655,10 @@ class DiskTier:
         return bool(inserted)
 
     def _write_blob(self, digest: str, data: bytes) -> None:
-        tmp = os.path.join(self.root, "tmp", f"{os.getpid()}-{os.urandom(6).hex()}")
         final = self.blob_path(digest)
+        tmp: str | None = None
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd, tmp = _new_temp(self._tmp)
             try:
                 view = memoryview(data)
                 while view:
@@ -473,35 +667,48 @@ class DiskTier:
                     # Without a hash check on read, only fsync guards against a torn
                     # file after a power loss. With it, a torn file is caught and refetched.
                     os.fsync(fd)
+                # Not makedirs: a cache directory removed meanwhile must not come back
+                # as bare parents without its marker (the replace fails instead).
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.dirname(final), 0o700)
+                os.replace(tmp, final)
+                tmp = None
             finally:
                 os.close(fd)
-            os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
-            os.replace(tmp, final)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFullError(exc.errno, "the cache file system is full") from None
             raise
 
     def touch_entry(self, key: str) -> None:
         """Record that ``key`` was just validated against the store."""
-        db = self._conn()
-        db.execute(
-            "UPDATE entries SET checked = ? WHERE key = ?", (self.clock(), self.stored_key(key))
-        )
+        try:
+            self._conn().execute(
+                "UPDATE entries SET checked = ? WHERE key = ?",
+                (self.clock(), self.stored_key(key)),
+            )
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
 
     def forget(self, key: str) -> None:
         """Drop the index entry of ``key`` (its blob stays while others use it)."""
-        db = self._conn()
-        db.execute("DELETE FROM entries WHERE key = ?", (self.stored_key(key),))
+        try:
+            self._conn().execute("DELETE FROM entries WHERE key = ?", (self.stored_key(key),))
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
 
     def drop_blob(self, digest: str) -> None:
         """Delete blob ``digest`` and every entry that points at it."""
-        with self._transaction() as db:
-            self._delete_blobs(db, [digest])
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.blob_path(digest))
+        try:
+            with self._transaction() as db:
+                self._delete_blobs(db, [digest])
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.blob_path(digest))
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
 
     @staticmethod
     def _delete_blobs(db: sqlite3.Connection, digests: list[str]) -> int:

@@ -1,0 +1,174 @@
+"""The cache heals itself, and deletes only what it made.
+
+The cache only holds copies: a damaged index, a full disk or a directory removed under
+a running job must cost a miss, never a failed read. And since mlstore deletes files in
+its directory (dead fillers' temp files, unindexed blobs), it must be sure they are its
+own: not a user's files in a directory named by mistake, not a live filler's in-flight
+fill in another container sharing the directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlstore import Store
+
+pytestmark = pytest.mark.s3
+
+KiB = 1024
+MiB = 1024 * KiB
+#: Larger than any pid Linux hands out (pid_max is at most 2**22): the pid a filler in
+#: another PID namespace may carry, which names no process in this one.
+FOREIGN_PID = 99_999_999
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "cache")
+
+
+def make_store(options: dict[str, object], cache_dir: str, **cache: Any) -> Store:
+    return Store(options={"s3": options}, cache={"disk_dir": cache_dir, **cache})
+
+
+def upload(options: dict[str, object], url: str, data: bytes) -> None:
+    with Store(options={"s3": options}, cache={"enabled": False}) as writer:
+        writer.write_bytes(url, data)
+
+
+def cache_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("mlstore") and r.levelno >= logging.WARNING
+    ]
+
+
+# ---------------------------------------------------------------- item 7: healing
+
+
+def test_an_index_overwritten_with_garbage_is_set_aside_and_reads_go_on(
+    s3_options: dict[str, object],
+    s3_bucket: str,
+    cache_dir: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    objects = {f"s3://{s3_bucket}/torn/{i}.bin": os.urandom(20 * KiB) for i in range(3)}
+    for url, data in objects.items():
+        upload(s3_options, url, data)
+    with make_store(s3_options, cache_dir, memory_bytes=0) as store:
+        for url, data in objects.items():
+            assert store.read_bytes(url) == data
+    index = Path(cache_dir) / "index.sqlite"
+    index.write_bytes(os.urandom(64 * KiB))  # torn by a power loss, or half copied
+    with (
+        caplog.at_level(logging.WARNING, logger="mlstore"),
+        make_store(s3_options, cache_dir, memory_bytes=0) as store,
+    ):
+        for _ in range(3):
+            for url, data in objects.items():
+                assert store.read_bytes(url) == data
+        stats = store.stats()
+        assert stats.get("cache_errors", "disk") >= 1
+        assert stats.get("hits", "disk") == 2 * len(objects)  # caching again at once
+    assert len(cache_warnings(caplog)) == 1, cache_warnings(caplog)
+    assert "damaged" in cache_warnings(caplog)[0]
+    aside = [p.name for p in Path(cache_dir).iterdir() if p.name.startswith("index.sqlite.")]
+    assert len(aside) == 1 and aside[0].startswith("index.sqlite.corrupt-"), aside
+
+
+def test_a_cache_directory_removed_while_in_use_is_recreated(
+    s3_options: dict[str, object],
+    s3_bucket: str,
+    cache_dir: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    objects = {f"s3://{s3_bucket}/gone/{i}.bin": os.urandom(10 * KiB) for i in range(4)}
+    for url, data in objects.items():
+        upload(s3_options, url, data)
+    urls = list(objects)
+    with (
+        caplog.at_level(logging.WARNING, logger="mlstore"),
+        make_store(s3_options, cache_dir, memory_bytes=0) as store,
+    ):
+        assert store.read_bytes(urls[0]) == objects[urls[0]]
+        shutil.rmtree(cache_dir)  # a tmp cleaner, a job epilogue
+        for _ in range(3):
+            for url, data in objects.items():
+                assert store.read_bytes(url) == data  # never "no such object"
+        stats = store.stats()
+        assert stats.get("cache_errors", "disk") >= 1
+        assert stats.get("hits", "disk") >= len(objects)  # caching again
+    assert len(cache_warnings(caplog)) == 1, cache_warnings(caplog)
+    assert "removed" in cache_warnings(caplog)[0]
+    assert os.stat(cache_dir).st_mode & 0o777 == 0o700
+    with make_store(s3_options, cache_dir, memory_bytes=0) as store:  # another process's view
+        assert store.read_bytes(urls[1]) == objects[urls[1]]
+        assert store.stats().get("hits", "disk") == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB file system (a tmpfs: needs root, else the test is skipped)."""
+    small = tmp_path / "small"
+    small.mkdir(mode=0o700)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(small)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _fill_up(path: Path) -> None:
+    """Write ``path`` until its file system has not a byte left."""
+    with open(path, "wb", buffering=0) as fh:
+        for chunk in (64 * KiB, 4 * KiB, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == 28  # ENOSPC
+
+
+def test_a_disk_full_at_the_index_write_still_returns_the_bytes(
+    s3_options: dict[str, object],
+    s3_bucket: str,
+    small_disk: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = os.urandom(100 * KiB)
+    first, copy = f"s3://{s3_bucket}/full/a.bin", f"s3://{s3_bucket}/full/copy.bin"
+    upload(s3_options, first, data)
+    upload(s3_options, copy, data)  # same bytes: its fill writes no blob, only the index
+    cache = str(small_disk / "cache")
+    with (
+        caplog.at_level(logging.WARNING, logger="mlstore"),
+        make_store(s3_options, cache, memory_bytes=0) as store,
+    ):
+        assert store.read_bytes(first) == data
+        ballast = small_disk / "ballast"
+        _fill_up(ballast)
+        for _ in range(3):
+            assert store.read_bytes(copy) == data
+        assert store.stats().get("disk_full", "disk") >= 1
+        hits = store.stats().get("hits", "disk")
+        ballast.unlink()  # space freed: the disk tier takes entries again
+        assert store.read_bytes(copy) == data
+        assert store.read_bytes(copy) == data
+        assert store.stats().get("hits", "disk") == hits + 1
+    warnings = cache_warnings(caplog)
+    assert len(warnings) == 1 and "full" in warnings[0], warnings
