@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
+import mlstore
 from mlstore import Store
+from mlstore.cache.disk import DiskTier
+from mlstore.hashing import content_hash
 
 pytestmark = pytest.mark.s3
 
@@ -109,6 +112,7 @@ def test_a_cache_directory_removed_while_in_use_is_recreated(
         assert stats.get("hits", "disk") >= len(objects)  # caching again
     assert len(cache_warnings(caplog)) == 1, cache_warnings(caplog)
     assert "removed" in cache_warnings(caplog)[0]
+    assert (Path(cache_dir) / ".mlstore-cache").is_file()
     assert os.stat(cache_dir).st_mode & 0o777 == 0o700
     with make_store(s3_options, cache_dir, memory_bytes=0) as store:  # another process's view
         assert store.read_bytes(urls[1]) == objects[urls[1]]
@@ -172,3 +176,89 @@ def test_a_disk_full_at_the_index_write_still_returns_the_bytes(
         assert store.stats().get("hits", "disk") == hits + 1
     warnings = cache_warnings(caplog)
     assert len(warnings) == 1 and "full" in warnings[0], warnings
+
+
+# ---------------------------------------------------------------- item 8: only its own files
+
+
+USER_FILES = ["notes.txt", "run-1.log", "data.csv", "model.pt", ".hidden", "12345-draft"]
+
+
+def test_a_directory_with_someone_elses_files_is_refused(
+    s3_options: dict[str, object], s3_bucket: str, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"  # /scratch/$USER, named as the cache by mistake
+    (scratch / "tmp").mkdir(parents=True)
+    scratch.chmod(0o700)
+    for name in USER_FILES:
+        (scratch / "tmp" / name).write_text(f"the user's {name}")
+    url = f"s3://{s3_bucket}/refused.bin"
+    upload(s3_options, url, b"r" * 100)
+    with (
+        pytest.raises(mlstore.ConfigError, match="not empty") as exc,
+        make_store(s3_options, str(scratch)) as store,
+    ):
+        store.read_bytes(url)
+    assert str(scratch) in str(exc.value) and ".mlstore-cache" in str(exc.value)
+    assert sorted(os.listdir(scratch / "tmp")) == sorted(USER_FILES)
+    for name in USER_FILES:
+        assert (scratch / "tmp" / name).read_text() == f"the user's {name}"
+
+
+def test_files_mlstore_did_not_make_survive_open_and_verify(
+    s3_options: dict[str, object], s3_bucket: str, cache_dir: str
+) -> None:
+    url, data = f"s3://{s3_bucket}/own.bin", os.urandom(10 * KiB)
+    upload(s3_options, url, data)
+    with make_store(s3_options, cache_dir) as store:
+        assert store.read_bytes(url) == data
+    root = Path(cache_dir)
+    for name in USER_FILES:
+        (root / "tmp" / name).write_text(name)
+    digest = content_hash(data)
+    fan = root / "blobs" / digest[:2]
+    planted = [root / "blobs" / "notes.txt", fan / "notes.txt", fan / (digest[:2] + "x" * 30)]
+    for path in planted:
+        path.write_text("planted")
+    unindexed = content_hash(b"a blob mlstore wrote but never indexed")
+    (root / "blobs" / unindexed[:2]).mkdir(exist_ok=True)
+    (root / "blobs" / unindexed[:2] / unindexed).write_bytes(b"orphan")
+    with make_store(s3_options, cache_dir) as store:
+        assert store.read_bytes(url) == data
+        assert store.cache.verify() == {"checked": 1, "dropped": 0}
+    assert sorted(os.listdir(root / "tmp")) == sorted(USER_FILES)
+    assert all(path.read_text() == "planted" for path in planted)
+    assert not (root / "blobs" / unindexed[:2] / unindexed).exists()  # its own: cleaned
+
+
+def test_a_symlinked_cache_directory_is_refused(
+    s3_options: dict[str, object], s3_bucket: str, tmp_path: Path
+) -> None:
+    target = tmp_path / "real"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with (
+        pytest.raises(mlstore.ConfigError, match="symbolic link") as exc,
+        make_store(s3_options, str(link)) as store,
+    ):
+        store.read_bytes(f"s3://{s3_bucket}/x")
+    assert str(link) in str(exc.value) and str(target) in str(exc.value)
+    assert os.listdir(target) == []
+
+
+def test_a_symlink_inside_the_cache_directory_is_never_followed(
+    s3_options: dict[str, object], s3_bucket: str, cache_dir: str, tmp_path: Path
+) -> None:
+    DiskTier(cache_dir, MiB).close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "1-abc").write_text("not the cache's")  # named like an old temp file
+    shutil.rmtree(Path(cache_dir) / "tmp")
+    (Path(cache_dir) / "tmp").symlink_to(elsewhere)
+    with (
+        pytest.raises(mlstore.ConfigError, match="not a directory"),
+        make_store(s3_options, cache_dir) as store,
+    ):
+        store.read_bytes(f"s3://{s3_bucket}/x")
+    assert os.listdir(elsewhere) == ["1-abc"]

@@ -2,10 +2,13 @@
 
 Layout of ``CacheConfig.disk_dir``::
 
+    .mlstore-cache   the marker: written first, it says mlstore made (or adopted) this
+                     directory, so the files below are its own to delete
     index.sqlite     entries (key -> version, hash, size, checked) and blobs (hash -> size, atime)
     index.key        random bytes that key the digests of credential-bearing keys (below)
     blobs/ab/<hash>  one file per distinct content, named by its xxh3-128 (so stored once)
-    tmp/             fills in progress, named <pid>-<random>; a dead filler's are removed
+    tmp/             fills in progress, named <pid>-<random>.mlstore-tmp; a dead filler's
+                     are removed
     locks/           lock stripes for single-flight (see flight.py)
 
 Why not diskcache's value store: its ``get`` runs a SQLite write per hit under an LRU
@@ -36,6 +39,10 @@ Invariants kept here:
   password (the digest key lives in ``index.key``, so a copy of the index attached to a
   bug report gives nothing to test guesses against). The node's cache outlives the job;
   the credentials it was given should not;
+- mlstore deletes only what it provably made: it refuses a non-empty directory without
+  its marker (``/scratch/$USER`` named by mistake), a symlinked directory or
+  subdirectory, and removes in ``tmp/`` and ``blobs/`` only regular files named as it
+  names them;
 - trouble with the directory (a damaged index, a full disk, the directory removed while
   in use) is a miss, never a failed read: it is counted as ``cache_errors``, logged once,
   and repaired (a damaged index is renamed aside, a removed directory recreated).
@@ -50,6 +57,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -68,6 +76,7 @@ __all__ = [
     "DiskTier",
     "DiskUnavailableError",
     "check_private_dir",
+    "claim_cache_dir",
 ]
 
 _SCHEMA = """
@@ -85,6 +94,19 @@ _TOUCH_EVERY = 2.0  # seconds between flushes of batched access times
 _KEY_BYTES = 32  # of index.key
 #: ``meta`` row set once the index holds no key in clear (see ``_drop_clear_keys``).
 _KEYS_SAFE = "keys_redacted"
+#: The file that marks a directory as an mlstore cache (see :func:`claim_cache_dir`).
+MARKER = ".mlstore-cache"
+_MARKER_TEXT = b"mlstore cache directory: mlstore deletes only files it made here\n"
+#: What an mlstore of any version puts at the top of its cache directory.
+_OWN_NAMES = frozenset(
+    {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal"}
+    | {"index.key", "blobs", "tmp", "locks", MARKER}
+)
+_TEMP_SUFFIX = ".mlstore-tmp"
+#: A temp file of a filler: ``<pid>-<random>.mlstore-tmp`` (an older mlstore left the
+#: suffix out, and such files are still its own inside a marked directory).
+_TEMP_NAME = re.compile(r"(\d+)-[0-9a-f]+(?:\.mlstore-tmp)?")
+_BLOB_NAME = re.compile(r"[0-9a-f]{32}")
 #: SQLite result codes (the primary code: the low byte of an extended one).
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 
@@ -150,7 +172,15 @@ class DiskEntry:
 
 def check_private_dir(path: str) -> None:
     """Create ``path`` 0700 if missing; refuse one that another user owns or that
-    others may write to (a shared cache dir would let them plant data)."""
+    others may write to (a shared cache dir would let them plant data), or that is a
+    symbolic link (what mlstore would delete there is not the directory it was named)."""
+    if os.path.islink(path):
+        raise ConfigError(
+            f"the cache directory {path!r} is a symbolic link (to "
+            f"{os.path.realpath(path)!r}); mlstore does not follow links in a directory it "
+            "deletes files from. Name the target itself in CacheConfig(disk_dir=...) or "
+            "MLSTORE_CACHE_DIR"
+        )
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.stat(path)
@@ -183,9 +213,58 @@ def check_private_dir(path: str) -> None:
         )
 
 
+def claim_cache_dir(path: str) -> None:
+    """Check ``path`` as :func:`check_private_dir` does, then make sure it is mlstore's.
+
+    mlstore deletes files in its cache directory (dead fillers' temp files, unindexed
+    blobs), so it must never take a directory that holds someone else's files for its
+    own: ``disk_dir=/scratch/$USER`` would lose the user's ``tmp/``. A directory is
+    mlstore's if it holds the marker file; an empty one is claimed by writing the
+    marker before anything else; one that holds only names an older mlstore used (with
+    its index or its lock stripes) is adopted. Anything else is refused.
+
+    Raises:
+        ConfigError: the directory is not private, or holds files that are not mlstore's.
+    """
+    check_private_dir(path)
+    marker = os.path.join(path, MARKER)
+    if os.path.isfile(marker) and not os.path.islink(marker):
+        return
+    names = set(os.listdir(path))
+    legacy = names <= _OWN_NAMES and ("index.sqlite" in names or "locks" in names)
+    if names - {MARKER} and not legacy:
+        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(
+            f"the cache directory {path!r} is not empty ({shown}) and was not made by "
+            f"mlstore (it has no {MARKER} file); mlstore deletes files in its cache "
+            "directory, so it will not adopt one that may hold yours. Use an empty or new "
+            "directory (CacheConfig(disk_dir=...) or MLSTORE_CACHE_DIR), e.g. a "
+            "subdirectory of this one"
+        )
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, _MARKER_TEXT)
+        finally:
+            os.close(fd)
+
+
+def _private_subdir(path: str) -> None:
+    """Create the cache's subdirectory ``path`` 0700, refusing a link or a non-directory
+    there (the cache would delete files wherever it points)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(
+            f"{path!r} in the cache directory is not a directory (a symbolic link?); "
+            "mlstore follows no links inside its cache. Remove it or choose another directory"
+        )
+    _make_private(path, st, 0o700)
+
+
 def _new_temp(tmp_dir: str) -> tuple[int, str]:
-    """A new temp file in ``tmp_dir``, open for writing."""
-    path = os.path.join(tmp_dir, f"{os.getpid()}-{os.urandom(6).hex()}")
+    """A new temp file in ``tmp_dir``, open for writing, named as mlstore names them."""
+    path = os.path.join(tmp_dir, f"{os.getpid()}-{os.urandom(6).hex()}{_TEMP_SUFFIX}")
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
 
 
@@ -321,13 +400,11 @@ class DiskTier:
         self.clean_orphans()
 
     def _prepare(self) -> None:
-        """Make (or check) the directory and its subdirectories, the digest key, and the
-        modes of the index files."""
-        check_private_dir(self.root)
+        """Make (or check) the directory, its marker and subdirectories, the digest key,
+        and the modes of the index files."""
+        claim_cache_dir(self.root)
         for sub in ("blobs", "tmp", "locks"):
-            sub_path = os.path.join(self.root, sub)
-            os.makedirs(sub_path, mode=0o700, exist_ok=True)
-            _make_private(sub_path, os.stat(sub_path), 0o700)
+            _private_subdir(os.path.join(self.root, sub))
         self._key = self._digest_key()
         # SQLite creates the WAL and shared-memory files with the index file's mode.
         index = self._index_path
@@ -368,7 +445,7 @@ class DiskTier:
     def _repair(self, exc: BaseException) -> tuple[str, str]:
         """Repair the cause of ``exc``: ``(kind, message)`` for the log (empty if
         another process had already repaired it)."""
-        if not os.path.isdir(self.root):
+        if not os.path.isfile(os.path.join(self.root, MARKER)):
             self._index.reset()  # (its connections close once no thread uses them)
             self._prepare()
             return "removed", "was removed while in use and has been recreated, empty"
@@ -769,24 +846,25 @@ class DiskTier:
         db.execute("DELETE FROM entries")
 
     def clean_orphans(self) -> int:
-        """Remove temp files whose filler process is gone. Returns how many."""
+        """Remove temp files whose filler process is gone. Returns how many. Only
+        regular files named as mlstore names its temp files are considered."""
         removed = 0
-        tmp = os.path.join(self.root, "tmp")
-        for name in os.listdir(tmp):
-            pid_text = name.split("-", 1)[0]
-            alive = False
-            if pid_text.isdigit():
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                named = _TEMP_NAME.fullmatch(entry.name)
+                if named is None or not entry.is_file(follow_symlinks=False):
+                    continue
+                alive = True
                 try:
-                    os.kill(int(pid_text), 0)
-                    alive = True
-                except ProcessLookupError:
+                    os.kill(int(named.group(1)), 0)
+                except (ProcessLookupError, OverflowError):
                     alive = False
                 except PermissionError:
-                    alive = True
-            if not alive:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(tmp, name))
-                    removed += 1
+                    pass
+                if not alive:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
         return removed
 
     def verify_all(self) -> tuple[int, int]:
@@ -796,12 +874,20 @@ class DiskTier:
         db = self._conn()
         rows = db.execute("SELECT hash, size FROM blobs").fetchall()
         known = {digest for digest, _ in rows}
-        blobs = os.path.join(self.root, "blobs")
-        for fan in os.listdir(blobs):
-            for name in os.listdir(os.path.join(blobs, fan)):
-                if name not in known:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(blobs, fan, name))
+        with os.scandir(self._blobs) as fans:
+            for fan in fans:
+                if len(fan.name) != 2 or not fan.is_dir(follow_symlinks=False):
+                    continue  # not a directory mlstore made: never looked into
+                with os.scandir(fan.path) as names:
+                    for entry in names:
+                        if (
+                            entry.name not in known
+                            and entry.name.startswith(fan.name)
+                            and _BLOB_NAME.fullmatch(entry.name)
+                            and entry.is_file(follow_symlinks=False)
+                        ):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(entry.path)
         dropped = 0
         for digest, size in rows:
             try:

@@ -34,7 +34,7 @@ from mlstore.cache.disk import (
     DiskFullError,
     DiskTier,
     DiskUnavailableError,
-    check_private_dir,
+    claim_cache_dir,
 )
 from mlstore.cache.flight import SingleFlight
 from mlstore.cache.memory import MemoryTier
@@ -122,7 +122,7 @@ class TieredCache:
 
     def _make_lock_dir(self) -> None:
         root = self.config.resolved_disk_dir
-        check_private_dir(root)
+        claim_cache_dir(root)
         os.makedirs(os.path.join(root, "locks"), mode=0o700, exist_ok=True)
 
     def _repair_lock_dir(self) -> None:
