@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -262,3 +264,97 @@ def test_a_symlink_inside_the_cache_directory_is_never_followed(
     ):
         store.read_bytes(f"s3://{s3_bucket}/x")
     assert os.listdir(elsewhere) == ["1-abc"]
+
+
+# ---------------------------------------------------------------- item 9: liveness by lock
+
+
+_FOREIGN_FILLER = """
+import fcntl, os, sys
+from mlstore.cache.disk import DiskTier
+from mlstore.hashing import content_hash
+
+root, key = sys.argv[1], sys.argv[2]
+data = sys.stdin.buffer.read(int(sys.argv[3]))
+tier = DiskTier(root, 1 << 30)
+# A filler in another PID namespace: its pid names no process here. It holds the flock
+# on its temp file for the fill's life, as every mlstore filler does.
+tmp = os.path.join(root, "tmp", "%d-%s.mlstore-tmp" % (int(sys.argv[4]), os.urandom(6).hex()))
+fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, data[: len(data) // 2])
+print(tmp, flush=True)
+sys.stdin.readline()  # the parent opens a Store (and its cleanup) meanwhile
+os.write(fd, data[len(data) // 2 :])
+digest = content_hash(data)
+os.makedirs(os.path.dirname(tier.blob_path(digest)), exist_ok=True)
+os.replace(tmp, tier.blob_path(digest))
+os.close(fd)
+tier.put(key, None, data, digest)
+print("done", flush=True)
+"""
+
+
+def _start_foreign_filler(
+    cache_dir: str, key: str, data: bytes
+) -> tuple[subprocess.Popen[bytes], Path]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FOREIGN_FILLER, cache_dir, key, str(len(data)), str(FOREIGN_PID)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(data)
+    child.stdin.flush()
+    temp = Path(child.stdout.readline().decode().strip())  # it is mid-fill now
+    assert temp.exists(), "the filler did not start"
+    return child, temp
+
+
+def test_a_fill_in_another_pid_namespace_survives_a_new_stores_cleanup(
+    s3_options: dict[str, object], cache_dir: str
+) -> None:
+    data, key = os.urandom(256 * KiB), "s3://bucket/in-flight"
+    child, temp = _start_foreign_filler(cache_dir, key, data)
+    try:
+        with make_store(s3_options, cache_dir) as store:
+            store.cache.size()  # opens the disk tier, which cleans up orphans
+        assert temp.exists(), "a live filler's in-flight fill was deleted"
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(b"go on\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == b"done\n"
+    finally:
+        child.kill()
+        child.communicate()
+    tier = DiskTier(cache_dir, MiB)
+    entry = tier.lookup(key)
+    assert entry is not None and tier.read_blob(entry.hash, entry.size) == data
+
+
+def test_a_fill_whose_holder_was_killed_is_cleaned(
+    s3_options: dict[str, object], cache_dir: str
+) -> None:
+    child, temp = _start_foreign_filler(cache_dir, "s3://bucket/killed", os.urandom(64 * KiB))
+    os.kill(child.pid, signal.SIGKILL)
+    child.communicate()
+    assert temp.exists()
+    with make_store(s3_options, cache_dir) as store:
+        store.cache.size()
+    assert not temp.exists()
+    assert os.listdir(Path(cache_dir) / "tmp") == []
+
+
+def test_mlstores_own_fills_hold_the_lock_the_cleanup_respects(cache_dir: str) -> None:
+    from mlstore.cache.disk import _create_temp
+
+    DiskTier(cache_dir, MiB).close()
+    fd, temp = _create_temp(os.path.join(cache_dir, "tmp"), tag=FOREIGN_PID)
+    try:
+        DiskTier(cache_dir, MiB).close()  # its cleanup cannot take the lock
+        assert os.path.exists(temp)
+    finally:
+        os.close(fd)  # the filler is gone (a SIGKILL closes it the same way)
+    DiskTier(cache_dir, MiB).close()
+    assert not os.path.exists(temp)

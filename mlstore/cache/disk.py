@@ -7,8 +7,8 @@ Layout of ``CacheConfig.disk_dir``::
     index.sqlite     entries (key -> version, hash, size, checked) and blobs (hash -> size, atime)
     index.key        random bytes that key the digests of credential-bearing keys (below)
     blobs/ab/<hash>  one file per distinct content, named by its xxh3-128 (so stored once)
-    tmp/             fills in progress, named <pid>-<random>.mlstore-tmp; a dead filler's
-                     are removed
+    tmp/             fills in progress, named <pid>-<random>.mlstore-tmp and flock-ed by
+                     their filler for the fill's life; one nobody holds is removed
     locks/           lock stripes for single-flight (see flight.py)
 
 Why not diskcache's value store: its ``get`` runs a SQLite write per hit under an LRU
@@ -42,7 +42,9 @@ Invariants kept here:
 - mlstore deletes only what it provably made: it refuses a non-empty directory without
   its marker (``/scratch/$USER`` named by mistake), a symlinked directory or
   subdirectory, and removes in ``tmp/`` and ``blobs/`` only regular files named as it
-  names them;
+  names them. A filler is known to be gone when its temp file's ``flock`` can be taken,
+  which holds across PID namespaces (containers sharing the directory), where a pid
+  means nothing;
 - trouble with the directory (a damaged index, a full disk, the directory removed while
   in use) is a miss, never a failed read: it is counted as ``cache_errors``, logged once,
   and repaired (a damaged index is renamed aside, a removed directory recreated).
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import io
@@ -262,10 +265,64 @@ def _private_subdir(path: str) -> None:
     _make_private(path, st, 0o700)
 
 
-def _new_temp(tmp_dir: str) -> tuple[int, str]:
-    """A new temp file in ``tmp_dir``, open for writing, named as mlstore names them."""
-    path = os.path.join(tmp_dir, f"{os.getpid()}-{os.urandom(6).hex()}{_TEMP_SUFFIX}")
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+def _create_temp(tmp_dir: str, tag: int | None = None) -> tuple[int, str]:
+    """A new temp file in ``tmp_dir``, open for writing and ``flock``-ed for as long as
+    the returned descriptor stays open: the lock, not the pid in the name, is what tells
+    a cleaner the filler lives (a pid means nothing in another PID namespace).
+
+    A cleaner unlinks a temp file only while holding its lock, so one that took the lock
+    between our create and our flock has unlinked it by the time we get the lock: we
+    check the link count and start over with a new name. ``tag`` replaces the pid in
+    the name (for tests that play a filler from another PID namespace).
+    """
+    pid = os.getpid() if tag is None else tag
+    for _ in range(8):
+        path = os.path.join(tmp_dir, f"{pid}-{os.urandom(6).hex()}{_TEMP_SUFFIX}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink > 0:
+                return fd, path
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "temp files in the cache keep being removed", tmp_dir)
+
+
+def _remove_if_unheld(path: str) -> bool:
+    """Delete the temp file ``path`` if no process holds its lock; True if deleted."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False  # gone already, or a link: not ours to touch
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its filler lives (in whatever PID namespace)
+        st = os.fstat(fd)
+        try:
+            same = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or (same.st_dev, same.st_ino) != (st.st_dev, st.st_ino):
+            return False  # renamed into blobs/ and replaced meanwhile: not the file we hold
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` names a live process in this PID namespace."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # someone else's, but alive
+    return True
 
 
 def _make_private(path: str, st: os.stat_result, mode: int) -> None:
@@ -514,7 +571,7 @@ class DiskTier:
                 os.unlink(path)  # damaged: its digests will not be found again anyway
             except FileNotFoundError:
                 pass
-            fd, tmp = _new_temp(os.path.join(self.root, "tmp"))
+            fd, tmp = _create_temp(os.path.join(self.root, "tmp"))
             try:
                 os.write(fd, os.urandom(_KEY_BYTES))
                 os.fsync(fd)
@@ -735,8 +792,8 @@ class DiskTier:
         final = self.blob_path(digest)
         tmp: str | None = None
         try:
-            fd, tmp = _new_temp(self._tmp)
-            try:
+            fd, tmp = _create_temp(self._tmp)
+            try:  # the temp file's lock is held until it is renamed: the filler lives
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -846,25 +903,25 @@ class DiskTier:
         db.execute("DELETE FROM entries")
 
     def clean_orphans(self) -> int:
-        """Remove temp files whose filler process is gone. Returns how many. Only
-        regular files named as mlstore names its temp files are considered."""
+        """Remove temp files whose filler is gone. Returns how many.
+
+        A filler holds its temp file's ``flock`` for the fill's life and the kernel
+        drops it when the filler dies, even by SIGKILL: a file whose lock can be taken
+        has no filler, whatever PID namespace it ran in (containers sharing the
+        directory see each other's pids as unrelated or absent). The pid in the name
+        only ever keeps a file: an older mlstore's filler took no lock. Only regular
+        files named as mlstore names its temp files are considered.
+        """
         removed = 0
         with os.scandir(self._tmp) as entries:
             for entry in entries:
                 named = _TEMP_NAME.fullmatch(entry.name)
                 if named is None or not entry.is_file(follow_symlinks=False):
                     continue
-                alive = True
-                try:
-                    os.kill(int(named.group(1)), 0)
-                except (ProcessLookupError, OverflowError):
-                    alive = False
-                except PermissionError:
-                    pass
-                if not alive:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
-                        removed += 1
+                if _pid_alive(int(named.group(1))):
+                    continue
+                if _remove_if_unheld(entry.path):
+                    removed += 1
         return removed
 
     def verify_all(self) -> tuple[int, int]:
