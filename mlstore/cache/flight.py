@@ -136,6 +136,10 @@ class SingleFlight:
         lock_dir: where the stripe files live (inside the cache directory).
         timeout: longest wait for another filler, in seconds.
         sleep: injectable for tests.
+        repair: recreates ``lock_dir`` when it has vanished (the cache directory
+            removed while in use). If a lock file still cannot be opened, the key is
+            held against this process's threads only: a read must not fail because
+            the cache cannot coordinate it (at worst two processes fetch it).
     """
 
     def __init__(
@@ -143,10 +147,12 @@ class SingleFlight:
         lock_dir: str,
         timeout: float = 120.0,
         sleep: Callable[[float], None] = time.sleep,
+        repair: Callable[[], None] | None = None,
     ) -> None:
         self.lock_dir = lock_dir
         self.timeout = timeout
         self.sleep = sleep
+        self.repair = repair
         # A child forked while a thread here held a key (a DataLoader worker forked
         # mid-read) would inherit that lock held for ever, and the parent's open lock
         # files, whose flocks it would share: it starts afresh. Eagerly, at the fork: a
@@ -173,7 +179,11 @@ class SingleFlight:
     def _file_lock(self, flights: _Flights, key: str) -> Iterator[bool]:
         import xxhash
 
-        entry = flights.take(self.lock_dir, xxhash.xxh3_64_intdigest(key.encode()) % STRIPES)
+        stripe = xxhash.xxh3_64_intdigest(key.encode()) % STRIPES
+        entry = self._take(flights, stripe)
+        if entry is None:
+            yield False
+            return
         fd = entry.fd
         # A flock belongs to the open file, which this process's threads share: the
         # thread lock keeps two of them (different keys, same stripe) from taking and
@@ -202,6 +212,20 @@ class SingleFlight:
                         fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             flights.give_back(entry)
+
+    def _take(self, flights: _Flights, stripe: int) -> _Stripe | None:
+        """The stripe's lock file, after one repair of a vanished lock directory; None if
+        it cannot be had."""
+        try:
+            return flights.take(self.lock_dir, stripe)
+        except OSError:
+            if self.repair is None:
+                raise
+        try:
+            self.repair()
+            return flights.take(self.lock_dir, stripe)
+        except (OSError, ValueError):  # unrepairable (ConfigError is a ValueError): go on
+            return None
 
     def close(self) -> None:
         """Close the lock files this process opened (a child never saw its parent's:

@@ -29,7 +29,13 @@ from typing import IO
 
 from mlstore._util.redact import redact_url
 from mlstore.cache.blobfile import BlobFile
-from mlstore.cache.disk import DiskEntry, DiskFullError, DiskTier, check_private_dir
+from mlstore.cache.disk import (
+    DiskEntry,
+    DiskFullError,
+    DiskTier,
+    DiskUnavailableError,
+    claim_cache_dir,
+)
 from mlstore.cache.flight import SingleFlight
 from mlstore.cache.memory import MemoryTier
 from mlstore.config import CacheConfig
@@ -105,13 +111,28 @@ class TieredCache:
                 on_event=lambda name, n: metrics.add(name, "disk", n),
             )
         else:  # memory tier only: the directory still holds the single-flight locks
-            check_private_dir(root)
-            os.makedirs(os.path.join(root, "locks"), mode=0o700, exist_ok=True)
-        self.flight = SingleFlight(os.path.join(root, "locks"), sleep=sleep)
+            self._make_lock_dir()
+        self.flight = SingleFlight(
+            os.path.join(root, "locks"), sleep=sleep, repair=self._repair_lock_dir
+        )
         self._warned_full = False
         self._warn_lock = threading.Lock()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._seen_lock = threading.Lock()
+
+    def _make_lock_dir(self) -> None:
+        root = self.config.resolved_disk_dir
+        claim_cache_dir(root)
+        os.makedirs(os.path.join(root, "locks"), mode=0o700, exist_ok=True)
+
+    def _repair_lock_dir(self) -> None:
+        """Recreate the cache directory removed under us (the flight's lock files were
+        in it): through the disk tier, which rebuilds its index too, if there is one."""
+        if self.disk is not None:
+            self.disk.recover(FileNotFoundError(f"{self.config.resolved_disk_dir} is gone"))
+        else:
+            self.metrics.add("cache_errors", "disk")
+            self._make_lock_dir()
 
     # ------------------------------------------------------------------ lookups
 
@@ -393,6 +414,8 @@ class TieredCache:
             except DiskFullError:
                 self._warn_disk_full()
                 self.metrics.add("disk_full", "disk")
+            except DiskUnavailableError:
+                pass  # counted, logged and repaired by the disk tier: this read is a miss
             else:
                 if not new_blob and not deduped:
                     # Same content already cached under another key: stored once.
