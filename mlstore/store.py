@@ -20,12 +20,13 @@ from mlstore._engine.listing import logical
 from mlstore._engine.replicas import Resolved
 from mlstore._engine.runtime import Runtime
 from mlstore._engine.writer import Progress
+from mlstore._util.files import as_bytes
 from mlstore._util.process import PerProcess
 from mlstore._util.redact import redact_protocol_options
 from mlstore.backends.base import Backend, ObjectInfo
 from mlstore.cache.tiered import TieredCache
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
-from mlstore.errors import ConfigError, UnsupportedOperation, redact_url
+from mlstore.errors import ConfigError, UnsupportedOperation
 from mlstore.metrics import Stats
 from mlstore.url import URL, parse_url
 
@@ -295,20 +296,9 @@ class Store:
         write there and the error says which replicas were already written.
 
         Raises:
-            TypeError: ``data`` is not bytes-like (bytes, bytearray, memoryview or
-                another object with the buffer protocol). Checked before any request,
-                because ``bytes()`` would turn an int into that many zero bytes and a
-                list of ints into a small object, writing garbage without complaint.
+            TypeError: ``data`` is not bytes-like (checked before any request).
         """
-        try:
-            view = memoryview(data)
-        except TypeError:
-            raise TypeError(
-                f"write_bytes({redact_url(str(url))!r}): data must be bytes-like (bytes, "
-                f"bytearray, memoryview or another object supporting the buffer "
-                f"protocol), not {type(data).__name__}"
-            ) from None
-        payload = data if type(data) is bytes else bytes(view)
+        payload = as_bytes(data, "write_bytes", url)
         runtime, where = self._where(url)
         runtime.writer.write(where, payload, replicate=replicate)
 

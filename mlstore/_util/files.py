@@ -24,6 +24,7 @@ __all__ = [
     "RangeReader",
     "SeekableRaw",
     "TextWriter",
+    "as_bytes",
     "open_ranged",
 ]
 
@@ -444,3 +445,23 @@ def _length(fh: IO[bytes]) -> int:
     end = fh.seek(0, io.SEEK_END)
     fh.seek(0)
     return end
+
+
+def as_bytes(data: object, call: str, url: object) -> bytes:
+    """``data`` as ``bytes`` (no copy when it already is), or ``TypeError`` naming the
+    call and the URL (credentials masked) when it is not bytes-like.
+
+    Checked before any request: ``bytes()`` would turn an int into that many zero bytes
+    and a list of ints into a small object, writing garbage without complaint.
+    """
+    from mlstore._util.redact import redact_url
+
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{call}({redact_url(str(url))!r}): data must be bytes-like (bytes, bytearray, "
+            f"memoryview or another object supporting the buffer protocol), "
+            f"not {type(data).__name__}"
+        ) from None
+    return data if type(data) is bytes else bytes(view)

@@ -54,23 +54,36 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
-import hashlib
-import io
 import logging
 import os
-import re
 import sqlite3
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlstore._util.process import PerProcess
-from mlstore._util.redact import redact_url
-from mlstore.errors import ConfigError
+from mlstore.cache._index import (
+    DiskFullError,
+    DiskUnavailableError,
+    IndexCare,
+    _is_corrupt,
+    _is_full,
+    _ProcessIndex,
+)
+from mlstore.cache._layout import (
+    _BLOB_NAME,
+    _TEMP_NAME,
+    _create_temp,
+    _pid_alive,
+    _private_file,
+    _private_subdir,
+    _read_whole,
+    _remove_if_unheld,
+    check_private_dir,
+    claim_cache_dir,
+)
 from mlstore.hashing import content_hash
 
 __all__ = [
@@ -82,84 +95,9 @@ __all__ = [
     "claim_cache_dir",
 ]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    key TEXT PRIMARY KEY, version TEXT, hash TEXT NOT NULL, size INTEGER NOT NULL,
-    checked REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS entries_hash ON entries(hash);
-CREATE TABLE IF NOT EXISTS blobs (
-    hash TEXT PRIMARY KEY, size INTEGER NOT NULL, atime REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS blobs_atime ON blobs(atime);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('bytes', 0);
-"""
 _TOUCH_EVERY = 2.0  # seconds between flushes of batched access times
-_KEY_BYTES = 32  # of index.key
-#: ``meta`` row set once the index holds no key in clear (see ``_drop_clear_keys``).
-_KEYS_SAFE = "keys_redacted"
-#: The file that marks a directory as an mlstore cache (see :func:`claim_cache_dir`).
-MARKER = ".mlstore-cache"
-_MARKER_TEXT = b"mlstore cache directory: mlstore deletes only files it made here\n"
-#: What an mlstore of any version puts at the top of its cache directory.
-_OWN_NAMES = frozenset(
-    {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal"}
-    | {"index.key", "blobs", "tmp", "locks", MARKER}
-)
-_TEMP_SUFFIX = ".mlstore-tmp"
-#: A temp file of a filler: ``<pid>-<random>.mlstore-tmp`` (an older mlstore left the
-#: suffix out, and such files are still its own inside a marked directory).
-_TEMP_NAME = re.compile(r"(\d+)-[0-9a-f]+(?:\.mlstore-tmp)?")
-_BLOB_NAME = re.compile(r"[0-9a-f]{32}")
-#: SQLite result codes (the primary code: the low byte of an extended one).
-_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 
 log = logging.getLogger("mlstore.cache")
-#: Largest blob read with a single ``read()``. Linux returns at most 0x7ffff000 bytes
-#: from one call (and macOS refuses more than 2 GiB), so a larger blob takes several.
-_ONE_READ = 1 << 30
-
-
-def _read_whole(fd: int, size: int) -> bytes:
-    """The contents of ``fd`` from its start, expected to be ``size`` bytes.
-
-    A blob that fits is one ``read`` of ``size + 1`` bytes (the extra byte shows a file
-    that grew), the hot path. A larger one is read to its end in as many calls as it
-    takes: a single call would stop at the kernel's cap, the blob would look truncated
-    and be dropped and fetched again on every read. ``FileIO.readall`` sizes one buffer
-    from the file's length and loops, so the bytes are not copied a second time.
-    """
-    if size < _ONE_READ:
-        return os.read(fd, size + 1)
-    with io.FileIO(fd, "r", closefd=False) as fh:
-        return fh.readall()
-
-
-class DiskFullError(OSError):
-    """The cache's file system is full; the caller reads without caching."""
-
-
-class DiskUnavailableError(OSError):
-    """The disk tier could not store an object (counted, logged and being repaired);
-    the caller reads without caching."""
-
-
-def _sqlite_code(exc: BaseException) -> int:
-    """The primary SQLite result code of ``exc`` (0 if it carries none)."""
-    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
-
-
-def _is_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return _sqlite_code(exc) == _SQLITE_FULL
-
-
-def _is_corrupt(exc: BaseException) -> bool:
-    """Whether ``exc`` says the index file itself is damaged (not merely busy or full)."""
-    return isinstance(exc, sqlite3.DatabaseError) and _sqlite_code(exc) in (
-        _SQLITE_CORRUPT,
-        _SQLITE_NOTADB,
-    )
 
 
 @dataclass(frozen=True)
@@ -173,246 +111,7 @@ class DiskEntry:
     checked: float
 
 
-def check_private_dir(path: str) -> None:
-    """Create ``path`` 0700 if missing; refuse one that another user owns or that
-    others may write to (a shared cache dir would let them plant data), or that is a
-    symbolic link (what mlstore would delete there is not the directory it was named)."""
-    if os.path.islink(path):
-        raise ConfigError(
-            f"the cache directory {path!r} is a symbolic link (to "
-            f"{os.path.realpath(path)!r}); mlstore does not follow links in a directory it "
-            "deletes files from. Name the target itself in CacheConfig(disk_dir=...) or "
-            "MLSTORE_CACHE_DIR"
-        )
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create the cache directory {path!r} ({exc.strerror}); set "
-            "CacheConfig(disk_dir=...) or MLSTORE_CACHE_DIR to a writable place"
-        ) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"the cache directory {path!r} is not a directory")
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise ConfigError(
-            f"the cache directory {path!r} belongs to another user (uid {st.st_uid}); "
-            "mlstore refuses to read a cache others control. Use a directory of your own "
-            "(CacheConfig(disk_dir=...) or MLSTORE_CACHE_DIR)"
-        )
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(
-            f"the cache directory {path!r} is writable by other users (mode "
-            f"{stat.S_IMODE(st.st_mode):o}); run 'chmod 700 {path}' or choose another "
-            "directory"
-        )
-    if st.st_mode & 0o077:
-        # Others may read it but never could write to it: nothing can have been planted,
-        # so tightening it is safe, and refusing would only break every existing setup
-        # whose directory came from a plain mkdir.
-        _make_private(path, st, 0o700)
-        log.info(
-            "made the cache directory %s private (mode %o -> 700)", path, stat.S_IMODE(st.st_mode)
-        )
-
-
-def claim_cache_dir(path: str) -> None:
-    """Check ``path`` as :func:`check_private_dir` does, then make sure it is mlstore's.
-
-    mlstore deletes files in its cache directory (dead fillers' temp files, unindexed
-    blobs), so it must never take a directory that holds someone else's files for its
-    own: ``disk_dir=/scratch/$USER`` would lose the user's ``tmp/``. A directory is
-    mlstore's if it holds the marker file; an empty one is claimed by writing the
-    marker before anything else; one that holds only names an older mlstore used (with
-    its index or its lock stripes) is adopted. Anything else is refused.
-
-    Raises:
-        ConfigError: the directory is not private, or holds files that are not mlstore's.
-    """
-    check_private_dir(path)
-    marker = os.path.join(path, MARKER)
-    if os.path.isfile(marker) and not os.path.islink(marker):
-        return
-    names = set(os.listdir(path))
-    legacy = names <= _OWN_NAMES and ("index.sqlite" in names or "locks" in names)
-    if names - {MARKER} and not legacy:
-        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
-        raise ConfigError(
-            f"the cache directory {path!r} is not empty ({shown}) and was not made by "
-            f"mlstore (it has no {MARKER} file); mlstore deletes files in its cache "
-            "directory, so it will not adopt one that may hold yours. Use an empty or new "
-            "directory (CacheConfig(disk_dir=...) or MLSTORE_CACHE_DIR), e.g. a "
-            "subdirectory of this one"
-        )
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, _MARKER_TEXT)
-        finally:
-            os.close(fd)
-
-
-def _private_subdir(path: str) -> None:
-    """Create the cache's subdirectory ``path`` 0700, refusing a link or a non-directory
-    there (the cache would delete files wherever it points)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(
-            f"{path!r} in the cache directory is not a directory (a symbolic link?); "
-            "mlstore follows no links inside its cache. Remove it or choose another directory"
-        )
-    _make_private(path, st, 0o700)
-
-
-def _create_temp(tmp_dir: str, tag: int | None = None) -> tuple[int, str]:
-    """A new temp file in ``tmp_dir``, open for writing and ``flock``-ed for as long as
-    the returned descriptor stays open: the lock, not the pid in the name, is what tells
-    a cleaner the filler lives (a pid means nothing in another PID namespace).
-
-    A cleaner unlinks a temp file only while holding its lock, so one that took the lock
-    between our create and our flock has unlinked it by the time we get the lock: we
-    check the link count and start over with a new name. ``tag`` replaces the pid in
-    the name (for tests that play a filler from another PID namespace).
-    """
-    pid = os.getpid() if tag is None else tag
-    for _ in range(8):
-        path = os.path.join(tmp_dir, f"{pid}-{os.urandom(6).hex()}{_TEMP_SUFFIX}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_nlink > 0:
-                return fd, path
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    raise OSError(errno.EAGAIN, "temp files in the cache keep being removed", tmp_dir)
-
-
-def _remove_if_unheld(path: str) -> bool:
-    """Delete the temp file ``path`` if no process holds its lock; True if deleted."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False  # gone already, or a link: not ours to touch
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # its filler lives (in whatever PID namespace)
-        st = os.fstat(fd)
-        try:
-            same = os.lstat(path)
-        except FileNotFoundError:
-            return False
-        if not stat.S_ISREG(st.st_mode) or (same.st_dev, same.st_ino) != (st.st_dev, st.st_ino):
-            return False  # renamed into blobs/ and replaced meanwhile: not the file we hold
-        os.unlink(path)
-        return True
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` names a live process in this PID namespace."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True  # someone else's, but alive
-    return True
-
-
-def _make_private(path: str, st: os.stat_result, mode: int) -> None:
-    """``chmod`` ``path`` (of stat ``st``) to ``mode`` if others have any access to it."""
-    if not st.st_mode & 0o077:
-        return
-    try:
-        os.chmod(path, mode)
-    except OSError as exc:
-        raise ConfigError(
-            f"{path!r} in the cache directory is open to other users (mode "
-            f"{stat.S_IMODE(st.st_mode):o}) and cannot be made private ({exc.strerror}); "
-            f"run 'chmod -R go= {path}' or choose another directory"
-        ) from None
-
-
-def _private_file(path: str) -> None:
-    """Create ``path`` 0600 if missing, or make an existing one 0600 (a cache written by
-    an older mlstore, or under a lax umask, may have left it readable)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        st = os.fstat(fd)
-        if st.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-
-
-class _ProcessIndex:
-    """One process's side of the index: a SQLite connection per thread, every one listed
-    so that :meth:`close` reaches them, and the access times waiting to be written.
-
-    SQLite connections must not cross a fork (the child would share the parent's file
-    locks and WAL state), so this lives in a :class:`PerProcess`: a forked child starts
-    with no connection, no pending access times (its parent writes its own) and a lock
-    no parent thread can be holding.
-    """
-
-    __slots__ = ("connections", "ino", "last_flush", "lock", "path", "threads", "touched")
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        #: The inode of the index file this process opened: a different one at the path
-        #: means another process replaced a damaged or removed index (reconnect).
-        self.ino: int | None = None
-        self.threads = threading.local()  # .db: that thread's connection
-        self.connections: list[sqlite3.Connection] = []
-        self.lock = threading.Lock()  # over ``connections`` and ``touched``
-        self.touched: dict[str, float] = {}
-        self.last_flush = time.monotonic()
-
-    def connection(self) -> sqlite3.Connection:
-        """The calling thread's connection (made on its first use)."""
-        db: sqlite3.Connection | None = getattr(self.threads, "db", None)
-        return db if db is not None else self._connect()
-
-    def _connect(self) -> sqlite3.Connection:
-        # Made 0600 before SQLite sees it (the WAL and shared memory take its mode), and
-        # given its tables by every connection: one made after the index was quarantined
-        # or its directory recreated finds an empty file.
-        _private_file(self.path)
-        db = sqlite3.connect(
-            self.path,
-            timeout=60,
-            isolation_level=None,  # explicit transactions only
-            check_same_thread=False,
-        )
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            if self.ino is None:
-                self.ino = os.stat(self.path).st_ino
-        except BaseException:
-            db.close()
-            raise
-        self.threads.db = db
-        with self.lock:
-            self.connections.append(db)
-        return db
-
-    def close(self) -> None:
-        with self.lock:
-            connections, self.connections = self.connections, []
-        for db in connections:
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
-
-
-class DiskTier:
+class DiskTier(IndexCare):
     """Content-addressed blobs shared by every process on the node.
 
     Args:
@@ -468,177 +167,6 @@ class DiskTier:
         for path in (index, index + "-wal", index + "-shm"):
             if path == index or os.path.exists(path):
                 _private_file(path)
-
-    # ------------------------------------------------------------------ repair
-
-    def recover(self, exc: BaseException) -> None:
-        """Count ``exc`` (a failure of the index or the directory), repair what caused
-        it if it can be, and log it once per kind of trouble.
-
-        The cache only holds copies, so repairing never tries to save its content: a
-        damaged index is renamed aside (kept for a post-mortem) and a new, empty one
-        started; a directory removed while in use (a tmp cleaner, a job epilogue) is
-        recreated. Either way later reads cache again, and this one is a miss.
-        """
-        self.on_event("cache_errors", 1)
-        try:
-            with self._repair_lock:
-                kind, message = self._repair(exc)
-        except (OSError, sqlite3.Error, ConfigError) as failed:
-            kind, message = "unrepaired", f"failed ({exc}) and cannot be repaired ({failed})"
-        if not kind:
-            return
-        with self._warn_lock:
-            if kind in self._warned:
-                return
-            self._warned.add(kind)
-        log.warning(
-            "the disk cache in %s %s; reads go on and return the right bytes, uncached "
-            "where the disk tier cannot help (counted as cache_errors)",
-            self.root,
-            message,
-        )
-
-    def _repair(self, exc: BaseException) -> tuple[str, str]:
-        """Repair the cause of ``exc``: ``(kind, message)`` for the log (empty if
-        another process had already repaired it)."""
-        if not os.path.isfile(os.path.join(self.root, MARKER)):
-            self._index.reset()  # (its connections close once no thread uses them)
-            self._prepare()
-            return "removed", "was removed while in use and has been recreated, empty"
-        ours = self._index.peek()
-        try:
-            ino: int | None = os.stat(self._index_path).st_ino
-        except FileNotFoundError:
-            ino = None
-        if ours is None or (ours.ino is not None and ours.ino != ino):
-            # Another thread or process replaced the index (or this process's connections
-            # were just dropped): open the index that is there now.
-            self._index.reset()
-            return "", ""
-        if _is_corrupt(exc):
-            # Judged on a fresh connection: an error from a connection that predates a
-            # repair must not send a sound new index aside.
-            if not self._damaged():
-                self._index.reset()
-                return "", ""
-            aside = self._quarantine()
-            return "corrupt", f"had a damaged index, moved aside to {aside} (a new one is used)"
-        if isinstance(exc, FileNotFoundError):
-            self._prepare()  # a subdirectory removed: made again
-            return "missing", f"lost some of its files ({exc}); they were recreated"
-        return "failed", f"failed ({type(exc).__name__}: {exc})"
-
-    def _damaged(self) -> bool:
-        """Whether the index file at its path fails SQLite's own consistency check."""
-        try:
-            probe = sqlite3.connect(self._index_path, timeout=60)
-        except sqlite3.Error:
-            return False
-        try:
-            row = probe.execute("PRAGMA quick_check").fetchone()
-            return row is None or row[0] != "ok"
-        except sqlite3.DatabaseError as exc:
-            return _is_corrupt(exc)
-        finally:
-            probe.close()
-
-    def _quarantine(self) -> str:
-        """Rename the damaged index (with its WAL and shared memory) aside; returns
-        its new name. The next connection creates a new index."""
-        self._index.reset()
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        aside = f"{self._index_path}.corrupt-{stamp}-{os.getpid()}"
-        os.rename(self._index_path, aside)
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self._index_path + suffix, aside + suffix)
-        return aside
-
-    # ------------------------------------------------------------------ keys
-
-    def _digest_key(self) -> bytes:
-        """The node's digest key from ``index.key``, made on first use. It is published
-        by a hard link, which fails if another process published first: every process
-        ends up with the same key, and none ever reads a half-written one."""
-        path = os.path.join(self.root, "index.key")
-        for _ in range(3):
-            try:
-                with open(path, "rb") as fh:
-                    key = fh.read()
-                if len(key) == _KEY_BYTES:
-                    return key
-                os.unlink(path)  # damaged: its digests will not be found again anyway
-            except FileNotFoundError:
-                pass
-            fd, tmp = _create_temp(os.path.join(self.root, "tmp"))
-            try:
-                os.write(fd, os.urandom(_KEY_BYTES))
-                os.fsync(fd)
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process won: read its key
-            finally:
-                os.unlink(tmp)
-                os.close(fd)
-        raise ConfigError(f"cannot create the cache's digest key {path!r}")
-
-    def stored_key(self, key: str) -> str:
-        """What the index stores for ``key``: ``key`` itself, or, if its URL carries a
-        credential, the masked URL, the rest of the key, and a keyed digest of it all.
-
-        A stored key of the second form ends in ``\\x00#<hex>``; a key of the first never
-        does (block keys end in ``:<index>``), so the two forms cannot collide.
-        """
-        if "@" not in key and "?" not in key:
-            return key  # no user info, no query: nothing to hide (the common case)
-        url, sep, rest = key.partition("\x00")
-        shown = redact_url(url)
-        if shown == url:
-            return key
-        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), key=self._key)
-        return f"{shown}{sep}{rest}\x00#{digest.hexdigest()[:40]}"
-
-    def _drop_clear_keys(self) -> None:
-        """Once per index: delete the entries an older mlstore stored under keys with
-        credentials in clear (their blobs stay, reachable by content or evicted in
-        time). ``secure_delete`` overwrites the freed bytes, and the checkpoint empties
-        the WAL, so the secrets leave the files too."""
-        db = self._conn()
-        if db.execute("SELECT 1 FROM meta WHERE name = ?", (_KEYS_SAFE,)).fetchone():
-            return
-        db.execute("PRAGMA secure_delete = ON")
-        try:
-            with self._transaction() as tx:
-                rows = tx.execute(
-                    "SELECT key FROM entries WHERE key LIKE '%@%' OR key LIKE '%?%'"
-                ).fetchall()
-                clear = [(k,) for (k,) in rows if self.stored_key(k) != k]
-                tx.executemany("DELETE FROM entries WHERE key = ?", clear)
-                tx.execute("INSERT OR IGNORE INTO meta VALUES (?, 1)", (_KEYS_SAFE,))
-            if clear:
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            db.execute("PRAGMA secure_delete = OFF")
-
-    # ------------------------------------------------------------------ plumbing
-
-    def _conn(self) -> sqlite3.Connection:
-        """This thread's connection (one per thread and process)."""
-        return self._index.get().connection()
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled
-        back if the block raises)."""
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         """Write pending access times and close this process's index connections (in a

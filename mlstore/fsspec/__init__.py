@@ -46,7 +46,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import errno
 import os
@@ -60,34 +59,20 @@ from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.spec import make_instance
 
-from mlstore._util.files import QuietReadFile
-from mlstore._util.redact import redact_options, redact_protocol_options, redact_url
+from mlstore._util.files import QuietReadFile, as_bytes
 from mlstore.backends.base import ObjectInfo
-from mlstore.config import StoreConfig
-from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError, UnsupportedOperation
+from mlstore.errors import ConfigError, IsADirectoryError_, NotFoundError
+from mlstore.fsspec._arguments import (
+    _FSSPEC_KWARGS,
+    _STORE_KWARGS,
+    _AppendUnsupported,
+    _without_secrets,
+)
 from mlstore.store import Store
 from mlstore.url import SCHEMES, URL, parse_url
 
 __all__ = ["MLStoreFileSystem"]
 
-#: Keyword arguments the Store takes.
-_STORE_KWARGS = frozenset(
-    {
-        "config",
-        "cache",
-        "retry",
-        "http",
-        "mounts",
-        "options",
-        "max_workers",
-        "replica_failures",
-        "replica_cooldown",
-    }
-)
-#: Keyword arguments fsspec's AbstractFileSystem itself understands.
-_FSSPEC_KWARGS = frozenset(
-    {"use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop"}
-)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -388,14 +373,7 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
         if mode == "create":
             # Store.write_bytes refuses a value that is not bytes-like before any request;
             # check it here too, so that refusal also comes before the existence check.
-            try:
-                memoryview(value)
-            except TypeError:
-                raise TypeError(
-                    f"pipe_file({redact_url(str(url))!r}): value must be bytes-like (bytes, "
-                    f"bytearray, memoryview or another object supporting the buffer "
-                    f"protocol), not {type(value).__name__}"
-                ) from None
+            value = as_bytes(value, "pipe_file", url)
             if self.store.exists(url):
                 raise FileExistsError(errno.EEXIST, "the object already exists", str(url))
         self.store.write_bytes(url, value)
@@ -510,23 +488,3 @@ class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
             self.store.rm(url, recursive=True)
         else:
             self.store.rm(url)
-
-
-class _AppendUnsupported(UnsupportedOperation, NotImplementedError):  # noqa: N818 - as in io
-    """Append mode is refused as fsspec filesystems refuse it (``NotImplementedError``,
-    which pyarrow's ``open_append_stream`` passes on), and as mlstore refuses any
-    unsupported mode (:class:`~mlstore.errors.UnsupportedOperation`)."""
-
-
-def _without_secrets(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The constructor arguments minus every option whose name looks like a credential."""
-    out = dict(kwargs)
-    if isinstance(out.get("target_options"), Mapping):
-        out["target_options"] = redact_options(out["target_options"])
-    if isinstance(out.get("options"), Mapping):
-        out["options"] = redact_protocol_options(out["options"])
-    config = out.get("config")
-    if isinstance(config, StoreConfig):
-        options = redact_protocol_options(config.options)
-        out["config"] = dataclasses.replace(config, options=options)
-    return out

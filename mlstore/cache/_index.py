@@ -1,0 +1,321 @@
+"""The SQLite index of the disk tier: its schema, one connection per thread and process,
+and what SQLite's errors mean (a full disk, a damaged file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from mlstore._util.process import PerProcess
+from mlstore._util.redact import redact_url
+from mlstore.cache._layout import MARKER, _create_temp, _private_file
+from mlstore.errors import ConfigError
+
+log = logging.getLogger("mlstore.cache")
+
+_KEY_BYTES = 32  # of index.key
+#: ``meta`` row set once the index holds no key in clear (see ``_drop_clear_keys``).
+_KEYS_SAFE = "keys_redacted"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY, version TEXT, hash TEXT NOT NULL, size INTEGER NOT NULL,
+    checked REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_hash ON entries(hash);
+CREATE TABLE IF NOT EXISTS blobs (
+    hash TEXT PRIMARY KEY, size INTEGER NOT NULL, atime REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS blobs_atime ON blobs(atime);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('bytes', 0);
+"""
+
+#: SQLite result codes (the primary code: the low byte of an extended one).
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
+
+
+class DiskFullError(OSError):
+    """The cache's file system is full; the caller reads without caching."""
+
+
+class DiskUnavailableError(OSError):
+    """The disk tier could not store an object (counted, logged and being repaired);
+    the caller reads without caching."""
+
+
+def _sqlite_code(exc: BaseException) -> int:
+    """The primary SQLite result code of ``exc`` (0 if it carries none)."""
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return _sqlite_code(exc) == _SQLITE_FULL
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` says the index file itself is damaged (not merely busy or full)."""
+    return isinstance(exc, sqlite3.DatabaseError) and _sqlite_code(exc) in (
+        _SQLITE_CORRUPT,
+        _SQLITE_NOTADB,
+    )
+
+
+class _ProcessIndex:
+    """One process's side of the index: a SQLite connection per thread, every one listed
+    so that :meth:`close` reaches them, and the access times waiting to be written.
+
+    SQLite connections must not cross a fork (the child would share the parent's file
+    locks and WAL state), so this lives in a :class:`PerProcess`: a forked child starts
+    with no connection, no pending access times (its parent writes its own) and a lock
+    no parent thread can be holding.
+    """
+
+    __slots__ = ("connections", "ino", "last_flush", "lock", "path", "threads", "touched")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        #: The inode of the index file this process opened: a different one at the path
+        #: means another process replaced a damaged or removed index (reconnect).
+        self.ino: int | None = None
+        self.threads = threading.local()  # .db: that thread's connection
+        self.connections: list[sqlite3.Connection] = []
+        self.lock = threading.Lock()  # over ``connections`` and ``touched``
+        self.touched: dict[str, float] = {}
+        self.last_flush = time.monotonic()
+
+    def connection(self) -> sqlite3.Connection:
+        """The calling thread's connection (made on its first use)."""
+        db: sqlite3.Connection | None = getattr(self.threads, "db", None)
+        return db if db is not None else self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        # Made 0600 before SQLite sees it (the WAL and shared memory take its mode), and
+        # given its tables by every connection: one made after the index was quarantined
+        # or its directory recreated finds an empty file.
+        _private_file(self.path)
+        db = sqlite3.connect(
+            self.path,
+            timeout=60,
+            isolation_level=None,  # explicit transactions only
+            check_same_thread=False,
+        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            if self.ino is None:
+                self.ino = os.stat(self.path).st_ino
+        except BaseException:
+            db.close()
+            raise
+        self.threads.db = db
+        with self.lock:
+            self.connections.append(db)
+        return db
+
+    def close(self) -> None:
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for db in connections:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+
+class IndexCare:
+    """The index's care, for :class:`~mlstore.cache.disk.DiskTier`: this thread's
+    connection and transactions, repair of a damaged or removed index, and the keyed
+    digests that keep credentials out of stored keys. (A mixin: the attributes below are
+    set by the disk tier.)"""
+
+    root: str
+    on_event: Callable[[str, int], None]
+    _index: PerProcess[_ProcessIndex]
+    _index_path: str
+    _warned: set[str]
+    _warn_lock: threading.Lock
+    _repair_lock: threading.Lock
+    _key: bytes
+
+    if TYPE_CHECKING:
+
+        def _prepare(self) -> None: ...
+
+    # ------------------------------------------------------------------ repair
+
+    def recover(self, exc: BaseException) -> None:
+        """Count ``exc`` (a failure of the index or the directory), repair what caused
+        it if it can be, and log it once per kind of trouble.
+
+        The cache only holds copies, so repairing never tries to save its content: a
+        damaged index is renamed aside (kept for a post-mortem) and a new, empty one
+        started; a directory removed while in use (a tmp cleaner, a job epilogue) is
+        recreated. Either way later reads cache again, and this one is a miss.
+        """
+        self.on_event("cache_errors", 1)
+        try:
+            with self._repair_lock:
+                kind, message = self._repair(exc)
+        except (OSError, sqlite3.Error, ConfigError) as failed:
+            kind, message = "unrepaired", f"failed ({exc}) and cannot be repaired ({failed})"
+        if not kind:
+            return
+        with self._warn_lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
+        log.warning(
+            "the disk cache in %s %s; reads go on and return the right bytes, uncached "
+            "where the disk tier cannot help (counted as cache_errors)",
+            self.root,
+            message,
+        )
+
+    def _repair(self, exc: BaseException) -> tuple[str, str]:
+        """Repair the cause of ``exc``: ``(kind, message)`` for the log (empty if
+        another process had already repaired it)."""
+        if not os.path.isfile(os.path.join(self.root, MARKER)):
+            self._index.reset()  # (its connections close once no thread uses them)
+            self._prepare()
+            return "removed", "was removed while in use and has been recreated, empty"
+        ours = self._index.peek()
+        try:
+            ino: int | None = os.stat(self._index_path).st_ino
+        except FileNotFoundError:
+            ino = None
+        if ours is None or (ours.ino is not None and ours.ino != ino):
+            # Another thread or process replaced the index (or this process's connections
+            # were just dropped): open the index that is there now.
+            self._index.reset()
+            return "", ""
+        if _is_corrupt(exc):
+            # Judged on a fresh connection: an error from a connection that predates a
+            # repair must not send a sound new index aside.
+            if not self._damaged():
+                self._index.reset()
+                return "", ""
+            aside = self._quarantine()
+            return "corrupt", f"had a damaged index, moved aside to {aside} (a new one is used)"
+        if isinstance(exc, FileNotFoundError):
+            self._prepare()  # a subdirectory removed: made again
+            return "missing", f"lost some of its files ({exc}); they were recreated"
+        return "failed", f"failed ({type(exc).__name__}: {exc})"
+
+    def _damaged(self) -> bool:
+        """Whether the index file at its path fails SQLite's own consistency check."""
+        try:
+            probe = sqlite3.connect(self._index_path, timeout=60)
+        except sqlite3.Error:
+            return False
+        try:
+            row = probe.execute("PRAGMA quick_check").fetchone()
+            return row is None or row[0] != "ok"
+        except sqlite3.DatabaseError as exc:
+            return _is_corrupt(exc)
+        finally:
+            probe.close()
+
+    def _quarantine(self) -> str:
+        """Rename the damaged index (with its WAL and shared memory) aside; returns
+        its new name. The next connection creates a new index."""
+        self._index.reset()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = f"{self._index_path}.corrupt-{stamp}-{os.getpid()}"
+        os.rename(self._index_path, aside)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self._index_path + suffix, aside + suffix)
+        return aside
+
+    # ------------------------------------------------------------------ keys
+
+    def _digest_key(self) -> bytes:
+        """The node's digest key from ``index.key``, made on first use. It is published
+        by a hard link, which fails if another process published first: every process
+        ends up with the same key, and none ever reads a half-written one."""
+        path = os.path.join(self.root, "index.key")
+        for _ in range(3):
+            try:
+                with open(path, "rb") as fh:
+                    key = fh.read()
+                if len(key) == _KEY_BYTES:
+                    return key
+                os.unlink(path)  # damaged: its digests will not be found again anyway
+            except FileNotFoundError:
+                pass
+            fd, tmp = _create_temp(os.path.join(self.root, "tmp"))
+            try:
+                os.write(fd, os.urandom(_KEY_BYTES))
+                os.fsync(fd)
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won: read its key
+            finally:
+                os.unlink(tmp)
+                os.close(fd)
+        raise ConfigError(f"cannot create the cache's digest key {path!r}")
+
+    def stored_key(self, key: str) -> str:
+        """What the index stores for ``key``: ``key`` itself, or, if its URL carries a
+        credential, the masked URL, the rest of the key, and a keyed digest of it all.
+
+        A stored key of the second form ends in ``\\x00#<hex>``; a key of the first never
+        does (block keys end in ``:<index>``), so the two forms cannot collide.
+        """
+        if "@" not in key and "?" not in key:
+            return key  # no user info, no query: nothing to hide (the common case)
+        url, sep, rest = key.partition("\x00")
+        shown = redact_url(url)
+        if shown == url:
+            return key
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), key=self._key)
+        return f"{shown}{sep}{rest}\x00#{digest.hexdigest()[:40]}"
+
+    def _drop_clear_keys(self) -> None:
+        """Once per index: delete the entries an older mlstore stored under keys with
+        credentials in clear (their blobs stay, reachable by content or evicted in
+        time). ``secure_delete`` overwrites the freed bytes, and the checkpoint empties
+        the WAL, so the secrets leave the files too."""
+        db = self._conn()
+        if db.execute("SELECT 1 FROM meta WHERE name = ?", (_KEYS_SAFE,)).fetchone():
+            return
+        db.execute("PRAGMA secure_delete = ON")
+        try:
+            with self._transaction() as tx:
+                rows = tx.execute(
+                    "SELECT key FROM entries WHERE key LIKE '%@%' OR key LIKE '%?%'"
+                ).fetchall()
+                clear = [(k,) for (k,) in rows if self.stored_key(k) != k]
+                tx.executemany("DELETE FROM entries WHERE key = ?", clear)
+                tx.execute("INSERT OR IGNORE INTO meta VALUES (?, 1)", (_KEYS_SAFE,))
+            if clear:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.execute("PRAGMA secure_delete = OFF")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (one per thread and process)."""
+        return self._index.get().connection()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled
+        back if the block raises)."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
