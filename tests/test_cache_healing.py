@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,24 +118,6 @@ def test_a_cache_directory_removed_while_in_use_is_recreated(
     with make_store(s3_options, cache_dir, memory_bytes=0) as store:  # another process's view
         assert store.read_bytes(urls[1]) == objects[urls[1]]
         assert store.stats().get("hits", "disk") == 1
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB file system (a tmpfs: needs root, else the test is skipped)."""
-    small = tmp_path / "small"
-    small.mkdir(mode=0o700)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(small)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield small
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def _fill_up(path: Path) -> None:
