@@ -271,8 +271,9 @@ def test_known_content_hash_serves_a_new_url_without_a_get(
     via_proxy: str, bucket: str, cache_dir: str
 ) -> None:
     data = os.urandom(96 * KiB)
-    upload(via_proxy, f"s3://{bucket}/original.bin", data)
-    upload(via_proxy, f"s3://{bucket}/renamed.bin", data)  # mlstore records the hash
+    with make_store(via_proxy, cache_dir) as writer:  # a writer on this node: proven
+        writer.write_bytes(f"s3://{bucket}/original.bin", data)
+        writer.write_bytes(f"s3://{bucket}/renamed.bin", data)  # mlstore records the hash
     with make_store(via_proxy, cache_dir) as store:
         store.read_bytes(f"s3://{bucket}/original.bin")
         assert store.info(f"s3://{bucket}/renamed.bin").content_hash == content_hash(data)
@@ -287,8 +288,9 @@ def test_concurrent_reads_of_known_duplicates_fetch_the_content_once(
 ) -> None:
     data = os.urandom(64 * KiB)
     urls = [f"s3://{bucket}/copies/{i}.bin" for i in range(16)]
-    for url in urls:
-        upload(via_proxy, url, data)
+    with make_store(via_proxy, cache_dir) as writer:  # written on this node: proven
+        for url in urls:
+            writer.write_bytes(url, data)
     with make_store(via_proxy, cache_dir, memory_bytes=0) as store:
         for url in urls:
             store.info(url)  # the metadata names the content

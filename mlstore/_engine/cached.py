@@ -27,6 +27,7 @@ from typing import IO, Any, Protocol, TypeVar
 
 from mlstore._engine.identity import Identity
 from mlstore._engine.replicas import Resolved
+from mlstore._engine.writer import Made
 from mlstore._util.files import SeekableRaw
 from mlstore._util.lru import LRU
 from mlstore._util.redact import redact_url
@@ -151,9 +152,10 @@ class CachedReads:
             memo.put(key, (value, now))
         return value
 
-    def invalidate(self, where: Resolved) -> None:
+    def invalidate(self, where: Resolved, made: Made | None = None) -> None:
         """Forget what is cached of ``where`` and of every physical URL behind it, in
-        this process and in the node's index (this Store wrote or deleted it)."""
+        this process and in the node's index (this Store wrote or deleted it); record
+        the versions a write ``made`` and the content hash of each as proven."""
         self._listings.clear()  # any listing may have shown it
         for physical in where.replicas:
             node = self.identity.key(physical)
@@ -161,6 +163,8 @@ class CachedReads:
             self.cache.memory.discard(node)
             if self.cache.disk is not None:
                 self.cache.disk.forget(node)
+                if made and physical in made:
+                    self.cache.disk.prove(node, *made[physical])
 
     # ------------------------------------------------------------------ reads
 

@@ -17,7 +17,7 @@ from mlstore._engine.identity import Identity
 from mlstore._engine.listing import Listing
 from mlstore._engine.reader import Reader
 from mlstore._engine.replicas import CircuitBreaker, Replicas, Resolved, resolve
-from mlstore._engine.writer import Writer
+from mlstore._engine.writer import Made, Writer
 from mlstore.backends.base import ObjectInfo
 from mlstore.cache.tiered import TieredCache
 from mlstore.config import StoreConfig
@@ -122,15 +122,16 @@ class Runtime:
             return False
         return True
 
-    def invalidate(self, where: Resolved) -> None:
+    def invalidate(self, where: Resolved, made: Made | None = None) -> None:
         """Forget what is cached of ``where`` and of the physical URLs behind it, here
         and in the node's index, even if this process has read nothing yet: the next
-        reader on the node, in any process, must see this Store's write."""
+        reader on the node, in any process, must see this Store's write. What the write
+        ``made`` (versions and content hashes) is recorded as proven."""
         if not self.config.cache.enabled:
             return
         if not any(r.protocol in CACHED_PROTOCOLS for r in where.replicas):
             return
-        self.cache_reads().invalidate(where)
+        self.cache_reads().invalidate(where, made)
 
     def close(self) -> None:
         """Release clients, connections and cache handles (they are rebuilt on use)."""

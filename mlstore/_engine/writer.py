@@ -2,7 +2,10 @@
 
 Every write through a Store is seen by the next read on the node: after it, the cached
 data and metadata of the URL (and of the physical URLs behind a mount) are dropped, in
-this process's memory and in the node's disk index (``invalidate``).
+this process's memory and in the node's disk index (``invalidate``). Where the store
+names the version a write made, the node also learns that this version is the content
+the write hashed (a :data:`Made` proof), so a copy of that content already on disk
+serves it without a GET.
 
 A whole-object write is idempotent, so it is retried like a read. A file opened for
 writing on a backend that buffers (object stores) is stored with one such write when
@@ -22,11 +25,15 @@ from mlstore._engine.replicas import Resolved
 from mlstore._util.files import BufferedWrite, CountingWriter, TextWriter
 from mlstore.backends.base import Backend, ObjectInfo
 from mlstore.errors import IsADirectoryError_, MlstoreError
+from mlstore.hashing import content_hash
 from mlstore.url import URL, safe_join
 
-__all__ = ["Progress", "Writer"]
+__all__ = ["Made", "Progress", "Writer"]
 
 Progress = Callable[[int, int], None]
+#: What writes made: physical URL -> (the version the store named, the content hash of
+#: the bytes sent).
+Made = dict[URL, tuple[str, str]]
 
 _COPY_CHUNK = 8 * 1024 * 1024
 
@@ -40,7 +47,8 @@ class Writer:
         reader: opens sources of cross-backend copies.
         resolve: resolves a physical URL (the parts of a recursive copy).
         locate: the replica and info of a resolved URL (through the metadata cache).
-        invalidate: forgets what is cached of a resolved URL.
+        invalidate: forgets what is cached of a resolved URL (and records what the
+            write made).
         block_size: the read size of copy sources.
     """
 
@@ -48,7 +56,7 @@ class Writer:
     reader: Reader
     resolve: Callable[[URL], Resolved]
     locate: Callable[[Resolved], tuple[URL, ObjectInfo]]
-    invalidate: Callable[[Resolved], None]
+    invalidate: Callable[[Resolved, Made | None], None]
     block_size: int
 
     def write(self, where: Resolved, data: bytes, *, replicate: bool) -> None:
@@ -56,19 +64,18 @@ class Writer:
         ``replicate``, in order; a failure names the replicas already written)."""
         targets = where.replicas if replicate else where.replicas[:1]
         done: list[str] = []
+        made: Made = {}
         for target in targets:
             backend = self.calls.writable(target, "write")
             try:
-                self.calls.call(
-                    backend, functools.partial(backend.write, target, data), target, "write"
-                )
+                self._put(backend, target, data, made)
             except MlstoreError as exc:
                 if done:
                     exc.reason += f" (already written to: {', '.join(done)})"
                 raise
             self.calls.count(backend, "bytes_written", len(data))
             done.append(str(target))
-        self.invalidate(where)
+        self.invalidate(where, made)
 
     def open(
         self,
@@ -83,14 +90,16 @@ class Writer:
         discarded if the ``with`` block raises)."""
         target = where.primary
         backend = self.calls.writable(target, "write")
+        made: Made = {}
 
         def committed(n: int) -> None:
             self.calls.count(backend, "bytes_written", n)
-            self.invalidate(where)
+            self.invalidate(where, made)
 
         native: IO[bytes]
         if backend.buffered_writes:  # one whole-object write at close: retried
-            native = BufferedWrite(functools.partial(self._put, backend, target), str(target))
+            put = functools.partial(self._put, backend, target, made=made)
+            native = BufferedWrite(put, str(target))
         else:
             native = backend.open_write(target)
             self.calls.count(backend, "requests")
@@ -103,8 +112,12 @@ class Writer:
             raw.discard()
             raise
 
-    def _put(self, backend: Backend, target: URL, data: bytes) -> None:
-        self.calls.call(backend, functools.partial(backend.write, target, data), target, "write")
+    def _put(self, backend: Backend, target: URL, data: bytes, made: Made) -> None:
+        """One retried whole-object write; what it made goes into ``made``."""
+        write = functools.partial(backend.write, target, data)
+        version = self.calls.call(backend, write, target, "write")
+        if version is not None:
+            made[target] = (version, content_hash(data))
 
     def mkdir(self, where: Resolved) -> None:
         target = where.primary
@@ -121,7 +134,7 @@ class Writer:
                 raise IsADirectoryError_.at(target, "rm")
             rm = functools.partial(backend.rm, target, recursive)
             self.calls.call(backend, rm, target, "write")
-        self.invalidate(where)
+        self.invalidate(where, None)
 
     def copy(
         self, src: Resolved, dst: Resolved, *, recursive: bool, progress: Progress | None
@@ -171,7 +184,7 @@ class Writer:
         if src_backend is dst_backend:  # server side, where the storage can
             copy = functools.partial(src_backend.copy, src, dst)
             self.calls.call(src_backend, copy, dst, "write")
-            self.invalidate(self.resolve(dst))
+            self.invalidate(self.resolve(dst), None)
             done += entry.size
             progress(done, total)
             return done

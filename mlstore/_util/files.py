@@ -285,7 +285,7 @@ class BufferedWrite(io.BytesIO):
     written.
     """
 
-    def __init__(self, commit: Callable[[bytes], None], name: str) -> None:
+    def __init__(self, commit: Callable[[bytes], object], name: str) -> None:
         super().__init__()
         self._commit = commit
         self._failed = False

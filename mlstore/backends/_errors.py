@@ -10,7 +10,10 @@ calls a bucket, and what to check when access is denied.
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import hashlib
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,10 +32,12 @@ from mlstore.url import URL
 
 __all__ = [
     "Answer",
+    "HashMismatchError",
     "Service",
     "http_date",
     "refuse_corrupt",
     "retry_after",
+    "stale_metadata",
     "status_error",
 ]
 
@@ -155,18 +160,85 @@ def http_date(value: str | None) -> float | None:
         return None
 
 
-def refuse_corrupt(data: bytes, recorded: str | None, url: URL | str) -> None:
-    """Refuse a whole-object download whose bytes do not match the hash mlstore recorded
-    in the object's metadata when it wrote it. Objects mlstore did not write have no
-    such hash and pass."""
-    if not recorded:
-        return
-    from mlstore.hashing import content_hash
+class HashMismatchError(CorruptBodyError):
+    """A whole download whose bytes do not match the hash in the object's metadata.
 
-    if content_hash(data) != recorded:
-        raise CorruptBodyError(
-            "the downloaded bytes do not match the hash recorded when the object was "
-            "written (corrupted in transit); fetching again",
+    Either the body was damaged in transit, or the metadata is stale: a tool rewrote the
+    object and carried its old metadata over. The server's own checksum, where it sent
+    one, tells them apart at once; otherwise a second download does
+    (:meth:`~mlstore.backends._cloud.ObjectStoreBackend.fetch`): the same bytes twice
+    are what the store holds, and the metadata is what is wrong.
+    """
+
+    def __init__(self, data: bytes, version: str | None, url: URL | str) -> None:
+        super().__init__(
+            "the downloaded bytes do not match the hash recorded in the object's "
+            "metadata (corrupted in transit, or metadata left over from an older "
+            "version); fetching again",
             url=str(url),
             operation="read",
         )
+        self.data = data
+        self.version = version
+        self.body_hash = _hash(data)
+
+
+def refuse_corrupt(
+    data: bytes,
+    recorded: str | None,
+    url: URL | str,
+    *,
+    version: str | None = None,
+    served: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a whole-object download whose bytes do not match the hash mlstore recorded
+    in the object's metadata, unless a checksum the server sent with this response
+    (``served``: ``{"md5": hex or base64}``) vouches for the bytes (then the metadata is
+    stale and the bytes are served). Objects mlstore did not write have no such hash
+    and pass.
+
+    Raises:
+        HashMismatchError: with the bytes and their ``version``, for a second look.
+    """
+    if not recorded or _hash(data) == recorded:
+        return
+    if _vouched(data, served or {}):
+        stale_metadata(url)
+        return
+    raise HashMismatchError(data, version, url)
+
+
+def stale_metadata(url: URL | str) -> None:
+    """Say once per URL that an object's recorded hash is not of its bytes."""
+    from mlstore._util.redact import redact_url
+
+    shown = redact_url(str(url))
+    if shown not in _STALE_SEEN:
+        _STALE_SEEN.add(shown)
+        _log.warning(
+            "%s: the content hash in the object's metadata is not the hash of its bytes "
+            "(a tool rewrote the object and kept its metadata); serving the bytes the "
+            "store holds",
+            shown,
+        )
+
+
+_STALE_SEEN: set[str] = set()
+_log = logging.getLogger("mlstore.backends")
+
+
+def _hash(data: bytes) -> str:
+    from mlstore.hashing import content_hash
+
+    return content_hash(data)
+
+
+def _vouched(data: bytes, served: Mapping[str, str]) -> bool:
+    """Whether an MD5 the server sent for this body is the MD5 of ``data`` (hex, as in
+    a single-part S3 ETag, or base64, as GCS and Azure send it)."""
+    sent = served.get("md5")
+    if not sent:
+        return False
+    digest = hashlib.md5(data, usedforsecurity=False).digest()
+    sent = sent.strip('"')
+    return sent.lower() == digest.hex() or sent == base64.b64encode(digest).decode("ascii")

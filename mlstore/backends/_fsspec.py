@@ -180,9 +180,10 @@ class FsspecBackend(Backend):
     def open_write(self, url: URL) -> IO[bytes]:
         return BufferedWrite(functools.partial(self.write, url), str(url))
 
-    def write(self, url: URL, data: bytes) -> None:
+    def write(self, url: URL, data: bytes) -> str | None:
         with self._errors(url, "write"):
             self.fs.pipe_file(self._path(url), bytes(data))
+        return None
 
     def rm(self, url: URL, recursive: bool = False) -> None:
         with self._errors(url, "rm"):

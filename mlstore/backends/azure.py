@@ -229,8 +229,9 @@ class AzureBackend(ObjectStoreBackend):
         got: tuple[bytes, str | None] = self._sync(_get, url.bucket, url.path, want, version)
         return got
 
-    def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> None:
-        self._sync(_put, url.bucket, url.path, data, metadata)
+    def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> str | None:
+        version: str | None = self._sync(_put, url.bucket, url.path, data, metadata)
+        return version
 
     def _create_bucket(self, bucket: str) -> None:
         self._sync(_create_container, bucket)
@@ -412,13 +413,20 @@ async def _get(
         data = data[want]
     elif not rng:
         recorded = response.headers.get(f"x-ms-meta-{AZURE_METADATA_KEY}")
-        refuse_corrupt(data, recorded, f"az://{container}/{blob}")
+        md5 = response.headers.get("Content-MD5")
+        refuse_corrupt(
+            data,
+            recorded,
+            f"az://{container}/{blob}",
+            version=etag,
+            served={"md5": md5} if md5 else None,
+        )
     return data, etag
 
 
 async def _put(
     service: Any, container: str, blob: str, data: bytes, metadata: dict[str, str]
-) -> None:
+) -> str | None:
     """Replace ``blob`` with ``data``: one Put Blob up to 64 MiB, staged blocks above.
 
     Bodies go to aiohttp as file objects, never as one large ``bytes`` (which aiohttp
@@ -429,17 +437,21 @@ async def _put(
     client = service.get_blob_client(container, blob)
     if len(data) <= _azure_client.SINGLE_PUT_SIZE:
         headers = {f"x-ms-meta-{k}": v for k, v in metadata.items()}
-        await client._client.block_blob.upload(
-            content_length=len(data), body=io.BytesIO(data), headers=headers
+        made: Any = await client._client.block_blob.upload(
+            content_length=len(data),
+            body=io.BytesIO(data),
+            headers=headers,
+            cls=lambda _response, _body, answer: answer.get("ETag"),
         )
-        return
-    await client.upload_blob(
+        return _etag(made)
+    done = await client.upload_blob(
         io.BytesIO(data),
         length=len(data),
         overwrite=True,
         metadata=metadata,
         max_concurrency=_UPLOAD_CONCURRENCY,
     )
+    return _etag(done.get("etag"))
 
 
 async def _delete(service: Any, container: str, blob: str) -> None:

@@ -290,10 +290,15 @@ class Backend(abc.ABC):
         return True
 
     # ---- writing
-    def write(self, url: URL, data: bytes) -> None:
-        """Replace ``url`` with ``data`` atomically: readers see the old or new bytes."""
+    def write(self, url: URL, data: bytes) -> str | None:
+        """Replace ``url`` with ``data`` atomically: readers see the old or new bytes.
+
+        Returns the version the store made of ``data`` when it names one in its answer
+        (an ETag), else ``None``: the node cache then knows which version holds the
+        bytes it hashed, without asking."""
         with self.open_write(url) as fh:
             fh.write(data)
+        return None
 
     def open_write(self, url: URL) -> IO[bytes]:
         """A binary file whose content replaces ``url`` atomically on ``close()``; if the

@@ -182,7 +182,13 @@ class GCSBackend(ObjectStoreBackend):
                 operation="read",
             )
         if rng is None:
-            refuse_corrupt(data, headers.get(f"x-goog-meta-{METADATA_KEY}"), url)
+            refuse_corrupt(
+                data,
+                headers.get(f"x-goog-meta-{METADATA_KEY}"),
+                url,
+                version=served,
+                served=_served_hashes(headers),
+            )
         elif status == 200:  # the server ignored the Range header and sent everything
             data = data[want]
         return bytes(data), served
@@ -209,8 +215,10 @@ class GCSBackend(ObjectStoreBackend):
             operation="read",
         )
 
-    def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> None:
+    def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> str | None:
+        # gcsfs does not hand back the generation it made: no version to prove.
         self.fs.pipe_file(self._path(url), data, metadata=metadata)
+        return None
 
     def _create_bucket(self, bucket: str) -> None:
         try:
@@ -218,3 +226,16 @@ class GCSBackend(ObjectStoreBackend):
         except Exception as exc:  # 409: created meanwhile
             if self._status(exc) != 409:
                 raise
+
+
+def _served_hashes(headers: Mapping[str, str]) -> dict[str, str]:
+    """The ``x-goog-hash`` headers (``crc32c=...,md5=...``, in one header or several)
+    as ``{"crc32c": ..., "md5": ...}``."""
+    getall = getattr(headers, "getall", None)
+    values = getall("x-goog-hash", []) if getall is not None else [headers.get("x-goog-hash")]
+    out: dict[str, str] = {}
+    for part in ",".join(v for v in values if v).split(","):
+        name, sep, value = part.strip().partition("=")
+        if sep:
+            out[name.lower()] = value
+    return out

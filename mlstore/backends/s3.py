@@ -183,8 +183,9 @@ class S3Backend(ObjectStoreBackend):
         )
         return got
 
-    def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> None:
-        self._sync(_put, url.bucket, url.path, data, metadata)
+    def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> str | None:
+        version: str | None = self._sync(_put, url.bucket, url.path, data, metadata)
+        return version
 
     def _missing_on_read(
         self, url: URL, version: str | None, err: NotFoundError, exc: BaseException
@@ -288,11 +289,20 @@ async def _get_with_etag(
         short = ShortBodyError(f"the body ended after {len(data)} of {expected} bytes")
         raise InterruptedBodyError(data, etag, expected) from short
     if verify:
-        refuse_corrupt(data, (resp.get("Metadata") or {}).get(METADATA_KEY), f"s3://{bucket}/{key}")
+        refuse_corrupt(
+            data,
+            (resp.get("Metadata") or {}).get(METADATA_KEY),
+            f"s3://{bucket}/{key}",
+            version=etag,
+            served={"md5": etag} if etag and "-" not in etag else None,  # single-part
+        )
     return data, etag
 
 
-async def _put(fs: Any, bucket: str, key: str, data: bytes, metadata: dict[str, str]) -> None:
+async def _put(fs: Any, bucket: str, key: str, data: bytes, metadata: dict[str, str]) -> str | None:
+    """One PUT; the ETag it made (the version ``info`` reports)."""
     await fs.set_session()
     s3 = await fs.get_s3(bucket)
-    await s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata=metadata)
+    resp = await s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata=metadata)
+    etag = resp.get("ETag")
+    return str(etag) if etag else None

@@ -35,7 +35,12 @@ CREATE TABLE IF NOT EXISTS blobs (
 CREATE INDEX IF NOT EXISTS blobs_atime ON blobs(atime);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('bytes', 0);
+CREATE TABLE IF NOT EXISTS proofs (
+    key TEXT PRIMARY KEY, version TEXT NOT NULL, hash TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS proofs_at ON proofs(at);
 """
+#: Proofs kept (about 200 bytes each); the oldest go first.
+_PROOFS = 65536
 
 #: SQLite result codes (the primary code: the low byte of an extended one).
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
@@ -300,6 +305,46 @@ class IndexCare:
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             db.execute("PRAGMA secure_delete = OFF")
+
+    # ------------------------------------------------------------------ proofs
+
+    def prove(self, key: str, version: str, digest: str) -> None:
+        """Record that version ``version`` of ``key`` is the content ``digest``: this
+        node wrote it (mlstore hashed the bytes it sent, and the store named the version
+        it made of them)."""
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO proofs VALUES (?, ?, ?, ?)",
+                    (self.stored_key(key), version, digest, time.time()),
+                )
+                db.execute(
+                    "DELETE FROM proofs WHERE key IN (SELECT key FROM proofs ORDER BY at"
+                    " DESC LIMIT -1 OFFSET ?)",
+                    (_PROOFS,),
+                )
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
+
+    def proven(self, key: str, version: str) -> str | None:
+        """The content hash this node has proven for version ``version`` of ``key``:
+        by writing that version, or by hashing its bytes when it fetched them. ``None``
+        if neither happened: a hash the object's metadata names is only a claim."""
+        stored = self.stored_key(key)
+        try:
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT hash FROM proofs WHERE key = ? AND version = ?"
+                    " UNION ALL SELECT hash FROM entries WHERE key = ? AND version = ?",
+                    (stored, version, stored, version),
+                )
+                .fetchone()
+            )
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
+            return None
+        return str(row[0]) if row is not None else None
 
     # ------------------------------------------------------------------ plumbing
 

@@ -221,7 +221,8 @@ class TieredCache:
         Args:
             fetch: fetches the whole value with its version.
             revalidate: returns the store's current version of ``key`` (a HEAD).
-            known_hash: the content hash, if the store's metadata gave it: when that
+            known_hash: the content hash, if the store's metadata gave it: when this
+                node has proven it for ``known_version`` (see :meth:`_proven`) and that
                 content is already cached under any key, no fetch is made.
             known_version: the version that ``known_hash`` belongs to.
             immutable: the key names fixed content (a block of a pinned version):
@@ -250,8 +251,9 @@ class TieredCache:
             )
             if found is not None:
                 return found
-            with self._content_lock(known_hash):
-                return self._fill(key, fetch, known_hash, known_version, policy, keep_in_memory)
+            proven = known_hash if self._proven(key, known_hash, known_version) else None
+            with self._content_lock(proven):
+                return self._fill(key, fetch, proven, known_version, policy, keep_in_memory)
 
     def _fill(
         self,
@@ -262,7 +264,7 @@ class TieredCache:
         policy: tuple[str, float],
         keep_in_memory: bool,
     ) -> bytes:
-        if known_hash is not None and self.disk is not None:
+        if known_hash is not None and self.disk is not None:  # proven for this version
             size = self.disk.blob_size(known_hash)
             data = self.disk.read_blob(known_hash, size) if size is not None else None
             if data is not None:
@@ -275,6 +277,15 @@ class TieredCache:
         self.metrics.add("bytes_fetched", "cache", len(fetched.data))
         self._store(key, fetched, content_hash(fetched.data), policy, keep_in_memory=keep_in_memory)
         return fetched.data
+
+    def _proven(self, key: str, digest: str | None, version: str | None) -> bool:
+        """Whether the hash the object's metadata names (``digest``) is proven to be the
+        content of this ``version`` of ``key``, so a blob of it may serve the object
+        without a GET. Metadata alone proves nothing: anyone who can write an object
+        can write its metadata, and tools that rewrite an object keep it."""
+        if digest is None or version is None or self.disk is None:
+            return False
+        return self.disk.proven(key, version) == digest
 
     def _content_lock(self, digest: str | None) -> contextlib.AbstractContextManager[object]:
         """Two URLs known to hold the same content are fetched once: the second waits
