@@ -214,6 +214,8 @@ def stale_metadata(url: URL | str) -> None:
 
     shown = redact_url(str(url))
     if shown not in _STALE_SEEN:
+        if len(_STALE_SEEN) >= 4096:  # a bound, not a record
+            _STALE_SEEN.clear()
         _STALE_SEEN.add(shown)
         _log.warning(
             "%s: the content hash in the object's metadata is not the hash of its bytes "
