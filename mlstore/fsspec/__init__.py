@@ -66,6 +66,7 @@ from mlstore.fsspec._arguments import (
     _FSSPEC_KWARGS,
     _STORE_KWARGS,
     _AppendUnsupported,
+    _OneSpelling,
     _without_secrets,
 )
 from mlstore.store import Store
@@ -76,7 +77,7 @@ __all__ = ["MLStoreFileSystem"]
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
+class MLStoreFileSystem(ChainedFileSystem, metaclass=_OneSpelling):  # type: ignore[misc]
     """An fsspec filesystem whose every operation goes through one :class:`~mlstore.Store`.
 
     Args:
