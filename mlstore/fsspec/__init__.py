@@ -32,6 +32,11 @@ path fsspec passes as ``fo`` for a chained URL is not part of the instance: ever
 URL with the same Store arguments, target protocol and target options shares one
 filesystem, and so one Store with its clients and caches.
 
+Other consumers spell the same arguments differently (Hugging Face ``datasets``, for
+one, nests a repeated hop and passes the ``mlstore`` hop's options as ``file={...}``);
+:func:`mlstore.fsspec._arguments.canonical_arguments` brings each to this one form
+before fsspec picks the instance.
+
 Example:
     >>> import fsspec
     >>> with fsspec.open("mlstore::memory://fsspec-doc/a.txt", "w") as f:
