@@ -32,6 +32,11 @@ path fsspec passes as ``fo`` for a chained URL is not part of the instance: ever
 URL with the same Store arguments, target protocol and target options shares one
 filesystem, and so one Store with its clients and caches.
 
+Other consumers spell the same arguments differently (Hugging Face ``datasets``, for
+one, nests a repeated hop and passes the ``mlstore`` hop's options as ``file={...}``);
+:func:`mlstore.fsspec._arguments.canonical_arguments` brings each to this one form
+before fsspec picks the instance.
+
 Example:
     >>> import fsspec
     >>> with fsspec.open("mlstore::memory://fsspec-doc/a.txt", "w") as f:
@@ -66,6 +71,7 @@ from mlstore.fsspec._arguments import (
     _FSSPEC_KWARGS,
     _STORE_KWARGS,
     _AppendUnsupported,
+    _OneSpelling,
     _without_secrets,
 )
 from mlstore.store import Store
@@ -76,7 +82,7 @@ __all__ = ["MLStoreFileSystem"]
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class MLStoreFileSystem(ChainedFileSystem):  # type: ignore[misc]
+class MLStoreFileSystem(ChainedFileSystem, metaclass=_OneSpelling):  # type: ignore[misc]
     """An fsspec filesystem whose every operation goes through one :class:`~mlstore.Store`.
 
     Args:
