@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +34,8 @@ from mlstore._util.lru import LRU
 from mlstore._util.redact import redact_url
 from mlstore.backends.base import ObjectInfo
 from mlstore.cache.tiered import Fetched, TieredCache
-from mlstore.errors import IsADirectoryError_
+from mlstore.errors import CorruptBodyError, IsADirectoryError_
+from mlstore.hashing import BlockDigests
 from mlstore.metrics import Metrics
 from mlstore.url import URL
 
@@ -45,7 +47,11 @@ INFO_ENTRIES = 65536
 #: Listings kept per process (a listing may hold many entries: fewer of them).
 LISTING_ENTRIES = 256
 _READAHEAD_BLOCKS = 2
+#: Fetches of one block that fails its digests before the read fails.
+_BLOCK_ATTEMPTS = 3
 _BUFFER = 256 * 1024
+
+log = logging.getLogger("mlstore.cache")
 
 Policy = tuple[str, float]
 T = TypeVar("T")
@@ -247,9 +253,45 @@ class CachedReads:
         key = f"{self.identity.key(target)}\x00{info.version}\x00{size}:{index}"
 
         def fetch() -> Fetched:
-            return Fetched(self.reader.read_pinned(target, lo, hi, info.version), info.version)
+            return Fetched(self._checked_block(target, info, lo, hi), info.version)
 
         return self.cache.get(key, fetch, immutable=True, keep_in_memory=not streaming)
+
+    def _checked_block(self, target: URL, info: ObjectInfo, lo: int, hi: int) -> bytes:
+        """Bytes ``[lo, hi)`` of a pinned version, checked against the block digests
+        mlstore recorded when it wrote the object, before they are cached node-wide.
+
+        Without digests that cover the block (an object mlstore did not write, or a block
+        size that is not a multiple of the digests' block) the fill is counted as
+        ``unverified_fills``. A block that fails its digests is fetched again: other
+        bytes that pass were damaged in transit the first time; the same bytes twice
+        mean the digests are stale (a tool rewrote the object and kept its metadata),
+        and those bytes, which the store holds, are served.
+        """
+        data = self.reader.read_pinned(target, lo, hi, info.version)
+        digests = BlockDigests.parse(info.block_digests)
+        verdict = digests.check(lo, data, info.size) if digests is not None else None
+        if verdict is None:
+            self.metrics.add("unverified_fills", "cache")
+            return data
+        assert digests is not None
+        attempts = 1
+        while not verdict:
+            self.metrics.add("integrity_failures", "cache")
+            if attempts >= _BLOCK_ATTEMPTS:
+                raise CorruptBodyError(
+                    f"bytes {lo}-{hi} failed their recorded digest {attempts} times",
+                    url=redact_url(str(target)),
+                    operation="read",
+                )
+            again = self.reader.read_pinned(target, lo, hi, info.version)
+            attempts += 1
+            if again == data:
+                _stale_digests(target)
+                return again
+            data = again
+            verdict = digests.check(lo, data, info.size)
+        return data
 
     def _blocks(self, target: URL, info: ObjectInfo, lo: int, hi: int) -> bytes:
         size = self.config.block_size
@@ -283,6 +325,23 @@ class CachedReads:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         self.cache.close()
+
+
+def _stale_digests(target: URL) -> None:
+    shown = redact_url(str(target))
+    if shown not in _STALE_WARNED:
+        if len(_STALE_WARNED) >= 4096:  # a bound, not a record
+            _STALE_WARNED.clear()
+        _STALE_WARNED.add(shown)
+        log.warning(
+            "%s: the block digests in the object's metadata are not of its bytes (a "
+            "tool rewrote the object and kept its metadata); serving the bytes the "
+            "store holds",
+            shown,
+        )
+
+
+_STALE_WARNED: set[str] = set()
 
 
 def _count(info: ObjectInfo, size: int) -> int:

@@ -13,7 +13,8 @@ that follow from that, once:
   is empty, as a slice is; a whole-object GET is checked against the hash mlstore
   recorded when it wrote the object;
 - a body that breaks off fills the caller's ``Received``, so the Store resumes it;
-- writes record mlstore's content hash in the object's metadata;
+- writes record mlstore's content hash in the object's metadata, and the per-block
+  digests of an object larger than one digest block;
 - ``mkdir`` of a bucket URL creates the bucket; of a key, it does nothing.
 
 A cloud backend provides the requests (``_stat``, ``_has_below``, ``_download``,
@@ -38,7 +39,7 @@ from mlstore.backends._fsspec import FsspecBackend
 from mlstore.backends._ranges import wanted
 from mlstore.backends.base import ObjectInfo, Received, keep_received
 from mlstore.errors import IsADirectoryError_, MlstoreError, NotFoundError
-from mlstore.hashing import METADATA_KEY, content_hash
+from mlstore.hashing import BLOCKS_KEY, METADATA_KEY, block_digests, content_hash
 from mlstore.url import URL
 
 __all__ = ["ObjectStoreBackend"]
@@ -52,6 +53,7 @@ class ObjectStoreBackend(FsspecBackend):
     service: ClassVar[Service]
     #: The metadata name under which a write records mlstore's content hash.
     hash_key: ClassVar[str] = METADATA_KEY
+    blocks_key: ClassVar[str] = BLOCKS_KEY
     #: Whether the service answers suffix ranges (``bytes=-n``) without the size.
     suffix_ranges: ClassVar[bool] = True
 
@@ -220,7 +222,11 @@ class ObjectStoreBackend(FsspecBackend):
         with self._errors(url, "write"):
             self._refuse_directory(url, "write")
             payload = bytes(data)
-            return self._upload(url, payload, {self.hash_key: content_hash(payload)})
+            metadata = {self.hash_key: content_hash(payload)}
+            blocks = block_digests(payload)
+            if blocks is not None:
+                metadata[self.blocks_key] = blocks
+            return self._upload(url, payload, metadata)
 
     def mkdir(self, url: URL) -> None:
         if url.path:

@@ -56,7 +56,7 @@ from mlstore.errors import (
     ThrottledError,
     TransientError,
 )
-from mlstore.hashing import METADATA_KEY
+from mlstore.hashing import BLOCKS_KEY, METADATA_KEY
 from mlstore.url import URL
 
 __all__ = ["AZURE_METADATA_KEY", "AzureBackend"]
@@ -64,6 +64,7 @@ __all__ = ["AZURE_METADATA_KEY", "AzureBackend"]
 #: The metadata name of mlstore's xxh3-128 on Azure: ``mlstore-xxh3`` with the hyphen,
 #: which Azure metadata names may not contain, replaced by an underscore.
 AZURE_METADATA_KEY = METADATA_KEY.replace("-", "_")
+AZURE_BLOCKS_KEY = BLOCKS_KEY.replace("-", "_")
 
 # Metadata that marks a blob as a directory (ADLS Gen2 / hierarchical namespace, adlfs).
 _DIR_MARKERS = (("hdi_isfolder", "true"), ("is_directory", "true"))
@@ -116,6 +117,7 @@ class AzureBackend(ObjectStoreBackend):
         missing=_MISSING,
     )
     hash_key = AZURE_METADATA_KEY
+    blocks_key = AZURE_BLOCKS_KEY
     suffix_ranges = False  # Azure has no suffix ranges: [-n:] asks for the size first
     #: Closes the client this process made (set when it is made; see _azure_client).
     _closer: weakref.finalize[Any, Any] | None = None
@@ -324,6 +326,7 @@ def _info_from_properties(url: URL, props: Any) -> ObjectInfo:
         mtime=modified.timestamp() if modified is not None else None,
         checksums=checksums,
         content_hash=metadata.get(AZURE_METADATA_KEY) or metadata.get(METADATA_KEY),
+        block_digests=metadata.get(AZURE_BLOCKS_KEY),
     )
 
 

@@ -60,6 +60,9 @@ class ObjectInfo:
         mtime: last modification as a POSIX timestamp, if known.
         checksums: server-side checksums by algorithm (``{"md5": "..."}``).
         content_hash: mlstore's own xxh3-128 of the content, if recorded.
+        block_digests: mlstore's per-block digests of the content, if recorded (see
+            :class:`~mlstore.hashing.BlockDigests`): blocks fetched by ranged reads are
+            checked against them before they are cached.
     """
 
     url: URL
@@ -69,6 +72,7 @@ class ObjectInfo:
     mtime: float | None = None
     checksums: Mapping[str, str] = field(default_factory=dict)
     content_hash: str | None = None
+    block_digests: str | None = field(default=None, repr=False)
 
     @property
     def is_dir(self) -> bool:

@@ -44,7 +44,7 @@ from mlstore.errors import (
     PermissionDeniedError,
     PreconditionFailedError,
 )
-from mlstore.hashing import METADATA_KEY
+from mlstore.hashing import BLOCKS_KEY, METADATA_KEY
 from mlstore.url import URL
 
 __all__ = ["GCSBackend"]
@@ -133,7 +133,12 @@ class GCSBackend(ObjectStoreBackend):
             if raw.get(field)
         }
         metadata = raw.get("metadata") or {}
-        return replace(info, checksums=checksums, content_hash=metadata.get(METADATA_KEY))
+        return replace(
+            info,
+            checksums=checksums,
+            content_hash=metadata.get(METADATA_KEY),
+            block_digests=metadata.get(BLOCKS_KEY),
+        )
 
     # ---- errors: the one place where GCS failures become mlstore errors
     def _answer(self, exc: BaseException) -> Answer | None:

@@ -36,7 +36,7 @@ from mlstore.errors import (
     ThrottledError,
     TransientError,
 )
-from mlstore.hashing import METADATA_KEY
+from mlstore.hashing import BLOCKS_KEY, METADATA_KEY
 from mlstore.url import URL
 
 __all__ = ["S3Backend"]
@@ -213,6 +213,7 @@ def _info_from_head(url: URL, head: Mapping[str, Any]) -> ObjectInfo:
         mtime=modified.timestamp() if modified is not None else None,
         checksums=checksums,
         content_hash=metadata.get(METADATA_KEY),
+        block_digests=metadata.get(BLOCKS_KEY),
     )
 
 
