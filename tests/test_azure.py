@@ -29,8 +29,8 @@ import pytest
 
 import mlstore
 from mlstore import Store
-from mlstore.backends.azure import AZURE_METADATA_KEY
-from mlstore.hashing import content_hash
+from mlstore.backends.azure import AZURE_BLOCKS_KEY, AZURE_METADATA_KEY
+from mlstore.hashing import block_digests, content_hash
 from mlstore.url import parse_url
 from tests.emulators import AZURITE_ACCOUNT, AZURITE_KEY, ServerProcess
 
@@ -225,8 +225,12 @@ def test_content_hash_round_trip(
 
     with BlobServiceClient.from_connection_string(az_connection_string) as service:
         props = service.get_blob_client(az_container, f"h-{size}.bin").get_blob_properties()
-    assert props.metadata == {AZURE_METADATA_KEY: content_hash(data)}
-    assert AZURE_METADATA_KEY == "mlstore_xxh3"
+    expected = {AZURE_METADATA_KEY: content_hash(data)}
+    blocks = block_digests(data)
+    if blocks is not None:  # larger than one digest block
+        expected[AZURE_BLOCKS_KEY] = blocks
+    assert props.metadata == expected
+    assert (AZURE_METADATA_KEY, AZURE_BLOCKS_KEY) == ("mlstore_xxh3", "mlstore_xxh3_blocks")
 
 
 def test_fetch_is_one_get_with_the_version(az_options: dict[str, Any], az_container: str) -> None:
