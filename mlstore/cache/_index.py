@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS blobs (
 CREATE INDEX IF NOT EXISTS blobs_atime ON blobs(atime);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('bytes', 0);
+CREATE TABLE IF NOT EXISTS reservations (
+    temp TEXT PRIMARY KEY, hash TEXT NOT NULL, size INTEGER NOT NULL);
 """
 
 #: SQLite result codes (the primary code: the low byte of an extended one).
