@@ -38,6 +38,8 @@ INSERT OR IGNORE INTO meta VALUES ('bytes', 0);
 CREATE TABLE IF NOT EXISTS proofs (
     key TEXT PRIMARY KEY, version TEXT NOT NULL, hash TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS proofs_at ON proofs(at);
+CREATE TABLE IF NOT EXISTS reservations (
+    temp TEXT PRIMARY KEY, hash TEXT NOT NULL, size INTEGER NOT NULL);
 """
 #: Proofs kept (about 200 bytes each); the oldest go first.
 _PROOFS = 65536

@@ -26,8 +26,9 @@ Invariants kept here:
   the next start) or an unindexed blob, never an entry that can be served;
 - every blob is checked against its name when read (``verify="always"``): a mismatch
   deletes it and reports a miss, so corrupt bytes are never returned;
-- the total stays within ``disk_bytes`` but for the object being filled: eviction runs
-  after each fill, least recently used first;
+- blobs plus fills in progress never hold more than ``disk_bytes``: a filler reserves
+  its blob's size node-wide before writing it, evicting least recently used blobs to
+  make room, and skips the disk if there is none (``_budget.py``);
 - the directory is created 0700 and refused if another user owns it or others can write
   to it; one of the user's own that others may only read or enter (0755, as ``mkdir``
   makes it) is tightened to 0700. Every file in it is 0600, the index and its WAL
@@ -64,10 +65,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlstore._util.process import PerProcess
+from mlstore.cache._budget import DiskNoRoomError, FillCare, delete_blobs
 from mlstore.cache._index import (
     DiskFullError,
     DiskUnavailableError,
-    IndexCare,
     _is_corrupt,
     _is_full,
     _ProcessIndex,
@@ -75,7 +76,7 @@ from mlstore.cache._index import (
 from mlstore.cache._layout import (
     _BLOB_NAME,
     _TEMP_NAME,
-    _create_temp,
+    _create_temp,  # noqa: F401 (tests play fillers with it)
     _pid_alive,
     _private_file,
     _private_subdir,
@@ -89,6 +90,7 @@ from mlstore.hashing import content_hash
 __all__ = [
     "DiskEntry",
     "DiskFullError",
+    "DiskNoRoomError",
     "DiskTier",
     "DiskUnavailableError",
     "check_private_dir",
@@ -111,7 +113,7 @@ class DiskEntry:
     checked: float
 
 
-class DiskTier(IndexCare):
+class DiskTier(FillCare):
     """Content-addressed blobs shared by every process on the node.
 
     Args:
@@ -267,83 +269,26 @@ class DiskTier(IndexCare):
         """Store ``data`` as the content of ``key``; returns True if the blob was new
         (False: identical content was already cached, so only the index grew).
 
+        Room for the blob is reserved before it is written (see ``_budget.py``), so the
+        blobs and the fills in progress never hold more than the budget.
+
         Raises:
             DiskFullError: the file system is full; nothing was stored.
+            DiskNoRoomError: no room within the budget (the rest is being filled by live
+                fillers, or ``data`` is larger than the budget); nothing was stored.
             DiskUnavailableError: the directory or its index failed (counted, logged,
                 repaired for later reads); nothing was stored.
         """
         digest = digest or content_hash(data)
         try:
             return self._put(key, version, data, digest)
-        except DiskFullError:
+        except (DiskFullError, DiskUnavailableError):
             raise
         except (sqlite3.Error, OSError) as exc:
             if _is_full(exc):
                 raise DiskFullError(errno.ENOSPC, "the cache file system is full") from None
             self.recover(exc)
             raise DiskUnavailableError(errno.EIO, f"the disk tier failed: {exc}") from None
-
-    def _put(self, key: str, version: str | None, data: bytes, digest: str) -> bool:
-        # Blob files appear only by rename, so one that exists is whole (a torn one,
-        # after a power loss, fails its hash on read): no index query needed to know.
-        wrote = not os.path.exists(self.blob_path(digest))
-        if wrote:
-            self._write_blob(digest, data)
-        try:
-            return self._index_blob(key, version, data, digest)
-        except (sqlite3.Error, OSError) as exc:
-            if wrote and _is_full(exc):  # unindexed, it would only hold on to the space
-                with contextlib.suppress(OSError):
-                    os.unlink(self.blob_path(digest))
-            raise
-
-    def _index_blob(self, key: str, version: str | None, data: bytes, digest: str) -> bool:
-        now = self.clock()
-        with self._transaction() as db:
-            inserted = db.execute(
-                "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest, len(data), now)
-            ).rowcount
-            if inserted:
-                db.execute("UPDATE meta SET value = value + ? WHERE name = 'bytes'", (len(data),))
-            else:
-                db.execute("UPDATE blobs SET atime = ? WHERE hash = ?", (now, digest))
-            db.execute(
-                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
-                (self.stored_key(key), version, digest, len(data), now),
-            )
-            total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
-        if total > self.budget:
-            self.evict(keep=digest)
-        return bool(inserted)
-
-    def _write_blob(self, digest: str, data: bytes) -> None:
-        final = self.blob_path(digest)
-        tmp: str | None = None
-        try:
-            fd, tmp = _create_temp(self._tmp)
-            try:  # the temp file's lock is held until it is renamed: the filler lives
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if not self.verify:
-                    # Without a hash check on read, only fsync guards against a torn
-                    # file after a power loss. With it, a torn file is caught and refetched.
-                    os.fsync(fd)
-                # Not makedirs: a cache directory removed meanwhile must not come back
-                # as bare parents without its marker (the replace fails instead).
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(os.path.dirname(final), 0o700)
-                os.replace(tmp, final)
-                tmp = None
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(exc.errno, "the cache file system is full") from None
-            raise
 
     def touch_entry(self, key: str) -> None:
         """Record that ``key`` was just validated against the store."""
@@ -366,24 +311,13 @@ class DiskTier(IndexCare):
         """Delete blob ``digest`` and every entry that points at it."""
         try:
             with self._transaction() as db:
-                self._delete_blobs(db, [digest])
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.blob_path(digest))
+                delete_blobs(db, [digest])
+                # Before the commit, as every deletion: a filler reserving the room
+                # freed here must not find the file still taking it.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.blob_path(digest))
         except (sqlite3.Error, OSError) as exc:
             self.recover(exc)
-
-    @staticmethod
-    def _delete_blobs(db: sqlite3.Connection, digests: list[str]) -> int:
-        freed = 0
-        for digest in digests:
-            row = db.execute("SELECT size FROM blobs WHERE hash = ?", (digest,)).fetchone()
-            db.execute("DELETE FROM entries WHERE hash = ?", (digest,))
-            if row is not None:
-                db.execute("DELETE FROM blobs WHERE hash = ?", (digest,))
-                freed += int(row[0])
-        if freed:
-            db.execute("UPDATE meta SET value = value - ? WHERE name = 'bytes'", (freed,))
-        return freed
 
     # ------------------------------------------------------------------ budget
 
@@ -416,10 +350,10 @@ class DiskTier(IndexCare):
                     excess -= int(size)
                     if excess <= 0:
                         break
-            freed = self._delete_blobs(db, victims)
-        for digest in victims:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.blob_path(digest))
+            freed = delete_blobs(db, victims)
+            for digest in victims:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.blob_path(digest))
         if victims:
             self.on_event("evictions", len(victims))
         return freed

@@ -69,7 +69,8 @@ class CacheConfig(Resolved):
             path is made absolute once, against the working directory at the time the
             config is made, so a later ``os.chdir`` does not move the cache.
         disk_bytes: budget of the disk tier (``MLSTORE_DISK_BYTES``). Default 10 GiB.
-            ``0`` turns the disk tier off.
+            A hard limit: blobs plus fills in progress never exceed it; a fill that
+            finds no room is skipped (``disk_skips``). ``0`` turns the disk tier off.
         block_size: block size for large objects (``MLSTORE_BLOCK_SIZE``). Default 8 MiB.
         block_threshold: objects larger than this are cached as blocks
             (``MLSTORE_BLOCK_THRESHOLD``). Default 64 MiB.
