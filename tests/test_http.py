@@ -437,15 +437,132 @@ def test_read_bytes_of_an_old_version(server: Server, store: mlstore.Store) -> N
     assert store.read_bytes(url, -4, None, version=new) == DATA[::-1][-4:]
 
 
-def test_pinning_by_last_modified_without_etag(server: Server, store: mlstore.Store) -> None:
+# ------------------------------------------- objects without a strong ETag
+
+# Routes whose objects have no strong ETag: only a Last-Modified date (one second of
+# resolution), or a weak ETag, which may stay the same when the bytes change.
+UNVERSIONED = ["noetag", "weak"]
+
+
+def replace_within_the_second(path: Path, data: bytes) -> None:
+    """Replace a served file with other bytes of the same size and the same mtime: the
+    same Last-Modified and weak ETag, as for an object replaced within one second."""
+    assert len(data) == path.stat().st_size
+    st = path.stat()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def put_swapping(server: Server, old: bytes, new: bytes, *, same_second: bool) -> str:
+    """A file that ``/swap/`` routes replace with ``new`` once its first GET is answered:
+    with the same mtime (Last-Modified and weak ETag unchanged) if ``same_second``, else
+    one nanosecond later (a new strong ETag within the same second)."""
+    name, path = server.put(old)
+    _, after = server.put(new, name + ".next")
+    mtime = path.stat().st_mtime_ns // 10**9 * 10**9  # the start of a second
+    os.utime(path, ns=(mtime, mtime))
+    os.utime(after, ns=(mtime, mtime if same_second else mtime + 1))
+    return name
+
+
+@pytest.mark.parametrize("route", UNVERSIONED)
+def test_an_object_without_a_strong_etag_has_no_version(server: Server, route: str) -> None:
     name, path = server.put(DATA)
-    url = server.url(f"noetag/{name}")
-    old = store.info(url).version
-    assert old is not None and old.startswith("lm:")
-    assert store.read_bytes(url, 1, 3, version=old) == DATA[1:3]
-    replace(path, DATA * 2)
-    with pytest.raises(mlstore.PreconditionFailedError):
-        store.read_bytes(url, 1, 3, version=old)
+    with make_store() as store:
+        info = store.info(server.url(f"{route}/{name}"))
+    assert info.version is None
+    assert info.mtime == int(path.stat().st_mtime)  # Last-Modified is still the mtime
+    assert info.size == len(DATA)
+
+
+@pytest.mark.parametrize("route", UNVERSIONED)
+@pytest.mark.parametrize("validate", ["always", "ttl"])
+@pytest.mark.parametrize("memory_bytes", [0, 1 << 20], ids=["disk", "memory+disk"])
+def test_the_cache_refetches_an_object_replaced_within_the_second(
+    server: Server, tmp_path: Path, route: str, validate: str, memory_bytes: int
+) -> None:
+    name, path = server.put(DATA)
+    url = server.url(f"{route}/{name}")
+    # Cached copies checked on every read: a HEAD that shows the same Last-Modified (or
+    # weak ETag) cannot prove a copy current, so the object is fetched again.
+    cache = {"enabled": True, "disk_dir": str(tmp_path), "memory_bytes": memory_bytes}
+    policy = {"validate": validate, "ttl": 0}
+    with mlstore.Store(cache={**cache, **policy}) as store:
+        assert store.read_bytes(url) == DATA
+        replace_within_the_second(path, DATA[::-1])
+        assert store.read_bytes(url) == DATA[::-1]
+        with store.open(url, "rb") as fh:
+            assert fh.read() == DATA[::-1]
+    with mlstore.Store(cache={**cache, **policy}) as other:  # the node's copy, a new process
+        replace_within_the_second(path, DATA)
+        assert other.read_bytes(url) == DATA
+
+
+# A small object is cached whole; a large one in blocks (here of 256 bytes).
+OPEN_PATHS = {
+    "uncached": {"enabled": False},
+    "cached whole": {"enabled": True, "memory_bytes": 0},
+    "cached blocks": {"enabled": True, "block_size": 256, "block_threshold": 512},
+}
+
+
+@pytest.mark.parametrize("route", UNVERSIONED)
+@pytest.mark.parametrize("path", OPEN_PATHS)
+def test_open_never_mixes_two_versions_of_an_unversioned_object(
+    server: Server, tmp_path: Path, route: str, path: str
+) -> None:
+    new = bytes(255 - b for b in DATA)
+    name = put_swapping(server, DATA, new, same_second=True)
+    url = server.url(f"swap/{route}/{name}")
+    cache = {**OPEN_PATHS[path], "disk_dir": str(tmp_path)}
+    with mlstore.Store(cache=cache) as store, store.open(url, "rb", buffer_size=16) as fh:
+        got = fh.read(16)
+        got += fh.read()  # the server has replaced the object by now
+    assert got in (DATA, new)
+
+
+@pytest.mark.parametrize("path", ["uncached", "cached blocks"])  # ranges, not one GET
+def test_open_of_an_object_with_a_strong_etag_stays_pinned(
+    server: Server, tmp_path: Path, path: str
+) -> None:
+    # Replaced within the same second, but the strong ETag changes: the ranges read
+    # after the replacement are refused, not mixed in.
+    name = put_swapping(server, DATA, bytes(255 - b for b in DATA), same_second=False)
+    url = server.url(f"swap/{name}")
+    cache = {**OPEN_PATHS[path], "disk_dir": str(tmp_path)}
+    with mlstore.Store(cache=cache) as store:
+        assert store.info(url).version is not None
+        with store.open(url, "rb", buffer_size=16) as fh:
+            assert fh.read(16) == DATA[:16]
+            with pytest.raises(mlstore.PreconditionFailedError):
+                fh.read()
+
+
+@pytest.mark.parametrize("route", UNVERSIONED)
+def test_a_version_pin_on_an_unversioned_object_is_refused(server: Server, route: str) -> None:
+    name, path = server.put(DATA)
+    url = server.url(f"{route}/{name}")
+    modified = email.utils.formatdate(path.stat().st_mtime, usegmt=True)
+    with make_store() as store:
+        # What older releases reported as the version, and a weak ETag: neither pins.
+        for token in (f"lm:{modified}", f'W/"{path.stat().st_mtime_ns:x}"'):
+            before = server.requests().get(f"/{route}/{name}", 0)
+            with pytest.raises(mlstore.UnsupportedOperation) as err:
+                store.read_bytes(url, 0, 4, version=token)
+            assert url in str(err.value) and "strong ETag" in str(err.value)
+            assert server.requests().get(f"/{route}/{name}", 0) == before  # nothing sent
+        # A strong ETag it no longer has: the object is not that version.
+        with pytest.raises(mlstore.PreconditionFailedError):
+            store.read_bytes(url, 0, 4, version='"gone"')
+        with pytest.raises(mlstore.UnsupportedOperation) as err:
+            store.open(url, "rb", version='"gone"')
+        assert url in str(err.value) and "no version" in str(err.value)
+    # A server that ignores If-Match and sends no ETag: nothing shows the answer is of
+    # the version asked for.
+    with make_store() as store, pytest.raises(mlstore.PreconditionFailedError):
+        store.read_bytes(server.url(f"norange/noetag/{name}"), 0, 4, version='"gone"')
 
 
 def test_pinning_holds_when_the_server_ignores_if_match(
@@ -512,6 +629,27 @@ def test_server_errors_are_transient_client_errors_are_not(
         store.read_bytes(server.url("status/400"))
     assert not isinstance(bad.value, mlstore.TransientError)
     assert "400" in str(bad.value)
+
+
+def test_whole_body_shorter_than_the_object_is_an_error(
+    server: Server, store: mlstore.Store
+) -> None:
+    # HEAD announces 5000 bytes; the GET sends a complete chunked body of 3000.
+    url = server.url(f"/stream/3000/{uuid.uuid4().hex[:12]}?chunked=1&head=5000")
+    with pytest.raises(mlstore.IntegrityError, match="3000 bytes of a 5000-byte") as err:
+        store.read_bytes(url)
+    assert url in str(err.value)
+
+
+def test_whole_body_is_checked_against_its_content_md5(
+    server: Server, store: mlstore.Store
+) -> None:
+    name, _ = server.put(DATA)
+    assert store.read_bytes(server.url(f"md5/{name}")) == DATA
+    with pytest.raises(mlstore.IntegrityError, match="Content-MD5") as err:
+        store.read_bytes(server.url(f"badmd5/{name}"))
+    assert server.url(f"badmd5/{name}") in str(err.value)
+    assert store.read_bytes(server.url(f"badmd5/{name}"), 0, 4) == DATA[:4]  # a range: no sum
 
 
 def test_truncated_body_is_an_error_not_short_data(server: Server, store: mlstore.Store) -> None:

@@ -8,7 +8,8 @@ directly (caching them would only copy bytes that are already local).
 - Larger objects are cached as aligned blocks of ``block_size``, each keyed by the
   object's version, so only the blocks a reader touches are fetched, and a block can
   never mix two versions. Sequential reads through ``open()`` fetch the next blocks in
-  the background (readahead).
+  the background (readahead). An object without a version (http without a strong ETag)
+  has no blocks: ``open()`` reads it whole, and a range of it is read uncached.
 - Metadata (``info`` and ``ls``) is cached per process under the same consistency policy
   as data, in LRU maps of bounded size; this Store's own writes and deletes invalidate it.
 
@@ -190,6 +191,8 @@ class CachedReads:
         lo, hi, _ = slice(start, end).indices(info.size)
         if hi <= lo:
             return b""
+        if info.version is None:  # no version to key blocks by: one request, not cached
+            return self.reader.read_pinned(target, lo, hi, None)
         return self._blocks(target, info, lo, hi)
 
     def whole(self, where: Resolved, policy: Policy | None = None) -> bytes:
@@ -236,8 +239,8 @@ class CachedReads:
         target, info = self.located_info(where, policy)
         if info.is_dir:
             raise IsADirectoryError_.at(key, "open")
-        if info.size > self.config.block_threshold:
-            return self._block_file(target, info)
+        if info.size > self.config.block_threshold and info.version is not None:
+            return self._block_file(target, info)  # an unversioned object is read whole
         whole = io.BytesIO(self.whole(where, policy))  # shares the bytes; never written
         whole.name = redact_url(key)  # shown by repr(): never the URL's credentials
         return whole

@@ -7,7 +7,8 @@ arrived come back through the backend's ``received=`` argument
 with a range request pinned to the version the first response came from (If-Match /
 generation). If the object changed meanwhile, a read the caller pinned raises
 :class:`~mlstore.errors.PreconditionFailedError`; an unpinned read starts over on the
-new version. Versions are never stitched together.
+new version. Versions are never stitched together: an object without a version (an http
+object without a strong ETag) is opened by reading it whole, in one request.
 """
 
 from __future__ import annotations
@@ -19,8 +20,14 @@ from typing import IO, cast
 from mlstore._engine.calls import Calls
 from mlstore._engine.replicas import Replicas, Resolved
 from mlstore._util.files import CountingReader, open_ranged
+from mlstore._util.redact import redact_url
 from mlstore.backends.base import Backend, ObjectInfo, Received
-from mlstore.errors import IsADirectoryError_, PreconditionFailedError, TransientError
+from mlstore.errors import (
+    IsADirectoryError_,
+    PreconditionFailedError,
+    TransientError,
+    UnsupportedOperation,
+)
 from mlstore.url import URL
 
 __all__ = ["Reader"]
@@ -70,12 +77,20 @@ class Reader:
         self, where: Resolved, *, buffer_size: int | None, version: str | None, block_size: int
     ) -> IO[bytes]:
         """A seekable read file whose every range is pinned to the version seen now (or to
-        ``version``: an object that is no longer that version is refused)."""
+        ``version``: an object that is no longer that version is refused). An object
+        without a version has no ranges that could be pinned: it is read whole, now."""
         target, info = self.locate(where)
         backend = self.calls.backend(target.protocol)
         if info.is_dir:
             raise IsADirectoryError_.at(target, "open")
-        if version is not None and info.version is not None and version != info.version:
+        if version is not None and info.version is None:
+            raise UnsupportedOperation(
+                f"version {version} was asked for, but the object has no version to pin "
+                "a read to (an http object without a strong ETag); open it without version=",
+                url=str(target),
+                operation="open",
+            )
+        if version is not None and version != info.version:
             raise PreconditionFailedError(
                 f"version {version} was asked for, but the object is now {info.version}",
                 url=str(target),
@@ -90,6 +105,10 @@ class Reader:
         if native is not None:
             return native
         pinned = info.version
+        if pinned is None:
+            whole = io.BytesIO(self.read(backend, target, None, None, None)[0])
+            whole.name = redact_url(str(target))  # shown by repr(): never credentials
+            return whole
 
         def fetch(start: int, end: int) -> bytes:
             return self.read(backend, target, start, end, pinned)[0]

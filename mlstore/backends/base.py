@@ -56,7 +56,7 @@ class ObjectInfo:
         type: ``"file"`` or ``"directory"``.
         version: an opaque token that changes whenever the content changes (S3 ETag
             or VersionId, GCS generation, Azure ETag, local ``mtime_ns-size``, HTTP
-            ETag or Last-Modified), or ``None`` if the backend cannot tell.
+            strong ETag), or ``None`` if the backend cannot tell.
         mtime: last modification as a POSIX timestamp, if known.
         checksums: server-side checksums by algorithm (``{"md5": "..."}``).
         content_hash: mlstore's own xxh3-128 of the content, if recorded.

@@ -1,9 +1,13 @@
 """``http://`` and ``https://``: read-only access to objects served over HTTP.
 
-Reads use ``Range`` and are pinned to the version seen first (``If-Match`` with a strong
-ETag, else ``If-Unmodified-Since``); the answer's own ETag / Last-Modified and
-``Content-Range`` are checked too, so a server that ignores those headers still cannot
-return another version or range. Bodies are read as sent (``Accept-Encoding: identity``,
+An object's version is its strong ETag, and reads are pinned to it with ``If-Match``; the
+answer's own ETag and ``Content-Range`` are checked too, so a server that ignores those
+headers still cannot return another version or range. An object with only a weak ETag or
+a ``Last-Modified`` date has no version (``None``): a date has one second of resolution and
+a weak ETag may stay the same when the bytes change, so neither can prove two answers are
+of the same bytes. Such an object is not pinned; it is read whole, in one ``GET``, wherever
+ranges would have to agree (``open()``, the cache), and the cache never trusts a copy of
+it on the word of a ``HEAD``. Bodies are read as sent (``Accept-Encoding: identity``,
 never decoded), so sizes and ranges agree. ``info`` uses ``HEAD`` (or a one-byte ranged
 ``GET`` where ``HEAD`` is refused or gives no size).
 
@@ -84,11 +88,7 @@ CROSS_ORIGIN_HEADERS = frozenset(
 # RFC 9110 token characters: anything else in a header name is refused up front.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # How errors are worded: a server sends no error codes mlstore knows.
-_SERVICE = Service(
-    "the server",
-    "check the credentials or the 'headers' option",
-    pin="If-Match or If-Unmodified-Since",
-)
+_SERVICE = Service("the server", "check the credentials or the 'headers' option")
 # A shorter rest of a body is read so the connection can be reused; a longer one is not.
 _DRAIN_LIMIT = 64 * 1024
 # Bodies are read in pieces of this size: what a read holds beyond the bytes it keeps.
@@ -187,6 +187,14 @@ class HttpBackend(Backend):
         *,
         received: Received | None = None,
     ) -> bytes:
+        if version is not None and not _strong(version):
+            raise UnsupportedOperation(
+                f"http reads are pinned only by a strong ETag, and {version!r} is not one: an "
+                "object without a strong ETag has no version and cannot be pinned (read it "
+                "without version=)",
+                url=str(url),
+                operation="read",
+            )
         return self._get(url, start, end, version, None)
 
     def fetch(self, url: URL, *, received: Received | None = None) -> tuple[bytes, str | None]:
@@ -255,6 +263,8 @@ class HttpBackend(Backend):
                 if lo >= hi:
                     return b""  # nothing of the body is wanted: read none of it
                 data = _read_body(resp, url, lo, hi - lo, final=want.stop is None)
+                if lo == 0 and total is not None and hi == total:
+                    _check_whole(resp.headers, data, total, url)
             reuse = True
         except Exception as exc:  # noqa: BLE001 - translated
             raise _translate_transport(exc, url, "read") from None
@@ -355,14 +365,15 @@ def _translate_transport(cause: Exception, url: URL, operation: str) -> MlstoreE
 
 
 def _check_version(headers: Mapping[str, str], version: str | None, url: URL) -> None:
-    """Refuse an answer that is of another version than the pinned one (for servers
-    that ignore ``If-Match`` / ``If-Unmodified-Since``)."""
+    """Refuse an answer that is not of the pinned version (for servers that ignore
+    ``If-Match``): one with another ETag, or with none, which cannot show it is of it."""
     if version is None:
         return
-    modified = headers.get("Last-Modified")
-    pinned_by_date = version.startswith("lm:")
-    seen = ("lm:" + modified if modified else None) if pinned_by_date else headers.get("ETag")
-    if seen is not None and seen != version:
+    seen = headers.get("ETag")
+    if seen is None:
+        why = f"the answer carries no ETag, so it cannot be shown to be version {version}"
+        raise PreconditionFailedError(why, url=str(url), operation="read")
+    if seen != version:
         why = "the object changed while it was read (the server sent another version)"
         raise PreconditionFailedError(why, url=str(url), operation="read")
 
@@ -388,6 +399,22 @@ def _check_range(headers: Mapping[str, str], want: slice, url: URL) -> int:
             raise IntegrityError(why, url=str(url), operation="read")
     why = f"the server answered {content_range!r}: not the range asked for"
     raise IntegrityError(why, url=str(url), operation="read")
+
+
+def _check_whole(headers: Mapping[str, str], data: bytes, total: int, url: URL) -> None:
+    """Refuse a whole body shorter than its length (announced, or the object's size), or
+    one that does not match the ``Content-MD5`` sent with it."""
+    if len(data) != total:
+        why = f"the server sent {len(data)} bytes of a {total}-byte object"
+        raise IntegrityError(why, url=str(url), operation="read")
+    md5 = (headers.get("Content-MD5") or "").strip()
+    if md5:
+        import hashlib
+
+        digest = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        if digest != md5:
+            why = "the body does not match the Content-MD5 the server sent with it"
+            raise IntegrityError(why, url=str(url), operation="read")
 
 
 def _announced_length(headers: Mapping[str, str]) -> int | None:
@@ -436,14 +463,17 @@ def _size_from(headers: Mapping[str, str]) -> int | None:
 
 
 def _version_from(headers: Mapping[str, str]) -> str | None:
-    """A strong ETag, else ``"lm:" + Last-Modified`` (a weak ETag cannot pin a range)."""
-    etag, modified = headers.get("ETag"), headers.get("Last-Modified")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return "lm:" + modified if modified else None
+    """The strong ETag, or ``None``: a weak ETag or a Last-Modified date is no version,
+    since the bytes can change while it stays the same (within one second, for a date)."""
+    etag = headers.get("ETag")
+    return etag if etag and _strong(etag) else None
+
+
+def _strong(version: str) -> bool:
+    """Whether ``version`` can be a strong ETag: not weak (``W/``), and not the
+    ``lm:<date>`` that earlier releases reported for an object without one."""
+    return not version.startswith(("W/", "lm:"))
 
 
 def _precondition(version: str) -> dict[str, str]:
-    if version.startswith("lm:"):
-        return {"If-Unmodified-Since": version[3:]}
     return {"If-Match": version}

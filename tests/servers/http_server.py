@@ -23,12 +23,17 @@ size, ``Last-Modified``, single ``Range: bytes=a-b`` / ``a-`` / ``-n`` requests
 ``/status/C?retry_after``  answers status ``C``, with ``Retry-After`` if given
 ``/echo-auth``             body ``present`` or ``absent``: whether Authorization was sent
 ``/noetag/<path>``         no ``ETag`` (only ``Last-Modified``)
+``/weak/<path>``           a weak ``ETag`` (``W/"..."``) instead of the strong one
+``/swap/<path>``           serves ``<path>`` until the first ``GET`` of it has been answered,
+                           then ``<path>.next`` (the object replaced between two requests)
 ``/norange/<path>``        ignores ``Range``, ``If-Match`` and ``If-Unmodified-Since``
 ``/nohead/<path>``         answers ``HEAD`` with 405
+``/md5/<path>``            adds ``Content-MD5`` (of the body sent); ``/badmd5/`` a wrong one
 ``/gzip/<path>``           adds ``Content-Encoding: gzip`` (the file holds gzip bytes)
 ``/truncate/<path>``       announces the full length, sends half, closes the connection
-``/stream/N/<tag>``        a made-up body of N bytes (byte i is ``i % 251``), sent in 64 KiB
-                           pieces, ignoring ``Range`` and preconditions; query:
+``/stream/N/<tag>``        a made-up body of N bytes (byte i is ``i % 251``) with a strong
+                           ``ETag``, sent in 64 KiB pieces, ignoring ``Range`` and
+                           preconditions; query:
                            ``chunked=1`` (no length, chunked encoding), ``head=n`` (``HEAD``
                            announces n bytes instead of N), ``partial=1`` (answer 206 with the
                            ``Content-Range`` asked for, whatever the body's length)
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import base64
 import email.utils
+import hashlib
 import json
 import os
 import ssl
@@ -58,7 +64,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-MODES = ("auth", "noetag", "norange", "nohead", "gzip", "truncate")
+MODES = ("auth", "noetag", "weak", "swap", "md5", "badmd5", "norange", "nohead", "gzip", "truncate")
 
 
 class FileServer(ThreadingHTTPServer):
@@ -70,6 +76,7 @@ class FileServer(ThreadingHTTPServer):
         self.token = token
         self.counts: Counter[str] = Counter()
         self.sent: dict[str, dict[str, int | bool]] = {}
+        self.swapped: set[str] = set()  # /swap/ files whose first GET has been answered
         self.lock = threading.Lock()
 
 
@@ -167,7 +174,7 @@ class Handler(BaseHTTPRequestHandler):
         size = int(path[len("/stream/") :].split("/", 1)[0])
         chunked = query.get("chunked") == "1"
         code = 200
-        headers = {"Accept-Ranges": "bytes"}
+        headers = {"Accept-Ranges": "bytes", "ETag": f'"{size:x}"'}  # the body never changes
         wanted = self.headers.get("Range")
         if query.get("partial") == "1" and wanted and not head:
             first, _, last = wanted.partition("=")[2].partition("-")
@@ -229,6 +236,12 @@ class Handler(BaseHTTPRequestHandler):
             )
         if "nohead" in modes and head:
             return self.reply(405, b"", head=head, headers={"Allow": "GET"})
+        if "swap" in modes:
+            with self.server.lock:
+                swapped = rel in self.server.swapped
+                if not head:
+                    self.server.swapped.add(rel)
+            rel = rel + ".next" if swapped else rel
         root = self.server.root
         target = (root / rel).resolve()
         if root not in target.parents or not target.is_file():
@@ -238,6 +251,8 @@ class Handler(BaseHTTPRequestHandler):
         etag = f'"{st.st_mtime_ns:x}-{size:x}"'
         modified = email.utils.formatdate(st.st_mtime, usegmt=True)
         headers = {"Last-Modified": modified, "Accept-Ranges": "bytes"}
+        if "weak" in modes:
+            etag = "W/" + etag
         if "noetag" not in modes:
             headers["ETag"] = etag
         if "gzip" in modes:
@@ -261,6 +276,9 @@ class Handler(BaseHTTPRequestHandler):
         with open(target, "rb") as fh:
             fh.seek(start)
             body = fh.read(end - start)
+        if modes & {"md5", "badmd5"}:
+            summed = body if "md5" in modes else b"not the body"
+            headers["Content-MD5"] = base64.b64encode(hashlib.md5(summed).digest()).decode()
         self.send_response(code)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
@@ -283,7 +301,7 @@ class Handler(BaseHTTPRequestHandler):
             if "*" in tags:
                 return True
             # Strong comparison: a weak tag never matches.
-            return etag is not None and etag in tags
+            return etag is not None and not etag.startswith("W/") and etag in tags
         since = self.headers.get("If-Unmodified-Since")
         if since is not None:
             try:
