@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +16,8 @@ import pytest
 
 from mlstore import Store
 from mlstore.cache.disk import DiskTier
+from mlstore.hashing import content_hash
+from tests.emulators import ServerProcess
 
 MiB = 1 << 20
 
@@ -144,3 +149,71 @@ def test_children_forked_while_threads_fill_the_cache_read_at_once(
     assert not failures
     assert store.read_many(list(shared)) == list(shared.values())
     store.close()
+
+
+# ------------------------------------------------------------------ clients inherited by workers
+
+_DATALOADER = """
+import sys
+
+import torch.utils.data
+
+import mlstore
+from mlstore.hashing import content_hash
+from tests.emulators import ServerProcess
+
+endpoint, bucket, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = mlstore.Store(options={"s3": {"endpoint_url": endpoint}})
+urls = [f"s3://{bucket}/sample-{i}" for i in range(count)]
+# The parent uses its clients before the workers are forked: a read, an info, an open.
+store.read_bytes(urls[0])
+store.info(urls[1])
+with store.open(urls[2]) as f:
+    f.read()
+
+
+class Samples(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(urls)
+
+    def __getitem__(self, i):
+        return content_hash(store.read_bytes(urls[i]))
+
+
+loader = torch.utils.data.DataLoader(
+    Samples(), batch_size=2, num_workers=2, multiprocessing_context="fork"
+)
+print(" ".join(h for batch in loader for h in batch))
+"""
+
+
+@pytest.mark.s3
+@pytest.mark.torch
+def test_dataloader_workers_forked_after_the_parent_read_s3_print_nothing(
+    s3_options: dict[str, object], s3_bucket: str, s3_proxy: ServerProcess, tmp_path: Path
+) -> None:
+    """Workers forked from a parent that already used its S3 clients let go of them
+    silently: no asyncio traceback about a different loop on stderr, right data.
+
+    Through the suite's proxy, which keeps connections alive as a real object store
+    does (moto_server closes each one): the workers inherit a pool of open connections,
+    which is what the parent's client cleanup trips over in a child."""
+    pytest.importorskip("torch")
+    samples = [os.urandom(4096 + i) for i in range(8)]
+    with Store(options={"s3": s3_options}, cache={"enabled": False}) as writer:
+        for i, data in enumerate(samples):
+            writer.write_bytes(f"s3://{s3_bucket}/sample-{i}", data)
+    script = tmp_path / "dataloader.py"
+    script.write_text(textwrap.dedent(_DATALOADER))
+    endpoint = s3_proxy.endpoint
+    run = subprocess.run(
+        [sys.executable, str(script), endpoint, s3_bucket, str(len(samples))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [content_hash(d) for d in samples]
+    for sign in ("Traceback", "attached to a different loop", "Exception ignored"):
+        assert sign not in run.stderr, run.stderr
