@@ -20,6 +20,10 @@ from mlstore.hashing import content_hash
 from tests.emulators import ServerProcess
 
 MiB = 1 << 20
+# Forking with threads running is the point here (Python 3.12+ warns about it).
+_FORK_WITH_THREADS = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
 
 # Run in the forking thread just before a fork (and before mlstore's own preparation:
 # ``before`` hooks run in reverse order of registration), so a test can make a parent
@@ -54,6 +58,7 @@ def _in_child(body: Callable[[], bool]) -> None:
 # ------------------------------------------------------------------ the disk tier's index
 
 
+@_FORK_WITH_THREADS
 def test_a_child_forked_while_a_parent_thread_writes_the_index_uses_it_at_once(
     tmp_path: Path,
 ) -> None:
@@ -97,6 +102,7 @@ def test_a_child_forked_while_a_parent_thread_writes_the_index_uses_it_at_once(
 
 
 @pytest.mark.s3
+@_FORK_WITH_THREADS
 def test_children_forked_while_threads_fill_the_cache_read_at_once(
     s3_options: dict[str, object], s3_bucket: str, tmp_path: Path
 ) -> None:
