@@ -44,6 +44,7 @@ def install_azurite(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The test suite. Extra arguments go to pytest: ``nox -s tests -- -k fsspec``."""
     session.install("-e", ".[test,s3,gcs,azure]")
+    session.install("torch==2.13.0")  # for the DataLoader tests (CPU wheel, exact pin)
     install_azurite(session)
     if os.environ.get("CI"):
         session.env.setdefault("MLSTORE_REQUIRE_EMULATORS", "1")

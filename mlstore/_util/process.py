@@ -15,6 +15,14 @@ files whose flocks would stay held after the parent dies), or whose ``on_fork`` 
 descriptors by number (later, the child may have reused those numbers). Either way one
 hook, registered here once, gives every holder a new lock in the child: the inherited
 one may be held by a parent thread that does not exist there.
+
+Some state cannot be rebuilt that way because a library below keeps process-wide state
+of its own: SQLite's locks and mutexes for a database file are shared by every
+connection of the process, so a child forked while a parent thread was inside SQLite
+would find a write lock, or a mutex, that no thread of it will ever release. A
+:class:`ForkGuard` covers such code: a fork waits until no thread is inside one of its
+sections, and a forked child keeps the objects it inherited (referenced for good, never
+closed: closing the parent's connection could clean up files under the parent).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["PerProcess"]
+__all__ = ["ForkGuard", "PerProcess", "keep_inherited"]
 
 T = TypeVar("T")
 
@@ -110,12 +118,120 @@ class PerProcess(Generic[T]):
         )
 
 
+class ForkGuard:
+    """Sections of code that a fork waits out, and objects a forked child must keep.
+
+    ``with guard.section():`` marks code that must not be cut in two by a fork (a
+    SQLite call or transaction): ``fork()`` waits until no thread is inside a section,
+    and threads wait to enter one until the fork is done. Sections nest within a thread,
+    and a thread that forks from inside one does not wait for itself.
+
+    ``guard.keep(obj)`` names an object the process must not release in a forked child
+    (a SQLite connection). The parent still frees it as usual; a child keeps its copy
+    referenced for good, so that no garbage collection ever runs its cleanup there.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_handed",
+        "_held",
+        "_inherited",
+        "_kept",
+        "_local",
+        "_locks",
+        "_registry",
+    )
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # .lock: this thread's RLock
+        self._locks: weakref.WeakSet[Any] = weakref.WeakSet()  # every thread's
+        self._registry = threading.Lock()  # over ``_locks``; held through a fork
+        self._kept: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._inherited: list[Any] = []  # the parents' objects, kept for good
+        self._held: list[Any] = []  # the locks ``_before`` took, for ``_after``
+        self._handed: list[Any] = []  # the objects to keep, held through the fork
+        _GUARDS.add(self)
+
+    def section(self) -> Any:
+        """The calling thread's section lock (``with guard.section(): ...``)."""
+        lock = getattr(self._local, "lock", None)
+        if lock is None:
+            lock = threading.RLock()  # freed with the thread's locals when it ends
+            with self._registry:
+                self._locks.add(lock)
+            self._local.lock = lock
+        return lock
+
+    def keep(self, obj: object) -> None:
+        """Let a forked child keep ``obj`` referenced for good (weakly held here)."""
+        self._kept.add(obj)
+
+    def _before(self) -> None:
+        """In the forking thread: wait until every thread is out of its sections, and
+        keep them out; hold the objects to keep, so that the child inherits them held."""
+        self._registry.acquire()
+        self._held = list(self._locks)
+        for lock in self._held:
+            lock.acquire()
+        self._handed = list(self._kept)
+
+    def _after(self, child: bool) -> None:
+        for lock in self._held:
+            lock.release()
+        if child:  # the parent's objects stay here for good; the child's start afresh
+            self._inherited.extend(self._handed)
+            self._kept = weakref.WeakSet()
+        self._held, self._handed = [], []
+        self._registry.release()
+
+
+# What forked children inherited and must never release (see keep_inherited).
+_INHERITED: list[object] = []
+
+
+def keep_inherited(value: object) -> None:
+    """In a forked child, keep ``value`` (a client inherited from the parent) referenced
+    for good, and disarm the ``weakref.finalize`` cleanups registered on it.
+
+    An inherited async client's cleanup, run by garbage collection or at exit, would
+    close the parent's connections through the parent's event loop, which has no thread
+    in the child: scheduled on the child's own loop it fails with an asyncio traceback
+    ("attached to a different loop"), and it can even unregister the parent's sockets
+    from the event-loop selector both processes share. Its sockets stay open in the child
+    until it exits, like any descriptor it inherited. A ``PerProcess`` passes this as
+    ``on_fork`` (``eager=True``: before the child drops the value, unreferenced).
+    """
+    _INHERITED.append(value)
+    registry: dict[weakref.finalize[Any, Any], Any] = getattr(weakref.finalize, "_registry", {})
+    for finalizer in list(registry):
+        found = finalizer.peek()
+        if found is not None and found[0] is value:
+            finalizer.detach()
+
+
 # Every holder of this process, for the fork hook (weakly: a holder's life is its owner's).
 _HOLDERS: weakref.WeakSet[PerProcess[Any]] = weakref.WeakSet()
+_GUARDS: weakref.WeakSet[ForkGuard] = weakref.WeakSet()
+_FORKING: list[ForkGuard] = []  # the guards prepared for the fork under way
+
+
+def _before_fork() -> None:
+    _FORKING[:] = list(_GUARDS)
+    for guard in _FORKING:
+        guard._before()
+
+
+def _in_parent() -> None:
+    for guard in reversed(_FORKING):
+        guard._after(child=False)
+    _FORKING.clear()
 
 
 def _in_forked_child() -> None:
     """Runs in a new child before ``fork()`` returns there, while it has one thread."""
+    for guard in reversed(_FORKING):
+        guard._after(child=True)
+    _FORKING.clear()
     holders = list(_HOLDERS)
     for holder in holders:
         holder._lock = threading.Lock()
@@ -125,4 +241,6 @@ def _in_forked_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_in_forked_child)
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_in_parent, after_in_child=_in_forked_child
+    )

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from mlstore._util.files import BufferedWrite
+from mlstore._util.process import keep_inherited
 from mlstore._util.redact import scrub
 from mlstore.backends.base import (
     Backend,
@@ -44,7 +45,9 @@ class FsspecBackend(Backend):
         self, options: Mapping[str, Any], config: StoreConfig, *, hedge: Hedge | None = None
     ) -> None:
         super().__init__(options, config, hedge=hedge)
-        self._fs = PerProcess(self._make_fs)
+        # A forked child keeps the filesystem it inherited, untouched: closing the
+        # parent's async clients there prints asyncio tracebacks and can harm the parent.
+        self._fs = PerProcess(self._make_fs, on_fork=keep_inherited, eager=True)
 
     # ---- what subclasses provide
     def _make_fs(self) -> Any:

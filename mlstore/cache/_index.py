@@ -13,9 +13,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from mlstore._util.process import PerProcess
+from mlstore._util.process import ForkGuard, PerProcess
 from mlstore._util.redact import redact_url
 from mlstore.cache._layout import MARKER, _create_temp, _private_file
 from mlstore.errors import ConfigError
@@ -76,6 +76,81 @@ def _is_corrupt(exc: BaseException) -> bool:
     )
 
 
+#: Every SQLite call of the index runs in a section of this guard, so that a fork never
+#: cuts one in two. SQLite keeps the locks and mutexes of a database file per process, not
+#: per connection: a child forked while a parent thread was inside a transaction would
+#: find the write lock taken by a connection of its own that no thread will ever commit
+#: (its first write waits 60 s, then fails with ``database is locked``), and one forked
+#: inside any call could find a mutex held for ever. Connections a child inherits are
+#: kept and never touched, not even closed: SQLite's close can checkpoint and delete the
+#: parent's write-ahead log. (SQLite forbids using a connection across a fork.)
+_GUARD = ForkGuard()
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor whose statements run and step in sections of the fork guard."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        with _GUARD.section():
+            return super().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> _Cursor:
+        with _GUARD.section():
+            return super().executemany(sql, parameters)
+
+    def fetchone(self) -> Any:
+        with _GUARD.section():
+            return super().fetchone()
+
+    def fetchmany(self, size: int | None = 1) -> list[Any]:
+        with _GUARD.section():
+            return super().fetchmany(size)
+
+    def fetchall(self) -> list[Any]:
+        with _GUARD.section():
+            return super().fetchall()
+
+    def __next__(self) -> Any:
+        with _GUARD.section():
+            return super().__next__()
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose every call runs in a section of the fork guard."""
+
+    def cursor(self, factory: Any = _Cursor) -> Any:
+        return super().cursor(factory)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        return self.cursor().execute(sql, parameters)  # type: ignore[no-any-return]
+
+    def executemany(self, sql: str, parameters: Any, /) -> _Cursor:
+        return self.cursor().executemany(sql, parameters)  # type: ignore[no-any-return]
+
+    def executescript(self, script: str, /) -> sqlite3.Cursor:
+        with _GUARD.section():
+            return super().executescript(script)
+
+    def close(self) -> None:
+        with _GUARD.section():
+            super().close()
+
+
+def _open(path: str) -> sqlite3.Connection:
+    """A connection to the index at ``path`` (made in a section of the fork guard, and
+    kept by a child forked while it is open)."""
+    with _GUARD.section():
+        db = sqlite3.connect(
+            path,
+            timeout=60,
+            isolation_level=None,  # explicit transactions only
+            check_same_thread=False,
+            factory=_Connection,
+        )
+    _GUARD.keep(db)
+    return db
+
+
 class _ProcessIndex:
     """One process's side of the index: a SQLite connection per thread, every one listed
     so that :meth:`close` reaches them, and the access times waiting to be written.
@@ -83,7 +158,8 @@ class _ProcessIndex:
     SQLite connections must not cross a fork (the child would share the parent's file
     locks and WAL state), so this lives in a :class:`PerProcess`: a forked child starts
     with no connection, no pending access times (its parent writes its own) and a lock
-    no parent thread can be holding.
+    no parent thread can be holding. The connections it inherited stay open, unused
+    (see ``_GUARD``).
     """
 
     __slots__ = ("connections", "ino", "last_flush", "lock", "path", "threads", "touched")
@@ -109,12 +185,7 @@ class _ProcessIndex:
         # given its tables by every connection: one made after the index was quarantined
         # or its directory recreated finds an empty file.
         _private_file(self.path)
-        db = sqlite3.connect(
-            self.path,
-            timeout=60,
-            isolation_level=None,  # explicit transactions only
-            check_same_thread=False,
-        )
+        db = _open(self.path)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -219,7 +290,7 @@ class IndexCare:
     def _damaged(self) -> bool:
         """Whether the index file at its path fails SQLite's own consistency check."""
         try:
-            probe = sqlite3.connect(self._index_path, timeout=60)
+            probe = _open(self._index_path)
         except sqlite3.Error:
             return False
         try:
@@ -357,12 +428,14 @@ class IndexCare:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """This thread's connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled
-        back if the block raises)."""
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        back if the block raises), all in one section of the fork guard: a child is never
+        forked with the transaction open."""
+        with _GUARD.section():
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
