@@ -84,9 +84,6 @@ class _Absent:
 
     __slots__ = ()
 
-    def __repr__(self) -> str:
-        return "ABSENT"
-
 
 ABSENT = _Absent()
 
@@ -222,7 +219,8 @@ class NodeMetadata:
             text = handle.cache.get(key)
         except UnsafeValueError:
             self._trouble("unsafe", "held an entry not stored as JSON (ignored and dropped)")
-            self._drop_quietly(handle, key)
+            with contextlib.suppress(Exception):
+                handle.cache.delete(key)
             return None
         except Exception as exc:  # noqa: BLE001 - any trouble with the tier is a miss
             self._failed(exc)
@@ -326,10 +324,6 @@ class NodeMetadata:
         except Exception:  # noqa: BLE001 - still failing: rest a while
             self._resting_until = time.monotonic() + _REST
             return None
-
-    def _drop_quietly(self, handle: _Handle, key: str) -> None:
-        with contextlib.suppress(Exception):
-            handle.cache.delete(key)
 
     def _failed(self, exc: BaseException) -> None:
         """Count ``exc``, repair its cause if it can be, and say so once per kind."""
