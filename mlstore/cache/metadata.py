@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 from mlstore._util.lru import LRU
 from mlstore._util.process import PerProcess
 from mlstore._util.redact import redact_url
-from mlstore.cache._layout import _private_file, _private_subdir
+from mlstore.cache._layout import MARKER, _private_file, _private_subdir
 
 __all__ = [
     "ABSENT",
@@ -195,6 +195,9 @@ class NodeMetadata:
     def _open(self) -> _Handle:
         import diskcache
 
+        # No marker (removed while in use): the disk tier's repair remakes it, not us.
+        if not os.path.isfile(os.path.join(os.path.dirname(self.dir), MARKER)):
+            raise FileNotFoundError(f"{os.path.dirname(self.dir)} is not (or no longer) a cache")
         _private_subdir(self.dir)
         _private_file(self.path)  # 0600 before SQLite sees it: the WAL takes its mode
         cache = diskcache.Cache(
