@@ -61,7 +61,9 @@ def test_metadata_kept_per_process_is_bounded(
 ) -> None:
     monkeypatch.setattr(cached, "INFO_ENTRIES", 3)
     urls = [f"s3://{s3_bucket}/meta-{i}" for i in range(5)]
-    with mlstore.Store(options={"s3": s3_options}, cache={"validate": "never"}) as store:
+    # No node-wide tier (metadata_bytes=0): the process front alone answers.
+    cache = {"validate": "never", "metadata_bytes": 0}
+    with mlstore.Store(options={"s3": s3_options}, cache=cache) as store:
         for url in urls:
             store.write_bytes(url, b"m")
         for url in urls:

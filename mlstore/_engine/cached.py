@@ -10,8 +10,10 @@ directly (caching them would only copy bytes that are already local).
   never mix two versions. Sequential reads through ``open()`` fetch the next blocks in
   the background (readahead). An object without a version (http without a strong ETag)
   has no blocks: ``open()`` reads it whole, and a range of it is read uncached.
-- Metadata (``info`` and ``ls``) is cached per process under the same consistency policy
-  as data, in LRU maps of bounded size; this Store's own writes and deletes invalidate it.
+- Metadata (``info``, ``exists`` and ``ls`` answers, negative ones included) is cached
+  under the same consistency policy as data: in a small LRU per process, in front of the
+  node-wide metadata tier (:mod:`mlstore.cache.metadata`). A write or delete through
+  mlstore drops what the node holds of the URL, so the next process sees it.
 
 This module knows the cache and a :class:`Source` (the narrow seam through which a miss
 reaches the storage: a :class:`~mlstore._engine.reader.Reader`), never the Store.
@@ -23,19 +25,27 @@ import functools
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Protocol, TypeVar
 
+from mlstore._engine.answers import (
+    decode_listing,
+    decode_located,
+    directories,
+    encode_listing,
+    encode_located,
+)
 from mlstore._engine.identity import Identity
 from mlstore._engine.replicas import Resolved
 from mlstore._engine.writer import Made
 from mlstore._util.files import SeekableRaw
-from mlstore._util.lru import LRU
 from mlstore._util.redact import redact_url
 from mlstore.backends.base import ObjectInfo
+from mlstore.cache.metadata import ABSENT, NodeMetadata, Remembered
 from mlstore.cache.tiered import Fetched, TieredCache
-from mlstore.errors import CorruptBodyError, IsADirectoryError_
+from mlstore.errors import CorruptBodyError, IsADirectoryError_, NotFoundError
 from mlstore.hashing import BlockDigests
 from mlstore.metrics import Metrics
 from mlstore.url import URL
@@ -43,10 +53,11 @@ from mlstore.url import URL
 __all__ = ["CACHED_PROTOCOLS", "INFO_ENTRIES", "LISTING_ENTRIES", "CachedReads"]
 
 CACHED_PROTOCOLS = frozenset({"s3", "gs", "az", "http", "https"})
-#: ``info`` answers kept per process (about 0.5 KiB each).
-INFO_ENTRIES = 65536
-#: Listings kept per process (a listing may hold many entries: fewer of them).
-LISTING_ENTRIES = 256
+#: ``info`` answers kept in each process's front (about 0.5 KiB each); the node tier
+#: behind it holds many more, bounded by ``CacheConfig.metadata_bytes``.
+INFO_ENTRIES = 4096
+#: Listings kept in each process's front (a listing may hold many entries: fewer).
+LISTING_ENTRIES = 64
 _READAHEAD_BLOCKS = 2
 #: Fetches of one block that fails its digests before the read fails.
 _BLOCK_ATTEMPTS = 3
@@ -101,8 +112,19 @@ class CachedReads:
         self.config = cache.config
         self.metrics = metrics
         self._workers = max(2, min(8, workers))
-        self._info: LRU[str, tuple[tuple[URL, ObjectInfo], float]] = LRU(INFO_ENTRIES)
-        self._listings: LRU[str, tuple[list[ObjectInfo], float]] = LRU(LISTING_ENTRIES)
+        node = None
+        if cache.disk is not None and self.config.metadata_bytes > 0:
+            node = NodeMetadata(
+                self.config.resolved_disk_dir,
+                self.config.metadata_bytes,
+                lambda name, n: metrics.add(name, "metadata", n),
+            )
+        self._info: Remembered[tuple[URL, ObjectInfo]] = Remembered(
+            "info", INFO_ENTRIES, node, encode_located, decode_located
+        )
+        self._listings: Remembered[list[ObjectInfo]] = Remembered(
+            "ls", LISTING_ENTRIES, node, encode_listing, decode_listing
+        )
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -114,7 +136,8 @@ class CachedReads:
         """The info this process last reported for ``where``, if it still has it: the
         cached bytes it serves must be of that version."""
         remembered = self._info.get(self.node(where))
-        return remembered[0][1] if remembered is not None else None
+        answer = remembered[0] if remembered is not None else None
+        return answer[1] if isinstance(answer, tuple) else None
 
     def node(self, where: Resolved) -> str:
         """The node key of ``where`` (its primary replica's object, in this scope)."""
@@ -123,7 +146,8 @@ class CachedReads:
     # ------------------------------------------------------------------ metadata
 
     def located_info(self, where: Resolved, policy: Policy | None = None) -> tuple[URL, ObjectInfo]:
-        """The physical replica that answered and the object's info, cached per policy.
+        """The physical replica that answered and the object's info, cached per policy
+        (an object found missing is remembered as missing, and raises again).
 
         When the store reports a version that this process holds other bytes of in
         memory, those bytes are dropped: what is served must be of the reported version.
@@ -137,41 +161,62 @@ class CachedReads:
                 self.cache.memory.discard(node)
             return target, info
 
-        return self._remembered(self._info, node, policy or self.policy(where), locate)
+        return self._remembered(self._info, node, policy or self.policy(where), locate, where)
 
     def listing(self, where: Resolved, fetch: Callable[[], list[ObjectInfo]]) -> list[ObjectInfo]:
-        """``ls`` entries of ``where``, cached per process under the consistency policy."""
-        return self._remembered(self._listings, where.key, self.policy(where), fetch)
+        """``ls`` entries of ``where``, cached under the consistency policy (keyed by the
+        primary replica's node key: two endpoints never share a listing)."""
+        return self._remembered(self._listings, self.node(where), self.policy(where), fetch)
 
     def _remembered(
-        self, memo: LRU[str, tuple[T, float]], key: str, policy: Policy, fetch: Callable[[], T]
+        self,
+        memo: Remembered[T],
+        key: str,
+        policy: Policy,
+        fetch: Callable[[], T],
+        where: Resolved | None = None,
     ) -> T:
-        """``fetch()``, or what it returned before while the policy still trusts that."""
+        """``fetch()``, or what it returned before while the policy still trusts that.
+        With ``where``, a :class:`NotFoundError` is remembered too (and raised again)."""
         validate, ttl = policy
         now = self.cache.clock()
-        if validate != "always":
-            hit = memo.get(key)
-            if hit is not None and (validate == "never" or now - hit[1] < ttl):
-                self.metrics.add("hits", "metadata")
-                return hit[0]
-        value = fetch()
-        if validate != "always":
-            memo.put(key, (value, now))
+        hit = memo.lookup(key, validate, ttl, now)
+        if hit is not None:
+            self.metrics.add("hits", "metadata")
+            if hit is ABSENT:
+                assert where is not None  # only info answers are ever absent
+                raise NotFoundError("no such object or directory", url=where.key, operation="info")
+            return hit  # type: ignore[return-value]
+        since = time.time()  # before asking: a write after this fences off the answer
+        try:
+            value = fetch()
+        except NotFoundError:
+            if where is not None:
+                memo.put(key, ABSENT, validate, ttl, now, since)
+            raise
+        memo.put(key, value, validate, ttl, now, since)
         return value
 
     def invalidate(self, where: Resolved, made: Made | None = None) -> None:
         """Forget what is cached of ``where`` and of every physical URL behind it, in
-        this process and in the node's index (this Store wrote or deleted it); record
+        this process, in the node's index and in the node's metadata tier, with the
+        listings of every directory above it (this Store wrote or deleted it); record
         the versions a write ``made`` and the content hash of each as proven."""
-        self._listings.clear()  # any listing may have shown it
+        self._listings.front.clear()  # any listing may have shown it
+        dropped: list[str] = []
         for physical in where.replicas:
             node = self.identity.key(physical)
-            self._info.pop(node)
+            self._info.front.pop(node)
             self.cache.memory.discard(node)
             if self.cache.disk is not None:
                 self.cache.disk.forget(node)
                 if made and physical in made:
                     self.cache.disk.prove(node, *made[physical])
+            dropped += self._info.node_keys([node])
+            above = (self.identity.key(d) for d in directories(physical))
+            dropped += self._listings.node_keys(above)
+        if self._info.node is not None:
+            self._info.node.drop(dropped)
 
     # ------------------------------------------------------------------ reads
 
@@ -327,6 +372,8 @@ class CachedReads:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._info.node is not None:
+            self._info.node.close()
         self.cache.close()
 
 

@@ -71,6 +71,10 @@ class CacheConfig(Resolved):
         disk_bytes: budget of the disk tier (``MLSTORE_DISK_BYTES``). Default 10 GiB.
             A hard limit: blobs plus fills in progress never exceed it; a fill that
             finds no room is skipped (``disk_skips``). ``0`` turns the disk tier off.
+        metadata_bytes: budget of the node-wide metadata tier, ``info``, ``exists``
+            and ``ls`` answers shared by every process on the node in ``disk_dir/meta/``
+            (``MLSTORE_METADATA_BYTES``). Default 64 MiB (some 150,000 answers). ``0``,
+            or ``disk_bytes=0``, keeps metadata in each process only.
         block_size: block size for large objects (``MLSTORE_BLOCK_SIZE``). Default 8 MiB.
         block_threshold: objects larger than this are cached as blocks
             (``MLSTORE_BLOCK_THRESHOLD``). Default 64 MiB.
@@ -92,6 +96,7 @@ class CacheConfig(Resolved):
     memory_bytes: int = setting("MLSTORE_MEMORY_BYTES", nonneg(size), 512 * MiB)
     disk_dir: str | None = setting("MLSTORE_CACHE_DIR", _absolute_directory, None)
     disk_bytes: int = setting("MLSTORE_DISK_BYTES", nonneg(size), 10 * GiB)
+    metadata_bytes: int = setting("MLSTORE_METADATA_BYTES", nonneg(size), 64 * MiB)
     block_size: int = setting("MLSTORE_BLOCK_SIZE", positive(size), 8 * MiB)
     block_threshold: int = setting("MLSTORE_BLOCK_THRESHOLD", nonneg(size), 64 * MiB)
     validate: str = setting("MLSTORE_VALIDATE", _VALIDATE, "ttl")

@@ -1,0 +1,499 @@
+"""Metadata on the node: ``info`` answers, listings and negative lookups, kept in a small
+LRU per process in front of a node-wide tier that every process on the node shares.
+
+The node-wide tier is a :class:`diskcache.Cache` in ``disk_dir/meta/`` (``cache.db``:
+one SQLite file, 0600 in a 0700 directory, like the rest of the cache). It is bounded
+by ``CacheConfig.metadata_bytes`` (diskcache culls the least recently stored entries
+past it) and its entries expire with the policy's ``ttl``. What it stores is JSON text
+and nothing else: :func:`json_disk` is a ``diskcache.Disk`` that writes values as text
+in the database and refuses to read back anything stored in another mode, so a pickle
+planted in the file is a miss, never unpickled. Keys and values never carry a
+credential: an entry whose URL holds one stays in the process front only.
+
+Why a front at all: a diskcache lookup is a SQLite query (tens of microseconds, see
+``benchmarks/metadata.py``); the front answers the hot path from a dict, and only its
+misses reach the node. A process adopts an entry from the node with the stamp it was
+stored with, so passing through the node never stretches its trust.
+
+A write through mlstore anywhere on the node drops the written URL's entries (and the
+listings of its parent directories) from the node tier, by leaving a short-lived
+*tombstone* in their place: an answer fetched before the write and stored after it (a
+HEAD that raced the write) finds the tombstone and is not stored.
+
+Trouble with the tier (a damaged file, the directory removed, a full disk) is a miss:
+counted as ``cache_errors`` on the ``metadata`` label, logged once, and repaired (a
+damaged file is renamed aside and a new one started). ``diskcache`` is imported when a
+node tier is first opened, never by ``import mlstore``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+from mlstore._util.lru import LRU
+from mlstore._util.process import PerProcess
+from mlstore._util.redact import redact_url
+from mlstore.cache._layout import MARKER, _private_file, _private_subdir
+
+__all__ = [
+    "ABSENT",
+    "META_DIR",
+    "NodeMetadata",
+    "Remembered",
+    "clear_of_credentials",
+    "json_disk",
+    "keeps",
+    "trusted",
+]
+
+log = logging.getLogger("mlstore.cache")
+
+#: The node tier's directory, below ``disk_dir``.
+META_DIR = "meta"
+_DB = "cache.db"  # diskcache's name for its database
+#: Seconds a tombstone fences off answers fetched before a write (a HEAD retried for
+#: longer than this may still store what it saw: within the policy's ttl anyway).
+_FENCE = 600.0
+#: Seconds a stamp may lie ahead of this process's clock and still be trusted.
+_CLOCK_SKEW = 1.0
+#: Seconds the node tier rests after a failure it could not repair.
+_REST = 30.0
+#: The write-ahead log is looked at every this many writes of a process, and emptied
+#: once it holds more than ``_WAL_BYTES``. Writers that overlap without pause (threads,
+#: processes) never let SQLite's own checkpoint start the log over, and it would grow
+#: without bound (measured: 500 MB for 20,000 answers written by 16 threads).
+_WAL_CHECK = 64
+_WAL_BYTES = 4 * 1024 * 1024
+#: SQLite result codes that say the file itself is damaged.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+T = TypeVar("T")
+
+
+class _Absent:
+    """The answer "nothing exists there" (a negative lookup)."""
+
+    __slots__ = ()
+
+
+ABSENT = _Absent()
+
+
+class UnsafeValueError(ValueError):
+    """A node-tier entry was not stored as JSON text (a planted pickle, a file entry)."""
+
+
+def clear_of_credentials(text: str) -> bool:
+    """Whether ``text`` (a URL, a node key) carries no credential (user info, a signed
+    query) and so may be written to the node tier."""
+    return ("@" not in text and "?" not in text) or redact_url(text) == text
+
+
+def trusted(validate: str, ttl: float, stamp: float, now: float, absent: bool = False) -> bool:
+    """Whether an answer stamped ``stamp`` may be given at ``now`` under the policy.
+
+    A negative answer is trusted for ``ttl`` even under ``"never"``: that policy says
+    objects do not change, not that none will appear (a job waiting for a checkpoint).
+    """
+    if validate == "always":
+        return False
+    if validate == "never" and not absent:
+        return True
+    return -_CLOCK_SKEW <= now - stamp < ttl
+
+
+def keeps(validate: str, ttl: float) -> bool:
+    """Whether answers are kept at all under the policy (``ttl=0`` keeps nothing)."""
+    return validate == "never" or (validate == "ttl" and ttl > 0)
+
+
+@functools.cache
+def json_disk() -> type[Any]:
+    """The ``diskcache.Disk`` of the node tier: JSON text in the database, nothing else.
+
+    Built on first use, so ``import mlstore`` does not import diskcache.
+    """
+    import diskcache
+
+    class JSONDisk(diskcache.Disk):  # type: ignore[misc]
+        """Stores ``str`` values (JSON text) in the database row itself; refuses keys
+        that are not text and, on reading, every value stored in another mode (pickle,
+        a file), so nothing it reads is ever unpickled or opened."""
+
+        def __init__(self, directory: str, **_settings: Any) -> None:
+            # The settings come from the database's own Settings table: not trusted.
+            super().__init__(directory, min_file_size=0, pickle_protocol=0)
+
+        def put(self, key: Any) -> tuple[Any, bool]:
+            if type(key) is not str:
+                raise UnsafeValueError("metadata keys are text")
+            return key, True
+
+        def get(self, key: Any, raw: bool) -> Any:
+            if not raw or type(key) is not str:
+                raise UnsafeValueError("a metadata key that is not text")
+            return key
+
+        def store(self, value: Any, read: bool, key: Any = None) -> tuple[Any, ...]:
+            if type(value) is not str or read:
+                raise UnsafeValueError("metadata values are JSON text")
+            return 0, diskcache.core.MODE_RAW, None, value
+
+        def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
+            if mode != diskcache.core.MODE_RAW or filename is not None or type(value) is not str:
+                raise UnsafeValueError(f"a metadata entry stored in mode {mode}, not as text")
+            return value
+
+    return JSONDisk
+
+
+class _Handle:
+    """One process's open node tier: a diskcache.Cache, the inode it opened, and a count
+    of the writes since the write-ahead log was last looked at."""
+
+    __slots__ = ("cache", "ino", "writes")
+
+    def __init__(self, cache: Any, ino: int) -> None:
+        self.cache = cache
+        self.ino = ino
+        self.writes = 0
+
+
+# Handles inherited across a fork are kept, never closed, in the child: closing a parent's
+# SQLite connection there is a use of it, which SQLite forbids.
+_INHERITED: list[_Handle] = []
+
+
+class NodeMetadata:
+    """The node-wide tier: JSON answers under text keys, in ``root/meta/``.
+
+    Args:
+        root: the cache directory (already claimed by the disk tier).
+        size_limit: bytes the database may hold before the oldest entries are culled.
+        on_event: counts events (``cache_errors``).
+    """
+
+    def __init__(self, root: str, size_limit: int, on_event: Callable[[str, int], None]) -> None:
+        self.dir = os.path.join(root, META_DIR)
+        self.path = os.path.join(self.dir, _DB)
+        self.size_limit = size_limit
+        self.on_event = on_event
+        self._handle: PerProcess[_Handle] = PerProcess(self._open, on_fork=_INHERITED.append)
+        self._resting_until = 0.0
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _open(self) -> _Handle:
+        import diskcache
+
+        # No marker (removed while in use): the disk tier's repair remakes it, not us.
+        if not os.path.isfile(os.path.join(os.path.dirname(self.dir), MARKER)):
+            raise FileNotFoundError(f"{os.path.dirname(self.dir)} is not (or no longer) a cache")
+        _private_subdir(self.dir)
+        _private_file(self.path)  # 0600 before SQLite sees it: the WAL takes its mode
+        cache = diskcache.Cache(
+            self.dir,
+            timeout=10,
+            disk=json_disk(),
+            size_limit=self.size_limit,
+            eviction_policy="least-recently-stored",  # a hit writes nothing
+            statistics=0,
+            tag_index=0,
+        )
+        return _Handle(cache, os.stat(self.path).st_ino)
+
+    # ------------------------------------------------------------------ operations
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The JSON object stored under ``key`` (a tombstone is a miss), or ``None``."""
+        handle = self._usable()
+        if handle is None:
+            return None
+        try:
+            text = handle.cache.get(key)
+        except UnsafeValueError:
+            self._trouble("unsafe", "held an entry not stored as JSON (ignored and dropped)")
+            with contextlib.suppress(Exception):
+                handle.cache.delete(key)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any trouble with the tier is a miss
+            self._failed(exc)
+            return None
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or "dropped" in value:
+            return None
+        return value
+
+    def put(self, key: str, value: dict[str, Any], expire: float | None, since: float) -> None:
+        """Store ``value`` under ``key`` unless a write through mlstore dropped the key at
+        or after ``since`` (wall-clock seconds when the answer was asked for)."""
+        handle = self._usable()
+        if handle is None:
+            return
+        text = json.dumps(value, separators=(",", ":"))
+        cache = handle.cache
+        try:
+            with cache.transact():
+                try:
+                    old = cache.get(key)
+                except UnsafeValueError:
+                    old = None
+                if old is not None and _dropped_since(old, since):
+                    return
+                cache.set(key, text, expire=expire)
+        except Exception as exc:  # noqa: BLE001 - the answer stays in the process front
+            self._failed(exc)
+            return
+        self._wrote(handle)
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """Drop ``keys`` (a write through mlstore): each is left a tombstone."""
+        handle = self._usable()
+        if handle is None:
+            return
+        text = json.dumps({"dropped": time.time()})
+        cache = handle.cache
+        try:
+            with cache.transact():
+                for key in keys:
+                    cache.set(key, text, expire=_FENCE)
+        except Exception as exc:  # noqa: BLE001 - counted and repaired
+            self._failed(exc)
+            return
+        self._wrote(handle)
+
+    def _wrote(self, handle: _Handle) -> None:
+        """After a write: now and then, empty the write-ahead log if it grew too big."""
+        handle.writes += 1
+        if handle.writes % _WAL_CHECK:
+            return
+        try:
+            if os.path.getsize(self.path + "-wal") <= _WAL_BYTES:
+                return
+            db = sqlite3.connect(self.path, timeout=1)
+        except (OSError, sqlite3.Error):
+            return
+        try:  # waits (a second at most) for readers to leave, then truncates the log
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass  # busy: the next look tries again
+        finally:
+            db.close()
+
+    def usage(self) -> tuple[int, int]:
+        """``(entries, bytes)`` of the tier (tombstones included)."""
+        handle = self._usable()
+        if handle is None:
+            return 0, 0
+        try:
+            return len(handle.cache), int(handle.cache.volume())
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+            return 0, 0
+
+    def close(self) -> None:
+        handle = self._handle.reset()
+        if handle is not None:
+            handle.cache.close()
+
+    # ------------------------------------------------------------------ repair
+
+    def _usable(self) -> _Handle | None:
+        """This process's handle, opened now if need be; ``None`` while resting."""
+        if time.monotonic() < self._resting_until:
+            return None
+        try:
+            return self._handle.get()
+        except Exception as exc:  # noqa: BLE001 - a damaged file fails at open
+            self._failed(exc)
+        if time.monotonic() < self._resting_until:
+            return None
+        try:  # repaired: once more
+            return self._handle.get()
+        except Exception:  # noqa: BLE001 - still failing: rest a while
+            self._resting_until = time.monotonic() + _REST
+            return None
+
+    def _failed(self, exc: BaseException) -> None:
+        """Count ``exc``, repair its cause if it can be, and say so once per kind."""
+        self.on_event("cache_errors", 1)
+        with self._lock:
+            ours = self._handle.peek()
+            try:
+                ino: int | None = os.stat(self.path).st_ino
+            except OSError:
+                ino = None
+            if ours is not None and ino is not None and ours.ino != ino:
+                self._reset()  # another process repaired it: open the new file
+                return
+            if _is_corrupt(exc) and self._damaged():
+                self._reset()
+                aside = self._quarantine()
+                kind, message = "corrupt", f"was damaged; moved aside to {aside}, a new one is used"
+            elif _is_corrupt(exc):
+                self._reset()  # judged sound now: reopen
+                return
+            elif ino is None:
+                self._reset()
+                kind, message = "missing", "was removed while in use; it is made again"
+            else:
+                self._resting_until = time.monotonic() + _REST
+                kind, message = "failed", f"failed ({type(exc).__name__}: {exc})"
+        self._trouble(kind, message)
+
+    def _trouble(self, kind: str, message: str) -> None:
+        with self._lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
+        log.warning(
+            "the metadata cache in %s %s; answers are asked of the store meanwhile "
+            "(counted as cache_errors)",
+            self.dir,
+            message,
+        )
+
+    def _reset(self) -> None:
+        handle = self._handle.reset()
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                handle.cache.close()
+
+    def _damaged(self) -> bool:
+        """Whether the file at the path fails SQLite's own check (judged afresh: another
+        process may have replaced a damaged file already)."""
+        try:
+            probe = sqlite3.connect(self.path, timeout=10)
+        except sqlite3.Error:
+            return False
+        try:
+            row = probe.execute("PRAGMA quick_check").fetchone()
+            return row is None or row[0] != "ok"
+        except sqlite3.DatabaseError as exc:
+            return _is_corrupt(exc)
+        finally:
+            probe.close()
+
+    def _quarantine(self) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = f"{self.path}.corrupt-{stamp}-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.path, aside)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path + suffix, aside + suffix)
+        return aside
+
+
+def _dropped_since(text: Any, since: float) -> bool:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, dict) and float(value.get("dropped", -1.0)) >= since
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    code = int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    return isinstance(exc, sqlite3.DatabaseError) and code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+class Remembered(Generic[T]):
+    """Answers of one kind (``info`` or listings): a process front, then the node tier.
+
+    Args:
+        kind: a short tag that keeps the kinds apart in the node tier.
+        entries: how many answers the process front keeps.
+        node: the node tier, or ``None`` (memory-only configurations).
+        encode: an answer as a JSON object, or ``None`` if it must not leave the process
+            (it carries a credential).
+        decode: the answer back from its JSON object.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        entries: int,
+        node: NodeMetadata | None,
+        encode: Callable[[T], dict[str, Any] | None],
+        decode: Callable[[dict[str, Any]], T],
+    ) -> None:
+        self.kind = kind
+        self.front: LRU[str, tuple[T | _Absent, float]] = LRU(entries)
+        self.node = node
+        self._encode = encode
+        self._decode = decode
+
+    def get(self, key: str) -> tuple[T | _Absent, float] | None:
+        """The front's answer and stamp (no node lookup, no policy)."""
+        return self.front.get(key)
+
+    def lookup(self, key: str, validate: str, ttl: float, now: float) -> T | _Absent | None:
+        """A trusted answer from the front, else from the node (then kept in the front
+        with its stamp), else ``None``."""
+        if not keeps(validate, ttl):
+            return None
+        hit = self.front.get(key)
+        if hit is not None and trusted(validate, ttl, hit[1], now, hit[0] is ABSENT):
+            return hit[0]
+        if self.node is None:
+            return None
+        found = self.node.get(self._node_key(key))
+        if found is None:
+            return None
+        try:
+            stamp = float(found["t"])
+            value: T | _Absent = ABSENT if found.get("absent") else self._decode(found["v"])
+        except (KeyError, TypeError, ValueError):
+            return None  # a shape this mlstore does not know: a miss
+        if not trusted(validate, ttl, stamp, now, value is ABSENT):
+            return None
+        self.front.put(key, (value, stamp))
+        return value
+
+    def put(
+        self, key: str, value: T | _Absent, validate: str, ttl: float, now: float, since: float
+    ) -> None:
+        """Keep ``value`` (stamped ``now``) in the front and on the node, as the policy
+        allows; ``since`` is the wall-clock time the answer was asked for."""
+        if not keeps(validate, ttl):
+            return
+        self.front.put(key, (value, now))
+        if self.node is None or not clear_of_credentials(key):
+            return
+        if isinstance(value, _Absent):
+            record: dict[str, Any] | None = {"t": now, "absent": True}
+        else:
+            encoded = self._encode(value)
+            record = None if encoded is None else {"t": now, "v": encoded}
+        if record is None:
+            return
+        expire = None if validate == "never" and value is not ABSENT else ttl + _CLOCK_SKEW
+        self.node.put(self._node_key(key), record, expire, since)
+
+    def pop(self, key: str) -> None:
+        """Forget ``key`` here and on the node."""
+        self.front.pop(key)
+        if self.node is not None:
+            self.node.drop([self._node_key(key)])
+
+    def node_keys(self, keys: Iterable[str]) -> list[str]:
+        """The node tier's keys of ``keys`` (to drop several in one go)."""
+        return [self._node_key(k) for k in keys]
+
+    def _node_key(self, key: str) -> str:
+        return f"{self.kind}\x00{key}"
