@@ -479,8 +479,7 @@ class TieredCache:
 
 
 def _once(fn: Callable[[], str | None]) -> Callable[[], str | None]:
-    """``fn`` called at most once; later calls return the first answer."""
-    memo: list[str | None] = []
+    memo: list[str | None] = []  # ``fn`` is called at most once; later calls, its answer
 
     def call() -> str | None:
         if not memo:
