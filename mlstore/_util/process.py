@@ -27,15 +27,18 @@ closed: closing the parent's connection could clean up files under the parent).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
-__all__ = ["ForkGuard", "PerProcess", "keep_inherited"]
+__all__ = ["SQLITE", "ForkGuard", "PerProcess", "keep_inherited"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 
 class PerProcess(Generic[T]):
@@ -162,6 +165,16 @@ class ForkGuard:
             self._local.lock = lock
         return lock
 
+    def around(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """``fn`` with its every call run in a section of this guard (a decorator)."""
+
+        @functools.wraps(fn)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self.section():
+                return fn(*args, **kwargs)
+
+        return guarded
+
     def keep(self, obj: object) -> None:
         """Let a forked child keep ``obj`` referenced for good (weakly held here)."""
         self._kept.add(obj)
@@ -213,6 +226,14 @@ def keep_inherited(value: object) -> None:
 _HOLDERS: weakref.WeakSet[PerProcess[Any]] = weakref.WeakSet()
 _GUARDS: weakref.WeakSet[ForkGuard] = weakref.WeakSet()
 _FORKING: list[ForkGuard] = []  # the guards prepared for the fork under way
+
+#: The guard of every SQLite database mlstore opens (the disk tier's index, the node-wide
+#: metadata tier). SQLite keeps the locks and mutexes of a database file per process, not
+#: per connection: a child forked while a parent thread was inside a transaction would
+#: find the write lock taken by a connection of its own that no thread will ever commit,
+#: and one forked inside any call could find a mutex held for ever. So every SQLite call
+#: runs in a section of this guard, and a fork waits until none is under way.
+SQLITE = ForkGuard()
 
 
 def _before_fork() -> None:

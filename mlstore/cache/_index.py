@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from mlstore._util.process import ForkGuard, PerProcess
+from mlstore._util.process import SQLITE, PerProcess
 from mlstore._util.redact import redact_url
 from mlstore.cache._layout import MARKER, _create_temp, _private_file
 from mlstore.errors import ConfigError
@@ -76,15 +76,11 @@ def _is_corrupt(exc: BaseException) -> bool:
     )
 
 
-#: Every SQLite call of the index runs in a section of this guard, so that a fork never
-#: cuts one in two. SQLite keeps the locks and mutexes of a database file per process, not
-#: per connection: a child forked while a parent thread was inside a transaction would
-#: find the write lock taken by a connection of its own that no thread will ever commit
-#: (its first write waits 60 s, then fails with ``database is locked``), and one forked
-#: inside any call could find a mutex held for ever. Connections a child inherits are
-#: kept and never touched, not even closed: SQLite's close can checkpoint and delete the
-#: parent's write-ahead log. (SQLite forbids using a connection across a fork.)
-_GUARD = ForkGuard()
+#: Every SQLite call of the index runs in a section of the SQLite fork guard (see
+#: :data:`~mlstore._util.process.SQLITE`). Connections a child inherits are kept and never
+#: touched, not even closed: SQLite's close can checkpoint and delete the parent's
+#: write-ahead log. (SQLite forbids using a connection across a fork.)
+_GUARD = SQLITE
 
 
 class _Cursor(sqlite3.Cursor):

@@ -29,7 +29,6 @@ node tier is first opened, never by ``import mlstore``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -40,8 +39,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from mlstore._util.lru import LRU
-from mlstore._util.process import PerProcess
+from mlstore._util.process import SQLITE, PerProcess
 from mlstore._util.redact import redact_url
+from mlstore.cache._jsondisk import UnsafeValueError, json_disk
 from mlstore.cache._layout import MARKER, _private_file, _private_subdir
 
 __all__ = [
@@ -88,10 +88,6 @@ class _Absent:
 ABSENT = _Absent()
 
 
-class UnsafeValueError(ValueError):
-    """A node-tier entry was not stored as JSON text (a planted pickle, a file entry)."""
-
-
 def clear_of_credentials(text: str) -> bool:
     """Whether ``text`` (a URL, a node key) carries no credential (user info, a signed
     query) and so may be written to the node tier."""
@@ -114,46 +110,6 @@ def trusted(validate: str, ttl: float, stamp: float, now: float, absent: bool = 
 def keeps(validate: str, ttl: float) -> bool:
     """Whether answers are kept at all under the policy (``ttl=0`` keeps nothing)."""
     return validate == "never" or (validate == "ttl" and ttl > 0)
-
-
-@functools.cache
-def json_disk() -> type[Any]:
-    """The ``diskcache.Disk`` of the node tier: JSON text in the database, nothing else.
-
-    Built on first use, so ``import mlstore`` does not import diskcache.
-    """
-    import diskcache
-
-    class JSONDisk(diskcache.Disk):  # type: ignore[misc]
-        """Stores ``str`` values (JSON text) in the database row itself; refuses keys
-        that are not text and, on reading, every value stored in another mode (pickle,
-        a file), so nothing it reads is ever unpickled or opened."""
-
-        def __init__(self, directory: str, **_settings: Any) -> None:
-            # The settings come from the database's own Settings table: not trusted.
-            super().__init__(directory, min_file_size=0, pickle_protocol=0)
-
-        def put(self, key: Any) -> tuple[Any, bool]:
-            if type(key) is not str:
-                raise UnsafeValueError("metadata keys are text")
-            return key, True
-
-        def get(self, key: Any, raw: bool) -> Any:
-            if not raw or type(key) is not str:
-                raise UnsafeValueError("a metadata key that is not text")
-            return key
-
-        def store(self, value: Any, read: bool, key: Any = None) -> tuple[Any, ...]:
-            if type(value) is not str or read:
-                raise UnsafeValueError("metadata values are JSON text")
-            return 0, diskcache.core.MODE_RAW, None, value
-
-        def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
-            if mode != diskcache.core.MODE_RAW or filename is not None or type(value) is not str:
-                raise UnsafeValueError(f"a metadata entry stored in mode {mode}, not as text")
-            return value
-
-    return JSONDisk
 
 
 class _Handle:
@@ -192,6 +148,7 @@ class NodeMetadata:
         self._warned: set[str] = set()
         self._lock = threading.Lock()
 
+    @SQLITE.around  # no fork cuts a SQLite call in two
     def _open(self) -> _Handle:
         import diskcache
 
@@ -213,6 +170,7 @@ class NodeMetadata:
 
     # ------------------------------------------------------------------ operations
 
+    @SQLITE.around
     def get(self, key: str) -> dict[str, Any] | None:
         """The JSON object stored under ``key`` (a tombstone is a miss), or ``None``."""
         handle = self._usable()
@@ -238,6 +196,7 @@ class NodeMetadata:
             return None
         return value
 
+    @SQLITE.around
     def put(self, key: str, value: dict[str, Any], expire: float | None, since: float) -> None:
         """Store ``value`` under ``key`` unless a write through mlstore dropped the key at
         or after ``since`` (wall-clock seconds when the answer was asked for)."""
@@ -260,6 +219,7 @@ class NodeMetadata:
             return
         self._wrote(handle)
 
+    @SQLITE.around
     def drop(self, keys: Iterable[str]) -> None:
         """Drop ``keys`` (a write through mlstore): each is left a tombstone."""
         handle = self._usable()
@@ -276,6 +236,7 @@ class NodeMetadata:
             return
         self._wrote(handle)
 
+    @SQLITE.around
     def _wrote(self, handle: _Handle) -> None:
         """After a write: now and then, empty the write-ahead log if it grew too big."""
         handle.writes += 1
@@ -294,6 +255,7 @@ class NodeMetadata:
         finally:
             db.close()
 
+    @SQLITE.around
     def usage(self) -> tuple[int, int]:
         """``(entries, bytes)`` of the tier (tombstones included)."""
         handle = self._usable()
@@ -305,6 +267,7 @@ class NodeMetadata:
             self._failed(exc)
             return 0, 0
 
+    @SQLITE.around
     def close(self) -> None:
         handle = self._handle.reset()
         if handle is not None:
@@ -367,6 +330,7 @@ class NodeMetadata:
             message,
         )
 
+    @SQLITE.around
     def _reset(self) -> None:
         handle = self._handle.reset()
         if handle is not None:
