@@ -250,3 +250,46 @@ def test_exists_after_rm_is_false_through_the_store_and_fsspec(
     assert fs.exists(url)
     fs.rm(url)
     assert not fs.exists(url)
+
+
+@pytest.mark.parametrize("validate", ["never", "ttl"])
+def test_a_recursive_rm_reaches_the_node_cache_of_every_object_below(
+    validate: str, s3_options: dict[str, object], s3_bucket: str, tmp_path: Path
+) -> None:
+    prefix = f"s3://{s3_bucket}/run"
+    env = {"MLSTORE_CACHE_DIR": str(tmp_path / "cache")}
+    with mlstore.Store(options={"s3": s3_options}, cache={"enabled": False}) as s:
+        for name in ("a.bin", "sub/b.bin"):
+            s.write_bytes(f"{prefix}/{name}", b"old")
+    code = """
+import json, os, sys
+import mlstore
+spec = json.loads(os.environ["SPEC"])
+store = mlstore.Store(options={"s3": {"endpoint_url": spec["endpoint"]}},
+                      cache={"validate": spec["validate"]})
+if spec["step"] == "rm":
+    store.rm(spec["prefix"], recursive=True)
+out = {}
+for url in spec["urls"]:
+    try:
+        out[url] = [store.exists(url), store.read_bytes(url).decode()]
+    except mlstore.NotFoundError:
+        out[url] = [store.exists(url), None]
+print(json.dumps(out))
+"""
+    urls = [f"{prefix}/a.bin", f"{prefix}/sub/b.bin"]
+
+    def step(name: str) -> object:
+        spec = {
+            "endpoint": s3_options["endpoint_url"],
+            "validate": validate,
+            "step": name,
+            "prefix": prefix,
+            "urls": urls,
+        }
+        return run_child(code, {**env, "SPEC": json.dumps(spec)})
+
+    assert step("read") == {url: [True, "old"] for url in urls}  # cached on the node
+    gone = {url: [False, None] for url in urls}
+    assert step("rm") == gone  # the deleting process sees its delete
+    assert step("read") == gone  # and so does the next process on the node

@@ -37,7 +37,7 @@ from mlstore._engine.answers import (
     encode_listing,
     encode_located,
 )
-from mlstore._engine.identity import Identity
+from mlstore._engine.identity import CACHED_PROTOCOLS, Identity
 from mlstore._engine.replicas import Resolved
 from mlstore._engine.writer import Made
 from mlstore._util.files import SeekableRaw
@@ -52,7 +52,6 @@ from mlstore.url import URL
 
 __all__ = ["CACHED_PROTOCOLS", "INFO_ENTRIES", "LISTING_ENTRIES", "CachedReads"]
 
-CACHED_PROTOCOLS = frozenset({"s3", "gs", "az", "http", "https"})
 #: ``info`` answers kept in each process's front (about 0.5 KiB each); the node tier
 #: behind it holds many more, bounded by ``CacheConfig.metadata_bytes``.
 INFO_ENTRIES = 4096

@@ -33,7 +33,11 @@ from mlstore.backends.base import get_backend_class
 from mlstore.config import StoreConfig
 from mlstore.url import URL
 
-__all__ = ["Identity", "options_for"]
+__all__ = ["CACHED_PROTOCOLS", "Identity", "options_for"]
+
+#: The protocols whose objects the node caches (local files and ``memory://`` are read
+#: directly: caching them would only copy bytes that are already local).
+CACHED_PROTOCOLS = frozenset({"s3", "gs", "az", "http", "https"})
 
 
 def options_for(config: StoreConfig, protocol: str) -> Mapping[str, Any]:

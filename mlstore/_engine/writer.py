@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from mlstore._engine.calls import Calls
+from mlstore._engine.identity import CACHED_PROTOCOLS
 from mlstore._engine.reader import Reader
 from mlstore._engine.replicas import Resolved
 from mlstore._util.files import BufferedWrite, CountingWriter, TextWriter
@@ -128,13 +129,19 @@ class Writer:
         """Delete the object (or, with ``recursive``, everything below it) on the
         primary (every replica with ``replicate``)."""
         targets = where.replicas if replicate else where.replicas[:1]
+        below: list[URL] = []
         for target in targets:
             backend = self.calls.writable(target, "rm")
             if not recursive and self.locate(self.resolve(target))[1].is_dir:
                 raise IsADirectoryError_.at(target, "rm")
+            if recursive and target.protocol in CACHED_PROTOCOLS:
+                # What the node may hold copies of: every object below, listed first.
+                below += [entry.url for entry in self._sorted_find(target)]
             rm = functools.partial(backend.rm, target, recursive)
             self.calls.call(backend, rm, target, "write")
         self.invalidate(where, None)
+        for url in below:
+            self.invalidate(self.resolve(url), None)
 
     def copy(
         self, src: Resolved, dst: Resolved, *, recursive: bool, progress: Progress | None

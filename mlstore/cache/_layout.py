@@ -30,7 +30,7 @@ _MARKER_TEXT = b"mlstore cache directory: mlstore deletes only files it made her
 #: What an mlstore of any version puts at the top of its cache directory.
 _OWN_NAMES = frozenset(
     {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal"}
-    | {"index.key", "blobs", "tmp", "locks", MARKER}
+    | {"index.key", "blobs", "tmp", "locks", "meta", MARKER}
 )
 _TEMP_SUFFIX = ".mlstore-tmp"
 #: A temp file of a filler: ``<pid>-<random>.mlstore-tmp`` (an older mlstore left the
