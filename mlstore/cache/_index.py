@@ -424,14 +424,17 @@ class IndexCare:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """This thread's connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled
-        back if the block raises), all in one section of the fork guard: a child is never
-        forked with the transaction open."""
+        back if the block or the commit raises, so the connection is never left inside
+        a transaction), all in one section of the fork guard: a child is never forked
+        with the transaction open."""
         with _GUARD.section():
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
