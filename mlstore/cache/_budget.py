@@ -78,8 +78,7 @@ class FillCare(IndexCare):
 
         def evict(self, to_bytes: int | None = None, keep: str | None = None) -> int: ...
 
-        @staticmethod
-        def _flush(index: _ProcessIndex) -> None: ...
+        def _flush(self, index: _ProcessIndex, db: sqlite3.Connection | None = None) -> None: ...
 
     def _put(self, key: str, version: str | None, data: bytes, digest: str) -> bool:
         # Blob files appear only by rename, so one that exists is whole (a torn one,
@@ -167,7 +166,7 @@ class FillCare(IndexCare):
                 reserved -= self._reclaim(db)
                 if reserved + size > self.budget:
                     return False  # evicting every blob would not make room
-                self._flush(self._index.get())  # this process's access times: the LRU order
+                self._flush(self._index.get(), db)  # this process's uses: the LRU order
                 excess = indexed + reserved + size - self.budget
                 for victim, victim_size in db.execute(
                     "SELECT hash, size FROM blobs ORDER BY atime"

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -147,6 +148,20 @@ def _open(path: str) -> sqlite3.Connection:
     return db
 
 
+#: Every table and index :data:`_SCHEMA` makes.
+_SCHEMA_NAMES = frozenset(re.findall(r"IF NOT EXISTS (\w+)", _SCHEMA))
+
+
+def _has_schema(db: sqlite3.Connection) -> bool:
+    """Whether the index already has every table, index and row of :data:`_SCHEMA`,
+    found by reads alone: a new connection (a new thread's) must not need the write
+    lock, which another process may hold for a while."""
+    names = {str(row[0]) for row in db.execute("SELECT name FROM sqlite_master")}
+    if not names >= _SCHEMA_NAMES:
+        return False
+    return db.execute("SELECT 1 FROM meta WHERE name = 'bytes'").fetchone() is not None
+
+
 class _ProcessIndex:
     """One process's side of the index: a SQLite connection per thread, every one listed
     so that :meth:`close` reaches them, and the access times waiting to be written.
@@ -158,7 +173,16 @@ class _ProcessIndex:
     (see ``_GUARD``).
     """
 
-    __slots__ = ("connections", "ino", "last_flush", "lock", "path", "threads", "touched")
+    __slots__ = (
+        "connections",
+        "flushing",
+        "ino",
+        "last_flush",
+        "lock",
+        "path",
+        "threads",
+        "touched",
+    )
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -170,6 +194,7 @@ class _ProcessIndex:
         self.lock = threading.Lock()  # over ``connections`` and ``touched``
         self.touched: dict[str, float] = {}
         self.last_flush = time.monotonic()
+        self.flushing = False  # a background flush of ``touched`` is under way
 
     def connection(self) -> sqlite3.Connection:
         """The calling thread's connection (made on its first use)."""
@@ -185,7 +210,8 @@ class _ProcessIndex:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
+            if not _has_schema(db):  # a write: only when something is missing
+                db.executescript(_SCHEMA)
             if self.ino is None:
                 self.ino = os.stat(self.path).st_ino
         except BaseException:

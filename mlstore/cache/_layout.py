@@ -207,14 +207,25 @@ def _make_private(path: str, st: os.stat_result, mode: int) -> None:
 
 def _private_file(path: str) -> None:
     """Create ``path`` 0600 if missing, or make an existing one 0600 (a cache written by
-    an older mlstore, or under a lax umask, may have left it readable)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    an older mlstore, or under a lax umask, may have left it readable).
+
+    An existing file is never opened: closing any descriptor of a SQLite database drops
+    every POSIX lock this process holds on it, its connections' included. Without its
+    shared lock, another process closing its last connection believes itself the last
+    user, checkpoints and deletes the write-ahead log in use here ("disk I/O error").
+    """
     try:
-        st = os.fstat(fd)
-        if st.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        st = os.stat(path)
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:  # made meanwhile by another process
+            st = os.stat(path)
+        else:
+            os.close(fd)  # new: nobody holds a lock on it yet
+            return
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o600)
 
 
 #: Largest blob read with a single ``read()``. Linux returns at most 0x7ffff000 bytes

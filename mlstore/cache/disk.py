@@ -173,9 +173,12 @@ class DiskTier(FillCare):
     def close(self) -> None:
         """Write pending access times and close this process's index connections (in a
         forked child, never the parent's: those are not this process's to close)."""
+        index = self._index.peek()
+        if index is not None:
+            with contextlib.suppress(sqlite3.Error, OSError):  # access times: not vital
+                self._flush(index)
         index = self._index.reset()
         if index is not None:
-            self._flush(index)
             index.close()
 
     def blob_path(self, digest: str) -> str:
@@ -236,32 +239,49 @@ class DiskTier(FillCare):
         return None if row is None else int(row[0])
 
     def touch_blob(self, digest: str) -> None:
-        """Record a use of blob ``digest`` (written to the index in batches)."""
+        """Record a use of blob ``digest``. Uses are written to the index in batches,
+        every few seconds, by a background thread: a hit never waits for the index's
+        write lock, which fillers and other processes' batches take."""
         now = self.clock()
         index = self._index.get()
         with index.lock:
             index.touched[digest] = now
-            due = time.monotonic() - index.last_flush > _TOUCH_EVERY
+            due = not index.flushing and time.monotonic() - index.last_flush > _TOUCH_EVERY
+            if due:
+                index.flushing = True
         if due:
-            try:
-                self._flush(index)
-            except (sqlite3.Error, OSError) as exc:
-                self.recover(exc)
+            threading.Thread(
+                target=self._flush_in_background, args=(index,), name="mlstore-atime", daemon=True
+            ).start()
+
+    def _flush_in_background(self, index: _ProcessIndex) -> None:
+        try:
+            self._flush(index)
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
+        finally:
+            index.flushing = False
 
     def flush_access_times(self) -> None:
-        """Write the batched access times (called every few seconds and before eviction)."""
+        """Write the batched access times now (before eviction, and at close)."""
         self._flush(self._index.get())
 
-    @staticmethod
-    def _flush(index: _ProcessIndex) -> None:
+    def _flush(self, index: _ProcessIndex, db: sqlite3.Connection | None = None) -> None:
+        """Write ``index``'s batched access times in one transaction (one per touched
+        blob would queue every batch of every process on the write lock many times), or
+        in the caller's transaction ``db``."""
         with index.lock:
             touched, index.touched = index.touched, {}
             index.last_flush = time.monotonic()
-        if touched:
-            index.connection().executemany(
-                "UPDATE blobs SET atime = max(atime, ?) WHERE hash = ?",
-                [(t, h) for h, t in touched.items()],
-            )
+        rows = [(t, h) for h, t in touched.items()]
+        if not rows:
+            return
+        update = "UPDATE blobs SET atime = max(atime, ?) WHERE hash = ?"
+        if db is not None:
+            db.executemany(update, rows)
+        elif index is self._index.peek():  # not closed meanwhile (a background flush)
+            with self._transaction() as tx:
+                tx.executemany(update, rows)
 
     # ------------------------------------------------------------------ writing
 

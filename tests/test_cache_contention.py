@@ -1,0 +1,93 @@
+"""Processes that share the node cache do not queue behind each other on a hit.
+
+A disk hit reads the index (SQLite in WAL mode: readers never wait for a writer) and the
+blob. The only write a hit causes, its access time, is batched per process and written
+by a background thread, in one transaction, so a hit never waits for the index's write
+lock, which fillers and other processes' batches take.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mlstore
+import mlstore.cache.disk
+
+# Holds the index's write lock until its stdin closes (another process's long write).
+_HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
+db.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+sys.stdin.read()
+db.execute("ROLLBACK")
+"""
+
+
+def _atimes(index: str) -> dict[str, float]:
+    db = sqlite3.connect(index)
+    try:
+        return {h: float(t) for h, t in db.execute("SELECT hash, atime FROM blobs")}
+    finally:
+        db.close()
+
+
+def test_a_disk_hit_never_waits_for_the_index_write_lock(
+    s3_options: dict[str, object],
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mlstore.cache.disk, "_TOUCH_EVERY", 0.0)  # every hit's batch is due
+    cache: dict[str, Any] = {"disk_dir": str(tmp_path / "cache"), "memory_bytes": 0}
+    urls = [f"s3://{s3_bucket}/hits/{i}.bin" for i in range(3)]
+    with mlstore.Store(options={"s3": s3_options}, cache=cache) as store:
+        for i, url in enumerate(urls):
+            store.write_bytes(url, os.urandom(4096 + i))
+            store.read_bytes(url)  # now on the node's disk
+        index = str(tmp_path / "cache" / "index.sqlite")
+        before = _atimes(index)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, index],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            served: list[bytes] = []
+            reader = threading.Thread(
+                target=lambda: served.extend(store.read_bytes(u) for u in urls * 5), daemon=True
+            )
+            reader.start()
+            reader.join(timeout=30)  # a hang guard: the index's busy timeout is 60 s
+            assert not reader.is_alive(), "a disk hit waited for another process's write lock"
+            assert len(served) == 15
+            assert store.stats().get("hits", "disk") == 15
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(timeout=30)
+            assert holder.stdout is not None
+            holder.stdout.close()
+        # The holder's last connection closed: it must have seen this process's
+        # connections (new threads' included) and left their write-ahead log alone.
+        assert os.path.exists(index + "-wal"), "another process deleted the log in use"
+        assert [store.read_bytes(u) for u in urls] == served[:3]
+        disk = store.cache.disk
+        assert disk is not None
+        for flusher in threading.enumerate():  # a batch that waited for the lock
+            if flusher.name == "mlstore-atime":
+                flusher.join(timeout=60)
+        disk.flush_access_times()  # and the uses reach the index once the lock is free
+        after = _atimes(index)
+        assert all(after[h] >= before[h] for h in before)
+        assert sum(after[h] > before[h] for h in before) >= 1
