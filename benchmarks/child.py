@@ -9,18 +9,25 @@ prints one JSON line with its results.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import current_rss, digest, peak_rss
 from benchmarks.peers import make_reader
 
 
-def _barrier() -> None:
+def _barrier() -> float | None:
+    """Say ``ready``, wait for ``go``; returns the start time the parent gave with it
+    (see :meth:`benchmarks.common.Child.go`), if any."""
     print("ready", flush=True)
-    if sys.stdin.readline().strip() != "go":
+    words = sys.stdin.readline().split()
+    if not words or words[0] != "go":
         raise SystemExit("no go")
+    return float(words[1]) if len(words) > 1 else None
 
 
 def read_keys(task: dict[str, Any]) -> dict[str, Any]:
@@ -135,11 +142,91 @@ def memory_budget(task: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def window(task: dict[str, Any]) -> dict[str, Any]:
+    """One of several processes sharing a node cache (B11): set up, then from the
+    start time the parent gives, read (``raw-fill``: write) its keys for ``seconds``,
+    in turn (``cycle``) or each at most once.
+
+    Every read's bytes are checked against their xxh3 (a raw fill's, read back after
+    the window); a mlstore process also reports its Store's counters over the window
+    (disk hits, misses, requests)."""
+    kind, keys, expected = task["kind"], task["keys"], task["expected"]
+    reader = None
+    if kind == "raw-fill":
+        src, dest = task["source"], task["dest"]
+        blobs = [Path(src, k).read_bytes() for k in keys]
+        op = _raw_fill(dest, keys, blobs)
+    else:
+        reader = make_reader(task["spec"])
+        paths = [reader.path(k) for k in keys]
+        read = reader.read
+        if task.get("warmup"):
+            reader.warm_up(reader.path(task["warmup"]))
+
+        def op(i: int) -> bool:
+            i %= len(paths)
+            return digest(read(paths[i])) == expected[i]
+
+    store = getattr(reader, "store", None)  # a mlstore Store: its counters, too
+    before = store.stats() if store is not None else None
+    at = _barrier() or time.time()
+    while time.time() < at:
+        time.sleep(0.001)
+    end = at + task["seconds"]
+    cpu0 = time.process_time()
+    n, ops, bad = len(keys), 0, 0
+    clock = time.time
+    while clock() < end and (task["cycle"] or ops < n):
+        if not op(ops):
+            bad += 1
+        ops += 1
+    elapsed = clock() - at
+    cpu = time.process_time() - cpu0
+    out: dict[str, Any] = {"ops": ops, "elapsed": elapsed, "cpu": cpu, "bad": bad}
+    if kind == "raw-fill":  # written bytes read back after the window
+        out["bad"] = sum(
+            digest(Path(dest, "files", f"{i}-{keys[i % n]}").read_bytes()) != expected[i % n]
+            for i in range(ops)
+        )
+    if store is not None and before is not None:
+        got = store.stats() - before
+        out["counts"] = {
+            "disk_hits": got.get("hits", "disk"),
+            "misses": got.get("misses", "cache"),
+            "requests": got["requests"],
+        }
+    if reader is not None:
+        reader.close()
+    return out
+
+
+def _raw_fill(dest: str, keys: list[str], blobs: list[bytes]) -> Callable[[int], bool]:
+    """The ``i``-th write: the blobs in turn, each time as a new file ``<i>-<key>`` (a
+    private temp file, then ``rename`` into place, as a cache fill does)."""
+    tmp, files = os.path.join(dest, "tmp"), os.path.join(dest, "files")
+    pid = os.getpid()
+
+    def op(i: int) -> bool:
+        temp = f"{tmp}/{pid}-{i}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(blobs[i % len(blobs)])
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(temp, f"{files}/{i}-{keys[i % len(keys)]}")
+        return True
+
+    return op
+
+
 TASKS = {
     "read_keys": read_keys,
     "many_readers": many_readers,
     "stream": stream,
     "memory_budget": memory_budget,
+    "window": window,
 }
 
 

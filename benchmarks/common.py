@@ -276,9 +276,11 @@ class Child:
         if line.strip() != "ready":
             self._fail(f"child did not get ready (said {line!r})", timeout)
 
-    def go(self) -> None:
+    def go(self, at: float | None = None) -> None:
+        """Release the child; with ``at`` (a ``time.time()``), it starts its timed part
+        then, so children released one after another measure the same wall interval."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
+        self.proc.stdin.write("go\n" if at is None else f"go {at!r}\n")
         self.proc.stdin.flush()
 
     def result(self, timeout: float = 900) -> dict[str, Any]:

@@ -287,6 +287,13 @@ Charts of this run:
   Peer: simplecache.
 - **B10** the memory tier's size against its budget; peak RSS while streaming a large
   object through `open()`. Peers: s3fs `open()`, boto3 `iter_chunks`, obstore `stream()`.
+- **B11** 1, 2, 4 and 8 processes sharing one node cache, each a fresh process, all
+  timed over the same window: aggregate 4 KiB disk hits (memory tier off, no request
+  reaches the store) and cold fills of each process's own objects from moto (0 ms), and
+  the 4 KiB hit of a fresh process with 1k and 100k entries in the index. Peers: the
+  same processes `read()`-ing, or writing (temp file + `rename`), files of the same
+  bytes in a plain directory; for fills, mlstore with its cache off (the server's
+  ceiling). Notes give the scaling over 1 process and the cores the processes kept busy.
 
 ## Reading the numbers
 

@@ -1,5 +1,5 @@
-"""The scenarios of BENCHMARKS.md (B1-B10), each run for mlstore and the peers that can
-do the same work, in the same run, on the same server and data.
+"""The scenarios of BENCHMARKS.md (B1-B11; B11 in scaling.py), each run for mlstore and
+the peers that can do the same work, in the same run, on the same server and data.
 
 Every scenario returns :class:`~benchmarks.common.Row` objects: the median of several
 repetitions per peer (repetitions are interleaved across peers, so drift of a noisy
@@ -67,6 +67,12 @@ class Sizes:
     uncached_ranges: int = 40  # B8 reads for peers that GET every range
     ranges: int = 200  # random 64 KiB reads (B8)
     processes: int = 8  # B7
+    b11_procs: tuple[int, ...] = (1, 2, 4, 8)  # processes sharing one node cache (B11)
+    b11_seconds: float = 0.5  # each timed window of B11's processes
+    b11_hit_keys: int = 1000  # 4 KiB objects every B11 hit process reads
+    b11_pool: int = 250  # 4 KiB objects of each B11 fill process (more than it fills)
+    b11_entries: tuple[int, ...] = (1_000, 100_000)  # index sizes of B11's hit cost
+    b11_sample: int = 1000  # entries read by a fresh process at each index size
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
@@ -98,6 +104,10 @@ class Sizes:
             memory_budget=128 * MiB,
             stream_reps=1,
             uncached_ranges=100,
+            b11_seconds=2.0,
+            b11_hit_keys=2000,
+            b11_pool=1000,
+            b11_sample=3000,
         )
 
 
@@ -998,6 +1008,13 @@ def b6(ctx: Ctx) -> list[Row]:
     ]
 
 
+def b11(ctx: Ctx) -> list[Row]:
+    """Processes sharing one node cache: in its own module, which builds on this one."""
+    from benchmarks import scaling
+
+    return scaling.b11(ctx)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B1": ("warm memory-tier hit, 256 KiB, read_bytes", b1),
     "B2": ("warm disk-tier hit in a fresh process, 256 KiB, verify on", b2),
@@ -1009,4 +1026,5 @@ SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B8": ("200 random 64 KiB reads in a 64 MiB object", b8),
     "B9": ("30% duplicate content: disk and remote bytes", b9),
     "B10": ("memory: tier budget, RSS while streaming", b10),
+    "B11": ("1-8 processes sharing a node cache: hits, fills, hit cost vs entries", b11),
 }
