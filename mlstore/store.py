@@ -184,6 +184,7 @@ class Store:
         """
         runtime = self._runtime.get()
         cached = runtime.cached
+        node = None
         if cached is not None and version is None and type(url) is str:
             node = runtime.node_keys.get(url)
             hit = cached.cache.peek(node) if node is not None else None
@@ -192,7 +193,7 @@ class Store:
         where = runtime.resolve(parse_url(url))
         reads = runtime.cached_for(where) if version is None else None
         if reads is not None:
-            if type(url) is str:
+            if node is None and type(url) is str:
                 runtime.remember(url, where)
             return reads.read(where, start, end)
         return runtime.reader.read_range(where, start, end, version)

@@ -131,10 +131,11 @@ class CachedReads:
         """The consistency policy (``validate``, ``ttl``) for ``where``."""
         return self.config.policy_for(where.key)
 
-    def known(self, where: Resolved) -> ObjectInfo | None:
-        """The info this process last reported for ``where``, if it still has it: the
-        cached bytes it serves must be of that version."""
-        remembered = self._info.get(self.node(where))
+    def known(self, where: Resolved, node: str | None = None) -> ObjectInfo | None:
+        """The info this process last reported for ``where`` (whose node key is
+        ``node``, when the caller has it), if it still has it: the cached bytes it
+        serves must be of that version."""
+        remembered = self._info.get(node if node is not None else self.node(where))
         answer = remembered[0] if remembered is not None else None
         return answer[1] if isinstance(answer, tuple) else None
 
@@ -222,8 +223,9 @@ class CachedReads:
     def read(self, where: Resolved, start: int | None, end: int | None) -> bytes:
         if start is None and end is None:
             return self.whole(where)
-        known = self.known(where)
-        data = self.cache.peek(self.node(where), known.version if known is not None else None)
+        node = self.node(where)
+        known = self.known(where, node)
+        data = self.cache.peek(node, known.version if known is not None else None)
         if data is not None:
             return data[start:end]
         policy = self.policy(where)
@@ -253,7 +255,7 @@ class CachedReads:
 
         # If this object's metadata is already known and names its content (mlstore
         # wrote it), identical content cached under any other URL serves it: no GET.
-        known = self.known(where)
+        known = self.known(where, key)
         return self.cache.get(
             key,
             fetch,

@@ -391,7 +391,7 @@ class TieredCache:
         blob = self.disk.read_blob(entry.hash, entry.size)
         if blob is None:  # evicted meanwhile, or corrupt (then dropped and counted)
             return None
-        if keep_in_memory and self._second_touch(key):
+        if keep_in_memory and self.memory.budget and self._second_touch(key):
             self.memory.put(key, _Meta(entry.version, entry.hash, checked, *policy), blob)
         self.metrics.add("hits", "disk")
         self.metrics.add("bytes_served", "disk", len(blob))
