@@ -9,6 +9,7 @@ checked before it is cached.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "Hasher",
     "block_digests",
     "content_hash",
+    "stale_metadata",
 ]
 
 #: Metadata key under which mlstore stores an object's xxh3-128 on write
@@ -121,3 +123,27 @@ class BlockDigests:
             xxhash.xxh3_64_hexdigest(view[i : i + g]) == self.digests[first + i // g]
             for i in range(0, len(data), g)
         )
+
+
+_STALE_SEEN: set[str] = set()
+
+
+def stale_metadata(url: object, what: str) -> None:
+    """Say once per URL that ``what`` mlstore recorded in an object's metadata (its
+    ``"content hash"``, its ``"block digests"``) is not of the bytes the store holds: a
+    tool rewrote the object and kept its metadata. The bytes are served."""
+    from mlstore._util.redact import redact_url
+
+    shown = redact_url(str(url))
+    if shown in _STALE_SEEN:
+        return
+    if len(_STALE_SEEN) >= 4096:  # a bound, not a record
+        _STALE_SEEN.clear()
+    _STALE_SEEN.add(shown)
+    logging.getLogger("mlstore").warning(
+        "%s: what mlstore recorded in the object's metadata (its %s) does not match its "
+        "bytes (a tool rewrote the object and kept its metadata); serving the bytes the "
+        "store holds",
+        shown,
+        what,
+    )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -309,3 +312,18 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield small
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def run_child(code: str, env: dict[str, str]) -> object:
+    """Run ``code`` in a fresh Python process; it prints one JSON value as its result."""
+    child_env = {**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -17,10 +17,6 @@ jobs, DataLoader workers and a shell share it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,27 +24,9 @@ from pathlib import Path
 import pytest
 
 import mlstore
-from tests.conftest import start_emulator
+from tests.conftest import run_child, start_emulator
 from tests.emulators import ServerProcess, moto_server
 from tests.servers import proxy
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run_child(code: str, env: dict[str, str]) -> object:
-    """Run ``code`` in a fresh Python process; it prints one JSON value as its result."""
-    child_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=child_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
 
 # A child's side of the coherence test: read, change or read back a set of URLs.
 CHILD = """

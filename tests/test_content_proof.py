@@ -30,9 +30,7 @@ def _client(endpoint: str) -> Any:
 
 
 def _gets(endpoint: str) -> int:
-    methods = proxy.counts(endpoint)["methods"]
-    assert isinstance(methods, dict)
-    return int(methods.get("GET", 0))
+    return proxy.requests(endpoint, "GET")
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import mlstore
+from tests.conftest import run_child
 from tests.emulators import ServerProcess
 from tests.servers import proxy
 
@@ -35,9 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def heads(endpoint: str) -> int:
-    methods = proxy.counts(endpoint)["methods"]
-    assert isinstance(methods, dict)
-    return int(methods.get("HEAD", 0))
+    return proxy.requests(endpoint, "HEAD")
 
 
 @pytest.fixture
@@ -107,17 +105,8 @@ def in_fresh_process(
         "cache": cache,
         "steps": steps,
     }
-    env = {**os.environ, "PYTHONPATH": str(REPO), "META_SPEC": json.dumps(spec)}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(CHILD)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_child(CHILD, {"META_SPEC": json.dumps(spec)})
+    assert isinstance(result, dict)
     return result["seen"], int(result["requests"])
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from mlstore.backends.base import ObjectInfo
 from mlstore.cache.metadata import ABSENT, NodeMetadata, Remembered
 from mlstore.cache.tiered import Fetched, TieredCache
 from mlstore.errors import CorruptBodyError, IsADirectoryError_, NotFoundError
-from mlstore.hashing import BlockDigests
+from mlstore.hashing import BlockDigests, stale_metadata
 from mlstore.metrics import Metrics
 from mlstore.url import URL
 
@@ -61,8 +60,6 @@ _READAHEAD_BLOCKS = 2
 #: Fetches of one block that fails its digests before the read fails.
 _BLOCK_ATTEMPTS = 3
 _BUFFER = 256 * 1024
-
-log = logging.getLogger("mlstore.cache")
 
 Policy = tuple[str, float]
 T = TypeVar("T")
@@ -336,7 +333,7 @@ class CachedReads:
             again = self.reader.read_pinned(target, lo, hi, info.version)
             attempts += 1
             if again == data:
-                _stale_digests(target)
+                stale_metadata(target, "block digests")
                 return again
             data = again
             verdict = digests.check(lo, data, info.size)
@@ -376,23 +373,6 @@ class CachedReads:
         if self._info.node is not None:
             self._info.node.close()
         self.cache.close()
-
-
-def _stale_digests(target: URL) -> None:
-    shown = redact_url(str(target))
-    if shown not in _STALE_WARNED:
-        if len(_STALE_WARNED) >= 4096:  # a bound, not a record
-            _STALE_WARNED.clear()
-        _STALE_WARNED.add(shown)
-        log.warning(
-            "%s: the block digests in the object's metadata are not of its bytes (a "
-            "tool rewrote the object and kept its metadata); serving the bytes the "
-            "store holds",
-            shown,
-        )
-
-
-_STALE_WARNED: set[str] = set()
 
 
 def _count(info: ObjectInfo, size: int) -> int:

@@ -6,7 +6,8 @@ adlfs resolves the credentials and builds an asynchronous ``BlobServiceClient``;
 one attempt (mlstore is the one retry layer) and whose timeouts come from
 :class:`~mlstore.config.RetryPolicy`, and takes over closing it from adlfs.
 
-The Azure SDK is imported inside the functions, so importing this module (with
+It also holds the one write the backend makes through the SDK (:func:`put`). The Azure
+SDK is imported inside the functions, so importing this module (with
 :mod:`mlstore.backends.azure`) loads no SDK.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import inspect
+import io
 import os
 import weakref
 from typing import Any
@@ -22,12 +24,14 @@ from urllib.parse import urlsplit
 
 from mlstore.config import StoreConfig
 
-__all__ = ["BLOCK_SIZE", "SINGLE_PUT_SIZE", "adopt"]
+__all__ = ["BLOCK_SIZE", "SINGLE_PUT_SIZE", "adopt", "etag", "put"]
 
 # Writes up to this size are one Put Blob request; larger ones are staged in blocks of
 # BLOCK_SIZE. A block size above 4 MiB lets the SDK stream blocks from the source
 # instead of copying each into a ``bytes``.
 SINGLE_PUT_SIZE = 64 * 1024 * 1024
+# Staged uploads send this many blocks at a time.
+UPLOAD_CONCURRENCY = 4
 BLOCK_SIZE = 8 * 1024 * 1024
 
 # The clients (and credentials) made in this process, and those a forked child inherited.
@@ -151,3 +155,40 @@ def _close_client(owner: int, loop: Any, client: Any, credential: Any) -> None:
             sync(loop, close, timeout=10)
     except Exception:  # noqa: BLE001 - closing is best effort
         pass
+
+
+def etag(value: Any) -> str | None:
+    """An Azure ETag as mlstore reports versions: always in double quotes."""
+    if not value:
+        return None
+    return '"' + str(value).strip('"') + '"'
+
+
+async def put(
+    service: Any, container: str, blob: str, data: bytes, metadata: dict[str, str]
+) -> str | None:
+    """Replace ``blob`` with ``data``: one Put Blob up to 64 MiB, staged blocks above.
+
+    Bodies go to aiohttp as file objects, never as one large ``bytes`` (which aiohttp
+    warns about): the single put calls the SDK's generated operation with a ``BytesIO``
+    (``upload_blob`` would hand aiohttp the raw bytes), and the staged upload reads
+    blocks of ``BLOCK_SIZE`` from a seekable stream.
+    """
+    client = service.get_blob_client(container, blob)
+    if len(data) <= SINGLE_PUT_SIZE:
+        headers = {f"x-ms-meta-{k}": v for k, v in metadata.items()}
+        made: Any = await client._client.block_blob.upload(
+            content_length=len(data),
+            body=io.BytesIO(data),
+            headers=headers,
+            cls=lambda _response, _body, answer: answer.get("ETag"),
+        )
+        return etag(made)
+    done = await client.upload_blob(
+        io.BytesIO(data),
+        length=len(data),
+        overwrite=True,
+        metadata=metadata,
+        max_concurrency=UPLOAD_CONCURRENCY,
+    )
+    return etag(done.get("etag"))

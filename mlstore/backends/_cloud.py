@@ -32,14 +32,19 @@ from mlstore.backends._errors import (
     Answer,
     HashMismatchError,
     Service,
-    stale_metadata,
     status_error,
 )
 from mlstore.backends._fsspec import FsspecBackend
 from mlstore.backends._ranges import wanted
 from mlstore.backends.base import ObjectInfo, Received, keep_received
 from mlstore.errors import IsADirectoryError_, MlstoreError, NotFoundError
-from mlstore.hashing import BLOCKS_KEY, METADATA_KEY, block_digests, content_hash
+from mlstore.hashing import (
+    BLOCKS_KEY,
+    METADATA_KEY,
+    block_digests,
+    content_hash,
+    stale_metadata,
+)
 from mlstore.url import URL
 
 __all__ = ["ObjectStoreBackend"]
@@ -194,7 +199,7 @@ class ObjectStoreBackend(FsspecBackend):
         except HashMismatchError as second:
             if second.body_hash != first.body_hash:
                 raise
-            stale_metadata(url)
+            stale_metadata(url, "content hash")
             return second.data, second.version
 
     def _read_error(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
-import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from mlstore.errors import (
     ThrottledError,
     TransientError,
 )
+from mlstore.hashing import stale_metadata
 from mlstore.url import URL
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "http_date",
     "refuse_corrupt",
     "retry_after",
-    "stale_metadata",
     "status_error",
 ]
 
@@ -189,7 +188,7 @@ def refuse_corrupt(
     url: URL | str,
     *,
     version: str | None = None,
-    served: Mapping[str, str] | None = None,
+    served: Mapping[str, str | None] | None = None,
 ) -> None:
     """Refuse a whole-object download whose bytes do not match the hash mlstore recorded
     in the object's metadata, unless a checksum the server sent with this response
@@ -203,30 +202,9 @@ def refuse_corrupt(
     if not recorded or _hash(data) == recorded:
         return
     if _vouched(data, served or {}):
-        stale_metadata(url)
+        stale_metadata(url, "content hash")
         return
     raise HashMismatchError(data, version, url)
-
-
-def stale_metadata(url: URL | str) -> None:
-    """Say once per URL that an object's recorded hash is not of its bytes."""
-    from mlstore._util.redact import redact_url
-
-    shown = redact_url(str(url))
-    if shown not in _STALE_SEEN:
-        if len(_STALE_SEEN) >= 4096:  # a bound, not a record
-            _STALE_SEEN.clear()
-        _STALE_SEEN.add(shown)
-        _log.warning(
-            "%s: the content hash in the object's metadata is not the hash of its bytes "
-            "(a tool rewrote the object and kept its metadata); serving the bytes the "
-            "store holds",
-            shown,
-        )
-
-
-_STALE_SEEN: set[str] = set()
-_log = logging.getLogger("mlstore.backends")
 
 
 def _hash(data: bytes) -> str:
@@ -235,7 +213,7 @@ def _hash(data: bytes) -> str:
     return content_hash(data)
 
 
-def _vouched(data: bytes, served: Mapping[str, str]) -> bool:
+def _vouched(data: bytes, served: Mapping[str, str | None]) -> bool:
     """Whether an MD5 the server sent for this body is the MD5 of ``data`` (hex, as in
     a single-part S3 ETag, or base64, as GCS and Azure send it)."""
     sent = served.get("md5")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import os
 import time
 import weakref
@@ -69,8 +68,6 @@ AZURE_BLOCKS_KEY = BLOCKS_KEY.replace("-", "_")
 # Metadata that marks a blob as a directory (ADLS Gen2 / hierarchical namespace, adlfs).
 _DIR_MARKERS = (("hdi_isfolder", "true"), ("is_directory", "true"))
 
-# Staged uploads send this many blocks at a time.
-_UPLOAD_CONCURRENCY = 4
 # Deletes in flight at once during a recursive rm.
 _DELETE_CONCURRENCY = 16
 
@@ -181,7 +178,7 @@ class AzureBackend(ObjectStoreBackend):
             closer()  # closes the client, and only in the process that made it
 
     def _version(self, raw: Mapping[str, Any]) -> str | None:
-        return _etag(raw.get("etag"))
+        return _azure_client.etag(raw.get("etag"))
 
     # ---- errors: the one place where Azure failures become mlstore errors
     def _answer(self, exc: BaseException) -> Answer | None:
@@ -232,7 +229,7 @@ class AzureBackend(ObjectStoreBackend):
         return got
 
     def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> str | None:
-        version: str | None = self._sync(_put, url.bucket, url.path, data, metadata)
+        version: str | None = self._sync(_azure_client.put, url.bucket, url.path, data, metadata)
         return version
 
     def _create_bucket(self, bucket: str) -> None:
@@ -303,12 +300,6 @@ class AzureBackend(ObjectStoreBackend):
 # ------------------------------------------------------------------- properties
 
 
-def _etag(value: Any) -> str | None:
-    if not value:
-        return None
-    return '"' + str(value).strip('"') + '"'
-
-
 def _info_from_properties(url: URL, props: Any) -> ObjectInfo:
     metadata = {str(k).lower(): str(v) for k, v in (props.metadata or {}).items()}
     if any(metadata.get(k) == v for k, v in _DIR_MARKERS):
@@ -322,7 +313,7 @@ def _info_from_properties(url: URL, props: Any) -> ObjectInfo:
     return ObjectInfo(
         url=url,
         size=int(props.size or 0),
-        version=_etag(props.etag),
+        version=_azure_client.etag(props.etag),
         mtime=modified.timestamp() if modified is not None else None,
         checksums=checksums,
         content_hash=metadata.get(AZURE_METADATA_KEY) or metadata.get(METADATA_KEY),
@@ -388,7 +379,7 @@ async def _get(
     response, body = await client._client.blob.download(
         range=rng, modified_access_conditions=conditions, decompress=False, cls=keep
     )
-    etag = _etag(response.headers.get("ETag"))
+    etag = _azure_client.etag(response.headers.get("ETag"))
     expected = response.headers.get("Content-Length")
     length = int(expected) if expected is not None else None
     # A 200 to a range request means the range was ignored: offsets would not line up.
@@ -416,45 +407,9 @@ async def _get(
         data = data[want]
     elif not rng:
         recorded = response.headers.get(f"x-ms-meta-{AZURE_METADATA_KEY}")
-        md5 = response.headers.get("Content-MD5")
-        refuse_corrupt(
-            data,
-            recorded,
-            f"az://{container}/{blob}",
-            version=etag,
-            served={"md5": md5} if md5 else None,
-        )
+        served = {"md5": response.headers.get("Content-MD5")}
+        refuse_corrupt(data, recorded, f"az://{container}/{blob}", version=etag, served=served)
     return data, etag
-
-
-async def _put(
-    service: Any, container: str, blob: str, data: bytes, metadata: dict[str, str]
-) -> str | None:
-    """Replace ``blob`` with ``data``: one Put Blob up to 64 MiB, staged blocks above.
-
-    Bodies go to aiohttp as file objects, never as one large ``bytes`` (which aiohttp
-    warns about): the single put calls the SDK's generated operation with a ``BytesIO``
-    (``upload_blob`` would hand aiohttp the raw bytes), and the staged upload reads
-    blocks of ``BLOCK_SIZE`` from a seekable stream.
-    """
-    client = service.get_blob_client(container, blob)
-    if len(data) <= _azure_client.SINGLE_PUT_SIZE:
-        headers = {f"x-ms-meta-{k}": v for k, v in metadata.items()}
-        made: Any = await client._client.block_blob.upload(
-            content_length=len(data),
-            body=io.BytesIO(data),
-            headers=headers,
-            cls=lambda _response, _body, answer: answer.get("ETag"),
-        )
-        return _etag(made)
-    done = await client.upload_blob(
-        io.BytesIO(data),
-        length=len(data),
-        overwrite=True,
-        metadata=metadata,
-        max_concurrency=_UPLOAD_CONCURRENCY,
-    )
-    return _etag(done.get("etag"))
 
 
 async def _delete(service: Any, container: str, blob: str) -> None:

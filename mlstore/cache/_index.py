@@ -70,11 +70,38 @@ def _is_full(exc: BaseException) -> bool:
 
 
 def _is_corrupt(exc: BaseException) -> bool:
-    """Whether ``exc`` says the index file itself is damaged (not merely busy or full)."""
+    """Whether ``exc`` says the database file itself is damaged (not busy or full)."""
     return isinstance(exc, sqlite3.DatabaseError) and _sqlite_code(exc) in (
         _SQLITE_CORRUPT,
         _SQLITE_NOTADB,
     )
+
+
+def damaged(path: str) -> bool:
+    """Whether the SQLite file at ``path`` fails SQLite's own consistency check, judged
+    on a fresh connection (an error from one that predates a repair proves nothing)."""
+    try:
+        probe = _open(path)
+    except sqlite3.Error:
+        return False
+    try:
+        row = probe.execute("PRAGMA quick_check").fetchone()
+        return row is None or row[0] != "ok"
+    except sqlite3.DatabaseError as exc:
+        return _is_corrupt(exc)
+    finally:
+        probe.close()
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged SQLite file (with its WAL and shared memory) aside, for a look
+    later; returns its new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside = f"{path}.corrupt-{stamp}-{os.getpid()}"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path + suffix, aside + suffix)
+    return aside
 
 
 #: Every SQLite call of the index runs in a section of the SQLite fork guard (see
@@ -310,30 +337,12 @@ class IndexCare:
         return "failed", f"failed ({type(exc).__name__}: {exc})"
 
     def _damaged(self) -> bool:
-        """Whether the index file at its path fails SQLite's own consistency check."""
-        try:
-            probe = _open(self._index_path)
-        except sqlite3.Error:
-            return False
-        try:
-            row = probe.execute("PRAGMA quick_check").fetchone()
-            return row is None or row[0] != "ok"
-        except sqlite3.DatabaseError as exc:
-            return _is_corrupt(exc)
-        finally:
-            probe.close()
+        return damaged(self._index_path)
 
     def _quarantine(self) -> str:
-        """Rename the damaged index (with its WAL and shared memory) aside; returns
-        its new name. The next connection creates a new index."""
+        """Set the damaged index aside; the next connection creates a new one."""
         self._index.reset()
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        aside = f"{self._index_path}.corrupt-{stamp}-{os.getpid()}"
-        os.rename(self._index_path, aside)
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self._index_path + suffix, aside + suffix)
-        return aside
+        return set_aside(self._index_path)
 
     # ------------------------------------------------------------------ keys
 

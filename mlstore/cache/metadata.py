@@ -41,6 +41,7 @@ from typing import Any, Generic, TypeVar
 from mlstore._util.lru import LRU
 from mlstore._util.process import SQLITE, PerProcess
 from mlstore._util.redact import redact_url
+from mlstore.cache._index import _is_corrupt, damaged, set_aside
 from mlstore.cache._jsondisk import UnsafeValueError, json_disk
 from mlstore.cache._layout import MARKER, _private_file, _private_subdir
 
@@ -73,8 +74,6 @@ _REST = 30.0
 #: without bound (measured: 500 MB for 20,000 answers written by 16 threads).
 _WAL_CHECK = 64
 _WAL_BYTES = 4 * 1024 * 1024
-#: SQLite result codes that say the file itself is damaged.
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 T = TypeVar("T")
 
@@ -338,29 +337,10 @@ class NodeMetadata:
                 handle.cache.close()
 
     def _damaged(self) -> bool:
-        """Whether the file at the path fails SQLite's own check (judged afresh: another
-        process may have replaced a damaged file already)."""
-        try:
-            probe = sqlite3.connect(self.path, timeout=10)
-        except sqlite3.Error:
-            return False
-        try:
-            row = probe.execute("PRAGMA quick_check").fetchone()
-            return row is None or row[0] != "ok"
-        except sqlite3.DatabaseError as exc:
-            return _is_corrupt(exc)
-        finally:
-            probe.close()
+        return damaged(self.path)
 
     def _quarantine(self) -> str:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        aside = f"{self.path}.corrupt-{stamp}-{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(self.path, aside)
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self.path + suffix, aside + suffix)
-        return aside
+        return set_aside(self.path)
 
 
 def _dropped_since(text: Any, since: float) -> bool:
@@ -369,11 +349,6 @@ def _dropped_since(text: Any, since: float) -> bool:
     except (TypeError, ValueError):
         return False
     return isinstance(value, dict) and float(value.get("dropped", -1.0)) >= since
-
-
-def _is_corrupt(exc: BaseException) -> bool:
-    code = int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
-    return isinstance(exc, sqlite3.DatabaseError) and code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 class Remembered(Generic[T]):

@@ -503,6 +503,13 @@ def reset(endpoint: str) -> None:
     _call(endpoint, "reset", "POST")
 
 
+def requests(endpoint: str, method: str) -> int:
+    """How many ``method`` requests the proxy forwarded since its last reset (for tests)."""
+    methods = counts(endpoint)["methods"]
+    assert isinstance(methods, dict)
+    return int(methods.get(method, 0))
+
+
 def set_faults(endpoint: str, *rules: dict[str, Any]) -> None:
     """Replace the fault rules (see the module docstring); ValueError for a bad rule."""
     _call(endpoint, "faults", "POST", {"rules": list(rules)})
