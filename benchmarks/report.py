@@ -14,7 +14,16 @@ from typing import Any
 
 from benchmarks.common import Row
 
-PACKAGES = ("mlstore", "fsspec", "s3fs", "boto3", "obstore", "moto", "xxhash")
+PACKAGES = (
+    "mlstore",
+    "fsspec",
+    "s3fs",
+    "boto3",
+    "obstore",
+    "multi-storage-client",
+    "moto",
+    "xxhash",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -223,8 +232,9 @@ def docs_page(rows: Sequence[Row], info: dict[str, Any], charts_written: Sequenc
 mlstore exists to make training reads faster and cheaper than the alternatives, so every
 claim is a ratio measured side by side, in one run, against the tools a user would pick
 instead: s3fs read directly, fsspec's `simplecache::` and `blockcache::` over s3fs,
-boto3 `get_object`, obstore, and a raw local file `read()` / `readinto()` of the same
-bytes (the limit for a warm disk hit). The S3 server is a `moto_server` in its own
+boto3 `get_object`, obstore, NVIDIA's Multi-Storage Client (MSC) with its node cache,
+and a raw local file `read()` / `readinto()` of the same bytes (the limit for a warm
+disk hit). The S3 server is a `moto_server` in its own
 process; the "cloud profile" puts a proxy in front of it that adds a fixed latency to
 every request ({int(info["latency"] * 1000)} ms), as real object stores answer in 10-100 ms.
 Every byte every peer returns is checked against the xxh3 of what was written, so no
@@ -234,7 +244,7 @@ interleaved across peers; ratios are taken within the run.
 ## How to run
 
 ```bash
-pip install -e . s3fs boto3 "moto[server]" obstore matplotlib
+pip install -e . s3fs boto3 "moto[server]" obstore multi-storage-client matplotlib
 python benchmarks/run.py --quick             # about 5 minutes on 2 cores
 python benchmarks/run.py                     # full sizes, about 20 minutes
 python benchmarks/run.py --only B1,B4        # some scenarios
@@ -267,11 +277,13 @@ Charts of this run:
 ## Scenarios
 
 - **B1** warm memory-tier hit, 256 KiB `read_bytes`, ops/s. Peers: simplecache warm
-  `cat_file`, local `read()`.
+  `cat_file`, MSC warm `read()` (it has no memory tier: a hit reads its cache file),
+  local `read()`.
 - **B2** warm disk-tier hit in a fresh process (memory tier empty), each key read once,
-  xxh3 verification on. Peers: simplecache warm, local `read()`, all in fresh processes.
+  xxh3 verification on. Peers: simplecache warm, MSC warm (with its default HEAD per
+  hit, and without it), local `read()`, all in fresh processes.
 - **B3** warm disk-tier hit of 64 MiB objects via `open().readinto`, GB/s, fresh process.
-  Peers: local `readinto()`, simplecache warm.
+  Peers: local `readinto()`, simplecache warm, MSC warm `open().readinto`.
 - **B4** cold `read_many` of 256 KiB objects, a fresh cache each repetition. Peers: s3fs
   `cat` batched and serial, boto3 serial and threaded, obstore serial and async,
   simplecache.
@@ -279,7 +291,9 @@ Charts of this run:
   concurrency) and the server path's own ceiling. Peers: as B4, serial ones on a subset.
 - **B6** DataLoader epochs: not yet (needs `mlstore.torch`).
 - **B7** 8 processes cold-read the same objects at once; GETs counted at the proxy.
-  Peer: simplecache with a shared cache directory.
+  Peers: simplecache with a shared cache directory; MSC with a shared cache directory,
+  through `read()` (no lock) and through `open().read()` (a HEAD, then one process
+  downloads under a file lock while the others wait).
 - **B8** 200 random 64 KiB reads in a 64 MiB object: cold, warm, and cold through the
   cloud profile. Peers: blockcache (s3fs's 50 MiB blocks, and 8 MiB blocks like
   mlstore's), s3fs, obstore `get_range`.
@@ -311,6 +325,17 @@ Charts of this run:
 - B7: `bytes` WRONG for simplecache means some of its readers got truncated files:
   simplecache writes into its cache file in place, and a neighbour process reads it
   before it is complete.
+- MSC (`multi-storage-client`, its Python client; the optional Rust client is not in
+  the PyPI wheel) is a `StorageClient` built with `StorageClientConfig.from_dict`: one
+  profile, a storage provider of type `s3` (`base_path` the bucket, `endpoint_url` the
+  same moto_server or proxy as every peer), static `S3Credentials`, `caching_enabled`,
+  and a `cache` section with `location` a fresh directory per scenario (as
+  simplecache's), `size` 8G (above any dataset here, so nothing is evicted) and the
+  default FIFO eviction. `check_source_version` is off in its main rows (a hit sends no
+  request, as with simplecache); B2's `default config` row keeps MSC's default, a HEAD
+  before every hit to compare the cached ETag. MSC has no batch read of many objects'
+  bytes, so its reads go one by one, as simplecache's do; it has no memory tier and
+  does not check the cached bytes. It is not (yet) in B4-B6 or B8-B10.
 - Peak RSS (B10) is `VmHWM` of the child process: `getrusage()` on Linux also counts
   the forked parent's pages from before `exec`.
 

@@ -39,12 +39,16 @@ from benchmarks.common import (
     timed_passes,
     verify,
 )
-from benchmarks.peers import Reader, make_reader, obstore_available
+from benchmarks.peers import Reader, make_reader, msc_available, obstore_available
 
 SMALL = 256 * KiB
 LARGE = 64 * MiB
 RANGE = 64 * KiB
 WARMUP = "warmup/0"
+#: NVIDIA Multi-Storage Client's rows: its cache without (as fsspec's simplecache) and
+#: with (MSC's default) the HEAD it sends before a hit to compare ETags
+MSC_NOTE = "check_source_version off: a hit sends no request; cached bytes not checked"
+MSC_B2_DEFAULT = "msc (warm, default config)"
 
 
 @dataclass
@@ -342,9 +346,13 @@ def b1(ctx: Ctx) -> list[Row]:
     mls = make_reader(ctx.spec("mlstore", cache={"disk_dir": ctx.new_dir("b1-mlstore")}))
     simple = make_reader(ctx.spec("simplecache", cache_dir=ctx.new_dir("b1-simplecache")))
     local = make_reader({"peer": "local", "root": str(ctx.mirror)})
-    readers = {"mlstore": mls, "simplecache (warm)": simple, "local read()": local}
-    for r in (mls, simple):  # fill the caches (untimed)
-        r.read_many([r.path(k) for k in keys])
+    readers = {"mlstore": mls, "simplecache (warm)": simple}
+    if msc_available():
+        readers["msc (warm)"] = make_reader(ctx.spec("msc", cache_dir=ctx.new_dir("b1-msc")))
+    readers["local read()"] = local
+    for name, r in readers.items():  # fill the caches (untimed)
+        if name != "local read()":
+            r.read_many([r.path(k) for k in keys])
     assert mls.store.cache.memory.size() >= len(keys) * SMALL  # type: ignore[attr-defined]
 
     def runner(reader: Reader) -> Callable[[], tuple[float, bool]]:
@@ -398,9 +406,15 @@ def b2(ctx: Ctx) -> list[Row]:
     specs = {
         "mlstore": ctx.spec("mlstore", cache={"disk_dir": mls_dir, "verify": "always"}),
         "simplecache (warm)": ctx.spec("simplecache", cache_dir=simple_dir),
-        "local read()": {"peer": "local", "root": str(ctx.mirror)},
     }
-    for name in ("mlstore", "simplecache (warm)"):  # fill the disk caches (untimed)
+    if msc_available():
+        specs["msc (warm)"] = ctx.spec("msc", cache_dir=ctx.new_dir("b2-msc"))
+        # MSC's default: a HEAD before every hit, to compare the cached ETag
+        specs[MSC_B2_DEFAULT] = ctx.spec(
+            "msc", cache_dir=ctx.new_dir("b2-msc-default"), check_source_version=True
+        )
+    specs["local read()"] = {"peer": "local", "root": str(ctx.mirror)}
+    for name in [n for n in specs if n != "local read()"]:  # fill the caches (untimed)
         r = make_reader(specs[name])
         r.read_many([r.path(k) for k in [*keys, WARMUP]])
         r.close()
@@ -425,7 +439,11 @@ def b2(ctx: Ctx) -> list[Row]:
         "B2",
         results,
         "ops/s",
-        notes={"mlstore": "fresh process, each key read once, xxh3 verify on"},
+        notes={
+            "mlstore": "fresh process, each key read once, xxh3 verify on",
+            "msc (warm)": MSC_NOTE,
+            MSC_B2_DEFAULT: "check_source_version on (MSC's default): a HEAD per hit",
+        },
     )
     me = find(rows, "mlstore")
     fill_ratios(rows, me)
@@ -451,9 +469,11 @@ def b3(ctx: Ctx) -> list[Row]:
             cache={"disk_dir": ctx.new_dir("b3-mlstore-blocks"), "block_threshold": 16 * MiB},
         ),
         "simplecache (warm)": ctx.spec("simplecache", cache_dir=ctx.new_dir("b3-simplecache")),
-        "local readinto()": {"peer": "local", "root": str(ctx.mirror)},
     }
-    for name in ("mlstore", "mlstore (block-cached)", "simplecache (warm)"):
+    if msc_available():
+        specs["msc (warm)"] = ctx.spec("msc", cache_dir=ctx.new_dir("b3-msc"))
+    specs["local readinto()"] = {"peer": "local", "root": str(ctx.mirror)}
+    for name in [n for n in specs if n != "local readinto()"]:
         r = make_reader(specs[name])  # fill the disk caches (untimed)
         for k in keys:
             r.readinto(r.path(k), memoryview(bytearray(LARGE)))
@@ -484,6 +504,7 @@ def b3(ctx: Ctx) -> list[Row]:
         notes={
             "mlstore": "whole-object entry (block_threshold 64 MiB), fresh process",
             "mlstore (block-cached)": "block_threshold 16 MiB, 8 MiB blocks (informative)",
+            "msc (warm)": f"open().readinto; {MSC_NOTE}",
         },
     )
     me = find(rows, "mlstore")
@@ -580,14 +601,19 @@ def b7(ctx: Ctx) -> list[Row]:
     expected = ctx.exp(keys)
     ms = int(ctx.latency * 1000)
     scen = f"B7 ({s.processes} procs, {ms} ms)"
+    # kind -> the spec of its readers, given a fresh cache directory they all share
+    kinds: dict[str, Callable[[str], dict[str, Any]]] = {
+        "mlstore": lambda d: ctx.spec("mlstore", proxy=True, cache={"disk_dir": d}),
+        "simplecache": lambda d: ctx.spec("simplecache", proxy=True, cache_dir=d),
+    }
+    if msc_available():  # MSC's two documented reads: read() takes no lock, open() does
+        kinds["msc read()"] = lambda d: ctx.spec("msc", proxy=True, cache_dir=d)
+        kinds["msc open().read()"] = lambda d: ctx.spec("msc", proxy=True, cache_dir=d, api="open")
 
     def runner(kind: str) -> Callable[[], tuple[float, bool]]:
         def run() -> tuple[float, bool]:
-            d = ctx.new_dir(f"b7-{kind}")
-            if kind == "mlstore":
-                spec = ctx.spec("mlstore", proxy=True, cache={"disk_dir": d})
-            else:
-                spec = ctx.spec("simplecache", proxy=True, cache_dir=d)
+            d = ctx.new_dir("b7-" + "".join(c if c.isalnum() else "-" for c in kind))
+            spec = kinds[kind](d)
             tasks = [
                 {
                     "task": "many_readers",
@@ -619,16 +645,12 @@ def b7(ctx: Ctx) -> list[Row]:
 
         return run
 
-    walls: dict[str, list[float]] = {"mlstore": [], "simplecache": []}
-    totals: dict[str, list[int]] = {"mlstore": [], "simplecache": []}
-    bads: dict[str, list[int]] = {"mlstore": [], "simplecache": []}
+    walls: dict[str, list[float]] = {k: [] for k in kinds}
+    totals: dict[str, list[int]] = {k: [] for k in kinds}
+    bads: dict[str, list[int]] = {k: [] for k in kinds}
     set_latency(ctx.proxy, ctx.latency)
     try:
-        results = interleave(
-            s.b7_reps,
-            {"mlstore": runner("mlstore"), "simplecache": runner("simplecache")},
-            ctx.log,
-        )
+        results = interleave(s.b7_reps, {k: runner(k) for k in kinds}, ctx.log)
     finally:
         set_latency(ctx.proxy, 0.0)
     rows = rows_from(scen, results, "GETs", higher_is_better=False)
@@ -643,11 +665,13 @@ def b7(ctx: Ctx) -> list[Row]:
     wall_rows = [row(scen, f"{n} wall time", walls[n], "s", higher_is_better=False) for n in walls]
     rows += wall_rows
     me = find(rows, "mlstore")
-    fill_ratios(rows[:2], me)
+    fill_ratios(rows[: len(kinds)], me)
     fill_ratios(wall_rows, wall_rows[0])
     gets = me.median or 0
     check(me, f"= {len(keys)} GETs", gets <= len(keys), len(keys) / gets if gets else None)
-    find(rows, "simplecache").target = f"informative (up to {s.processes * len(keys)})"
+    for r in rows[: len(kinds)]:
+        if not r.is_mlstore:
+            r.target = f"informative (up to {s.processes * len(keys)})"
     return rows
 
 
