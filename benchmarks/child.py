@@ -149,7 +149,8 @@ def window(task: dict[str, Any]) -> dict[str, Any]:
 
     Every read's bytes are checked against their xxh3 (a raw fill's, read back after
     the window); a mlstore process also reports its Store's counters over the window
-    (disk hits, misses, requests)."""
+    (disk hits, misses, requests, stale copies served and revalidations; with
+    ``settle``, after its background revalidations are done)."""
     kind, keys, expected = task["kind"], task["keys"], task["expected"]
     reader = None
     if kind == "raw-fill":
@@ -168,6 +169,8 @@ def window(task: dict[str, Any]) -> dict[str, Any]:
             return digest(read(paths[i])) == expected[i]
 
     store = getattr(reader, "store", None)  # a mlstore Store: its counters, too
+    if store is not None and task.get("settle"):
+        store.cache.settle(60)  # the warm-up's background check is not the window's
     before = store.stats() if store is not None else None
     at = _barrier() or time.time()
     while time.time() < at:
@@ -189,11 +192,15 @@ def window(task: dict[str, Any]) -> dict[str, Any]:
             for i in range(ops)
         )
     if store is not None and before is not None:
+        if task.get("settle"):  # background checks done before counting (not timed)
+            out["settled"] = store.cache.settle(60)
         got = store.stats() - before
         out["counts"] = {
             "disk_hits": got.get("hits", "disk"),
             "misses": got.get("misses", "cache"),
             "requests": got["requests"],
+            "stale_served": got.get("stale_served", "cache"),
+            "revalidations": got.get("revalidations", "cache"),
         }
     if reader is not None:
         reader.close()

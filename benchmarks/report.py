@@ -308,6 +308,12 @@ Charts of this run:
   same processes `read()`-ing, or writing (temp file + `rename`), files of the same
   bytes in a plain directory; for fills, mlstore with its cache off (the server's
   ceiling). Notes give the scaling over 1 process and the cores the processes kept busy.
+- **B12** disk hits after the ttl ran out, beside fresh disk hits: 2 fresh processes
+  read the same 4 KiB objects once each (memory tier off). Past the ttl, within the
+  stale window, a copy is served at once and checked in the background by one process
+  of the node; the notes give the HEADs the node made per object. The reference row
+  without a window (every read checked first) is the revalidation cliff of earlier
+  releases.
 
 ## Reading the numbers
 

@@ -3,7 +3,7 @@
     python benchmarks/run.py [--quick] [--only B1,B2] [--out benchmarks/results]
 
 Starts moto_server and the latency proxy as separate processes, uploads the data, runs
-the scenarios (B1-B11, described in docs/benchmarks.md), and writes
+the scenarios (B1-B12, described in docs/benchmarks.md), and writes
 ``latest.md``, ``latest.json`` and PNG charts to ``--out``. A complete ``--quick`` run
 also rewrites ``docs/benchmarks.md``.
 """

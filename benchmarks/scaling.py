@@ -87,7 +87,7 @@ def _prepare(ctx: Ctx) -> None:
 
 def _spec(ctx: Ctx, disk_dir: str, *, proxy: bool = True) -> dict[str, Any]:
     # Memory tier off: every read is a disk hit. A long ttl: the hits never revalidate
-    # however long the run takes (revalidation is B13's); the hit path is the same.
+    # however long the run takes (revalidation is B12's); the hit path is the same.
     return ctx.spec(
         "mlstore",
         proxy=proxy,

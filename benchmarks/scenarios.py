@@ -1039,6 +1039,13 @@ def b11(ctx: Ctx) -> list[Row]:
     return scaling.b11(ctx)
 
 
+def b12(ctx: Ctx) -> list[Row]:
+    """Hits past the ttl (stale-while-revalidate): in its own module."""
+    from benchmarks import staleness
+
+    return staleness.b12(ctx)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B1": ("warm memory-tier hit, 256 KiB, read_bytes", b1),
     "B2": ("warm disk-tier hit in a fresh process, 256 KiB, verify on", b2),
@@ -1051,4 +1058,5 @@ SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B9": ("30% duplicate content: disk and remote bytes", b9),
     "B10": ("memory: tier budget, RSS while streaming", b10),
     "B11": ("1-8 processes sharing a node cache: hits, fills, hit cost vs entries", b11),
+    "B12": ("disk hits after the ttl ran out, beside fresh hits: no revalidation cliff", b12),
 }

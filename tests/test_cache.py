@@ -305,7 +305,11 @@ def test_ttl_policy_serves_cached_data_until_the_ttl_then_revalidates(
     clock = Clock()
     url = f"s3://{bucket}/ttl.bin"
     upload(via_proxy, url, b"version one")
-    with make_store(via_proxy, cache_dir, validate="ttl", ttl=10, clock=clock) as store:
+    # No stale window: past the ttl a copy is checked before it is served (the
+    # window's own behaviour is in test_stale_while_revalidate.py).
+    with make_store(
+        via_proxy, cache_dir, validate="ttl", ttl=10, stale_while_revalidate=0, clock=clock
+    ) as store:
         assert store.read_bytes(url) == b"version one"
         upload(via_proxy, url, b"version two")
         clock.now += 9
@@ -648,7 +652,9 @@ def test_steady_reads_do_not_stretch_the_ttl(via_proxy: str, bucket: str, cache_
     clock = Clock()
     url = f"s3://{bucket}/steady.bin"
     upload(via_proxy, url, b"v1")
-    with make_store(via_proxy, cache_dir, validate="ttl", ttl=10, clock=clock) as store:
+    with make_store(
+        via_proxy, cache_dir, validate="ttl", ttl=10, stale_while_revalidate=0, clock=clock
+    ) as store:
         store.read_bytes(mlstore.parse_url(url))  # a URL object: the slow path each time
         upload(via_proxy, url, b"v2")
         for _ in range(4):

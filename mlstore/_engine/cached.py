@@ -246,10 +246,7 @@ class CachedReads:
             data, version = self.reader.fetch_whole(where)
             return Fetched(data, version)
 
-        def revalidate() -> str | None:
-            self._info.pop(key)
-            return self.located_info(where, policy)[1].version
-
+        revalidate = functools.partial(self._current_version, where, key, policy)
         # If this object's metadata is already known and names its content (mlstore
         # wrote it), identical content cached under any other URL serves it: no GET.
         known = self.known(where, key)
@@ -263,19 +260,27 @@ class CachedReads:
             expect_version=known.version if known is not None else None,
         )
 
+    def _current_version(self, where: Resolved, key: str, policy: Policy) -> str | None:
+        """The store's current version of ``where`` (node key ``key``): one HEAD, whose
+        answer replaces what is remembered of it."""
+        self._info.pop(key)
+        return self.located_info(where, policy)[1].version
+
     def open(self, where: Resolved) -> IO[bytes]:
         key = where.key
         policy = self.policy(where)  # looked up once for the whole open
         # Cached and trusted under the policy: no request at all (not even the HEAD
         # that would tell whole-object from blocks).
         refetch = functools.partial(self.whole, where, policy)
-        known = self.known(where)
+        node = self.node(where)
+        known = self.known(where, node)
         fh = self.cache.open_fresh(
-            self.node(where),
+            node,
             policy,
             refetch,
             name=key,
             expect_version=known.version if known is not None else None,
+            revalidate=functools.partial(self._current_version, where, node, policy),
         )
         if fh is not None:
             return fh

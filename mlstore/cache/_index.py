@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS proofs (
 CREATE INDEX IF NOT EXISTS proofs_at ON proofs(at);
 CREATE TABLE IF NOT EXISTS reservations (
     temp TEXT PRIMARY KEY, hash TEXT NOT NULL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS revalidations (key TEXT PRIMARY KEY, until REAL NOT NULL);
 """
 #: Proofs kept (about 200 bytes each); the oldest go first.
 _PROOFS = 65536
@@ -201,7 +202,9 @@ class _ProcessIndex:
     """
 
     __slots__ = (
+        "closed",
         "connections",
+        "flusher",
         "flushing",
         "ino",
         "last_flush",
@@ -209,6 +212,7 @@ class _ProcessIndex:
         "path",
         "threads",
         "touched",
+        "wake",
     )
 
     def __init__(self, path: str) -> None:
@@ -222,6 +226,11 @@ class _ProcessIndex:
         self.touched: dict[str, float] = {}
         self.last_flush = time.monotonic()
         self.flushing = False  # a background flush of ``touched`` is under way
+        #: The thread that writes ``touched`` when woken (started on the first flush,
+        #: then kept: a hit never waits for a thread to start).
+        self.flusher: threading.Thread | None = None
+        self.wake = threading.Event()
+        self.closed = False
 
     def connection(self) -> sqlite3.Connection:
         """The calling thread's connection (made on its first use)."""
@@ -250,6 +259,8 @@ class _ProcessIndex:
         return db
 
     def close(self) -> None:
+        self.closed = True
+        self.wake.set()  # the flusher ends
         with self.lock:
             connections, self.connections = self.connections, []
         for db in connections:

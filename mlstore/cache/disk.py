@@ -249,18 +249,29 @@ class DiskTier(FillCare):
             due = not index.flushing and time.monotonic() - index.last_flush > _TOUCH_EVERY
             if due:
                 index.flushing = True
-        if due:
-            threading.Thread(
+        if not due:
+            return
+        if index.flusher is None:
+            index.flusher = threading.Thread(
                 target=self._flush_in_background, args=(index,), name="mlstore-atime", daemon=True
-            ).start()
+            )
+            index.flusher.start()
+        index.wake.set()
 
     def _flush_in_background(self, index: _ProcessIndex) -> None:
-        try:
-            self._flush(index)
-        except (sqlite3.Error, OSError) as exc:
-            self.recover(exc)
-        finally:
-            index.flushing = False
+        """The flusher's loop: one batch each time a hit wakes it, until the index of
+        this process is closed."""
+        while True:
+            index.wake.wait()
+            index.wake.clear()
+            if index.closed:
+                return
+            try:
+                self._flush(index)
+            except (sqlite3.Error, OSError) as exc:
+                self.recover(exc)
+            finally:
+                index.flushing = False
 
     def flush_access_times(self) -> None:
         """Write the batched access times now (before eviction, and at close)."""
@@ -317,6 +328,36 @@ class DiskTier(FillCare):
                 "UPDATE entries SET checked = ? WHERE key = ?",
                 (self.clock(), self.stored_key(key)),
             )
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
+
+    def claim(self, key: str, seen: float, until: float) -> bool:
+        """Take the node's revalidation of ``key`` until ``until`` (or until
+        :meth:`release`): True for exactly one process while the entry still carries the
+        stamp ``seen`` and no one else holds an unexpired claim. A claim whose holder
+        died lapses at ``until``; an entry restamped since ``seen`` needs no claim."""
+        stored = self.stored_key(key)
+        try:
+            with self._transaction() as db:
+                fresher = db.execute(
+                    "SELECT 1 FROM entries WHERE key = ? AND checked > ?", (stored, seen)
+                ).fetchone()
+                if fresher is not None:
+                    return False
+                taken = db.execute(
+                    "INSERT INTO revalidations VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                    "SET until = excluded.until WHERE revalidations.until < ?",
+                    (stored, until, self.clock()),
+                )
+                return taken.rowcount == 1
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
+            return False
+
+    def release(self, key: str) -> None:
+        """Give up the claim :meth:`claim` took on ``key``."""
+        try:
+            self._conn().execute("DELETE FROM revalidations WHERE key = ?", (self.stored_key(key),))
         except (sqlite3.Error, OSError) as exc:
             self.recover(exc)
 
@@ -383,6 +424,7 @@ class DiskTier(FillCare):
         self.evict(to_bytes=0)
         db = self._conn()
         db.execute("DELETE FROM entries")
+        db.execute("DELETE FROM revalidations")
 
     def clean_orphans(self) -> int:
         """Remove temp files whose filler is gone. Returns how many.

@@ -44,6 +44,7 @@ from mlstore._util.redact import redact_url
 from mlstore.cache._index import _is_corrupt, damaged, set_aside
 from mlstore.cache._jsondisk import UnsafeValueError, json_disk
 from mlstore.cache._layout import MARKER, _private_file, _private_subdir
+from mlstore.cache.freshness import CLOCK_SKEW, trusted
 
 __all__ = [
     "ABSENT",
@@ -64,8 +65,6 @@ _DB = "cache.db"  # diskcache's name for its database
 #: Seconds a tombstone fences off answers fetched before a write (a HEAD retried for
 #: longer than this may still store what it saw: within the policy's ttl anyway).
 _FENCE = 600.0
-#: Seconds a stamp may lie ahead of this process's clock and still be trusted.
-_CLOCK_SKEW = 1.0
 #: Seconds the node tier rests after a failure it could not repair.
 _REST = 30.0
 #: The write-ahead log is looked at every this many writes of a process, and emptied
@@ -91,19 +90,6 @@ def clear_of_credentials(text: str) -> bool:
     """Whether ``text`` (a URL, a node key) carries no credential (user info, a signed
     query) and so may be written to the node tier."""
     return ("@" not in text and "?" not in text) or redact_url(text) == text
-
-
-def trusted(validate: str, ttl: float, stamp: float, now: float, absent: bool = False) -> bool:
-    """Whether an answer stamped ``stamp`` may be given at ``now`` under the policy.
-
-    A negative answer is trusted for ``ttl`` even under ``"never"``: that policy says
-    objects do not change, not that none will appear (a job waiting for a checkpoint).
-    """
-    if validate == "always":
-        return False
-    if validate == "never" and not absent:
-        return True
-    return -_CLOCK_SKEW <= now - stamp < ttl
 
 
 def keeps(validate: str, ttl: float) -> bool:
@@ -421,7 +407,7 @@ class Remembered(Generic[T]):
             record = None if encoded is None else {"t": now, "v": encoded}
         if record is None:
             return
-        expire = None if validate == "never" and value is not ABSENT else ttl + _CLOCK_SKEW
+        expire = None if validate == "never" and value is not ABSENT else ttl + CLOCK_SKEW
         self.node.put(self._node_key(key), record, expire, since)
 
     def pop(self, key: str) -> None:

@@ -9,7 +9,9 @@ Consistency policies (``CacheConfig.validate``):
 
 - ``"never"``: a cached object is trusted for ever (immutable datasets);
 - ``"ttl"``: trusted for ``ttl`` seconds after it was fetched or last checked, then
-  checked with one HEAD: same version, trusted again; new version, refetched. A copy
+  checked with one HEAD: same version, trusted again; new version, refetched. For
+  ``stale_while_revalidate`` seconds past the ttl the copy is served at once while one
+  process on the node makes that check in the background (:mod:`.freshness`). A copy
   stamped in the future (a clock that ran ahead) is checked at once;
 - ``"always"``: checked with a HEAD on every read.
 """
@@ -37,6 +39,7 @@ from mlstore.cache.disk import (
     claim_cache_dir,
 )
 from mlstore.cache.flight import SingleFlight
+from mlstore.cache.freshness import Freshness, trusted
 from mlstore.cache.memory import MemoryTier
 from mlstore.config import CacheConfig
 from mlstore.hashing import content_hash
@@ -52,9 +55,6 @@ log = logging.getLogger("mlstore.cache")
 _SEEN_KEYS = 65536
 #: Disk entries at least this large are opened as files over their blob, not loaded.
 _FILE_MIN = 4 * 1024 * 1024
-#: Seconds a ``checked`` stamp may lie ahead of this process's clock and still be
-#: trusted (the ordinary skew between processes); a stamp further ahead is revalidated.
-_CLOCK_SKEW = 1.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ class TieredCache:
         self._warn_lock = threading.Lock()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._seen_lock = threading.Lock()
+        self.freshness = Freshness(config, metrics, clock, self.memory, self.disk)
 
     def _make_lock_dir(self) -> None:
         root = self.config.resolved_disk_dir
@@ -145,7 +146,7 @@ class TieredCache:
         meta, data = item
         if expect_version is not None and meta.version != expect_version:
             return None
-        if self._trusted(meta.validate, meta.ttl, meta.checked):
+        if trusted(meta.validate, meta.ttl, meta.checked, self.clock()):
             self.metrics.add("hits", "memory")
             self.metrics.add("bytes_served", "memory", len(data))
             return data
@@ -159,10 +160,12 @@ class TieredCache:
         *,
         name: str | None = None,
         expect_version: str | None = None,
+        revalidate: Callable[[], str | None] | None = None,
     ) -> IO[bytes] | None:
         """A file over the cached bytes of ``key`` if ``policy`` trusts them without a
         request to the store; ``None`` otherwise (the caller takes the usual path). The
-        file is named ``name`` (default: the key).
+        file is named ``name`` (default: the key). With ``revalidate``, a copy within
+        the stale window is served too, and checked in the background.
 
         A large disk entry is served from its blob file (verified before any byte is
         returned; ``refetch`` gets the object anew if it fails), not loaded into memory.
@@ -174,9 +177,15 @@ class TieredCache:
         if self.disk is None:
             return None
         entry = self.disk.lookup(key)
-        if entry is None or not self._trusted(*policy, entry.checked):
+        if entry is None or _other_version(entry.version, expect_version):
             return None
-        if _other_version(entry.version, expect_version):
+        now = self.clock()
+        if not trusted(*policy, entry.checked, now) and not (
+            revalidate is not None
+            and self.freshness.stale_served(
+                key, entry.version, entry.checked, revalidate, policy, now
+            )
+        ):
             return None
         if entry.size < _FILE_MIN:
             found = self._disk_hit(key, entry, entry.checked, policy, keep_in_memory=True)
@@ -295,43 +304,6 @@ class TieredCache:
             return contextlib.nullcontext()
         return self.flight.hold_in_process(f"content:{digest}")
 
-    def _trusted(self, validate: str, ttl: float, checked: float) -> bool:
-        """Whether a copy last checked at ``checked`` is trusted without asking the store.
-
-        Under ``"ttl"`` a stamp later than now (by more than :data:`_CLOCK_SKEW`) is not
-        trusted: it was written by a clock that ran ahead (a filler on a skewed clock,
-        NTP stepping back after a VM resume), and trusting it would stretch the ttl by
-        the whole skew. Such a copy is revalidated, which restamps it with this clock.
-        """
-        if validate == "never":
-            return True
-        if validate != "ttl":
-            return False
-        age = self.clock() - checked
-        return -_CLOCK_SKEW <= age < ttl
-
-    def _fresh(
-        self,
-        key: str,
-        version: str | None,
-        checked: float,
-        revalidate: Callable[[], str | None] | None,
-        immutable: bool,
-        policy: tuple[str, float],
-    ) -> float | None:
-        """When the cached ``version`` was last known current, or None if it is stale:
-        ``checked`` itself while the policy trusts it, now after a successful HEAD."""
-        if immutable or revalidate is None or self._trusted(*policy, checked):
-            return checked
-        self.metrics.add("revalidations", "cache")
-        current = revalidate()
-        if current is not None and current == version:
-            if self.disk is not None:
-                self.disk.touch_entry(key)
-            return self.clock()
-        self.metrics.add("stale", "cache")
-        return None
-
     def _lookup(
         self,
         key: str,
@@ -349,7 +321,9 @@ class TieredCache:
             checked = (
                 None
                 if _other_version(meta.version, expect_version)
-                else self._fresh(key, meta.version, meta.checked, revalidate, immutable, policy)
+                else self.freshness.fresh(
+                    key, meta.version, meta.checked, revalidate, immutable, policy, in_memory=True
+                )
             )
             if checked is not None:
                 if checked != meta.checked:  # just revalidated: trusted for another ttl
@@ -370,7 +344,9 @@ class TieredCache:
         elif after_wait:
             checked = entry.checked
         else:
-            checked = self._fresh(key, entry.version, entry.checked, revalidate, immutable, policy)
+            checked = self.freshness.fresh(
+                key, entry.version, entry.checked, revalidate, immutable, policy
+            )
         if checked is None:
             self.disk.forget(key)
             return None
@@ -447,8 +423,15 @@ class TieredCache:
 
     # ------------------------------------------------------------------ management
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until this process's background revalidations are done (at most
+        ``timeout`` seconds): True if none is left. Reads never need this; it is for
+        tests, benchmarks and a clean exit."""
+        return self.freshness.settle(timeout)
+
     def close(self) -> None:
         """Release the disk tier's files (the cache stays on disk for the next user)."""
+        self.freshness.close()
         if self.disk is not None:
             self.disk.close()
         self.flight.close()

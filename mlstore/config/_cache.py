@@ -83,6 +83,13 @@ class CacheConfig(Resolved):
             ``"always"`` (``MLSTORE_VALIDATE``). Default ``"ttl"``.
         ttl: seconds a cached object is trusted under ``validate="ttl"``
             (``MLSTORE_TTL``). Default 300.
+        stale_while_revalidate: seconds past the ttl during which a cached copy is
+            still served, at once, while one process on the node checks it with the
+            store in the background (``MLSTORE_STALE_WHILE_REVALIDATE``). A copy older
+            than ``ttl`` plus this is checked before it is served, as is every copy
+            when this is ``0`` (the opt-out). Default 60: under ``validate="ttl"`` a
+            copy may be up to ``ttl + 60`` seconds behind a change made by another
+            tool (writes through mlstore on the node are seen at once, always).
         verify: re-hash disk-tier blobs on read: ``"always"`` or ``"never"``
             (``MLSTORE_VERIFY``). Default ``"always"``. With ``"never"`` fills are
             also fsync'ed, since no hash check would catch a file torn by a power loss.
@@ -101,6 +108,7 @@ class CacheConfig(Resolved):
     block_threshold: int = setting("MLSTORE_BLOCK_THRESHOLD", nonneg(size), 64 * MiB)
     validate: str = setting("MLSTORE_VALIDATE", _VALIDATE, "ttl")
     ttl: float = setting("MLSTORE_TTL", _TTL, 300.0)
+    stale_while_revalidate: float = setting("MLSTORE_STALE_WHILE_REVALIDATE", _TTL, 60.0)
     verify: str = setting("MLSTORE_VERIFY", choice("always", "never"), "always")
     policies: Mapping[str, Mapping[str, Any]] = setting(None, _policies, MappingProxyType({}))
 
