@@ -123,6 +123,14 @@ class Metrics:
         with self._lock:
             self._counts[(name, protocol)] += amount
 
+    def served(self, tier: str, nbytes: int) -> None:
+        """One hit of ``tier`` that served ``nbytes`` (``hits`` and ``bytes_served``,
+        counted together: the hot path takes the lock once)."""
+        with self._lock:
+            counts = self._counts
+            counts[("hits", tier)] += 1
+            counts[("bytes_served", tier)] += nbytes
+
     def snapshot(self) -> Stats:
         with self._lock:
             return Stats(dict(self._counts))

@@ -184,16 +184,19 @@ class Store:
         """
         runtime = self._runtime.get()
         cached = runtime.cached
-        node = None
+        named = None
         if cached is not None and version is None and type(url) is str:
-            node = runtime.node_keys.get(url)
-            hit = cached.cache.peek(node) if node is not None else None
-            if hit is not None:  # the hot path: a fresh memory-tier hit
-                return hit if start is None and end is None else hit[start:end]
+            named = runtime.node_keys.get(url)
+            if named is not None:  # the hot path: a URL read before, now a trusted hit
+                hit = cached.cache.peek(named[0])
+                if hit is None:
+                    hit = cached.hit(*named)
+                if hit is not None:
+                    return hit if start is None and end is None else hit[start:end]
         where = runtime.resolve(parse_url(url))
         reads = runtime.cached_for(where) if version is None else None
         if reads is not None:
-            if node is None and type(url) is str:
+            if named is None and type(url) is str:
                 runtime.remember(url, where)
             return reads.read(where, start, end)
         return runtime.reader.read_range(where, start, end, version)

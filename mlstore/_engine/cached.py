@@ -132,9 +132,19 @@ class CachedReads:
         """The info this process last reported for ``where`` (whose node key is
         ``node``, when the caller has it), if it still has it: the cached bytes it
         serves must be of that version."""
-        remembered = self._info.get(node if node is not None else self.node(where))
+        return self._known(node if node is not None else self.node(where))
+
+    def _known(self, node: str) -> ObjectInfo | None:
+        remembered = self._info.get(node)
         answer = remembered[0] if remembered is not None else None
         return answer[1] if isinstance(answer, tuple) else None
+
+    def hit(self, node: str, name: str) -> bytes | None:
+        """A trusted hit of the object whose node key is ``node``, read as the URL
+        ``name`` (its policy's), or ``None``: then the usual path decides."""
+        known = self._known(node)
+        version = known.version if known is not None else None
+        return self.cache.hit(node, self.config.policy_for(name), version)
 
     def node(self, where: Resolved) -> str:
         """The node key of ``where`` (its primary replica's object, in this scope)."""
@@ -241,15 +251,18 @@ class CachedReads:
     def whole(self, where: Resolved, policy: Policy | None = None) -> bytes:
         key = self.node(where)
         policy = policy or self.policy(where)
+        # If this object's metadata is already known and names its content (mlstore
+        # wrote it), identical content cached under any other URL serves it: no GET.
+        known = self.known(where, key)
+        found = self.cache.hit(key, policy, known.version if known is not None else None)
+        if found is not None:
+            return found
 
         def fetch() -> Fetched:
             data, version = self.reader.fetch_whole(where)
             return Fetched(data, version)
 
         revalidate = functools.partial(self._current_version, where, key, policy)
-        # If this object's metadata is already known and names its content (mlstore
-        # wrote it), identical content cached under any other URL serves it: no GET.
-        known = self.known(where, key)
         return self.cache.get(
             key,
             fetch,

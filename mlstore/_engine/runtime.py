@@ -74,7 +74,8 @@ class Runtime:
         #: The cached read path, once something needed it (``None`` before).
         self.cached: CachedReads | None = None
         #: Node keys of URL strings read through the cache, for the memory-hit path.
-        self.node_keys: dict[str, str] = {}
+        #: URL strings read before: their node keys and the keys their policies go by.
+        self.node_keys: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
     def resolve(self, url: URL) -> Resolved:
@@ -104,11 +105,11 @@ class Runtime:
         return self.cache_reads()
 
     def remember(self, url: str, where: Resolved) -> None:
-        """Note the node key of the URL string ``url``, so its next memory hit needs no
+        """Note the node key of the URL string ``url``, so its next hit needs no
         parsing (bounded: the notes start over past 65,536 URLs)."""
         if len(self.node_keys) >= 65536:
             self.node_keys.clear()
-        self.node_keys[url] = self.identity.key(where.primary)
+        self.node_keys[url] = (self.identity.key(where.primary), where.key)
 
     def locate(self, where: Resolved) -> tuple[URL, ObjectInfo]:
         """The answering replica and the object's info, through the metadata cache."""

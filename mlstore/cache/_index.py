@@ -152,6 +152,11 @@ class _Connection(sqlite3.Connection):
     def executemany(self, sql: str, parameters: Any, /) -> _Cursor:
         return self.cursor().executemany(sql, parameters)  # type: ignore[no-any-return]
 
+    def one(self, sql: str, parameters: Any = (), /) -> Any:
+        """The first row of ``sql`` (or ``None``), run and stepped in one section."""
+        with _GUARD.section():
+            return sqlite3.Connection.execute(self, sql, parameters).fetchone()
+
     def executescript(self, script: str, /) -> sqlite3.Cursor:
         with _GUARD.section():
             return super().executescript(script)
@@ -161,7 +166,7 @@ class _Connection(sqlite3.Connection):
             super().close()
 
 
-def _open(path: str) -> sqlite3.Connection:
+def _open(path: str) -> _Connection:
     """A connection to the index at ``path`` (made in a section of the fork guard, and
     kept by a child forked while it is open)."""
     with _GUARD.section():
@@ -221,7 +226,7 @@ class _ProcessIndex:
         #: means another process replaced a damaged or removed index (reconnect).
         self.ino: int | None = None
         self.threads = threading.local()  # .db: that thread's connection
-        self.connections: list[sqlite3.Connection] = []
+        self.connections: list[_Connection] = []
         self.lock = threading.Lock()  # over ``connections`` and ``touched``
         self.touched: dict[str, float] = {}
         self.last_flush = time.monotonic()
@@ -232,12 +237,12 @@ class _ProcessIndex:
         self.wake = threading.Event()
         self.closed = False
 
-    def connection(self) -> sqlite3.Connection:
+    def connection(self) -> _Connection:
         """The calling thread's connection (made on its first use)."""
-        db: sqlite3.Connection | None = getattr(self.threads, "db", None)
+        db: _Connection | None = getattr(self.threads, "db", None)
         return db if db is not None else self._connect()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> _Connection:
         # Made 0600 before SQLite sees it (the WAL and shared memory take its mode), and
         # given its tables by every connection: one made after the index was quarantined
         # or its directory recreated finds an empty file.
@@ -463,7 +468,7 @@ class IndexCare:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> _Connection:
         """This thread's connection (one per thread and process)."""
         return self._index.get().connection()
 

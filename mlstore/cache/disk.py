@@ -189,13 +189,9 @@ class DiskTier(FillCare):
     def lookup(self, key: str) -> DiskEntry | None:
         """The index entry of ``key``, if any (none if the index fails: repaired, counted)."""
         try:
-            row = (
-                self._conn()
-                .execute(
-                    "SELECT version, hash, size, checked FROM entries WHERE key = ?",
-                    (self.stored_key(key),),
-                )
-                .fetchone()
+            row = self._conn().one(
+                "SELECT version, hash, size, checked FROM entries WHERE key = ?",
+                (self.stored_key(key),),
             )
         except (sqlite3.Error, OSError) as exc:
             self.recover(exc)

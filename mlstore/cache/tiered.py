@@ -147,10 +147,25 @@ class TieredCache:
         if expect_version is not None and meta.version != expect_version:
             return None
         if trusted(meta.validate, meta.ttl, meta.checked, self.clock()):
-            self.metrics.add("hits", "memory")
-            self.metrics.add("bytes_served", "memory", len(data))
+            self.metrics.served("memory", len(data))
             return data
         return None
+
+    def hit(
+        self, key: str, policy: tuple[str, float], expect_version: str | None = None
+    ) -> bytes | None:
+        """A memory or disk hit that needs no request (trusted under ``policy``, of
+        ``expect_version`` when given), or ``None``: then :meth:`get` decides (a stale
+        copy, a miss). The hot path of every read: no closures, one index lookup."""
+        found = self.peek(key, expect_version)
+        if found is not None or self.disk is None:
+            return found
+        entry = self.disk.lookup(key)
+        if entry is None or _other_version(entry.version, expect_version):
+            return None
+        if not trusted(*policy, entry.checked, self.clock()):
+            return None
+        return self._disk_hit(key, entry, entry.checked, policy, keep_in_memory=True)
 
     def open_fresh(
         self,
@@ -208,8 +223,7 @@ class TieredCache:
         except FileNotFoundError:
             return None
         disk.touch_blob(entry.hash)
-        self.metrics.add("hits", "disk")
-        self.metrics.add("bytes_served", "disk", entry.size)
+        self.metrics.served("disk", entry.size)
         return io.BufferedReader(fh, buffer_size=256 * 1024)
 
     def get(
@@ -329,8 +343,7 @@ class TieredCache:
                 if checked != meta.checked:  # just revalidated: trusted for another ttl
                     renewed = _Meta(meta.version, meta.hash, checked, *policy)
                     self.memory.update_meta(key, renewed)
-                self.metrics.add("hits", "memory")
-                self.metrics.add("bytes_served", "memory", len(data))
+                self.metrics.served("memory", len(data))
                 return data
             self.memory.discard(key)
         if self.disk is None:
@@ -369,8 +382,7 @@ class TieredCache:
             return None
         if keep_in_memory and self.memory.budget and self._second_touch(key):
             self.memory.put(key, _Meta(entry.version, entry.hash, checked, *policy), blob)
-        self.metrics.add("hits", "disk")
-        self.metrics.add("bytes_served", "disk", len(blob))
+        self.metrics.served("disk", len(blob))
         return blob
 
     def _second_touch(self, key: str) -> bool:
