@@ -60,6 +60,8 @@ class Row:
     note: str = ""
     is_mlstore: bool = False
     margin: float | None = None  # achieved / required: >= 1 means the target is met
+    previous: float | None = None  # this row's median in the run before (same mode)
+    previous_ratio: float | None = None  # and its ratio vs mlstore then
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

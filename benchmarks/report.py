@@ -98,21 +98,38 @@ def _ok(r: Row) -> str:
 
 def table(rows: Sequence[Row]) -> str:
     head = (
-        "| scenario | peer | median | unit | ratio vs mlstore | target | met? | bytes | notes |\n"
-        "|---|---|---:|---|---:|---|---|---|---|\n"
+        "| scenario | peer | median | before | unit | ratio vs mlstore | ratio before "
+        "| target | met? | bytes | notes |\n"
+        "|---|---|---:|---:|---|---:|---:|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         peer = f"**{r.peer}**" if r.is_mlstore else r.peer
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
+        before = "" if r.previous_ratio is None else f"{r.previous_ratio:.2f}"
         lines.append(
-            f"| {r.scenario} | {peer} | {_num(r.median)} | {r.unit} | {ratio} | "
-            f"{r.target} | {_met(r)} | {_ok(r)} | {r.note} |"
+            f"| {r.scenario} | {peer} | {_num(r.median)} | {_num(r.previous)} | {r.unit} | "
+            f"{ratio} | {before} | {r.target} | {_met(r)} | {_ok(r)} | {r.note} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
+def with_previous(rows: Sequence[Row], saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Give each row its median and ratio from ``saved`` (the JSON of the run before,
+    if it was of the same mode): returns what names that run, for the page."""
+    if not saved:
+        return None
+    before = {(r["scenario"], r["peer"]): r for r in saved.get("rows", [])}
+    for r in rows:
+        old = before.get((r.scenario, r.peer))
+        if old is not None:
+            r.previous, r.previous_ratio = old.get("median"), old.get("ratio")
+    return {"date": saved.get("date"), "command": saved.get("command")}
+
+
 LEGEND = (
+    "*before* and *ratio before*: the same row in the run before this one (blank: the "
+    "row is new). "
     "*ratio vs mlstore*: how many times better mlstore's row is than this row "
     "(> 1: mlstore wins; for ops/s and GB/s mlstore / peer, for seconds, bytes, GETs and "
     "RSS peer / mlstore). *median*: median of the repetitions. *bytes*: every byte each "
@@ -220,6 +237,16 @@ def charts(rows: Sequence[Row], outdir: Path) -> list[Path]:
     return written
 
 
+def _before_line(info: dict[str, Any]) -> str:
+    before = info.get("previous")
+    if not before:
+        return ""
+    return (
+        f"The *before* columns are the run of {before.get('date')} "
+        f"(`{before.get('command')}`), the page's previous figures, beside the new ones."
+    )
+
+
 def docs_page(rows: Sequence[Row], info: dict[str, Any], charts_written: Sequence[Path]) -> str:
     m = info["machine"]
     chart_list = "\n".join(f"- `benchmarks/results/{p.name}`" for p in charts_written)
@@ -258,6 +285,7 @@ the like) have no effect on the figures.
 ## Latest quick-mode results
 
 Produced by `{info["command"]}` in {info["duration_s"]:.0f} s on {info["date"]}.
+{_before_line(info)}
 
 Machine: {machine_line(m)}.
 

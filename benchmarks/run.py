@@ -59,6 +59,15 @@ def write_outputs(rows: list[Row], info: dict[str, Any], out: Path, *, docs: boo
     print(f"wrote {out / 'latest.md'}, {out / 'latest.json'} and {len(written)} charts")
 
 
+def _previous(path: Path, mode: str) -> dict[str, Any] | None:
+    """The saved results of the run before, if it was of the same mode."""
+    try:
+        saved: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if saved.get("mode") == mode else None
+
+
 def render(args: argparse.Namespace) -> int:
     saved = json.loads(Path(args.render).read_text())
     rows = [Row(**r) for r in saved.pop("rows")]
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": vars(sizes),
         "failures": failures,
     }
+    info["previous"] = report.with_previous(rows, _previous(out / "latest.json", info["mode"]))
     write_outputs(rows, info, out, docs=args.quick and not only and not args.no_docs)
     print(f"total {duration:.0f} s")
     return 1 if failures else 0
