@@ -152,6 +152,18 @@ def test_a_window_of_zero_checks_every_copy_past_the_ttl_before_serving_it(
         assert store.read_bytes(url) == b"version two"
 
 
+def test_a_ttl_of_zero_checks_every_read_whatever_the_window(
+    via_proxy: str, s3_bucket: str, cache_dir: str
+) -> None:
+    url = f"s3://{s3_bucket}/swr/ttl0.bin"
+    upload(via_proxy, url, b"version one")
+    with make_store(via_proxy, cache_dir, ttl=0) as store:
+        assert store.read_bytes(url) == b"version one"
+        upload(via_proxy, url, b"version two")
+        assert store.read_bytes(url) == b"version two"
+        assert store.stats().get("stale_served", "cache") == 0
+
+
 def test_open_serves_a_copy_within_the_window_and_checks_it_in_the_background(
     via_proxy: str, s3_bucket: str, cache_dir: str
 ) -> None:

@@ -75,8 +75,9 @@ def trusted(validate: str, ttl: float, checked: float, now: float, absent: bool 
 
 def servable_stale(validate: str, ttl: float, window: float, checked: float, now: float) -> bool:
     """Whether an untrusted copy may still be served while it is revalidated in the
-    background: under ``"ttl"``, past the ttl by less than ``window`` seconds."""
-    if validate != "ttl" or window <= 0:
+    background: under ``"ttl"``, past the ttl by less than ``window`` seconds. A ttl of
+    0 asks for a check on every read: no window then."""
+    if validate != "ttl" or window <= 0 or ttl <= 0:
         return False
     return ttl <= now - checked < ttl + window
 
@@ -267,6 +268,8 @@ class Freshness:
     ) -> bool:
         """Whether the untrusted copy (of ``version``, stamped ``checked``) is within
         the stale window: then it is served, and checked in the background."""
+        if version is None:  # no version: no check can prove the copy current
+            return False
         if not servable_stale(*policy, self.config.stale_while_revalidate, checked, now):
             return False
         self.metrics.add("stale_served", "cache")
