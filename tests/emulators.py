@@ -165,6 +165,10 @@ def fake_gcs_server() -> ServerProcess:
             str(port),
             "-external-url",
             f"http://127.0.0.1:{port}",
+            # Path-style XML API requests (/<bucket>/<object>, as obstore sends them)
+            # are served for this host only.
+            "-public-host",
+            f"127.0.0.1:{port}",
             "-log-level",
             "info",
         ],
