@@ -34,7 +34,14 @@ How the invariants are kept:
   :class:`~mlstore.backends.base.InterruptedBodyError` with what arrived.
 - Fork and spawn: obstore's clients are not fork-safe, so they live in a
   :class:`~mlstore._util.process.PerProcess` (one store per bucket per process); a
-  forked child builds its own and never touches (or frees) the parent's.
+  forked child builds its own and never touches (or frees) the parent's. That is not
+  enough: obstore runs its requests on one process-wide Rust (tokio) runtime, started by
+  the first request, whose threads do not survive a fork; a child forked after that
+  hangs on its first request (checked on these machines with obstore 0.12). So
+  :func:`runtime_usable` records which process started the runtime, and in a forked
+  child of it these backends make their requests through the fsspec half instead
+  (same results, same invariants, fsspec's speed). A child forked before any request,
+  and every spawned or forkserver worker, uses obstore.
 - Secrets: obstore stores show only their bucket in a repr; credentials stay in the
   options (masked by :class:`~mlstore.backends.base.Backend`) and error texts are
   scrubbed before they reach an mlstore error.
@@ -45,6 +52,7 @@ obstore backends do not hedge.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
@@ -68,7 +76,13 @@ from mlstore.errors import (
 from mlstore.hashing import BLOCKS_KEY, METADATA_KEY
 from mlstore.url import URL
 
-__all__ = ["ObstoreTransport", "answer", "client_options", "refuse_options"]
+__all__ = [
+    "ObstoreTransport",
+    "answer",
+    "client_options",
+    "refuse_options",
+    "runtime_usable",
+]
 
 _CHUNK = 1 << 20  # body chunks: what arrived before a failure can be resumed from
 # Writes above this size are multipart uploads (S3) or staged blocks (Azure).
@@ -76,6 +90,9 @@ _SINGLE_PUT = 64 * 1024 * 1024
 _PART = 8 * 1024 * 1024
 #: obstore's own retry loop, off: mlstore is the one retry layer.
 NO_RETRIES: dict[str, Any] = {"max_retries": 0}
+
+# The process whose obstore runtime runs (see the module docstring), once one does.
+_RUNTIME_PID: int | None = None
 
 _STATUS = re.compile(r"status code: (\d{3})")
 _CODE = re.compile(r"<Code>\s*([A-Za-z]+)\s*</Code>")
@@ -110,6 +127,16 @@ def refuse_options(protocol: str, given: Mapping[str, Any], unusable: tuple[str,
         )
 
 
+def runtime_usable() -> bool:
+    """Whether this process may make obstore requests: not in a forked child of a
+    process whose obstore runtime had started (its threads did not come along)."""
+    global _RUNTIME_PID
+    pid = os.getpid()
+    if _RUNTIME_PID is None:
+        _RUNTIME_PID = pid  # (a race between threads sets the same pid)
+    return _RUNTIME_PID == pid
+
+
 def _raised_by_obstore(exc: BaseException | None) -> BaseException | None:
     """The first exception in ``exc``'s chain that obstore raised, or ``None``."""
     import obstore.exceptions as oe
@@ -132,12 +159,18 @@ def answer(exc: BaseException | None) -> Answer | None:
     found = _raised_by_obstore(exc)
     if found is None:
         return None
-    text = str(found)
+    text = _summary(found)
     status = _STATUS.search(text)
     if status is None:
         return None
     code = _CODE.search(text)
     return Answer(int(status.group(1)), code=code.group(1) if code else "")
+
+
+def _summary(exc: BaseException) -> str:
+    """An obstore exception's message without the debug dump that follows it (which
+    names settings such as ``retry_timeout``, not what happened)."""
+    return str(exc).split("Debug source:", 1)[0]
 
 
 def _transport_failure(found: BaseException, url: URL, operation: str) -> MlstoreError | None:
@@ -153,7 +186,7 @@ def _transport_failure(found: BaseException, url: URL, operation: str) -> Mlstor
         )
     if isinstance(found, (oe.InvalidPathError, oe.NotSupportedError)):
         return ConfigError(f"the request cannot be made ({scrub(str(found))[:200]})", **where)
-    text = str(found).lower()
+    text = _summary(found).lower()
     if "timed out" in text or "timeout" in text:
         return StorageTimeoutError("the request timed out", **where)
     if any(s in text for s in ("error sending request", "http error", "connection", "body")):
@@ -235,12 +268,16 @@ class ObstoreTransport(ObjectStoreBackend):
 
     # ---- the requests
     def _stat(self, url: URL) -> ObjectInfo:
+        if not runtime_usable():
+            return super()._stat(url)
         import obstore
 
         got = obstore.get(self._store(url.bucket), url.path, options={"head": True})
         return self._info_of(url, got.meta, got.attributes)
 
     def _download(self, url: URL, want: slice, version: str | None) -> tuple[bytes, str | None]:
+        if not runtime_usable():
+            return super()._download(url, want, version)
         import obstore
 
         options: dict[str, Any] = {}
@@ -272,6 +309,8 @@ class ObstoreTransport(ObjectStoreBackend):
         return data, served
 
     def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> str | None:
+        if not runtime_usable():
+            return super()._upload(url, data, metadata)
         import obstore
 
         made = obstore.put(
