@@ -16,9 +16,9 @@ import mlstore
 from mlstore import Store
 from mlstore.hashing import content_hash
 from mlstore.url import parse_url
+from tests.conformance import ListingConformance, ReadConformance, WriteConformance, payload
 from tests.conftest import GCS_PROJECT, run_child, start_emulator
 from tests.emulators import ServerProcess
-from tests.conformance import ListingConformance, ReadConformance, WriteConformance, payload
 from tests.servers import proxy
 
 MiB = 1 << 20
@@ -242,9 +242,7 @@ def test_errors_are_translated_and_sent_once(
 def test_the_one_retry_layer_is_mlstores(cloud: Cloud) -> None:
     with cloud.store("fsspec") as writer:
         writer.write_bytes(cloud.url("retry.bin"), b"y" * 100)
-    proxy.set_faults(
-        cloud.proxy, {"fault": "status", "status": 503, "method": "GET", "times": 2}
-    )
+    proxy.set_faults(cloud.proxy, {"fault": "status", "status": 503, "method": "GET", "times": 2})
     with cloud.store(proxied=True, retry={"max_attempts": 4}, sleep=lambda _s: None) as fast:
         assert fast.read_bytes(cloud.url("retry.bin")) == b"y" * 100
         assert fast.stats().get("retries", cloud.protocol) == 2
@@ -355,17 +353,18 @@ def test_the_transport_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_asking_for_obstore_without_it_says_what_to_install(how: str) -> None:
-    code = """
+    given = "transport='obstore'" if how == "argument" else ""
+    code = f"""
         import json, sys
         sys.modules["obstore"] = None  # as if mlstore[fast] were not installed
         import mlstore
         try:
-            mlstore.Store(**({"transport": "obstore"} if "%s" == "argument" else {}))
+            mlstore.Store({given})
         except mlstore.ConfigError as exc:
             print(json.dumps(str(exc)))
         else:
             print(json.dumps("no error"))
-    """ % how
+    """
     env = {"MLSTORE_TRANSPORT": "obstore"} if how == "environment" else {}
     message = str(run_child(code, env))
     assert "pip install 'mlstore[fast]'" in message
@@ -408,3 +407,20 @@ def test_azure_secrets_stay_hidden(
         [AZURITE_KEY, az_connection_string],
         {"options": {"az": opts}, "transport": "obstore"},
     )
+
+
+def test_a_backend_registered_by_the_user_serves_under_every_transport() -> None:
+    from mlstore.backends import base
+    from mlstore.backends.fast import FastS3Backend
+    from mlstore.backends.memory import MemoryBackend
+
+    assert base.get_backend_class("s3", "obstore") is FastS3Backend
+    assert base.get_backend_class("memory", "obstore") is MemoryBackend  # no other kind
+    saved = dict(base._REGISTRY)
+    try:
+        base.register_backend("s3", MemoryBackend)
+        assert base.get_backend_class("s3", "obstore") is MemoryBackend
+    finally:
+        base._REGISTRY.clear()
+        base._REGISTRY.update(saved)
+        base._REPLACED.discard("s3")

@@ -56,7 +56,7 @@ import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlstore._util.process import PerProcess, keep_inherited
 from mlstore._util.redact import scrub
@@ -76,6 +76,10 @@ from mlstore.errors import (
 from mlstore.hashing import BLOCKS_KEY, METADATA_KEY
 from mlstore.url import URL
 
+if TYPE_CHECKING:  # obstore's option types exist for type checkers only
+    from obstore import GetOptions
+    from obstore.store import ClientConfig, RetryConfig
+
 __all__ = [
     "ObstoreTransport",
     "answer",
@@ -89,7 +93,7 @@ _CHUNK = 1 << 20  # body chunks: what arrived before a failure can be resumed fr
 _SINGLE_PUT = 64 * 1024 * 1024
 _PART = 8 * 1024 * 1024
 #: obstore's own retry loop, off: mlstore is the one retry layer.
-NO_RETRIES: dict[str, Any] = {"max_retries": 0}
+NO_RETRIES: RetryConfig = {"max_retries": 0}
 
 # The process whose obstore runtime runs (see the module docstring), once one does.
 _RUNTIME_PID: int | None = None
@@ -98,12 +102,12 @@ _STATUS = re.compile(r"status code: (\d{3})")
 _CODE = re.compile(r"<Code>\s*([A-Za-z]+)\s*</Code>")
 
 
-def client_options(config: StoreConfig, endpoint: str | None) -> dict[str, Any]:
+def client_options(config: StoreConfig, endpoint: str | None) -> ClientConfig:
     """obstore's HTTP client settings: mlstore's timeouts, plain HTTP for an
     ``http://`` endpoint (emulators), no overall cap on a request's duration (a large
     download may take long; a stall is caught by the read timeout)."""
     retry = config.retry
-    out: dict[str, Any] = {
+    out: ClientConfig = {
         "connect_timeout": timedelta(seconds=retry.connect_timeout),
         "read_timeout": timedelta(seconds=retry.read_timeout),
         "timeout": timedelta(days=1),
@@ -134,7 +138,7 @@ def runtime_usable() -> bool:
     pid = os.getpid()
     if _RUNTIME_PID is None:
         _RUNTIME_PID = pid  # (a race between threads sets the same pid)
-    return _RUNTIME_PID == pid
+    return pid == _RUNTIME_PID
 
 
 def _raised_by_obstore(exc: BaseException | None) -> BaseException | None:
@@ -180,8 +184,8 @@ def _transport_failure(found: BaseException, url: URL, operation: str) -> Mlstor
     where = {"url": str(url), "operation": operation}
     if isinstance(found, (oe.PermissionDeniedError, oe.UnauthenticatedError)):
         return PermissionDeniedError(
-            f"the {found.__class__.__name__[:-5].lower()} credentials were refused; check "
-            "the options or environment that give them",
+            f"the credentials were refused ({type(found).__name__}); check the options "
+            "or the environment variables that give them",
             **where,
         )
     if isinstance(found, (oe.InvalidPathError, oe.NotSupportedError)):
@@ -280,12 +284,14 @@ class ObstoreTransport(ObjectStoreBackend):
             return super()._download(url, want, version)
         import obstore
 
-        options: dict[str, Any] = {}
+        options: GetOptions = {}
         whole = want.start == 0 and want.stop is None
         if not whole:
             options["range"] = _range(want)
-        if version is not None:
-            options[self.pin_field] = version
+        if version is not None and self.pin_field == "version":
+            options["version"] = version
+        elif version is not None:
+            options["if_match"] = version
         got = obstore.get(self._store(url.bucket), url.path, options=options)
         meta = got.meta
         served = self._version_of(meta)

@@ -37,9 +37,11 @@ from mlstore.backends._obstore import (
     refuse_options,
 )
 from mlstore.backends.azure import AzureBackend
+from mlstore.backends.base import ObjectInfo
 from mlstore.backends.gcs import GCSBackend
 from mlstore.backends.s3 import S3Backend
 from mlstore.errors import ConfigError
+from mlstore.url import URL
 
 __all__ = ["FastAzureBackend", "FastGCSBackend", "FastS3Backend"]
 
@@ -128,9 +130,10 @@ class FastGCSBackend(ObstoreTransport, GCSBackend):
 class FastAzureBackend(ObstoreTransport, AzureBackend):
     """``az://`` with object reads, heads and writes through obstore."""
 
-    def _info_of(self, url: Any, meta: Mapping[str, Any], attributes: Mapping[str, str]) -> Any:
-        from mlstore.backends.base import ObjectInfo
-
+    def _info_of(
+        self, url: URL, meta: Mapping[str, Any], attributes: Mapping[str, str]
+    ) -> ObjectInfo:
+        # ADLS Gen2 / adlfs directory markers: blobs whose metadata names a folder
         lowered = {k.lower(): str(v).lower() for k, v in attributes.items()}
         if lowered.get("hdi_isfolder") == "true" or lowered.get("is_directory") == "true":
             return ObjectInfo(url=url, size=0, type="directory")
