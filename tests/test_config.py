@@ -502,6 +502,7 @@ def test_every_listed_env_var_changes_a_setting(
         return
     before = repr(StoreConfig())
     values = ["3", "7", "off", "never", "true", "10.0.0.0/8", "example.org", "/var/tmp/x"]
+    values.append("obstore")  # MLSTORE_TRANSPORT (the suite installs mlstore[fast])
     for value in values:
         monkeypatch.setenv(name, value)
         try:

@@ -43,7 +43,17 @@ DOCUMENTED = {
     "UnsupportedOperation",
 }
 
-HEAVY = ["s3fs", "gcsfs", "adlfs", "boto3", "botocore", "aiobotocore", "torch", "urllib3"]
+HEAVY = [
+    "s3fs",
+    "gcsfs",
+    "adlfs",
+    "obstore",
+    "boto3",
+    "botocore",
+    "aiobotocore",
+    "torch",
+    "urllib3",
+]
 
 
 @pytest.mark.parametrize("name", mlstore.__all__)

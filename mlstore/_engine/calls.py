@@ -90,7 +90,7 @@ class Calls:
         return backend
 
     def _build(self, protocol: str) -> Backend:
-        cls = get_backend_class(protocol)
+        cls = get_backend_class(protocol, self.config.transport)
         opts = options_for(self.config, protocol)
         after = self.config.retry.hedge_after
         if after is None or not cls.hedges:

@@ -339,21 +339,33 @@ _REGISTRY: dict[str, str | type[Backend]] = {
     "gs": "mlstore.backends.gcs:GCSBackend",
     "az": "mlstore.backends.azure:AzureBackend",
 }
+#: The backends of another transport (:attr:`~mlstore.config.StoreConfig.transport`), by
+#: transport and protocol; a protocol not listed keeps its backend under every transport.
+_TRANSPORTS: dict[str, dict[str, str | type[Backend]]] = {
+    "obstore": {
+        "s3": "mlstore.backends.fast:FastS3Backend",
+        "gs": "mlstore.backends.fast:FastGCSBackend",
+        "az": "mlstore.backends.fast:FastAzureBackend",
+    },
+}
 _INSTALL_HINT: dict[str, str] = {
     "s3": "install it with: pip install 'mlstore[s3]'",
     "gs": "install it with: pip install 'mlstore[gcs]'",
     "az": "install it with: pip install 'mlstore[azure]'",
 }
-_lock = threading.Lock()
+#: Protocols whose backend the user registered: kept under every transport.
+_REPLACED: set[str] = set()
+_lock = threading.RLock()
 
 
 def register_backend(
     protocol: str, target: str | type[Backend], *, install_hint: str | None = None
 ) -> None:
     """Register (or replace) the backend of ``protocol``: a class or a lazy
-    ``"module:Class"`` string."""
+    ``"module:Class"`` string. It then serves ``protocol`` under every transport."""
     with _lock:
         _REGISTRY[protocol] = target
+        _REPLACED.add(protocol)
         if install_hint:
             _INSTALL_HINT[protocol] = install_hint
 
@@ -363,26 +375,37 @@ def install_hint(protocol: str) -> str:
     return _INSTALL_HINT.get(protocol, f"install the package the {protocol} backend needs")
 
 
-def get_backend_class(protocol: str) -> type[Backend]:
-    """The backend class of ``protocol``, imported on first use."""
+def get_backend_class(protocol: str, transport: str = "fsspec") -> type[Backend]:
+    """The backend class of ``protocol``, imported on first use; under another
+    ``transport`` (``"obstore"``), that transport's class where it has one."""
     with _lock:
-        target = _REGISTRY.get(protocol)
-    if target is None:
-        raise ConfigError(
-            f"no backend is registered for {protocol!r}; registered: {sorted(_REGISTRY)}"
-        )
-    if isinstance(target, str):
-        module_name, _, attr = target.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            hint = _INSTALL_HINT.get(protocol, "")
+        table = _TRANSPORTS.get(transport, {})
+        if protocol in table and protocol not in _REPLACED:
+            return _load(table, protocol, transport)
+        if protocol not in _REGISTRY:
             raise ConfigError(
-                f"the {protocol} backend needs a package that is not installed "
-                f"({exc.name}){'; ' + hint if hint else ''}"
-            ) from None
-        cls: type[Backend] = getattr(module, attr)
-        with _lock:
-            _REGISTRY[protocol] = cls
-        return cls
-    return target
+                f"no backend is registered for {protocol!r}; registered: {sorted(_REGISTRY)}"
+            )
+        return _load(_REGISTRY, protocol, "fsspec")
+
+
+def _load(table: dict[str, Any], protocol: str, transport: str) -> type[Backend]:
+    """``table[protocol]``, imported if it is still a ``"module:Class"`` string (then
+    kept as the class). Called with ``_lock`` held."""
+    target = table[protocol]
+    if not isinstance(target, str):
+        return target  # type: ignore[no-any-return]
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = _INSTALL_HINT.get(protocol, "")
+        if transport != "fsspec":
+            hint = f"{hint} and pip install 'mlstore[fast]'" if hint else ""
+        raise ConfigError(
+            f"the {protocol} backend needs a package that is not installed "
+            f"({exc.name}){'; ' + hint if hint else ''}"
+        ) from None
+    cls: type[Backend] = getattr(module, attr)
+    table[protocol] = cls
+    return cls

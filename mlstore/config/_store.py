@@ -17,7 +17,15 @@ from typing import Any
 
 from mlstore._util.redact import redact_options, redact_url
 from mlstore.config._cache import CacheConfig
-from mlstore.config._fields import nonneg, positive, refuse_unknown, seconds, setting, whole
+from mlstore.config._fields import (
+    choice,
+    nonneg,
+    positive,
+    refuse_unknown,
+    seconds,
+    setting,
+    whole,
+)
 from mlstore.config._http import HttpPolicy
 from mlstore.config._retry import RetryPolicy
 from mlstore.config._sources import Resolved, env_options, env_table, load_file
@@ -71,6 +79,28 @@ def _options(value: object, name: str) -> dict[str, dict[str, Any]]:
     return {k: dict(v) for k, v in value.items()}
 
 
+_TRANSPORTS = choice("fsspec", "obstore")
+
+
+def _transport(value: object, name: str) -> str:
+    """``"fsspec"`` or ``"obstore"``; obstore only when it is installed (looked up, not
+    imported: ``import mlstore`` stays light)."""
+    import importlib.util
+
+    chosen = _TRANSPORTS(value, name)
+    if chosen == "obstore":
+        try:
+            found = importlib.util.find_spec("obstore") is not None
+        except (ImportError, ValueError):  # a blocked or half-removed package
+            found = False
+        if not found:
+            raise ConfigError(
+                f"{name} is 'obstore', but obstore is not installed; install it with: "
+                "pip install 'mlstore[fast]'"
+            )
+    return chosen
+
+
 def _build(cls: type[Any], values: Mapping[str, Any], name: str) -> Any:
     """``cls(**values)``, refusing a misspelt field by name rather than with a TypeError."""
     refuse_unknown(values, [f.name for f in dataclasses.fields(cls)], name, "field")
@@ -98,6 +128,11 @@ class StoreConfig(Resolved):
             (``MLSTORE_REPLICA_FAILURES``). Default 3.
         replica_cooldown: seconds a failing replica is skipped
             (``MLSTORE_REPLICA_COOLDOWN``). Default 30.
+        transport: how the s3, gs and az backends reach their service
+            (``MLSTORE_TRANSPORT``): ``"fsspec"`` (s3fs, gcsfs, adlfs) or ``"obstore"``
+            (object reads, heads and writes through obstore, ``pip install
+            'mlstore[fast]'``; see :mod:`mlstore.backends._obstore`). It changes no
+            cache key: both transports name the same objects. Default ``"fsspec"``.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -108,6 +143,7 @@ class StoreConfig(Resolved):
     max_workers: int = setting("MLSTORE_MAX_WORKERS", positive(whole), 32)
     replica_failures: int = setting("MLSTORE_REPLICA_FAILURES", positive(whole), 3)
     replica_cooldown: float = setting("MLSTORE_REPLICA_COOLDOWN", nonneg(seconds), 30.0)
+    transport: str = setting("MLSTORE_TRANSPORT", _transport, "fsspec")
 
     _section = "store"
 
@@ -159,7 +195,7 @@ class StoreConfig(Resolved):
             f"StoreConfig(cache={self.cache!r}, retry={self.retry!r}, http={self.http!r}, "
             f"mounts={mounts!r}, options={redact_options(self.options, REDACTED)!r}, "
             f"max_workers={self.max_workers!r}, replica_failures={self.replica_failures!r}, "
-            f"replica_cooldown={self.replica_cooldown!r})"
+            f"replica_cooldown={self.replica_cooldown!r}, transport={self.transport!r})"
         )
 
 

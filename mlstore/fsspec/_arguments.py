@@ -46,6 +46,7 @@ _STORE_KWARGS = frozenset(
         "max_workers",
         "replica_failures",
         "replica_cooldown",
+        "transport",
     }
 )
 #: Keyword arguments fsspec's AbstractFileSystem itself understands.

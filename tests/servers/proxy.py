@@ -459,13 +459,14 @@ def main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------- helpers (tests)
 
 
-def process(upstream: str) -> ServerProcess:
-    """A proxy process in front of ``upstream``, not started yet."""
+def process(upstream: str, port: int = 0) -> ServerProcess:
+    """A proxy process in front of ``upstream`` (on ``port``, or any free one), not
+    started yet."""
     from tests.emulators import ServerProcess
 
     return ServerProcess(
         "proxy",
-        [sys.executable, __file__, "--upstream", upstream, "--port", "0"],
+        [sys.executable, __file__, "--upstream", upstream, "--port", str(port)],
         r"listening on http://127\.0\.0\.1:(?P<port>\d+)",
     )
 
