@@ -312,9 +312,10 @@ Charts of this run:
   hit, and without it), local `read()`, all in fresh processes.
 - **B3** warm disk-tier hit of 64 MiB objects via `open().readinto`, GB/s, fresh process.
   Peers: local `readinto()`, simplecache warm, MSC warm `open().readinto`.
-- **B4** cold `read_many` of 256 KiB objects, a fresh cache each repetition. Peers: s3fs
-  `cat` batched and serial, boto3 serial and threaded, obstore serial and async,
-  simplecache.
+- **B4** cold `read_many` of 256 KiB objects, a fresh cache each repetition; mlstore
+  with its default transport (s3fs) and with the obstore transport (`mlstore[fast]`).
+  Peers: s3fs `cat` batched and serial, boto3 serial and threaded, obstore serial and
+  async, simplecache.
 - **B5** B4 through the cloud profile, with the latency floor (requests x latency /
   concurrency) and the server path's own ceiling. Peers: as B4, serial ones on a subset.
 - **B6** DataLoader epochs: not yet (needs `mlstore.torch`).
@@ -341,7 +342,8 @@ Charts of this run:
   stale window, a copy is served at once and checked in the background by one process
   of the node; the notes give the HEADs the node made per object. The reference row
   without a window (every read checked first) is the revalidation cliff of earlier
-  releases.
+  releases; a row with the checks made through the obstore transport shows what the
+  checks' CPU costs the hits on 2 cores.
 
 ## Reading the numbers
 
