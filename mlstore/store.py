@@ -184,8 +184,12 @@ class Store:
         (negative offsets count from the end).
 
         Args:
-            version: read only this version (as reported by :meth:`info`); if the
-                object has changed, :class:`~mlstore.errors.PreconditionFailedError`.
+            version: read only this version (as reported by :meth:`info`, or recorded
+                in a manifest); if the object has changed,
+                :class:`~mlstore.errors.PreconditionFailedError`. A whole pinned read
+                is served from the cache when a copy of that version is there, with no
+                request at all (a version's bytes never change); on a miss it is
+                fetched pinned and cached.
         """
         runtime = self._runtime.get()
         cached = runtime.cached
@@ -199,8 +203,11 @@ class Store:
                 if hit is not None:
                     return hit if start is None and end is None else hit[start:end]
         where = runtime.resolve(parse_url(url))
-        reads = runtime.cached_for(where) if version is None else None
-        if reads is not None:
+        reads = runtime.cached_for(where)
+        if reads is not None and version is not None:
+            if start is None and end is None:  # a pinned range is one ranged GET
+                return reads.pinned(where, version)
+        elif reads is not None:
             if named is None and type(url) is str:
                 runtime.remember(url, where)
             return reads.read(where, start, end)

@@ -72,8 +72,8 @@ class Source(Protocol):
     def locate(self, where: Resolved) -> tuple[URL, ObjectInfo]:
         """The replica that answers for ``where`` and the object's info there."""
 
-    def fetch_whole(self, where: Resolved) -> tuple[bytes, str | None]:
-        """The whole object and the version those bytes are."""
+    def fetch_whole(self, where: Resolved, version: str | None = None) -> tuple[bytes, str | None]:
+        """The whole object and the version those bytes are (pinned to ``version``)."""
 
     def read_pinned(self, target: URL, start: int, end: int, version: str | None) -> bytes:
         """Bytes ``[start, end)`` of one physical URL, pinned to ``version``."""
@@ -278,6 +278,16 @@ class CachedReads:
         answer replaces what is remembered of it."""
         self._info.pop(key)
         return self.located_info(where, policy)[1].version
+
+    def pinned(self, where: Resolved, version: str) -> bytes:
+        """The whole object at ``where`` as of ``version``: from the cache if a copy of
+        that version is there (never revalidated), else one GET pinned to it (a changed
+        object raises :class:`~mlstore.errors.PreconditionFailedError`)."""
+
+        def fetch() -> Fetched:
+            return Fetched(*self.reader.fetch_whole(where, version))
+
+        return self.cache.pinned(self.node(where), version, fetch, self.policy(where))
 
     def open(self, where: Resolved) -> IO[bytes]:
         key = where.key

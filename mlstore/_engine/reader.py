@@ -54,10 +54,12 @@ class Reader:
 
         return self.replicas.run(where, info)
 
-    def fetch_whole(self, where: Resolved) -> tuple[bytes, str | None]:
-        """The whole object and the version those bytes are."""
+    def fetch_whole(self, where: Resolved, version: str | None = None) -> tuple[bytes, str | None]:
+        """The whole object and the version those bytes are (pinned to ``version``,
+        when given: a changed object raises ``PreconditionFailedError``)."""
+        whole = version is None
         return self.replicas.run(
-            where, lambda target, backend: self.read(backend, target, None, None, None, True)
+            where, lambda target, backend: self.read(backend, target, None, None, version, whole)
         )
 
     def read_range(

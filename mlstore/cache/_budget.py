@@ -80,19 +80,23 @@ class FillCare(IndexCare):
 
         def _flush(self, index: _ProcessIndex, db: sqlite3.Connection | None = None) -> None: ...
 
-    def _put(self, key: str, version: str | None, data: bytes, digest: str) -> bool:
+    def _put(
+        self, key: str, version: str | None, data: bytes, digest: str, checked: float | None
+    ) -> bool:
         # Blob files appear only by rename, so one that exists is whole (a torn one,
         # after a power loss, fails its hash on read): it needs index rows, not room.
         if os.path.exists(self.blob_path(digest)):
             with self._transaction() as db:
-                inserted, total = self._index_rows(db, key, version, len(data), digest)
+                inserted, total = self._index_rows(db, key, version, len(data), digest, checked)
         else:
-            inserted, total = self._fill(key, version, data, digest)
+            inserted, total = self._fill(key, version, data, digest, checked)
         if total > self.budget:  # a blob already there, or a budget just made smaller
             self.evict(keep=digest)
         return inserted
 
-    def _fill(self, key: str, version: str | None, data: bytes, digest: str) -> tuple[bool, int]:
+    def _fill(
+        self, key: str, version: str | None, data: bytes, digest: str, checked: float | None
+    ) -> tuple[bool, int]:
         final = self.blob_path(digest)
         fd, tmp = _create_temp(self._tmp)  # locked until closed: the filler lives
         name = os.path.basename(tmp)
@@ -120,7 +124,7 @@ class FillCare(IndexCare):
             with self._transaction() as db:
                 os.replace(tmp, final)
                 renamed = True
-                indexed = self._index_rows(db, key, version, len(data), digest)
+                indexed = self._index_rows(db, key, version, len(data), digest, checked)
                 db.execute("DELETE FROM reservations WHERE temp = ?", (name,))
             return indexed
         except BaseException:
@@ -135,10 +139,17 @@ class FillCare(IndexCare):
             os.close(fd)
 
     def _index_rows(
-        self, db: sqlite3.Connection, key: str, version: str | None, size: int, digest: str
+        self,
+        db: sqlite3.Connection,
+        key: str,
+        version: str | None,
+        size: int,
+        digest: str,
+        checked: float | None,
     ) -> tuple[bool, int]:
-        """Index blob ``digest`` as the content of ``key`` (inside a transaction);
-        returns whether the blob is new to the index, and the indexed bytes."""
+        """Index blob ``digest`` as the content of ``key`` (inside a transaction), its
+        entry stamped ``checked`` (default: now); returns whether the blob is new to the
+        index, and the indexed bytes."""
         now = self.clock()
         inserted = db.execute(
             "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest, size, now)
@@ -149,7 +160,7 @@ class FillCare(IndexCare):
             db.execute("UPDATE blobs SET atime = ? WHERE hash = ?", (now, digest))
         db.execute(
             "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
-            (self.stored_key(key), version, digest, size, now),
+            (self.stored_key(key), version, digest, size, now if checked is None else checked),
         )
         total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
         return bool(inserted), total

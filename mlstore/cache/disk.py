@@ -292,12 +292,21 @@ class DiskTier(FillCare):
 
     # ------------------------------------------------------------------ writing
 
-    def put(self, key: str, version: str | None, data: bytes, digest: str | None = None) -> bool:
+    def put(
+        self,
+        key: str,
+        version: str | None,
+        data: bytes,
+        digest: str | None = None,
+        *,
+        checked: float | None = None,
+    ) -> bool:
         """Store ``data`` as the content of ``key``; returns True if the blob was new
         (False: identical content was already cached, so only the index grew).
 
         Room for the blob is reserved before it is written (see ``_budget.py``), so the
-        blobs and the fills in progress never hold more than the budget.
+        blobs and the fills in progress never hold more than the budget. The entry is
+        stamped ``checked`` (default: now): the time its version was last known current.
 
         Raises:
             DiskFullError: the file system is full; nothing was stored.
@@ -308,7 +317,7 @@ class DiskTier(FillCare):
         """
         digest = digest or content_hash(data)
         try:
-            return self._put(key, version, data, digest)
+            return self._put(key, version, data, digest, checked)
         except (DiskFullError, DiskUnavailableError):
             raise
         except (sqlite3.Error, OSError) as exc:

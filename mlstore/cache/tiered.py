@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import io
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
 
-from mlstore._util.redact import redact_url
-from mlstore.cache.blobfile import BlobFile
+from mlstore.cache._opened import OpenedHits, _other_version
 from mlstore.cache.disk import (
     DiskEntry,
     DiskFullError,
@@ -53,8 +50,6 @@ log = logging.getLogger("mlstore.cache")
 #: the memory tier. A key read only once (an epoch over a dataset larger than memory)
 #: never costs a memory-tier copy.
 _SEEN_KEYS = 65536
-#: Disk entries at least this large are opened as files over their blob, not loaded.
-_FILE_MIN = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ class _Meta:
     ttl: float
 
 
-class TieredCache:
+class TieredCache(OpenedHits):
     """Memory tier + disk tier + single-flight, with one consistency policy.
 
     Args:
@@ -167,65 +162,6 @@ class TieredCache:
             return None
         return self._disk_hit(key, entry, entry.checked, policy, keep_in_memory=True)
 
-    def open_fresh(
-        self,
-        key: str,
-        policy: tuple[str, float],
-        refetch: Callable[[], bytes],
-        *,
-        name: str | None = None,
-        expect_version: str | None = None,
-        revalidate: Callable[[], str | None] | None = None,
-    ) -> IO[bytes] | None:
-        """A file over the cached bytes of ``key`` if ``policy`` trusts them without a
-        request to the store; ``None`` otherwise (the caller takes the usual path). The
-        file is named ``name`` (default: the key). With ``revalidate``, a copy within
-        the stale window is served too, and checked in the background.
-
-        A large disk entry is served from its blob file (verified before any byte is
-        returned; ``refetch`` gets the object anew if it fails), not loaded into memory.
-        """
-        label = key if name is None else name
-        data = self.peek(key, expect_version)
-        if data is not None:
-            return _named(io.BytesIO(data), label)
-        if self.disk is None:
-            return None
-        entry = self.disk.lookup(key)
-        if entry is None or _other_version(entry.version, expect_version):
-            return None
-        now = self.clock()
-        if not trusted(*policy, entry.checked, now) and not (
-            revalidate is not None
-            and self.freshness.stale_served(
-                key, entry.version, entry.checked, revalidate, policy, now
-            )
-        ):
-            return None
-        if entry.size < _FILE_MIN:
-            found = self._disk_hit(key, entry, entry.checked, policy, keep_in_memory=True)
-            return _named(io.BytesIO(found), label) if found is not None else None
-        disk = self.disk
-
-        def corrupt() -> None:
-            self.metrics.add("integrity_failures", "disk")
-            disk.drop_blob(entry.hash)
-
-        try:
-            fh = BlobFile(
-                disk.blob_path(entry.hash),
-                entry.hash,
-                entry.size,
-                name=redact_url(label),
-                on_corrupt=corrupt,
-                refetch=refetch,
-            )
-        except FileNotFoundError:
-            return None
-        disk.touch_blob(entry.hash)
-        self.metrics.served("disk", entry.size)
-        return io.BufferedReader(fh, buffer_size=256 * 1024)
-
     def get(
         self,
         key: str,
@@ -277,6 +213,48 @@ class TieredCache:
             proven = known_hash if self._proven(key, known_hash, known_version) else None
             with self._content_lock(proven):
                 return self._fill(key, fetch, proven, known_version, policy, keep_in_memory)
+
+    def pinned(
+        self, key: str, version: str, fetch: Callable[[], Fetched], policy: tuple[str, float]
+    ) -> bytes:
+        """The bytes of ``version`` of ``key``: a cached copy of that version, whatever
+        its age (the bytes of a version never change: no revalidation), else one
+        ``fetch`` pinned to it, once per node.
+
+        A pinned read proves only that the version exists, not that it is the current
+        one (a GCS generation can be read after it was replaced), so its copy is stored
+        as never checked: a read that is not pinned checks it with the store first.
+        """
+        found = self._pinned_hit(key, version, policy)
+        if found is not None:
+            return found
+        with self.flight.hold(key) as waited:
+            if waited:
+                self.metrics.add("single_flight_waits", "cache")
+            found = self._pinned_hit(key, version, policy)
+            if found is not None:
+                return found
+            fetched = fetch()
+            if fetched.version != version:  # a backend that could not tell: not cached
+                return fetched.data
+            self.metrics.add("misses", "cache")
+            self.metrics.add("bytes_fetched", "cache", len(fetched.data))
+            self._store(key, fetched, content_hash(fetched.data), policy, checked=0.0)
+            return fetched.data
+
+    def _pinned_hit(self, key: str, version: str, policy: tuple[str, float]) -> bytes | None:
+        """A copy of ``version``, in memory or on disk (kept under ``policy``'s rules
+        for reads that are not pinned: its stamp is not renewed)."""
+        item = self.memory.get(key)
+        if item is not None and item[0].version == version:
+            self.metrics.served("memory", len(item[1]))
+            return item[1]
+        if self.disk is None:
+            return None
+        entry = self.disk.lookup(key)
+        if entry is None or entry.version != version:
+            return None
+        return self._disk_hit(key, entry, entry.checked, policy, keep_in_memory=True)
 
     def _fill(
         self,
@@ -405,11 +383,14 @@ class TieredCache:
         *,
         deduped: bool = False,
         keep_in_memory: bool = True,
+        checked: float | None = None,
     ) -> None:
-        now = self.clock()
+        now = self.clock() if checked is None else checked
         if self.disk is not None:
             try:
-                new_blob = self.disk.put(key, fetched.version, fetched.data, digest)
+                new_blob = self.disk.put(
+                    key, fetched.version, fetched.data, digest, checked=checked
+                )
             except DiskFullError:
                 self._warn_disk_full()
                 self.metrics.add("disk_full", "disk")
@@ -482,13 +463,3 @@ def _once(fn: Callable[[], str | None]) -> Callable[[], str | None]:
         return memo[0]
 
     return call
-
-
-def _other_version(cached: str | None, expected: str | None) -> bool:
-    """Whether a copy of version ``cached`` is not the ``expected`` one (when known)."""
-    return expected is not None and cached != expected
-
-
-def _named(fh: io.BytesIO, key: str) -> io.BytesIO:
-    fh.name = redact_url(key)  # a file's name is shown: never the URL's credentials
-    return fh
