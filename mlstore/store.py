@@ -282,10 +282,15 @@ class Store:
         named = sorted((logical(where, e) for e in entries), key=lambda e: str(e.url))
         return named if detail else [str(e.url) for e in named]
 
-    def find(self, url: UrlLike) -> list[str]:
-        """Every file below ``url``, recursively, sorted."""
+    def find(self, url: UrlLike, detail: bool = False) -> list[Any]:
+        """Every file below ``url``, recursively, sorted: URLs, or with ``detail`` their
+        :class:`ObjectInfo` (size and version as the listing reported them), from the
+        same one listing."""
         runtime, where = self._where(url)
-        return runtime.listing.find_urls(where)
+        if not detail:
+            return runtime.listing.find_urls(where)
+        found = (logical(where, e) for e in runtime.listing.find(where))
+        return sorted((e for e in found if not e.is_dir), key=lambda e: str(e.url))
 
     def glob(self, pattern: UrlLike) -> list[str]:
         """URLs matching ``pattern``: ``*`` and ``?`` stay within one path segment,

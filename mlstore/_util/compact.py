@@ -1,0 +1,128 @@
+"""Compact columns for large in-memory tables (a :class:`~mlstore.Manifest` of millions
+of objects).
+
+A Python ``str`` costs 49 bytes of header before its first character, and a list holds
+8 more per item, so a million ETags kept as strings cost ~90 MB. The columns here keep
+the same values in a few flat buffers:
+
+- :class:`Strings`: UTF-8 text concatenated in one ``bytearray`` with an ``array('q')``
+  of end offsets, so a 30-character key costs 38 bytes instead of ~87.
+- :class:`Tokens`: optional version tokens and hashes. The common shapes are packed into
+  a 16-byte slot per row: 32 hex digits (an S3 single-part ETag, with or without its
+  quotes; an xxh3-128 or MD5 hex digest) as 16 raw bytes, and a decimal integer (a GCS
+  generation) as 8. Anything else goes to a small ``dict`` by row, so a value always
+  comes back exactly as it went in.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+
+__all__ = ["Strings", "Tokens"]
+
+
+class Strings:
+    """Append-only text column: one ``bytearray`` of UTF-8 and an offset per row."""
+
+    __slots__ = ("_data", "_ends")
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._ends = array("q")
+
+    def append(self, text: str) -> None:
+        self._data += text.encode("utf-8")
+        self._ends.append(len(self._data))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = self._ends[i - 1] if i > 0 else 0
+        return self._data[start : self._ends[i]].decode("utf-8")
+
+    def bytes_at(self, i: int) -> bytes:
+        """Row ``i`` as UTF-8 bytes (cheaper to compare than decoding)."""
+        start = self._ends[i - 1] if i > 0 else 0
+        return bytes(self._data[start : self._ends[i]])
+
+    def nbytes(self) -> int:
+        return len(self._data) + self._ends.itemsize * len(self._ends)
+
+
+_NONE, _QHEX, _HEX, _INT, _OTHER = 0, 1, 2, 3, 4
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_QHEX32 = re.compile(r'"[0-9a-f]{32}"')
+_DECIMAL = re.compile(r"[1-9][0-9]{0,17}|0")  # below 2**63, no leading zeros
+
+
+class Tokens:
+    """Append-only column of ``str | None`` with the common token shapes packed."""
+
+    __slots__ = ("_kinds", "_other", "_slots")
+
+    def __init__(self) -> None:
+        self._kinds = bytearray()
+        self._slots = bytearray()  # 16 bytes a row, grown only once a row needs it
+        self._other: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+    def append(self, value: str | None) -> None:
+        row = len(self._kinds)
+        if value is None:
+            self._kinds.append(_NONE)
+            return
+        if _QHEX32.fullmatch(value):
+            kind, packed = _QHEX, bytes.fromhex(value[1:-1])
+        elif _HEX32.fullmatch(value):
+            kind, packed = _HEX, bytes.fromhex(value)
+        elif _DECIMAL.fullmatch(value):
+            kind, packed = _INT, int(value).to_bytes(16, "little")
+        else:
+            self._kinds.append(_OTHER)
+            self._other[row] = value
+            return
+        self._kinds.append(kind)
+        end = 16 * (row + 1)
+        if len(self._slots) < end:
+            self._slots.extend(bytes(end - len(self._slots)))
+        self._slots[end - 16 : end] = packed
+
+    def __getitem__(self, i: int) -> str | None:
+        kind = self._kinds[i]
+        if kind == _NONE:
+            return None
+        if kind == _OTHER:
+            return self._other[i]
+        packed = bytes(self._slots[16 * i : 16 * i + 16])
+        if kind == _QHEX:
+            return f'"{packed.hex()}"'
+        if kind == _HEX:
+            return packed.hex()
+        return str(int.from_bytes(packed, "little"))
+
+    def set(self, i: int, value: str | None) -> None:
+        """Replace row ``i`` (rare: a re-read object's new version)."""
+        if i < 0:
+            i += len(self._kinds)
+        tail = Tokens()
+        tail.append(value)
+        self._other.pop(i, None)
+        self._kinds[i] = tail._kinds[0]
+        if tail._kinds[0] == _OTHER:
+            self._other[i] = tail._other[0]
+        elif tail._slots:
+            end = 16 * (i + 1)
+            if len(self._slots) < end:
+                self._slots.extend(bytes(end - len(self._slots)))
+            self._slots[end - 16 : end] = tail._slots
+
+    def known(self) -> bool:
+        """Whether any row holds a value."""
+        return any(self._kinds)
+
+    def nbytes(self) -> int:
+        return len(self._kinds) + len(self._slots) + 100 * len(self._other)
