@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from mlstore.errors import ConfigError
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = ["dump", "parse"]
 
+_CHUNK = 1 << 20  # bytes of lines parsed in one json.loads
+#: A str as a JSON string (the json module's own C encoder, as ensure_ascii=False uses).
+_quote: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
@@ -48,15 +52,16 @@ def dump(m: Manifest, url: str) -> bytes:
     if _format(url) == "parquet":
         return _dump_parquet(m, url)
     lines = [_encode(_header(m))]
+    quote = _quote
     keys, sizes, versions, hashes = m._keys, m._sizes, m._versions, m._hashes
     for i in range(len(m)):
-        row: dict[str, Any] = {"key": keys[i], "size": sizes[i]}
+        line = f'{{"key":{quote(keys[i])},"size":{sizes[i]}'
         version, content_hash = versions[i], hashes[i]
         if version is not None:
-            row["version"] = version
+            line += f',"version":{quote(version)}'
         if content_hash is not None:
-            row["content_hash"] = content_hash
-        lines.append(_encode(row))
+            line += f',"content_hash":{quote(content_hash)}'
+        lines.append(line + "}")
     lines.append("")
     return "\n".join(lines).encode("utf-8")
 
@@ -75,42 +80,63 @@ def parse(m: Manifest, url: str, fh: IO[bytes]) -> None:
         return ConfigError(f"line {line}: {what}", url=url, operation="load manifest")
 
     header: Any = None
-    first = fh.readline()
     try:
-        header = json.loads(first)
+        header = json.loads(fh.readline())
     except ValueError:
         pass
     count = _check_header(header, lambda what: bad(1, what))
     m.root = header["root"]
-    append = m._append
+    keys, sizes, versions, hashes = m._keys, m._sizes, m._versions, m._hashes
     previous = ""
     ordered = True
+    base = 1  # lines read before this chunk
     number = 1
-    for number, line in enumerate(fh, start=2):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            key, size = row["key"], row["size"]
-            version, content_hash = row.get("version"), row.get("content_hash")
-        except (ValueError, TypeError, KeyError, AttributeError):
-            raise bad(number, 'expected {"key": str, "size": int, ...}') from None
-        if type(key) is not str or type(size) is not int or size < 0:
-            raise bad(number, "key must be a string and size a non-negative integer")
-        if not (version is None or type(version) is str):
-            raise bad(number, "version must be a string")
-        if not (content_hash is None or type(content_hash) is str):
-            raise bad(number, "content_hash must be a string")
-        if key <= previous:
-            if key == previous:
-                raise bad(number, f"the key {key!r} appears twice")
-            ordered = False
-        previous = key
-        append(key, size, version, content_hash)
+    while chunk := fh.readlines(_CHUNK):
+        try:  # one C call for a chunk of lines: ~3x faster than json.loads a line
+            parsed = json.loads(b"[" + b",".join(chunk) + b"]")
+            if len(parsed) != len(chunk):  # a blank line, or two values on one
+                raise ValueError("not one value a line")
+            numbered: Any = zip(range(base + 1, base + 1 + len(chunk)), parsed)
+        except ValueError:  # a blank or a broken line: find it, line by line
+            numbered = _lines(chunk, base, bad)
+        base += len(chunk)
+        for number, row in numbered:
+            try:
+                key, size = row["key"], row["size"]
+                version, content_hash = row.get("version"), row.get("content_hash")
+            except (TypeError, KeyError, AttributeError):
+                raise bad(number, 'expected {"key": str, "size": int, ...}') from None
+            if type(key) is not str or type(size) is not int or size < 0:
+                raise bad(number, "key must be a string and size a non-negative integer")
+            if not (version is None or type(version) is str):
+                raise bad(number, "version must be a string")
+            if not (content_hash is None or type(content_hash) is str):
+                raise bad(number, "content_hash must be a string")
+            if key <= previous:
+                if key == previous:
+                    raise bad(number, f"the key {key!r} appears twice")
+                ordered = False
+            previous = key
+            keys.append(key)
+            sizes.append(size)
+            versions.append(version)
+            hashes.append(content_hash)
     if len(m) != count:
         raise bad(number, f"the header says {count} entries but the file holds {len(m)}")
     if not ordered:
         m._sort()
+
+
+def _lines(chunk: list[bytes], base: int, bad: Any) -> Iterator[tuple[int, Any]]:
+    """The rows of ``chunk`` one line at a time, skipping blank lines, numbered from
+    ``base + 1``: the slow path, which names the line that does not parse."""
+    for number, line in enumerate(chunk, start=base + 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except ValueError:
+            raise bad(number, "not valid JSON") from None
 
 
 def _check_header(header: Any, bad: Any) -> int:

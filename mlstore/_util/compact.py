@@ -16,7 +16,6 @@ the same values in a few flat buffers:
 
 from __future__ import annotations
 
-import re
 from array import array
 
 __all__ = ["Strings", "Tokens"]
@@ -52,9 +51,31 @@ class Strings:
 
 
 _NONE, _QHEX, _HEX, _INT, _OTHER = 0, 1, 2, 3, 4
-_HEX32 = re.compile(r"[0-9a-f]{32}")
-_QHEX32 = re.compile(r'"[0-9a-f]{32}"')
-_DECIMAL = re.compile(r"[1-9][0-9]{0,17}|0")  # below 2**63, no leading zeros
+
+
+def _pack(value: str) -> tuple[int, bytes]:
+    """The kind of ``value`` and its 16 packed bytes (``_OTHER``: it does not pack).
+
+    Plain string tests, not regular expressions: this runs once a row when a manifest
+    of millions of rows loads. ``bytes.fromhex`` also accepts capitals and spaces, so a
+    value packs only if it comes back identical."""
+    n = len(value)
+    if n == 34 and value[0] == '"' and value[33] == '"':
+        digits = value[1:33]
+        try:
+            packed = bytes.fromhex(digits)
+        except ValueError:
+            return _OTHER, b""
+        return (_QHEX, packed) if packed.hex() == digits else (_OTHER, b"")
+    if n == 32:
+        try:
+            packed = bytes.fromhex(value)
+        except ValueError:
+            return _OTHER, b""
+        return (_HEX, packed) if packed.hex() == value else (_OTHER, b"")
+    if 0 < n <= 18 and value.isascii() and value.isdigit() and (value[0] != "0" or n == 1):
+        return _INT, int(value).to_bytes(16, "little")
+    return _OTHER, b""
 
 
 class Tokens:
@@ -71,25 +92,20 @@ class Tokens:
         return len(self._kinds)
 
     def append(self, value: str | None) -> None:
-        row = len(self._kinds)
+        kinds = self._kinds
         if value is None:
-            self._kinds.append(_NONE)
+            kinds.append(_NONE)
             return
-        if _QHEX32.fullmatch(value):
-            kind, packed = _QHEX, bytes.fromhex(value[1:-1])
-        elif _HEX32.fullmatch(value):
-            kind, packed = _HEX, bytes.fromhex(value)
-        elif _DECIMAL.fullmatch(value):
-            kind, packed = _INT, int(value).to_bytes(16, "little")
-        else:
-            self._kinds.append(_OTHER)
+        kind, packed = _pack(value)
+        row = len(kinds)
+        kinds.append(kind)
+        if kind == _OTHER:
             self._other[row] = value
             return
-        self._kinds.append(kind)
-        end = 16 * (row + 1)
-        if len(self._slots) < end:
-            self._slots.extend(bytes(end - len(self._slots)))
-        self._slots[end - 16 : end] = packed
+        slots = self._slots
+        if len(slots) < 16 * row:  # rows before this one held nothing packed
+            slots.extend(bytes(16 * row - len(slots)))
+        slots += packed
 
     def __getitem__(self, i: int) -> str | None:
         kind = self._kinds[i]
@@ -108,17 +124,16 @@ class Tokens:
         """Replace row ``i`` (rare: a re-read object's new version)."""
         if i < 0:
             i += len(self._kinds)
-        tail = Tokens()
-        tail.append(value)
         self._other.pop(i, None)
-        self._kinds[i] = tail._kinds[0]
-        if tail._kinds[0] == _OTHER:
-            self._other[i] = tail._other[0]
-        elif tail._slots:
+        kind, packed = (_NONE, b"") if value is None else _pack(value)
+        self._kinds[i] = kind
+        if kind == _OTHER and value is not None:
+            self._other[i] = value
+        elif packed:
             end = 16 * (i + 1)
             if len(self._slots) < end:
                 self._slots.extend(bytes(end - len(self._slots)))
-            self._slots[end - 16 : end] = tail._slots
+            self._slots[end - 16 : end] = packed
 
     def known(self) -> bool:
         """Whether any row holds a value."""
