@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import mlstore  # noqa: E402
-from mlstore.manifest import Manifest, ManifestEntry  # noqa: E402
+from mlstore.manifest import Manifest  # noqa: E402
 
 ROOT = "s3://bucket/datasets/imagenet/"
 

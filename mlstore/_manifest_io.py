@@ -11,6 +11,7 @@ columns, one line at a time, so loading never holds a million small objects.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
@@ -24,7 +25,9 @@ __all__ = ["dump", "parse"]
 
 _CHUNK = 1 << 20  # bytes of lines parsed in one json.loads
 #: A str as a JSON string (the json module's own C encoder, as ensure_ascii=False uses).
-_quote: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+_quote: Any = (
+    getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+)
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
@@ -96,7 +99,7 @@ def parse(m: Manifest, url: str, fh: IO[bytes]) -> None:
             parsed = json.loads(b"[" + b",".join(chunk) + b"]")
             if len(parsed) != len(chunk):  # a blank line, or two values on one
                 raise ValueError("not one value a line")
-            numbered: Any = zip(range(base + 1, base + 1 + len(chunk)), parsed)
+            numbered: Any = zip(range(base + 1, base + 1 + len(chunk)), parsed, strict=True)
         except ValueError:  # a blank or a broken line: find it, line by line
             numbered = _lines(chunk, base, bad)
         base += len(chunk)
@@ -209,8 +212,8 @@ def _parse_parquet(m: Manifest, url: str, data: bytes) -> None:
     keys, sizes = table.column("key").to_pylist(), table.column("size").to_pylist()
     versions = table.column("version").to_pylist()
     hashes = table.column("content_hash").to_pylist()
-    ordered = all(a < b for a, b in zip(keys, keys[1:]))
-    for row in zip(keys, sizes, versions, hashes):
+    ordered = all(a < b for a, b in itertools.pairwise(keys))
+    for row in zip(keys, sizes, versions, hashes, strict=True):
         m._append(*row)
     if len(m) != count:
         raise bad(f"metadata says {count} entries but the file holds {len(m)}")

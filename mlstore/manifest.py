@@ -23,7 +23,6 @@ URL, so :meth:`Manifest.index` is a binary search and needs no dict.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import threading
@@ -147,7 +146,7 @@ class Manifest(Sequence[ManifestEntry]):
         urls = [str(i.url) for i in infos]
         m.root = prefix if all(u.startswith(prefix) for u in urls) else _common_root(urls)
         cut = len(m.root)
-        for u, i in zip(urls, infos):
+        for u, i in zip(urls, infos, strict=True):
             m._append(u[cut:], i.size, i.version, i.content_hash)
         return m
 
@@ -344,7 +343,8 @@ def _common_root(urls: Sequence[str]) -> str:
     """The longest prefix of every URL that ends at a ``/``."""
     if not urls:
         return ""
-    prefix = os.path.commonprefix([min(urls), max(urls)])
+    # by character, not path component: "s3://b/x" has no path components to compare
+    prefix = os.path.commonprefix([min(urls), max(urls)])  # noqa: RUF071
     return prefix[: prefix.rfind("/") + 1]
 
 

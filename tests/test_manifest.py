@@ -64,7 +64,7 @@ def test_build_from_a_prefix_records_every_object_with_its_size_and_version(
     m = Manifest.build(root, store=store)
     assert m.urls == [f"{root}/{k}" for k in sorted(DATASET)]
     assert len(m) == 4 and m.root == root + "/"
-    for entry, key in zip(m, sorted(DATASET)):
+    for entry, key in zip(m, sorted(DATASET), strict=True):
         assert entry.size == len(DATASET[key])
         assert entry.version is not None
         assert entry.version == store.info(entry.url).version
@@ -194,9 +194,7 @@ def test_reads_return_the_recorded_objects_by_position_or_url(root: str, store: 
         m.read(4)
 
 
-def test_a_changed_local_object_fails_the_pinned_read_or_is_reread(
-    root: str, store: Store
-) -> None:
+def test_a_changed_local_object_fails_the_pinned_read_or_is_reread(root: str, store: Store) -> None:
     fill(store, root)
     m = Manifest.build(root, store=store)
     url = f"{root}/train/a.bin"
