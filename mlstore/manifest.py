@@ -271,13 +271,15 @@ class Manifest(Sequence[ManifestEntry]):
                     url=url,
                     operation="read",
                 ) from exc
-        info = s.info(url)
-        data = s.read_bytes(url, version=info.version)
+        # From the storage, not s.info(): the Store's metadata cache may still hold the
+        # version that just failed. The bytes and their version come from one answer.
+        data, current = s.read_versioned(url)
         with self._lock:
             self._sizes[i] = len(data)
-            self._versions.set(i, info.version)
-            self._hashes.set(i, info.content_hash)
-            self.changed.append(url)
+            self._versions.set(i, current)
+            self._hashes.set(i, None)  # the recorded hash was of the old content
+            if url not in self.changed:
+                self.changed.append(url)
         return data
 
     def read_many(

@@ -267,6 +267,17 @@ class Store:
             return io.TextIOWrapper(fh, encoding=encoding, errors=errors, newline=newline)
         return fh
 
+    def read_versioned(self, url: UrlLike) -> tuple[bytes, str | None]:
+        """The whole object at ``url`` and the version those bytes are, from the storage
+        itself (never the cache, whose metadata may be older), in one consistent read.
+
+        For callers that pin later reads to what they saw: a
+        :class:`~mlstore.Manifest` re-reading an object that changed
+        (``on_change="reread"``) records this version.
+        """
+        runtime, where = self._where(url)
+        return runtime.reader.fetch_whole(where)
+
     def ls(self, url: UrlLike, detail: bool = False) -> list[Any]:
         """Entries directly below ``url`` (names, or :class:`ObjectInfo` with ``detail``).
 

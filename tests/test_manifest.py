@@ -281,12 +281,13 @@ def test_a_cloud_object_overwritten_elsewhere_fails_the_pinned_read(
         assert all(e.version for e in m), "every cloud listing reports versions"
         assert m.read(0) == b"alpha"
         url = f"{prefix}/train/a.bin"
+        assert reader.read_bytes(url) == b"alpha"  # now in the reader's cache, and its info
         w.write_bytes(url, b"ALPHA, rewritten")
         with pytest.raises(PreconditionFailedError) as err:
             m.read(url)
         assert err.value.url == url and url in str(err.value)
         assert m.read(url, on_change="reread") == b"ALPHA, rewritten"
-        assert m.changed == [url] and m[0].version == reader.info(url).version
+        assert m.changed == [url] and m[0].version == w.info(url).version
         assert m.read(1) == b"bravo!"
 
 
