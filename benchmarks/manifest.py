@@ -1,12 +1,12 @@
 """What a large :class:`mlstore.Manifest` costs (issue 13: "a manifest of 1M entries loads
 in seconds and costs less than 200 bytes of RAM per entry"), in one run:
 
-    python benchmarks/manifest.py [--n 1000000] [--shape s3|gcs|hashed]
+    python benchmarks/manifest.py [--n 1000000] [--shape s3|gcs|azure|hashed]
 
 Builds an N-entry manifest in memory from synthetic entries (no store, no LIST): keys
 like ``train/shard-00042/sample-0004217.jpg`` below ``s3://bucket/datasets/imagenet/``,
-sizes, and per ``--shape`` S3 ETags (``"<32 hex>"``), GCS generations (16 digits), or
-ETags plus xxh3-128 content hashes. Saves it as JSON Lines (and Parquet, if pyarrow is
+sizes, and per ``--shape`` S3 ETags (``"<32 hex>"``), GCS generations (16 digits), Azure
+ETags (``"0x8DC..."``), or S3 ETags plus xxh3-128 content hashes. Saves it as JSON Lines (and Parquet, if pyarrow is
 installed) to a local temporary file and loads it back, then reports:
 
 - save and load seconds (load timed without tracemalloc, which slows allocation);
@@ -16,7 +16,8 @@ installed) to a local temporary file and loads it back, then reports:
   them and scaled): what a plain Python list would cost;
 - ``m[i]`` and ``m.index(url)`` lookups per second.
 
-Output: the table on stdout, and ``benchmarks/results/manifest.json``.
+Output: the table on stdout, and ``benchmarks/results/manifest.json`` (for other shapes,
+``manifest-<shape>.json``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def rows(n: int, shape: str) -> Any:
         size = rng.randrange(20_000, 400_000)
         if shape == "gcs":
             version = str(1_700_000_000_000_000 + rng.randrange(10**15))
+        elif shape == "azure":
+            version = f'"0x8DC{rng.getrandbits(48):012X}"'
         else:
             version = f'"{rng.getrandbits(128):032x}"'
         content_hash = f"{rng.getrandbits(128):032x}" if shape == "hashed" else None
@@ -80,7 +83,7 @@ def held_bytes(load: Any) -> tuple[Any, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--shape", choices=["s3", "gcs", "hashed"], default="s3")
+    parser.add_argument("--shape", choices=["s3", "gcs", "azure", "hashed"], default="s3")
     args = parser.parse_args()
     n, shape = args.n, args.shape
     store = mlstore.Store(cache={"enabled": False})
@@ -135,7 +138,8 @@ def main() -> None:
     for name, value in result.items():
         shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
         print(f"{name:36} {shown}")
-    out = REPO / "benchmarks" / "results" / "manifest.json"
+    name = "manifest.json" if shape == "s3" else f"manifest-{shape}.json"
+    out = REPO / "benchmarks" / "results" / name
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 

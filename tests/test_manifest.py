@@ -73,6 +73,14 @@ def test_build_from_a_prefix_records_every_object_with_its_size_and_version(
     assert f"{root}/val/d.txt" in m and f"{root}/val/e.txt" not in m
 
 
+def test_find_with_detail_gives_the_infos_of_the_same_files(root: str, store: Store) -> None:
+    fill(store, root)
+    infos = store.find(root, detail=True)
+    assert [str(i.url) for i in infos] == store.find(root)
+    assert [i.size for i in infos] == [len(DATASET[k]) for k in sorted(DATASET)]
+    assert all(isinstance(i, mlstore.ObjectInfo) and i.version for i in infos)
+
+
 def test_build_from_a_glob_keeps_only_the_matching_files(root: str, store: Store) -> None:
     fill(store, root)
     assert Manifest.build(f"{root}/train/*.bin", store=store).urls == [
@@ -236,6 +244,9 @@ def test_packed_tokens_come_back_exactly_as_given() -> None:
         "007",
         "99999999999999999999",  # too large to pack
         '"0x8DC0123456789AB"',  # Azure ETag
+        '"0x08DC0123456789AB"',  # a leading zero: not packed, still exact
+        '"0xZZ"',
+        '"0x8dc0123456789ab"',  # lower case: not packed, still exact
         "1700000000.123456-42",  # local mtime-size
         "",
     ]

@@ -9,8 +9,8 @@ the same values in a few flat buffers:
   of end offsets, so a 30-character key costs 38 bytes instead of ~87.
 - :class:`Tokens`: optional version tokens and hashes. The common shapes are packed into
   a 16-byte slot per row: 32 hex digits (an S3 single-part ETag, with or without its
-  quotes; an xxh3-128 or MD5 hex digest) as 16 raw bytes, and a decimal integer (a GCS
-  generation) as 8. Anything else goes to a small ``dict`` by row, so a value always
+  quotes; an xxh3-128 or MD5 hex digest) as 16 raw bytes, a decimal integer (a GCS
+  generation) and an Azure ETag (``"0x8DC..."``) as the number they spell. Anything else goes to a small ``dict`` by row, so a value always
   comes back exactly as it went in.
 """
 
@@ -50,7 +50,7 @@ class Strings:
         return len(self._data) + self._ends.itemsize * len(self._ends)
 
 
-_NONE, _QHEX, _HEX, _INT, _OTHER = 0, 1, 2, 3, 4
+_NONE, _QHEX, _HEX, _INT, _OTHER, _AZURE = 0, 1, 2, 3, 4, 5
 
 
 def _pack(value: str) -> tuple[int, bytes]:
@@ -75,6 +75,13 @@ def _pack(value: str) -> tuple[int, bytes]:
         return (_HEX, packed) if packed.hex() == value else (_OTHER, b"")
     if 0 < n <= 18 and value.isascii() and value.isdigit() and (value[0] != "0" or n == 1):
         return _INT, int(value).to_bytes(16, "little")
+    if 5 <= n <= 20 and value.startswith('"0x') and value[-1] == '"':  # an Azure ETag
+        try:
+            number = int(value[3:-1], 16)
+        except ValueError:
+            return _OTHER, b""
+        if f'"0x{number:X}"' == value:
+            return _AZURE, number.to_bytes(16, "little")
     return _OTHER, b""
 
 
@@ -118,6 +125,8 @@ class Tokens:
             return f'"{packed.hex()}"'
         if kind == _HEX:
             return packed.hex()
+        if kind == _AZURE:
+            return f'"0x{int.from_bytes(packed, "little"):X}"'
         return str(int.from_bytes(packed, "little"))
 
     def set(self, i: int, value: str | None) -> None:
