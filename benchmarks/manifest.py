@@ -6,8 +6,9 @@ in seconds and costs less than 200 bytes of RAM per entry"), in one run:
 Builds an N-entry manifest in memory from synthetic entries (no store, no LIST): keys
 like ``train/shard-00042/sample-0004217.jpg`` below ``s3://bucket/datasets/imagenet/``,
 sizes, and per ``--shape`` S3 ETags (``"<32 hex>"``), GCS generations (16 digits), Azure
-ETags (``"0x8DC..."``), or S3 ETags plus xxh3-128 content hashes. Saves it as JSON Lines (and Parquet, if pyarrow is
-installed) to a local temporary file and loads it back, then reports:
+ETags (``"0x8DC..."``), or S3 ETags plus xxh3-128 content hashes. Saves it as JSON Lines
+(and Parquet, if pyarrow is installed) to a local temporary file and loads it back, then
+reports:
 
 - save and load seconds (load timed without tracemalloc, which slows allocation);
 - bytes of RAM per entry held by the loaded manifest (tracemalloc's current size after a

@@ -10,8 +10,8 @@ the same values in a few flat buffers:
 - :class:`Tokens`: optional version tokens and hashes. The common shapes are packed into
   a 16-byte slot per row: 32 hex digits (an S3 single-part ETag, with or without its
   quotes; an xxh3-128 or MD5 hex digest) as 16 raw bytes, a decimal integer (a GCS
-  generation) and an Azure ETag (``"0x8DC..."``) as the number they spell. Anything else goes to a small ``dict`` by row, so a value always
-  comes back exactly as it went in.
+  generation) and an Azure ETag (``"0x8DC..."``) as the number they spell. Anything else
+  goes to a small ``dict`` by row, so a value always comes back exactly as it went in.
 """
 
 from __future__ import annotations
