@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any
+from typing import IO, Any, Literal, overload
 
 from mlstore._engine.listing import logical
 from mlstore._engine.replicas import Resolved
@@ -293,7 +293,13 @@ class Store:
         named = sorted((logical(where, e) for e in entries), key=lambda e: str(e.url))
         return named if detail else [str(e.url) for e in named]
 
-    def find(self, url: UrlLike, detail: bool = False) -> list[Any]:
+    @overload
+    def find(self, url: UrlLike, detail: Literal[False] = False) -> list[str]: ...
+    @overload
+    def find(self, url: UrlLike, detail: Literal[True]) -> list[ObjectInfo]: ...
+    @overload
+    def find(self, url: UrlLike, detail: bool) -> list[str] | list[ObjectInfo]: ...
+    def find(self, url: UrlLike, detail: bool = False) -> list[str] | list[ObjectInfo]:
         """Every file below ``url``, recursively, sorted: URLs, or with ``detail`` their
         :class:`ObjectInfo` (size and version as the listing reported them), from the
         same one listing."""
