@@ -247,7 +247,11 @@ def test_packed_tokens_come_back_exactly_as_given() -> None:
         '"0x08DC0123456789AB"',  # a leading zero: not packed, still exact
         '"0xZZ"',
         '"0x8dc0123456789ab"',  # lower case: not packed, still exact
-        "1700000000.123456-42",  # local mtime-size
+        "1700000000123456789-42",  # local mtime_ns-size
+        "1700000000123456789-042",  # not packed, still exact
+        "99999999999999999999999-1",  # too large to pack
+        "1-2-3",
+        "1700000000.123456-42",  # memory mtime-size
         "",
     ]
     tokens = Tokens()

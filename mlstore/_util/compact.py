@@ -10,8 +10,9 @@ the same values in a few flat buffers:
 - :class:`Tokens`: optional version tokens and hashes. The common shapes are packed into
   a 16-byte slot per row: 32 hex digits (an S3 single-part ETag, with or without its
   quotes; an xxh3-128 or MD5 hex digest) as 16 raw bytes, a decimal integer (a GCS
-  generation) and an Azure ETag (``"0x8DC..."``) as the number they spell. Anything else
-  goes to a small ``dict`` by row, so a value always comes back exactly as it went in.
+  generation) and an Azure ETag (``"0x8DC..."``) as the number they spell, a local file's
+  ``mtime_ns-size`` as its two numbers. Anything else goes to a small ``dict`` by row, so
+  a value always comes back exactly as it went in.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Strings:
         return len(self._data) + self._ends.itemsize * len(self._ends)
 
 
-_NONE, _QHEX, _HEX, _INT, _OTHER, _AZURE = 0, 1, 2, 3, 4, 5
+_NONE, _QHEX, _HEX, _INT, _OTHER, _AZURE, _PAIR = 0, 1, 2, 3, 4, 5, 6
 
 
 def _pack(value: str) -> tuple[int, bytes]:
@@ -82,6 +83,12 @@ def _pack(value: str) -> tuple[int, bytes]:
             return _OTHER, b""
         if f'"0x{number:X}"' == value:
             return _AZURE, number.to_bytes(16, "little")
+    if "-" in value and n <= 41 and value.isascii():  # a local file's mtime_ns-size
+        first, _, second = value.partition("-")
+        if first.isdigit() and second.isdigit():
+            a, b = int(first), int(second)
+            if a < 2**64 and b < 2**64 and f"{a}-{b}" == value:
+                return _PAIR, a.to_bytes(8, "little") + b.to_bytes(8, "little")
     return _OTHER, b""
 
 
@@ -127,6 +134,9 @@ class Tokens:
             return packed.hex()
         if kind == _AZURE:
             return f'"0x{int.from_bytes(packed, "little"):X}"'
+        if kind == _PAIR:
+            a, b = int.from_bytes(packed[:8], "little"), int.from_bytes(packed[8:], "little")
+            return f"{a}-{b}"
         return str(int.from_bytes(packed, "little"))
 
     def set(self, i: int, value: str | None) -> None:
