@@ -25,6 +25,7 @@ from mlstore.errors import (
     IntegrityError,
     MlstoreError,
     NotFoundError,
+    NotInManifestError,
     PermissionDeniedError,
     PreconditionFailedError,
     StorageTimeoutError,
@@ -32,6 +33,7 @@ from mlstore.errors import (
     TransientError,
     UnsupportedOperation,
 )
+from mlstore.manifest import Manifest, ManifestEntry
 from mlstore.metrics import Stats
 from mlstore.store import Store, default_store, set_default_store
 from mlstore.url import URL, parse_url
@@ -47,8 +49,11 @@ __all__ = [
     "CorruptBodyError",
     "HttpPolicy",
     "IntegrityError",
+    "Manifest",
+    "ManifestEntry",
     "MlstoreError",
     "NotFoundError",
+    "NotInManifestError",
     "ObjectInfo",
     "PermissionDeniedError",
     "PreconditionFailedError",
@@ -102,9 +107,10 @@ def ls(url: _Url, detail: bool = False) -> list[Any]:
     return default_store().ls(url, detail)
 
 
-def find(url: _Url) -> list[str]:
-    """Every file below ``url``, with the default Store."""
-    return default_store().find(url)
+def find(url: _Url, detail: bool = False) -> list[Any]:
+    """Every file below ``url`` (URLs, or :class:`ObjectInfo` with ``detail``), with
+    the default Store."""
+    return default_store().find(url, detail)
 
 
 def info(url: _Url) -> ObjectInfo:

@@ -6,6 +6,7 @@ keeps working in code that does not know mlstore::
 
     MlstoreError
     ├── NotFoundError            (FileNotFoundError)
+    ├── NotInManifestError       (KeyError)     a URL a Manifest does not hold
     ├── PermissionDeniedError    (PermissionError)
     ├── PreconditionFailedError       the object changed (version / ETag mismatch)
     ├── IntegrityError                bytes do not match their recorded hash or length
@@ -38,6 +39,7 @@ __all__ = [
     "IsADirectoryError_",
     "MlstoreError",
     "NotFoundError",
+    "NotInManifestError",
     "PermissionDeniedError",
     "PreconditionFailedError",
     "StorageTimeoutError",
@@ -103,6 +105,10 @@ def _rebuild(
 
 class NotFoundError(MlstoreError, FileNotFoundError):
     """The object or directory does not exist."""
+
+
+class NotInManifestError(MlstoreError, KeyError):
+    """A :class:`~mlstore.Manifest` was asked for a URL it does not hold."""
 
 
 class PermissionDeniedError(MlstoreError, PermissionError):

@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any
+from typing import IO, Any, Literal, overload
 
 from mlstore._engine.listing import logical
 from mlstore._engine.replicas import Resolved
@@ -274,6 +274,17 @@ class Store:
             return io.TextIOWrapper(fh, encoding=encoding, errors=errors, newline=newline)
         return fh
 
+    def read_versioned(self, url: UrlLike) -> tuple[bytes, str | None]:
+        """The whole object at ``url`` and the version those bytes are, from the storage
+        itself (never the cache, whose metadata may be older), in one consistent read.
+
+        For callers that pin later reads to what they saw: a
+        :class:`~mlstore.Manifest` re-reading an object that changed
+        (``on_change="reread"``) records this version.
+        """
+        runtime, where = self._where(url)
+        return runtime.reader.fetch_whole(where)
+
     def ls(self, url: UrlLike, detail: bool = False) -> list[Any]:
         """Entries directly below ``url`` (names, or :class:`ObjectInfo` with ``detail``).
 
@@ -289,10 +300,21 @@ class Store:
         named = sorted((logical(where, e) for e in entries), key=lambda e: str(e.url))
         return named if detail else [str(e.url) for e in named]
 
-    def find(self, url: UrlLike) -> list[str]:
-        """Every file below ``url``, recursively, sorted."""
+    @overload
+    def find(self, url: UrlLike, detail: Literal[False] = False) -> list[str]: ...
+    @overload
+    def find(self, url: UrlLike, detail: Literal[True]) -> list[ObjectInfo]: ...
+    @overload
+    def find(self, url: UrlLike, detail: bool) -> list[str] | list[ObjectInfo]: ...
+    def find(self, url: UrlLike, detail: bool = False) -> list[str] | list[ObjectInfo]:
+        """Every file below ``url``, recursively, sorted: URLs, or with ``detail`` their
+        :class:`ObjectInfo` (size and version as the listing reported them), from the
+        same one listing."""
         runtime, where = self._where(url)
-        return runtime.listing.find_urls(where)
+        if not detail:
+            return runtime.listing.find_urls(where)
+        found = (logical(where, e) for e in runtime.listing.find(where))
+        return sorted((e for e in found if not e.is_dir), key=lambda e: str(e.url))
 
     def glob(self, pattern: UrlLike) -> list[str]:
         """URLs matching ``pattern``: ``*`` and ``?`` stay within one path segment,

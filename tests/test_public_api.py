@@ -53,6 +53,7 @@ HEAVY = [
     "aiobotocore",
     "torch",
     "urllib3",
+    "pyarrow",
 ]
 
 
@@ -105,7 +106,10 @@ def test_local_and_memory_use_load_no_cloud_sdk_or_http_client(tmp_path: pathlib
         "assert mlstore.read_bytes('memory://api/x') == b'x'\n"
         "d = tempfile.mkdtemp()\n"
         "mlstore.write_bytes(os.path.join(d, 'y'), b'y')\n"
-        "assert mlstore.ls(d) == ['file://' + os.path.join(d, 'y')]",
+        "assert mlstore.ls(d) == ['file://' + os.path.join(d, 'y')]\n"
+        "m = mlstore.Manifest.build(d)\n"
+        "m.save(os.path.join(d, 'm.jsonl'))\n"
+        "assert mlstore.Manifest.load(os.path.join(d, 'm.jsonl')).read(0) == b'y'",
         tmp_path,
     )
     assert [m for m, yes in loaded.items() if yes] == []
