@@ -43,6 +43,8 @@ LAYERS: dict[str, int] = {
     "_engine": 4,
     "store": 5,
     "fsspec": 6,
+    "manifest": 6,  # recorded versions, read through a Store
+    "_manifest_io": 6,
     "cli": 6,
     "__main__": 6,
     "": 6,  # mlstore/__init__.py
@@ -155,7 +157,7 @@ def test_the_package_keeps_its_layers() -> None:
 def test_nothing_below_the_facade_imports_it() -> None:
     graph = package_graph()
     importers = sorted(m for m, imported in graph.items() if "mlstore.store" in imported)
-    assert set(importers) <= {"mlstore", "mlstore.fsspec", "mlstore.cli"}
+    assert set(importers) <= {"mlstore", "mlstore.fsspec", "mlstore.cli", "mlstore.manifest"}
 
 
 def test_the_check_fails_when_the_cache_climbs_back_into_the_store() -> None:

@@ -298,10 +298,13 @@ def test_a_cloud_object_overwritten_elsewhere_fails_the_pinned_read(
         url = f"{prefix}/train/a.bin"
         assert reader.read_bytes(url) == b"alpha"  # now in the reader's cache, and its info
         w.write_bytes(url, b"ALPHA, rewritten")
+        # A copy of the recorded version is the object as recorded: served, no request.
+        assert m.read(url) == b"alpha"
+        # Where no copy is cached, the pinned GET finds the object changed.
         with pytest.raises(PreconditionFailedError) as err:
-            m.read(url)
+            m.read(url, store=w)
         assert err.value.url == url and url in str(err.value)
-        assert m.read(url, on_change="reread") == b"ALPHA, rewritten"
+        assert m.read(url, store=w, on_change="reread") == b"ALPHA, rewritten"
         assert m.changed == [url] and m[0].version == w.info(url).version
         assert m.read(1) == b"bravo!"
 
