@@ -13,7 +13,7 @@ import io
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Literal, overload
 
 from mlstore._engine.listing import logical
@@ -226,6 +226,69 @@ class Store:
             return [self.read_bytes(u) for u in items]
         with ThreadPoolExecutor(workers, thread_name_prefix="mlstore-read") as pool:
             return list(pool.map(self.read_bytes, items))
+
+    def warm(self, url: UrlLike, *, version: str | None = None) -> int:
+        """Fill the node cache with ``url`` without returning it; the bytes fetched
+        (``0`` when the node already held a copy a read would serve).
+
+        Caches exactly what ``read_bytes(url, version=version)`` would, for every
+        process on the node, but keeps nothing in this process's memory tier: a
+        DataLoader's main process warms what its workers will read. Objects that are
+        not cached (local files, ``memory://``, or the cache turned off) are not read.
+        A pinned warm of an object that changed raises
+        :class:`~mlstore.errors.PreconditionFailedError`, as the read would.
+        """
+        runtime, where = self._where(url)
+        return runtime.warm(where, version)
+
+    def prefetch(
+        self, urls: Iterable[UrlLike], *, versions: Iterable[str | None] | None = None
+    ) -> Future[int]:
+        """Warm ``urls`` in the background (see :meth:`warm`), each pinned to the
+        matching entry of ``versions`` when given; returns at once.
+
+        The returned future gives the total bytes fetched once every warm has finished,
+        or the first error (the other warms still run; a failed warm leaves the later
+        read to fetch, retry and report as usual). Ignore it to warm and forget.
+
+        Example:
+            >>> store = Store()
+            >>> store.write_bytes("memory://docs/warm.txt", b"w")
+            >>> store.prefetch(["memory://docs/warm.txt"]).result()
+            0
+        """
+        items = list(urls)
+        pins = list(versions) if versions is not None else [None] * len(items)
+        if len(pins) != len(items):
+            raise ConfigError(f"prefetch got {len(items)} URLs but {len(pins)} versions")
+        done: Future[int] = Future()
+        if not items:
+            done.set_result(0)
+            return done
+        pool = self._runtime.get().background()
+        state = {"left": len(items), "bytes": 0}
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def finished(f: Future[int]) -> None:
+            with lock:
+                state["left"] -= 1
+                if f.cancelled():
+                    pass
+                elif f.exception() is not None:
+                    errors.append(f.exception())  # type: ignore[arg-type]
+                else:
+                    state["bytes"] += f.result()
+                last = state["left"] == 0
+            if last:
+                if errors:
+                    done.set_exception(errors[0])
+                else:
+                    done.set_result(state["bytes"])
+
+        for url, version in zip(items, pins, strict=True):
+            pool.submit(self.warm, url, version=version).add_done_callback(finished)
+        return done
 
     def open(
         self,

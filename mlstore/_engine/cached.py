@@ -248,7 +248,9 @@ class CachedReads:
             return self.reader.read_pinned(target, lo, hi, None)
         return self._blocks(target, info, lo, hi)
 
-    def whole(self, where: Resolved, policy: Policy | None = None) -> bytes:
+    def whole(
+        self, where: Resolved, policy: Policy | None = None, *, keep_in_memory: bool = True
+    ) -> bytes:
         key = self.node(where)
         policy = policy or self.policy(where)
         # If this object's metadata is already known and names its content (mlstore
@@ -270,6 +272,7 @@ class CachedReads:
             known_hash=known.content_hash if known is not None else None,
             known_version=known.version if known is not None else None,
             policy=policy,
+            keep_in_memory=keep_in_memory,
             expect_version=known.version if known is not None else None,
         )
 
@@ -279,7 +282,7 @@ class CachedReads:
         self._info.pop(key)
         return self.located_info(where, policy)[1].version
 
-    def pinned(self, where: Resolved, version: str) -> bytes:
+    def pinned(self, where: Resolved, version: str, *, keep_in_memory: bool = True) -> bytes:
         """The whole object at ``where`` as of ``version``: from the cache if a copy of
         that version is there (never revalidated), else one GET pinned to it (a changed
         object raises :class:`~mlstore.errors.PreconditionFailedError`)."""
@@ -287,7 +290,8 @@ class CachedReads:
         def fetch() -> Fetched:
             return Fetched(*self.reader.fetch_whole(where, version))
 
-        return self.cache.pinned(self.node(where), version, fetch, self.policy(where))
+        node, policy = self.node(where), self.policy(where)
+        return self.cache.pinned(node, version, fetch, policy, keep_in_memory=keep_in_memory)
 
     def open(self, where: Resolved) -> IO[bytes]:
         key = where.key

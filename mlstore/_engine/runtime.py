@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from mlstore._engine.cached import CACHED_PROTOCOLS, CachedReads
 from mlstore._engine.calls import Calls
@@ -17,6 +18,7 @@ from mlstore._engine.identity import Identity
 from mlstore._engine.listing import Listing
 from mlstore._engine.reader import Reader
 from mlstore._engine.replicas import CircuitBreaker, Replicas, Resolved, resolve
+from mlstore._engine.warming import warm
 from mlstore._engine.writer import Made, Writer
 from mlstore.backends.base import ObjectInfo
 from mlstore.cache.tiered import TieredCache
@@ -77,6 +79,7 @@ class Runtime:
         #: URL strings read before: their node keys and the keys their policies go by.
         self.node_keys: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
+        self._background: ThreadPoolExecutor | None = None
 
     def resolve(self, url: URL) -> Resolved:
         return resolve(url, self.mounts)
@@ -111,6 +114,24 @@ class Runtime:
             self.node_keys.clear()
         self.node_keys[url] = (self.identity.key(where.primary), where.key)
 
+    def warm(self, where: Resolved, version: str | None = None) -> int:
+        """Fill the node cache with ``where`` (see :mod:`.warming`); bytes fetched.
+        An object that is not cached (local, memory, or the cache off) is not read."""
+        reads = self.cached_for(where)
+        return 0 if reads is None else warm(reads, where, version)
+
+    def background(self) -> ThreadPoolExecutor:
+        """This process's pool for background work (prefetches), made on first use."""
+        pool = self._background
+        if pool is None:
+            with self._lock:
+                pool = self._background
+                if pool is None:
+                    workers = self.config.max_workers
+                    pool = ThreadPoolExecutor(workers, thread_name_prefix="mlstore-prefetch")
+                    self._background = pool
+        return pool
+
     def locate(self, where: Resolved) -> tuple[URL, ObjectInfo]:
         """The answering replica and the object's info, through the metadata cache."""
         reads = self.cached_for(where)
@@ -136,6 +157,10 @@ class Runtime:
 
     def close(self) -> None:
         """Release clients, connections and cache handles (they are rebuilt on use)."""
+        with self._lock:
+            pool, self._background = self._background, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         self.calls.close()
         with self._lock:
             cached, self.cached = self.cached, None

@@ -162,6 +162,30 @@ class TieredCache(OpenedHits):
             return None
         return self._disk_hit(key, entry, entry.checked, policy, keep_in_memory=True)
 
+    def has(self, key: str, policy: tuple[str, float], version: str | None = None) -> bool:
+        """Whether the node holds a copy of ``key`` that a read would serve with no
+        request: of ``version`` (any age) when given, else trusted under ``policy``.
+        Looks at the index only (no blob is read) and counts as a use of the blob, so
+        a prefetch keeps what it found. Without a disk tier, the memory tier."""
+        if self.disk is None:
+            item = self.memory.get(key)
+            if item is None:
+                return False
+            meta = item[0]
+            if version is not None:
+                return meta.version == version
+            return trusted(meta.validate, meta.ttl, meta.checked, self.clock())
+        entry = self.disk.lookup(key)
+        if entry is None:
+            return False
+        if version is not None:
+            held = entry.version == version
+        else:
+            held = trusted(*policy, entry.checked, self.clock())
+        if held:
+            self.disk.touch_blob(entry.hash)
+        return held
+
     def get(
         self,
         key: str,
@@ -215,7 +239,13 @@ class TieredCache(OpenedHits):
                 return self._fill(key, fetch, proven, known_version, policy, keep_in_memory)
 
     def pinned(
-        self, key: str, version: str, fetch: Callable[[], Fetched], policy: tuple[str, float]
+        self,
+        key: str,
+        version: str,
+        fetch: Callable[[], Fetched],
+        policy: tuple[str, float],
+        *,
+        keep_in_memory: bool = True,
     ) -> bytes:
         """The bytes of ``version`` of ``key``: a cached copy of that version, whatever
         its age (the bytes of a version never change: no revalidation), else one
@@ -239,7 +269,8 @@ class TieredCache(OpenedHits):
                 return fetched.data
             self.metrics.add("misses", "cache")
             self.metrics.add("bytes_fetched", "cache", len(fetched.data))
-            self._store(key, fetched, content_hash(fetched.data), policy, checked=0.0)
+            digest = content_hash(fetched.data)
+            self._store(key, fetched, digest, policy, checked=0.0, keep_in_memory=keep_in_memory)
             return fetched.data
 
     def _pinned_hit(self, key: str, version: str, policy: tuple[str, float]) -> bytes | None:

@@ -15,7 +15,8 @@ prints ``listening on http://127.0.0.1:<port>`` once it accepts connections.
 Control routes (not forwarded, not counted):
 
 - ``GET /__proxy/counts``: ``{"total", "methods": {"GET": n}, "paths": {"GET /p": n},
-  "faults": {kind: n}, "bytes_out": n}`` (``bytes_out``: body bytes sent to clients)
+  "faults": {kind: n}, "bytes_out": n, "peak_in_flight": n}`` (``bytes_out``: body bytes
+  sent to clients; ``peak_in_flight``: most requests forwarded at once)
 - ``POST /__proxy/reset``: zero the counters and empty the request log (the fault rules
   and their own progress, ``times``/``skip``/random state, are kept)
 - ``POST /__proxy/latency?seconds=0.02``: change the added latency
@@ -214,6 +215,7 @@ class Proxy:
         self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LOG_SIZE)
         self.rules: list[Rule] = []
         self.in_flight = 0
+        self.peak_in_flight = 0  # most requests in flight at once since the last reset
         self.idle = asyncio.Event()
         self.idle.set()
         self.session: ClientSession | None = None
@@ -240,12 +242,14 @@ class Proxy:
                     "paths": dict(self.paths),
                     "faults": dict(self.faults),
                     "bytes_out": self.bytes_out,
+                    "peak_in_flight": self.peak_in_flight,
                 }
             )
         if action == "reset" and method == "POST":
             for counter in (self.methods, self.paths, self.faults):
                 counter.clear()
             self.bytes_out = 0
+            self.peak_in_flight = self.in_flight
             self.log.clear()
             return web.json_response({"ok": True})
         if action == "latency" and method == "POST":
@@ -284,6 +288,7 @@ class Proxy:
             self.faults[rule.fault] += 1
             entry["fault"] = rule.fault
         self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self.idle.clear()
         try:
             return await self.serve(request, rule, entry)
@@ -492,6 +497,11 @@ def counts(endpoint: str) -> dict[str, Any]:
     """The proxy's counters (for tests)."""
     data: dict[str, Any] = _call(endpoint, "counts")
     return data
+
+
+def set_latency(endpoint: str, seconds: float) -> None:
+    """Add ``seconds`` before every forwarded request (0: none)."""
+    _call(endpoint, f"latency?seconds={seconds}", "POST")
 
 
 def set_rate(endpoint: str, bytes_per_second: float) -> None:

@@ -1,0 +1,20 @@
+"""PyTorch datasets over mlstore: map-style, sampler-driven prefetch, and tar shards.
+
+This is the only part of mlstore that imports torch (``import mlstore`` does not)::
+
+    from torch.utils.data import DataLoader, RandomSampler
+    from mlstore.torch import MapDataset, PrefetchSampler
+
+    ds = MapDataset(mlstore.Manifest.load("s3://bucket/train.manifest.jsonl"))
+    loader = DataLoader(ds, batch_size=32, num_workers=4,
+                        sampler=PrefetchSampler(RandomSampler(ds), ds))
+
+See the PyTorch page of the documentation.
+"""
+
+from __future__ import annotations
+
+from mlstore.torch._map import MapDataset
+from mlstore.torch._prefetch import PrefetchSampler
+
+__all__ = ["MapDataset", "PrefetchSampler"]
