@@ -1068,6 +1068,13 @@ def b12(ctx: Ctx) -> list[Row]:
     return staleness.b12(ctx)
 
 
+def b13(ctx: Ctx) -> list[Row]:
+    """A dataset twice the disk cache: eviction by the sampler's plan vs LRU."""
+    from benchmarks import eviction
+
+    return eviction.b13(ctx)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B1": ("warm memory-tier hit, 256 KiB, read_bytes", b1),
     "B2": ("warm disk-tier hit in a fresh process, 256 KiB, verify on", b2),
@@ -1081,4 +1088,5 @@ SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B10": ("memory: tier budget, RSS while streaming", b10),
     "B11": ("1-8 processes sharing a node cache: hits, fills, hit cost vs entries", b11),
     "B12": ("disk hits after the ttl ran out, beside fresh hits: no revalidation cliff", b12),
+    "B13": ("a dataset twice the disk cache, reshuffled epochs: Belady by plan vs LRU", b13),
 }

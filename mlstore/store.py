@@ -290,6 +290,31 @@ class Store:
             pool.submit(self.warm, url, version=version).add_done_callback(finished)
         return done
 
+    def plan_reads(
+        self,
+        plan: str,
+        position: int | None,
+        upcoming: Iterable[tuple[UrlLike, int | None]] = (),
+    ) -> None:
+        """Tell the node cache the order a reader will read in, so that eviction keeps
+        what is wanted soonest (Belady's rule) rather than what was read last.
+
+        Args:
+            plan: names the reader (one per sampler; any string unique on the node).
+            position: how many reads the reader has made so far, over its whole life
+                (``None``: the reader is done; its plan is forgotten).
+            upcoming: ``(url, due)``: the position of the next read of ``url``, or
+                ``None`` if the reader will not read it again, as far as it knows.
+
+        Objects that are not cached are ignored. Blobs no live plan will read again
+        are evicted first, by least recent use; then the planned ones, furthest next
+        use first. A plan not renewed for 10 minutes lapses.
+        :class:`mlstore.torch.PrefetchSampler` does this for a DataLoader.
+        """
+        runtime = self._runtime.get()
+        resolved = [(runtime.resolve(parse_url(url)), due) for url, due in upcoming]
+        runtime.plan_reads(plan, position, resolved)
+
     def open(
         self,
         url: UrlLike,

@@ -18,7 +18,7 @@ from mlstore._engine.identity import Identity
 from mlstore._engine.listing import Listing
 from mlstore._engine.reader import Reader
 from mlstore._engine.replicas import CircuitBreaker, Replicas, Resolved, resolve
-from mlstore._engine.warming import warm
+from mlstore._engine.warming import end_plan, schedule, warm
 from mlstore._engine.writer import Made, Writer
 from mlstore.backends.base import ObjectInfo
 from mlstore.cache.tiered import TieredCache
@@ -119,6 +119,20 @@ class Runtime:
         An object that is not cached (local, memory, or the cache off) is not read."""
         reads = self.cached_for(where)
         return 0 if reads is None else warm(reads, where, version)
+
+    def plan_reads(
+        self, plan: str, position: int | None, uses: list[tuple[Resolved, int | None]]
+    ) -> None:
+        """Share reader ``plan``'s position and next uses with the node's eviction
+        (``position`` ``None``: the plan ended); nothing without a disk tier."""
+        if not self.config.cache.enabled:
+            return
+        reads = self.cache_reads()
+        if position is None:
+            end_plan(reads, plan)
+        else:
+            cached = [(w, due) for w, due in uses if self.cached_for(w) is not None]
+            schedule(reads, plan, position, cached)
 
     def background(self) -> ThreadPoolExecutor:
         """This process's pool for background work (prefetches), made on first use."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from mlstore._engine.cached import CachedReads
 from mlstore._engine.replicas import Resolved
 
-__all__ = ["warm"]
+__all__ = ["end_plan", "schedule", "warm"]
 
 
 def warm(reads: CachedReads, where: Resolved, version: str | None = None) -> int:
@@ -34,3 +34,18 @@ def warm(reads: CachedReads, where: Resolved, version: str | None = None) -> int
     reads.metrics.add("prefetched", "cache")
     reads.metrics.add("prefetched_bytes", "cache", len(data))
     return len(data)
+
+
+def schedule(
+    reads: CachedReads, plan: str, cursor: int, uses: list[tuple[Resolved, int | None]]
+) -> None:
+    """Tell the node's disk tier where reader ``plan`` stands and when it will next
+    read each object of ``uses`` (see :mod:`mlstore.cache._plans`)."""
+    disk = reads.cache.disk
+    if disk is not None:
+        disk.schedule(plan, cursor, [(reads.node(where), due) for where, due in uses])
+
+
+def end_plan(reads: CachedReads, plan: str) -> None:
+    if reads.cache.disk is not None:
+        reads.cache.disk.end_plan(plan)

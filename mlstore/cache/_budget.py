@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING
 
 from mlstore.cache._index import DiskUnavailableError, IndexCare, _ProcessIndex
 from mlstore.cache._layout import _BLOB_NAME, _TEMP_NAME, _create_temp, _remove_if_unheld
+from mlstore.cache._plans import victims as eviction_order
 
 _HELD = """SELECT (SELECT value FROM meta WHERE name = 'bytes'),
                   (SELECT coalesce(sum(size), 0) FROM reservations)"""
-_BY_AGE = "SELECT hash, size FROM blobs ORDER BY atime"
 
 
 class DiskNoRoomError(DiskUnavailableError):
@@ -179,13 +179,11 @@ class FillCare(IndexCare):
                     return False  # evicting every blob would not make room
                 self._flush(self._index.get(), db)  # this process's uses: the LRU order
                 excess = indexed + reserved + size - self.budget
-                for victim, victim_size in db.execute(
-                    "SELECT hash, size FROM blobs ORDER BY atime"
-                ):
+                for victim, victim_size in eviction_order(db):
                     if excess <= 0:
                         break
                     victims.append(victim)
-                    excess -= int(victim_size)
+                    excess -= victim_size
                 delete_blobs(db, victims)
                 for victim in victims:  # before the commit: nobody counts on room still taken
                     with contextlib.suppress(FileNotFoundError):

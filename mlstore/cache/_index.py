@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from mlstore._util.process import SQLITE, PerProcess
 from mlstore._util.redact import redact_url
 from mlstore.cache._layout import MARKER, _create_temp, _private_file
+from mlstore.cache._plans import SCHEMA as PLANS_SCHEMA
 from mlstore.errors import ConfigError
 
 log = logging.getLogger("mlstore.cache")
@@ -26,7 +27,8 @@ log = logging.getLogger("mlstore.cache")
 _KEY_BYTES = 32  # of index.key
 #: ``meta`` row set once the index holds no key in clear (see ``_drop_clear_keys``).
 _KEYS_SAFE = "keys_redacted"
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY, version TEXT, hash TEXT NOT NULL, size INTEGER NOT NULL,
     checked REAL NOT NULL);
@@ -43,6 +45,8 @@ CREATE TABLE IF NOT EXISTS reservations (
     temp TEXT PRIMARY KEY, hash TEXT NOT NULL, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS revalidations (key TEXT PRIMARY KEY, until REAL NOT NULL);
 """
+    + PLANS_SCHEMA
+)
 #: Proofs kept (about 200 bytes each); the oldest go first.
 _PROOFS = 65536
 

@@ -85,6 +85,8 @@ from mlstore.cache._layout import (
     check_private_dir,
     claim_cache_dir,
 )
+from mlstore.cache._plans import PlanCare
+from mlstore.cache._plans import victims as eviction_order
 from mlstore.hashing import content_hash
 
 __all__ = [
@@ -113,7 +115,7 @@ class DiskEntry:
     checked: float
 
 
-class DiskTier(FillCare):
+class DiskTier(FillCare, PlanCare):
     """Content-addressed blobs shared by every process on the node.
 
     Args:
@@ -397,8 +399,9 @@ class DiskTier(FillCare):
         return int(db.execute("SELECT count(*) FROM blobs").fetchone()[0])
 
     def evict(self, to_bytes: int | None = None, keep: str | None = None) -> int:
-        """Delete least-recently-used blobs until at most ``to_bytes`` (default: the
-        budget) remain; ``keep`` is never evicted. Returns the bytes freed."""
+        """Delete blobs in eviction order (least recently used, or by the plans of
+        readers that know their order: :mod:`._plans`) until at most ``to_bytes``
+        (default: the budget) remain; ``keep`` is never evicted. Returns the bytes freed."""
         limit = self.budget if to_bytes is None else to_bytes
         if self.size() <= limit:
             return 0
@@ -408,12 +411,9 @@ class DiskTier(FillCare):
             total = int(db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0])
             excess = total - limit
             if excess > 0:
-                for digest, size in db.execute(
-                    "SELECT hash, size FROM blobs WHERE hash != ? ORDER BY atime",
-                    (keep or "",),
-                ):
+                for digest, size in eviction_order(db, keep or ""):
                     victims.append(digest)
-                    excess -= int(size)
+                    excess -= size
                     if excess <= 0:
                         break
             freed = delete_blobs(db, victims)

@@ -23,6 +23,7 @@ import concurrent.futures
 import functools
 import logging
 import threading
+import uuid
 from collections.abc import Iterator, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ import torch.utils.data
 
 from mlstore.errors import ConfigError
 from mlstore.store import Store, default_store
+from mlstore.torch._plan import Plan, flat
 
 __all__ = ["PrefetchSampler"]
 
@@ -63,6 +65,9 @@ class PrefetchSampler(torch.utils.data.Sampler[Any]):  # type: ignore[misc,unuse
         max_bytes: bytes of warms in flight at most (sizes from the manifest when the
             dataset has one, else the mean of the samples seen so far).
         store: the Store to warm through (default: the dataset's, else the default).
+        plan: share the order with the node cache, so that when the dataset does not
+            fit, eviction keeps the samples wanted soonest (Belady) rather than the
+            ones read last (LRU); see :mod:`mlstore.torch._plan`.
 
     Example:
         >>> import mlstore
@@ -85,6 +90,7 @@ class PrefetchSampler(torch.utils.data.Sampler[Any]):  # type: ignore[misc,unuse
         concurrency: int = 16,
         max_bytes: int = 256 * MiB,
         store: Store | None = None,
+        plan: bool = True,
     ) -> None:
         for name, value in (("lookahead", lookahead), ("concurrency", concurrency)):
             if value < 1:
@@ -102,6 +108,9 @@ class PrefetchSampler(torch.utils.data.Sampler[Any]):  # type: ignore[misc,unuse
         self.concurrency = concurrency
         self.max_bytes = max_bytes
         self.store = store
+        self.plan = plan
+        self.plan_name = uuid.uuid4().hex
+        self._base = 0  # samples handed out in the epochs before this one
         #: Counts over this sampler's life: ``warmed`` (samples fetched into the node
         #: cache), ``held`` (already there), ``bytes`` fetched, ``failed`` warms.
         self.counts: collections.Counter[str] = collections.Counter()
@@ -153,6 +162,11 @@ class PrefetchSampler(torch.utils.data.Sampler[Any]):  # type: ignore[misc,unuse
             pending = list(run.pending)
         return not concurrent.futures.wait(pending, timeout).not_done
 
+    def close(self) -> None:
+        """Forget this sampler's plan on the node now (it would lapse in 10 minutes)."""
+        if self.plan:
+            self._store().plan_reads(self.plan_name, None)
+
     def __iter__(self) -> Iterator[Any]:
         run = self._run = _Run(self, self._store(), self._executor())
         try:
@@ -175,6 +189,11 @@ class _Run:
         self.pending: set[Future[int]] = set()
         self.in_flight = 0  # bytes reserved by pending warms
         self.queued: collections.deque[int] = collections.deque()  # indices to warm
+        self.plan = (
+            Plan(store, owner.dataset, owner.plan_name, owner._base, lag=owner.lookahead)
+            if owner.plan
+            else None
+        )
         self.sizes = getattr(getattr(owner.dataset, "manifest", None), "_sizes", None)
         self.lock = threading.Lock()
         self.exhausted = False
@@ -197,11 +216,19 @@ class _Run:
                 self.exhausted = True
                 return
             self.window.append(item)
-            self.queued.extend(_indices(item))
+            for i in flat(item):
+                self.queued.append(i)
+                if self.plan is not None:
+                    self.plan.ahead(i)
 
     def advance(self, item: Any) -> None:
         """The consumer takes ``item``: read ahead and start the warms that fit."""
-        self._read_ahead(max(1, self.owner.lookahead // max(1, len(_indices(item)))))
+        indices = flat(item)
+        if self.plan is not None:
+            self.plan.handed_out(indices, self.owner.sampler)
+        self._read_ahead(max(1, self.owner.lookahead // max(1, len(indices))))
+        if self.plan is not None:
+            self.plan.flush()
         while self.queued and len(self.pending) < self.owner.concurrency:
             i = self.queued[0]
             size = self._size(i)
@@ -250,9 +277,5 @@ class _Run:
             pending = list(self.pending)
         for future in pending:
             future.cancel()
-
-
-def _indices(item: Any) -> list[int]:
-    if isinstance(item, (list, tuple)):
-        return [int(i) for i in item]
-    return [int(item)]
+        if self.plan is not None:
+            self.owner._base = self.plan.finish()
