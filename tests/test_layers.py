@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "manifest": 6,  # recorded versions, read through a Store
     "_manifest_io": 6,
     "cli": 6,
+    "torch": 6,  # mlstore.torch: datasets over the public API
     "__main__": 6,
     "": 6,  # mlstore/__init__.py
 }
