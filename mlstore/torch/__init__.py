@@ -16,5 +16,6 @@ from __future__ import annotations
 
 from mlstore.torch._map import MapDataset
 from mlstore.torch._prefetch import PrefetchSampler
+from mlstore.torch._shards import ShardDataset, ShardFormatError
 
-__all__ = ["MapDataset", "PrefetchSampler"]
+__all__ = ["MapDataset", "PrefetchSampler", "ShardDataset", "ShardFormatError"]
