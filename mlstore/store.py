@@ -334,7 +334,8 @@ class Store:
         :class:`~mlstore.errors.PreconditionFailedError` instead of mixing versions.
         ``"wb"`` gives a file whose content replaces the object atomically when it is
         closed (and is discarded if the ``with`` block raises). ``"r"``/``"w"`` are the
-        text versions.
+        text versions. ``version`` opens that version only (as ``read_bytes`` does),
+        cached like any read: another process opens it from the node's copy.
         """
         binary = mode.replace("t", "")
         if binary not in ("r", "rb", "w", "wb") or ("b" in mode and "t" in mode):
@@ -349,11 +350,11 @@ class Store:
             return runtime.writer.open(
                 where, text=text, encoding=encoding, errors=errors, newline=newline
             )
-        reads = runtime.cached_for(where) if version is None else None
-        fh: IO[bytes]
+        reads = runtime.cached_for(where)
+        fh: IO[bytes] | None = None
         if reads is not None:
-            fh = reads.open(where)
-        else:
+            fh = reads.open(where) if version is None else reads.open_pinned(where, version)
+        if fh is None:
             block_size = self.config.cache.block_size
             fh = runtime.reader.open(
                 where, buffer_size=buffer_size, version=version, block_size=block_size

@@ -129,3 +129,38 @@ def test_a_pinned_copy_grants_no_trust_to_a_read_that_is_not_pinned(
         proxy.reset(via_proxy)
         assert reader.read_bytes(changed) == b"version two"
         assert counts(via_proxy) == (1, 1)
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "blocks"])
+def test_a_pinned_open_is_cached_for_the_next_process_and_refuses_a_changed_object(
+    blocks: bool, s3_bucket: str, via_proxy: str, cache_dir: str
+) -> None:
+    """``open(url, version=v)`` (what a ShardDataset over a manifest does) fills the
+    node cache: another process opens the same version with no request. Once the
+    object changed, a pinned open that finds no copy raises, naming the URL."""
+    url = f"s3://{s3_bucket}/shard-0.tar"
+    data = bytes(range(256)) * 1024  # 256 KiB
+    version = upload(via_proxy, url, data)
+    small = {"block_size": 64 * 1024, "block_threshold": 128 * 1024} if blocks else {}
+    with make_store(via_proxy, cache_dir, **small) as store, store.open(url, version=version) as f:
+        assert f.read() == data
+    proxy.reset(via_proxy)
+    out = run_child(
+        f"""
+        import json, mlstore
+        store = mlstore.Store(options={{"s3": {{"endpoint_url": {via_proxy!r}}}}},
+                              cache={{"disk_dir": {cache_dir!r}, **{small!r}}})
+        with store.open({url!r}, version={version!r}) as f:
+            data = f.read()
+        print(json.dumps([len(data), store.stats()["requests"]]))
+        """,
+        {},
+    )
+    assert out == [len(data), 0]
+    assert counts(via_proxy) == (0, 0)
+    upload(via_proxy, url, b"rewritten")
+    other = make_store(via_proxy, cache_dir + "-other", **small)
+    with pytest.raises(mlstore.PreconditionFailedError) as err:
+        other.open(url, version=version).read()
+    assert url in str(err.value)
+    other.close()

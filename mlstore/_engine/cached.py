@@ -320,6 +320,22 @@ class CachedReads:
         whole.name = redact_url(key)  # shown by repr(): never the URL's credentials
         return whole
 
+    def open_pinned(self, where: Resolved, version: str) -> IO[bytes] | None:
+        """``version`` of the object at ``where`` as a file, through the cache: a
+        whole copy of that version if the node holds one (no request), else cached as
+        a read of the current object would be, when that is still ``version``;
+        ``None`` when it is not (the caller reads the old version uncached, or fails)."""
+        node, policy = self.node(where), self.policy(where)
+        if not self.cache.has(node, policy, version):
+            target, info = self.located_info(where, policy)
+            if info.is_dir or info.version != version:
+                return None
+            if info.size > self.config.block_threshold:
+                return self._block_file(target, info)
+        whole = io.BytesIO(self.pinned(where, version))
+        whole.name = redact_url(where.key)
+        return whole
+
     # ------------------------------------------------------------------ blocks
 
     def _block(
