@@ -40,7 +40,7 @@ class MapDataset(torch.utils.data.Dataset[Any]):  # type: ignore[misc,unused-ign
     ``__getitems__`` reads a whole batch concurrently (the DataLoader calls it with
     the batch's indices), so one worker keeps many requests in flight.
 
-    Example:
+    Examples:
         >>> import mlstore
         >>> from mlstore.torch import MapDataset
         >>> for i in range(3):

@@ -69,7 +69,7 @@ class PrefetchSampler(torch.utils.data.Sampler[Any]):  # type: ignore[misc,unuse
             fit, eviction keeps the samples wanted soonest (Belady) rather than the
             ones read last (LRU); see :mod:`mlstore.torch._plan`.
 
-    Example:
+    Examples:
         >>> import mlstore
         >>> from torch.utils.data import DataLoader, SequentialSampler
         >>> from mlstore.torch import MapDataset, PrefetchSampler

@@ -48,9 +48,9 @@ class ShardDataset(torch.utils.data.IterableDataset[Any]):  # type: ignore[misc,
     :class:`ShardFormatError` naming the shard and the member, never a short epoch.
 
     **Streaming.** Each shard is read front to back through ``store.open(url, "rb")``
-    and never held whole by this class. On the uncached path (the Store's cache off,
-    or a shard pinned by a manifest) ``readahead`` bytes are fetched per request. With
-    the cache on, the Store decides: a shard larger than ``CacheConfig.block_threshold``
+    and never held whole by this class. On the uncached path (the Store's cache off)
+    ``readahead`` bytes are fetched per request. With the cache on (shards pinned by a
+    manifest included), the Store decides: a shard larger than ``CacheConfig.block_threshold``
     (64 MiB by default) is read in cache blocks with the cache's own read-ahead, a
     smaller one is fetched and cached whole.
 
@@ -107,7 +107,7 @@ class ShardDataset(torch.utils.data.IterableDataset[Any]):  # type: ignore[misc,
         NotFoundError: a prefix or glob matched no shard.
         ConfigError: an invalid argument.
 
-    Example:
+    Examples:
         >>> import io, tarfile
         >>> import mlstore
         >>> from mlstore.torch import ShardDataset
