@@ -370,7 +370,8 @@ def _rows(
     ceiling: dict[str, tuple[list[float], bool]],
 ) -> list[Row]:
     ms = int(ctx.latency * 1000)
-    size = f"{n:,} x 64 KiB, batch {BATCH}, {ms} ms"
+    reps = ctx.sizes.b6_reps  # B6's own count, whatever the run's --reps
+    size = f"{n:,} x 64 KiB, batch {BATCH}, {ms} ms, {reps} rep{'s' if reps > 1 else ''}"
     scen1, scen2 = f"B6 epoch 1 ({size})", f"B6 epoch 2, warm ({size})"
     setup = f"RandomSampler(seed {SEED}), fork, persistent workers"
 
