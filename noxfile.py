@@ -77,6 +77,7 @@ def docs(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks side by side with the peers: ``nox -s bench -- --quick``."""
+    session.install("torch==2.13.0")  # first: B6's DataLoader (CPU wheel, exact pin)
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/run.py", *session.posargs)
 
@@ -84,5 +85,6 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def reliability(session: nox.Session) -> None:
     """RELIABILITY.md's fault scenarios at full scale: ``nox -s reliability [-- --quick]``."""
+    session.install("torch==2.13.0")  # first: the bench extra needs torch (exact pin)
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/reliability.py", *session.posargs)

@@ -228,12 +228,20 @@ def _raw_fill(dest: str, keys: list[str], blobs: list[bytes]) -> Callable[[int],
     return op
 
 
+def dataloader(task: dict[str, Any]) -> dict[str, Any]:
+    """DataLoader epochs of one peer (B6): see :func:`benchmarks.dataloader.epochs`."""
+    from benchmarks.dataloader import epochs
+
+    return epochs(task, _barrier)
+
+
 TASKS = {
     "read_keys": read_keys,
     "many_readers": many_readers,
     "stream": stream,
     "memory_budget": memory_budget,
     "window": window,
+    "dataloader": dataloader,
 }
 
 

@@ -21,6 +21,8 @@ PACKAGES = (
     "boto3",
     "obstore",
     "multi-storage-client",
+    "torch",
+    "s3torchconnector",
     "moto",
     "xxhash",
 )
@@ -260,19 +262,20 @@ mlstore exists to make training reads faster and cheaper than the alternatives, 
 claim is a ratio measured side by side, in one run, against the tools a user would pick
 instead: s3fs read directly, fsspec's `simplecache::` and `blockcache::` over s3fs,
 boto3 `get_object`, obstore, NVIDIA's Multi-Storage Client (MSC) with its node cache,
-and a raw local file `read()` / `readinto()` of the same bytes (the limit for a warm
-disk hit). The S3 server is a `moto_server` in its own
-process; the "cloud profile" puts a proxy in front of it that adds a fixed latency to
-every request ({int(info["latency"] * 1000)} ms), as real object stores answer in 10-100 ms.
-Every byte every peer returns is checked against the xxh3 of what was written, so no
-one wins by skipping work. Each figure is the median of several repetitions,
-interleaved across peers; ratios are taken within the run.
+AWS's s3torchconnector (for the DataLoader), and a raw local file `read()` /
+`readinto()` of the same bytes (the limit for a warm disk hit). The S3 server is a
+`moto_server` in its own process; the "cloud profile" puts a proxy in front of it that
+adds a fixed latency to every request ({int(info["latency"] * 1000)} ms), as real object
+stores answer in 10-100 ms. Every byte every peer returns is checked against the xxh3 of
+what was written, so no one wins by skipping work. Each figure is the median of several
+repetitions, interleaved across peers; ratios are taken within the run.
 
 ## How to run
 
 ```bash
-pip install -e . s3fs boto3 "moto[server]" obstore multi-storage-client matplotlib
-python benchmarks/run.py --quick             # about 5 minutes on 2 cores
+pip install torch==2.13.0                    # first, so nothing pulls another torch
+pip install -e ".[bench]"                    # s3fs, boto3, moto, obstore, MSC, s3torchconnector
+python benchmarks/run.py --quick             # about 15 minutes on 2 cores (B6: about 4)
 python benchmarks/run.py                     # full sizes, about 20 minutes
 python benchmarks/run.py --only B1,B4        # some scenarios
 ```
@@ -318,7 +321,18 @@ Charts of this run:
   async, simplecache.
 - **B5** B4 through the cloud profile, with the latency floor (requests x latency /
   concurrency) and the server path's own ceiling. Peers: as B4, serial ones on a subset.
-- **B6** DataLoader epochs: not yet (needs `mlstore.torch`).
+- **B6** PyTorch DataLoader epochs, map-style, batch 32, 64 KiB samples, cloud profile,
+  `RandomSampler` with a seeded generator, `fork` workers kept for epoch 2, each loader
+  in a fresh process with a cold cache in a fresh directory; samples/s of epoch 1 and
+  epoch 2 and each worker's peak RSS. mlstore: `mlstore.torch.MapDataset` over the
+  prefix (a manifest, listed before the timer) with 4 workers, and with 2 workers with
+  and without `PrefetchSampler`. Peers: a plain `Dataset` calling s3fs `cat_file` (one
+  filesystem per worker), s3torchconnector's `S3MapDataset.from_prefix`, and a thin
+  `Dataset` over an MSC `StorageClient` with its cache (MSC ships no torch dataset).
+  Context rows: the fastest raw client's GETs/s of the same objects through the same
+  proxy at 0 ms and at the profile's latency (the server's ceiling). Notes give the
+  requests per epoch at the proxy, the loader's CPU per sample (its process and its
+  workers) and how many cores the whole machine kept busy.
 - **B7** 8 processes cold-read the same objects at once; GETs counted at the proxy.
   Peers: simplecache with a shared cache directory; MSC with a shared cache directory,
   through `read()` (no lock) and through `open().read()` (a HEAD, then one process
@@ -371,7 +385,16 @@ Charts of this run:
   request, as with simplecache); B2's `default config` row keeps MSC's default, a HEAD
   before every hit to compare the cached ETag. MSC has no batch read of many objects'
   bytes, so its reads go one by one, as simplecache's do; it has no memory tier and
-  does not check the cached bytes. It is not (yet) in B4-B6 or B8-B10.
+  does not check the cached bytes. It is not (yet) in B4-B5 or B8-B10; in B6 it is a
+  thin map-style `Dataset` whose `__getitem__` is `client.read` (one client per worker).
+- s3torchconnector (B6) is `S3MapDataset.from_prefix` with `endpoint=` the proxy over
+  plain HTTP, `S3ClientConfig(force_path_style=True)`, the credentials from the
+  environment and `transform` reading the whole object; its CRT client is built in
+  each worker after the fork. It has no cache, so its epoch 2 makes every request again.
+- B6's s3fs `Dataset` makes two requests per sample: s3fs's `cat_file` sends a HEAD
+  (the object's size, to choose its chunked path) before the GET, as it does by default.
+- B6's worker RSS is each worker's `VmHWM`; a forked worker starts with the pages it
+  shares with its parent (torch and the client library), given in the notes.
 - Peak RSS (B10) is `VmHWM` of the child process: `getrusage()` on Linux also counts
   the forked parent's pages from before `exec`.
 

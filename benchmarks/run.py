@@ -33,7 +33,7 @@ from benchmarks.scenarios import SCENARIOS, Ctx, Sizes, prepare
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="mlstore benchmarks (see docs/benchmarks.md)")
-    p.add_argument("--quick", action="store_true", help="smaller counts (about 5 minutes)")
+    p.add_argument("--quick", action="store_true", help="smaller counts (about 15 minutes)")
     p.add_argument("--only", default="", help="comma-separated scenarios, e.g. B1,B4")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results dir")
     p.add_argument("--latency", type=float, default=0.02, help="cloud profile seconds/request")

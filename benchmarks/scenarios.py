@@ -78,6 +78,8 @@ class Sizes:
     b11_pool: int = 250  # 4 KiB objects of each B11 fill process (more than it fills)
     b11_entries: tuple[int, ...] = (1_000, 100_000)  # index sizes of B11's hit cost
     b11_sample: int = 1000  # entries read by a fresh process at each index size
+    b6_samples: int = 4000  # 64 KiB samples of B6's DataLoader epochs
+    b6_reps: int = 3  # each B6 repetition runs every loader in a fresh process
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
@@ -94,6 +96,8 @@ class Sizes:
                 b7_reps=2,
                 stream=256 * MiB,
                 memory_budget=32 * MiB,
+                b6_samples=1000,
+                b6_reps=1,
             )
         return cls(
             reps=5,
@@ -1039,19 +1043,10 @@ def b10(ctx: Ctx) -> list[Row]:
 
 
 def b6(ctx: Ctx) -> list[Row]:
-    """DataLoader epochs: a later issue."""
-    print("B6: not yet (needs mlstore.torch)", flush=True)
-    return [
-        Row(
-            scenario="B6",
-            peer="mlstore.torch MapDataset",
-            median=None,
-            unit="-",
-            note="not yet (needs mlstore.torch)",
-            target="epoch 1 >= 5x s3fs Dataset; epoch 2 >= 20x",
-            is_mlstore=True,
-        )
-    ]
+    """DataLoader epochs with peers: in its own module, which builds on this one."""
+    from benchmarks import dataloader
+
+    return dataloader.b6(ctx)
 
 
 def b11(ctx: Ctx) -> list[Row]:
