@@ -29,7 +29,6 @@ import re
 import threading
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
@@ -291,14 +290,21 @@ class Manifest(Sequence[ManifestEntry]):
         on_change: str = "raise",
         max_workers: int | None = None,
     ) -> list[bytes]:
-        """Read entries concurrently, each pinned as :meth:`read` is; results in order."""
-        todo = list(items)
+        """Read entries concurrently, each pinned as :meth:`read` is; results in order.
+
+        Through :meth:`Store.read_many <mlstore.Store.read_many>`: cached copies are
+        served in the calling thread, the rest by the Store's kept pool of threads.
+        """
+        if on_change not in _ON_CHANGE:
+            raise ConfigError(f"on_change must be 'raise' or 'reread', got {on_change!r}")
+        positions = [self._position(x) for x in items]
         s = store or self.store or _default()
-        workers = min(max_workers or s.config.max_workers, len(todo))
-        if workers <= 1:
-            return [self.read(x, store=s, on_change=on_change) for x in todo]
-        with ThreadPoolExecutor(workers, thread_name_prefix="mlstore-manifest") as pool:
-            return list(pool.map(lambda x: self.read(x, store=s, on_change=on_change), todo))
+        urls = [self.url(i) for i in positions]
+        versions = [self._versions[i] for i in positions]
+        try:
+            return s.read_many(urls, versions=versions, max_workers=max_workers)
+        except PreconditionFailedError:  # one changed: each read again, as read() says
+            return [self.read(i, store=s, on_change=on_change) for i in positions]
 
     # ------------------------------------------------------------------ saving
 

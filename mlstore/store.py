@@ -13,9 +13,9 @@ import io
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Literal, overload
 
+from mlstore._bulk import BulkReads, hot_hit
 from mlstore._engine.listing import logical
 from mlstore._engine.replicas import Resolved
 from mlstore._engine.runtime import Runtime
@@ -35,7 +35,7 @@ __all__ = ["Store", "default_store", "set_default_store"]
 UrlLike = str | os.PathLike[str] | URL
 
 
-class Store:
+class Store(BulkReads):
     """Reads and writes any supported URL through one cache and one retry policy.
 
     Args:
@@ -192,128 +192,20 @@ class Store:
                 fetched pinned and cached.
         """
         runtime = self._runtime.get()
-        cached = runtime.cached
-        named = None
-        if cached is not None and version is None and type(url) is str:
-            named = runtime.node_keys.get(url)
-            if named is not None:  # the hot path: a URL read before, now a trusted hit
-                hit = cached.cache.peek(named[0])
-                if hit is None:
-                    hit = cached.hit(*named)
-                if hit is not None:
-                    return hit if start is None and end is None else hit[start:end]
+        if version is None and type(url) is str:
+            hit = hot_hit(runtime, url)  # a URL read before, now a trusted hit
+            if hit is not None:
+                return hit if start is None and end is None else hit[start:end]
         where = runtime.resolve(parse_url(url))
         reads = runtime.cached_for(where)
         if reads is not None and version is not None:
             if start is None and end is None:  # a pinned range is one ranged GET
                 return reads.pinned(where, version)
         elif reads is not None:
-            if named is None and type(url) is str:
+            if type(url) is str:
                 runtime.remember(url, where)
             return reads.read(where, start, end)
         return runtime.reader.read_range(where, start, end, version)
-
-    def read_many(self, urls: Iterable[UrlLike], *, max_workers: int | None = None) -> list[bytes]:
-        """Read many whole objects concurrently; results come back in input order.
-
-        The first failure is raised (after the reads already started finish).
-        """
-        items = list(urls)
-        if not items:
-            return []
-        workers = min(max_workers or self.config.max_workers, len(items))
-        if workers <= 1:
-            return [self.read_bytes(u) for u in items]
-        with ThreadPoolExecutor(workers, thread_name_prefix="mlstore-read") as pool:
-            return list(pool.map(self.read_bytes, items))
-
-    def warm(self, url: UrlLike, *, version: str | None = None) -> int:
-        """Fill the node cache with ``url`` without returning it; the bytes fetched
-        (``0`` when the node already held a copy a read would serve).
-
-        Caches exactly what ``read_bytes(url, version=version)`` would, for every
-        process on the node, but keeps nothing in this process's memory tier: a
-        DataLoader's main process warms what its workers will read. Objects that are
-        not cached (local files, ``memory://``, or the cache turned off) are not read.
-        A pinned warm of an object that changed raises
-        :class:`~mlstore.errors.PreconditionFailedError`, as the read would.
-        """
-        runtime, where = self._where(url)
-        return runtime.warm(where, version)
-
-    def prefetch(
-        self, urls: Iterable[UrlLike], *, versions: Iterable[str | None] | None = None
-    ) -> Future[int]:
-        """Warm ``urls`` in the background (see :meth:`warm`), each pinned to the
-        matching entry of ``versions`` when given; returns at once.
-
-        The returned future gives the total bytes fetched once every warm has finished,
-        or the first error (the other warms still run; a failed warm leaves the later
-        read to fetch, retry and report as usual). Ignore it to warm and forget.
-
-        Example:
-            >>> store = Store()
-            >>> store.write_bytes("memory://docs/warm.txt", b"w")
-            >>> store.prefetch(["memory://docs/warm.txt"]).result()
-            0
-        """
-        items = list(urls)
-        pins = list(versions) if versions is not None else [None] * len(items)
-        if len(pins) != len(items):
-            raise ConfigError(f"prefetch got {len(items)} URLs but {len(pins)} versions")
-        done: Future[int] = Future()
-        if not items:
-            done.set_result(0)
-            return done
-        pool = self._runtime.get().background()
-        state = {"left": len(items), "bytes": 0}
-        errors: list[BaseException] = []
-        lock = threading.Lock()
-
-        def finished(f: Future[int]) -> None:
-            with lock:
-                state["left"] -= 1
-                if f.cancelled():
-                    pass
-                elif f.exception() is not None:
-                    errors.append(f.exception())  # type: ignore[arg-type]
-                else:
-                    state["bytes"] += f.result()
-                last = state["left"] == 0
-            if last:
-                if errors:
-                    done.set_exception(errors[0])
-                else:
-                    done.set_result(state["bytes"])
-
-        for url, version in zip(items, pins, strict=True):
-            pool.submit(self.warm, url, version=version).add_done_callback(finished)
-        return done
-
-    def plan_reads(
-        self,
-        plan: str,
-        position: int | None,
-        upcoming: Iterable[tuple[UrlLike, int | None]] = (),
-    ) -> None:
-        """Tell the node cache the order a reader will read in, so that eviction keeps
-        what is wanted soonest (Belady's rule) rather than what was read last.
-
-        Args:
-            plan: names the reader (one per sampler; any string unique on the node).
-            position: how many reads the reader has made so far, over its whole life
-                (``None``: the reader is done; its plan is forgotten).
-            upcoming: ``(url, due)``: the position of the next read of ``url``, or
-                ``None`` if the reader will not read it again, as far as it knows.
-
-        Objects that are not cached are ignored. Blobs no live plan will read again
-        are evicted first, by least recent use; then the planned ones, furthest next
-        use first. A plan not renewed for 10 minutes lapses.
-        :class:`mlstore.torch.PrefetchSampler` does this for a DataLoader.
-        """
-        runtime = self._runtime.get()
-        resolved = [(runtime.resolve(parse_url(url)), due) for url, due in upcoming]
-        runtime.plan_reads(plan, position, resolved)
 
     def open(
         self,

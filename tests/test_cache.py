@@ -1002,3 +1002,30 @@ def test_a_disk_tier_used_across_a_fork_works_in_both_processes(tmp_path: Path) 
     entry = tier.lookup("s3://b/child")
     assert entry is not None and tier.read_blob(entry.hash, entry.size) == b"from the child"
     tier.close()
+
+
+def test_threads_that_ended_leave_no_index_connection_open(tmp_path: Path) -> None:
+    """Each thread reads the index through a connection of its own; one made by a
+    thread that has ended is closed when the next thread connects, so a pool made per
+    batch (as a DataLoader worker's reads make) does not run out of descriptors."""
+    tier = DiskTier(str(tmp_path / "cache"), MiB)
+    tier.put("k", "v1", b"data")
+    assert tier.lookup("k") is not None
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def look() -> None:
+        assert tier.lookup("k") is not None
+
+    def one_thread() -> None:
+        thread = threading.Thread(target=look)
+        thread.start()
+        thread.join()
+
+    one_thread()
+    before = fds()
+    for _ in range(40):
+        one_thread()
+    assert fds() <= before + 3
+    tier.close()

@@ -191,7 +191,10 @@ def test_the_sampler_order_is_unchanged_and_set_epoch_is_passed_on(
         expect = list(reference)
         assert list(wrapped) == expect and len(wrapped) == len(expect)
         wrapped.settle()
-    assert wrapped.counts["warmed"] == COUNT // 2 and wrapped.counts["failed"] == 0
+    # Each epoch warms at most its own samples (a warm still queued at the epoch's end
+    # is cancelled), and a sample the node holds is found, not fetched again.
+    warms = wrapped.counts["warmed"] + wrapped.counts["held"]
+    assert 0 < warms <= COUNT and wrapped.counts["failed"] == 0
 
 
 def test_an_epoch_fetches_each_object_once_on_the_node_and_nothing_after_it(

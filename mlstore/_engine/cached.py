@@ -282,6 +282,10 @@ class CachedReads:
         self._info.pop(key)
         return self.located_info(where, policy)[1].version
 
+    def pinned_hit(self, where: Resolved, version: str) -> bytes | None:
+        """A cached copy of ``version`` of ``where``, or ``None`` (no request made)."""
+        return self.cache.pinned_hit(self.node(where), version, self.policy(where))
+
     def pinned(self, where: Resolved, version: str, *, keep_in_memory: bool = True) -> bytes:
         """The whole object at ``where`` as of ``version``: from the cache if a copy of
         that version is there (never revalidated), else one GET pinned to it (a changed

@@ -79,7 +79,7 @@ class Runtime:
         #: URL strings read before: their node keys and the keys their policies go by.
         self.node_keys: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
-        self._background: ThreadPoolExecutor | None = None
+        self._pools: dict[str, ThreadPoolExecutor] = {}
 
     def resolve(self, url: URL) -> Resolved:
         return resolve(url, self.mounts)
@@ -134,16 +134,18 @@ class Runtime:
             cached = [(w, due) for w, due in uses if self.cached_for(w) is not None]
             schedule(reads, plan, position, cached)
 
-    def background(self) -> ThreadPoolExecutor:
-        """This process's pool for background work (prefetches), made on first use."""
-        pool = self._background
+    def pool(self, kind: str) -> ThreadPoolExecutor:
+        """This process's pool of ``max_workers`` threads for ``kind`` of work
+        (``"read"``: ``read_many``; ``"prefetch"``: background warms), made on first
+        use and kept: threads, and their index connections, are not made per call."""
+        pool = self._pools.get(kind)
         if pool is None:
             with self._lock:
-                pool = self._background
+                pool = self._pools.get(kind)
                 if pool is None:
                     workers = self.config.max_workers
-                    pool = ThreadPoolExecutor(workers, thread_name_prefix="mlstore-prefetch")
-                    self._background = pool
+                    pool = ThreadPoolExecutor(workers, thread_name_prefix=f"mlstore-{kind}")
+                    self._pools[kind] = pool
         return pool
 
     def locate(self, where: Resolved) -> tuple[URL, ObjectInfo]:
@@ -172,8 +174,8 @@ class Runtime:
     def close(self) -> None:
         """Release clients, connections and cache handles (they are rebuilt on use)."""
         with self._lock:
-            pool, self._background = self._background, None
-        if pool is not None:
+            pools, self._pools = self._pools, {}
+        for pool in pools.values():
             pool.shutdown(wait=True, cancel_futures=True)
         self.calls.close()
         with self._lock:

@@ -13,6 +13,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +200,10 @@ def _has_schema(db: sqlite3.Connection) -> bool:
     return db.execute("SELECT 1 FROM meta WHERE name = 'bytes'").fetchone() is not None
 
 
+def _alive(thread: threading.Thread | None) -> bool:
+    return thread is not None and thread.is_alive()
+
+
 class _ProcessIndex:
     """One process's side of the index: a SQLite connection per thread, every one listed
     so that :meth:`close` reaches them, and the access times waiting to be written.
@@ -230,7 +235,10 @@ class _ProcessIndex:
         #: means another process replaced a damaged or removed index (reconnect).
         self.ino: int | None = None
         self.threads = threading.local()  # .db: that thread's connection
-        self.connections: list[_Connection] = []
+        #: Every connection made, with the thread that made it: a thread that ended
+        #: has its connection closed by the next thread to connect (a pool made per
+        #: batch must not leave a connection and two descriptors per thread behind).
+        self.connections: list[tuple[weakref.ref[threading.Thread], _Connection]] = []
         self.lock = threading.Lock()  # over ``connections`` and ``touched``
         self.touched: dict[str, float] = {}
         self.last_flush = time.monotonic()
@@ -264,7 +272,12 @@ class _ProcessIndex:
             raise
         self.threads.db = db
         with self.lock:
-            self.connections.append(db)
+            ended = [made for owner, made in self.connections if not _alive(owner())]
+            live = [(owner, made) for owner, made in self.connections if _alive(owner())]
+            self.connections = [*live, (weakref.ref(threading.current_thread()), db)]
+        for made in ended:
+            with contextlib.suppress(sqlite3.Error):
+                made.close()
         return db
 
     def close(self) -> None:
@@ -272,7 +285,7 @@ class _ProcessIndex:
         self.wake.set()  # the flusher ends
         with self.lock:
             connections, self.connections = self.connections, []
-        for db in connections:
+        for _, db in connections:
             with contextlib.suppress(sqlite3.Error):
                 db.close()
 

@@ -255,13 +255,13 @@ class TieredCache(OpenedHits):
         one (a GCS generation can be read after it was replaced), so its copy is stored
         as never checked: a read that is not pinned checks it with the store first.
         """
-        found = self._pinned_hit(key, version, policy)
+        found = self.pinned_hit(key, version, policy)
         if found is not None:
             return found
         with self.flight.hold(key) as waited:
             if waited:
                 self.metrics.add("single_flight_waits", "cache")
-            found = self._pinned_hit(key, version, policy)
+            found = self.pinned_hit(key, version, policy)
             if found is not None:
                 return found
             fetched = fetch()
@@ -273,7 +273,7 @@ class TieredCache(OpenedHits):
             self._store(key, fetched, digest, policy, checked=0.0, keep_in_memory=keep_in_memory)
             return fetched.data
 
-    def _pinned_hit(self, key: str, version: str, policy: tuple[str, float]) -> bytes | None:
+    def pinned_hit(self, key: str, version: str, policy: tuple[str, float]) -> bytes | None:
         """A copy of ``version``, in memory or on disk (kept under ``policy``'s rules
         for reads that are not pinned: its stamp is not renewed)."""
         item = self.memory.get(key)
