@@ -1,6 +1,7 @@
 """Manifests: the objects of a dataset, listed once, read pinned to what was listed.
 
-A :class:`Manifest` is built from one listing of a prefix or a glob and records, per
+A :class:`Manifest` is built from one listing of a prefix (its common prefixes listed
+in parallel) or a glob and records, per
 object, its URL, size, version (S3 ETag, GCS generation, Azure ETag, local
 ``mtime_ns-size``) and content hash where the listing reports one. It is saved to any URL
 (JSON Lines, or Parquet when pyarrow is installed) and loaded from it, so training
@@ -29,6 +30,7 @@ import re
 import threading
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
@@ -38,6 +40,7 @@ from mlstore.errors import ConfigError, NotFoundError, NotInManifestError, Preco
 from mlstore.url import URL, glob_regex, parse_url
 
 if TYPE_CHECKING:
+    from mlstore.backends.base import ObjectInfo
     from mlstore.store import Store
 
 __all__ = ["FORMAT_VERSION", "Manifest", "ManifestEntry"]
@@ -114,7 +117,9 @@ class Manifest(Sequence[ManifestEntry]):
     @classmethod
     def build(cls, source: str | os.PathLike[str] | URL, *, store: Store | None = None) -> Manifest:
         """Every file below the prefix ``source``, or matching the glob ``source``
-        (``*``, ``?``, ``[abc]``, ``**``), from one recursive listing.
+        (``*``, ``?``, ``[abc]``, ``**``). A prefix is listed one level down, then
+        each of its common prefixes recursively, in parallel (a flat prefix: one
+        listing); a glob, with one recursive listing below its literal head.
 
         Raises:
             NotFoundError: ``source`` is a prefix with nothing below it.
@@ -124,7 +129,7 @@ class Manifest(Sequence[ManifestEntry]):
         url = parse_url(text)
         wild = _WILDCARD.search(url.path)
         if wild is None:
-            infos = s.find(url, detail=True)
+            infos = _listing(s, url)
             if not infos:
                 raise NotFoundError(
                     "nothing to put in a manifest: no object below this prefix",
@@ -355,6 +360,24 @@ def _common_root(urls: Sequence[str]) -> str:
     # by character, not path component: "s3://b/x" has no path components to compare
     prefix = os.path.commonprefix([min(urls), max(urls)])  # noqa: RUF071
     return prefix[: prefix.rfind("/") + 1]
+
+
+def _listing(store: Store, url: URL) -> list[ObjectInfo]:
+    """Every file below ``url``: one listing of its first level, then each of its
+    common prefixes listed recursively, concurrently. A flat prefix costs one listing
+    (its first level is all of it); a tree of many prefixes is listed in parallel."""
+    try:
+        top = store.ls(url, detail=True, refresh=True)
+    except NotFoundError:
+        return []
+    files = [e for e in top if not e.is_dir]
+    below = [e.url for e in top if e.is_dir]
+    if not below:
+        return files
+    workers = min(store.config.max_workers, len(below))
+    with ThreadPoolExecutor(workers, thread_name_prefix="mlstore-list") as pool:
+        parts = list(pool.map(lambda d: store.find(d, detail=True), below))
+    return sorted([*files, *(e for p in parts for e in p)], key=lambda e: str(e.url))
 
 
 def _default() -> Store:

@@ -266,14 +266,18 @@ class Store(BulkReads):
         runtime, where = self._where(url)
         return runtime.reader.fetch_whole(where)
 
-    def ls(self, url: UrlLike, detail: bool = False) -> list[Any]:
+    def ls(self, url: UrlLike, detail: bool = False, *, refresh: bool = False) -> list[Any]:
         """Entries directly below ``url`` (names, or :class:`ObjectInfo` with ``detail``).
+
+        Args:
+            refresh: list from the storage even if the cache holds a listing that its
+                consistency policy still trusts.
 
         Raises:
             NotFoundError: ``url`` does not exist.
         """
         runtime, where = self._where(url)
-        reads = runtime.cached_for(where)
+        reads = runtime.cached_for(where) if not refresh else None
         if reads is not None:
             entries = reads.listing(where, lambda: runtime.listing.ls(where))
         else:

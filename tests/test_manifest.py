@@ -327,7 +327,8 @@ def test_a_loaded_manifest_reads_pinned_in_a_fresh_process_without_listing(
         fill(s, prefix)
         proxy.reset(endpoint)
         m = Manifest.build(prefix, store=s)
-        assert _lists(endpoint) == 1, "one listing builds the manifest"
+        # One listing of the first level, one of each common prefix (train/, val/).
+        assert _lists(endpoint) == 3
         m.save(f"s3://{s3_bucket}/manifests/train.jsonl")
     proxy.reset(endpoint)
     out = run_child(
@@ -345,3 +346,27 @@ def test_a_loaded_manifest_reads_pinned_in_a_fresh_process_without_listing(
     pinned = {r["path"].split("/data/", 1)[-1]: r["if_match"] for r in log if "/data/" in r["path"]}
     assert set(pinned) == set(DATASET)
     assert all(etag and etag.startswith('"') for etag in pinned.values())
+
+
+@pytest.mark.s3
+def test_a_flat_prefix_is_one_listing_and_common_prefixes_are_listed_concurrently(
+    s3_bucket: str, s3_proxy: ServerProcess
+) -> None:
+    endpoint = s3_proxy.endpoint
+    with Store(options={"s3": {"endpoint_url": endpoint}}, cache={"enabled": False}) as s:
+        for i in range(3):
+            s.write_bytes(f"s3://{s3_bucket}/flat/{i}.bin", b"x" * i)
+        for part in "abcd":
+            s.write_bytes(f"s3://{s3_bucket}/tree/{part}/deep/{part}.bin", part.encode())
+        proxy.reset(endpoint)
+        assert len(Manifest.build(f"s3://{s3_bucket}/flat", store=s)) == 3
+        assert _lists(endpoint) == 1
+        proxy.set_latency(endpoint, 0.2)  # long enough for listings to overlap
+        try:
+            proxy.reset(endpoint)
+            m = Manifest.build(f"s3://{s3_bucket}/tree", store=s)
+            peak = proxy.counts(endpoint)["peak_in_flight"]
+        finally:
+            proxy.set_latency(endpoint, 0)
+    assert [e.url.rsplit("/", 1)[1] for e in m] == ["a.bin", "b.bin", "c.bin", "d.bin"]
+    assert _lists(endpoint) == 5 and peak >= 2
