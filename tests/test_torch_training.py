@@ -28,6 +28,11 @@ from tests.torch_children import (  # noqa: E402
 )
 
 pytestmark = [pytest.mark.torch, pytest.mark.s3]
+# torch warns when a DataLoader has more workers than the machine has cores (a 1-core
+# runner): not a fault of what is tested here.
+MORE_WORKERS_THAN_CORES = pytest.mark.filterwarnings(
+    "ignore:This DataLoader will create:UserWarning"
+)
 
 SAMPLES = 64
 SIZE = 3000  # bytes per sample: the features, the target, padding
@@ -51,6 +56,7 @@ def training_set(s3_bucket: str, moto: ServerProcess) -> Iterator[str]:
     remove(moto.endpoint, prefix)
 
 
+@MORE_WORKERS_THAN_CORES
 def test_the_second_epoch_fetches_nothing_and_the_model_learns(
     training_set: str, s3_proxy: ServerProcess
 ) -> None:

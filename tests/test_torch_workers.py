@@ -29,6 +29,11 @@ from tests.servers import proxy  # noqa: E402
 from tests.torch_children import Recorded, keep, put, remove, run_program  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.s3]
+# torch warns when a DataLoader has more workers than the machine has cores (a 1-core
+# runner): not a fault of what is tested here.
+MORE_WORKERS_THAN_CORES = pytest.mark.filterwarnings(
+    "ignore:This DataLoader will create:UserWarning"
+)
 
 SAMPLES = 32  # below data/, read by the start-method runs
 BUSY = 6  # below busy/, read by the parent's threads meanwhile
@@ -153,6 +158,7 @@ FAULT_RULES = [
 ]
 
 
+@MORE_WORKERS_THAN_CORES
 @pytest.mark.faults
 def test_workers_and_prefetch_ride_out_resets_503s_truncations_and_flips(
     bucket: tuple[str, dict[str, str]], s3_fault_proxy: ServerProcess
