@@ -23,6 +23,7 @@ from mlstore._util.files import CountingReader, open_ranged
 from mlstore._util.redact import redact_url
 from mlstore.backends.base import Backend, ObjectInfo, Received
 from mlstore.errors import (
+    CorruptBodyError,
     IsADirectoryError_,
     PreconditionFailedError,
     TransientError,
@@ -155,7 +156,16 @@ class Reader:
                     resume.restart()  # changed under us: start over, all on the new one
                     count(backend, "restarts")
                     return first(got)
-                return b"".join([*resume.parts, rest]), resume.version
+                data = b"".join([*resume.parts, rest])
+                if not start and end is None:  # a whole object put together: check it
+                    count(backend, "requests")
+                    try:
+                        backend.check_resumed(target, data, resume.version)
+                    except CorruptBodyError:
+                        resume.restart()  # no start to build on: the next attempt starts over
+                        count(backend, "integrity_failures")
+                        raise
+                return data, resume.version
             except TransientError:
                 if got is not None and resume.keep(got):
                     count(backend, "resumes")

@@ -32,6 +32,7 @@ from mlstore.backends._errors import (
     Answer,
     HashMismatchError,
     Service,
+    refuse_corrupt,
     status_error,
 )
 from mlstore.backends._fsspec import FsspecBackend
@@ -188,6 +189,17 @@ class ObjectStoreBackend(FsspecBackend):
                     return self._second_look(url, first)
             except Exception as exc:  # translated here
                 raise self._read_error(exc, url, None, received) from exc
+
+    def check_resumed(self, url: URL, data: bytes, version: str | None) -> None:
+        """A whole download is checked against the hash mlstore recorded in the
+        object's metadata (or the server's MD5), a ranged one is not: so an object put
+        together from an interrupted body and the rest of it is checked here, with one
+        HEAD (after a resume only). An object that changed since is left unchecked:
+        nothing describes those bytes any more."""
+        info = self.info(url)
+        if info.version == version:
+            served = {"md5": info.checksums.get("md5")}
+            refuse_corrupt(data, info.content_hash, url, version=version, served=served)
 
     def _second_look(self, url: URL, first: HashMismatchError) -> tuple[bytes, str | None]:
         """A download that disagreed with the object's recorded hash, downloaded again:

@@ -273,6 +273,13 @@ class Backend(abc.ABC):
             return self.read(url, version=info.version), info.version
         return self.read(url, version=info.version, received=received), info.version
 
+    def check_resumed(self, url: URL, data: bytes, version: str | None) -> None:
+        """Check ``data``, the whole object at ``url`` as of ``version`` put together
+        from an interrupted body (:class:`Received`) and a ranged read of the rest, as
+        one uninterrupted download would have been checked; raise
+        :class:`~mlstore.errors.CorruptBodyError` if it fails. The default checks
+        nothing (a backend that is not :attr:`resumable` never puts one together)."""
+
     def open_read(self, url: URL, info: ObjectInfo) -> IO[bytes] | None:
         """A native seekable file for ``url`` when the backend has a faster one than
         ranged reads (local files), else ``None``."""
