@@ -112,7 +112,8 @@ class PrefetchSampler(torch.utils.data.Sampler[Any]):  # type: ignore[misc,unuse
         self.plan_name = uuid.uuid4().hex
         self._base = 0  # samples handed out in the epochs before this one
         #: Counts over this sampler's life: ``warmed`` (samples fetched into the node
-        #: cache), ``held`` (already there), ``bytes`` fetched, ``failed`` warms.
+        #: cache), ``held`` (already there), ``bytes`` fetched, ``failed`` warms,
+        #: ``late`` (dropped: the consumer was handed the sample before its warm began).
         self.counts: collections.Counter[str] = collections.Counter()
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -188,7 +189,10 @@ class _Run:
         self.window: collections.deque[Any] = collections.deque()  # items read ahead
         self.pending: set[Future[int]] = set()
         self.in_flight = 0  # bytes reserved by pending warms
-        self.queued: collections.deque[int] = collections.deque()  # indices to warm
+        #: (index, position in this epoch) to warm, in the sampler's order
+        self.queued: collections.deque[tuple[int, int]] = collections.deque()
+        self.read = 0  # positions read ahead from the sampler this epoch
+        self.taken = 0  # positions handed to the consumer this epoch
         self.plan = (
             Plan(store, owner.dataset, owner.plan_name, owner._base, lag=owner.lookahead)
             if owner.plan
@@ -217,20 +221,28 @@ class _Run:
                 return
             self.window.append(item)
             for i in flat(item):
-                self.queued.append(i)
+                self.queued.append((i, self.read))
+                self.read += 1
                 if self.plan is not None:
                     self.plan.ahead(i)
 
     def advance(self, item: Any) -> None:
         """The consumer takes ``item``: read ahead and start the warms that fit."""
         indices = flat(item)
+        self.taken += len(indices)
         if self.plan is not None:
             self.plan.handed_out(indices, self.owner.sampler)
         self._read_ahead(max(1, self.owner.lookahead // max(1, len(indices))))
         if self.plan is not None:
             self.plan.flush()
+        while self.queued and self.queued[0][1] < self.taken:
+            # Warms fell behind the consumer: it reads this sample itself. Warming it
+            # now would fetch a sample already read (evicted since, under a plan).
+            self.queued.popleft()
+            with self.lock:
+                self.owner.counts["late"] += 1
         while self.queued and len(self.pending) < self.owner.concurrency:
-            i = self.queued[0]
+            i = self.queued[0][0]
             size = self._size(i)
             with self.lock:
                 if self.pending and self.in_flight + size > self.owner.max_bytes:
