@@ -19,6 +19,8 @@ from typing import IO, Any
 from mlstore.backends.base import Backend, ObjectInfo, register_backend
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
 from mlstore.errors import (
+    CheckpointBusyError,
+    CheckpointError,
     ConfigError,
     ConnectionLostError,
     CorruptBodyError,
@@ -44,6 +46,8 @@ __all__ = [
     "URL",
     "Backend",
     "CacheConfig",
+    "CheckpointBusyError",
+    "CheckpointError",
     "ConfigError",
     "ConnectionLostError",
     "CorruptBodyError",

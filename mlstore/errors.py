@@ -13,6 +13,8 @@ keeps working in code that does not know mlstore::
     ├── ConfigError              (ValueError)   bad URL, option or setting
     ├── UnsupportedOperation     (io.UnsupportedOperation)
     ├── IsADirectoryError_       (IsADirectoryError)
+    ├── CheckpointError               not a checkpoint, or one missing chunks
+    │   └── CheckpointBusyError  (TimeoutError)  a collector or saver held the store too long
     └── TransientError                worth retrying
         ├── ThrottledError            503 SlowDown, 429 Too Many Requests
         ├── StorageTimeoutError  (TimeoutError)
@@ -32,6 +34,8 @@ from typing import ClassVar
 from mlstore._util.redact import MASK, redact_url
 
 __all__ = [
+    "CheckpointBusyError",
+    "CheckpointError",
     "ConfigError",
     "ConnectionLostError",
     "CorruptBodyError",
@@ -147,6 +151,15 @@ class IsADirectoryError_(MlstoreError, IsADirectoryError):  # noqa: N801, N818
         and what to do instead (``hint``, else the one :attr:`HINTS` gives)."""
         hint = hint or cls.HINTS.get(operation, "use ls() to list it")
         return cls(f"this is a directory; {hint}", url=str(url), operation=operation)
+
+
+class CheckpointError(MlstoreError):
+    """The URL holds no checkpoint mlstore can read, or one whose chunks are missing."""
+
+
+class CheckpointBusyError(CheckpointError, TimeoutError):
+    """A checkpoint's chunk store stayed locked by another saver or collector for longer
+    than the caller would wait."""
 
 
 class TransientError(MlstoreError):

@@ -45,7 +45,8 @@ LAYERS: dict[str, int] = {
     "fsspec": 6,
     "_bulk": 5,  # the Store's bulk reads and warms (a mixin of store)
     "manifest": 6,  # recorded versions, read through a Store
-    "torch": 6,  # PyTorch datasets over the public API
+    "torch": 6,  # PyTorch datasets and checkpoints over the public API
+    "checkpoint": 6,  # checkpoints (chunks, manifests, retention) over the public API
     "_manifest_io": 6,
     "cli": 6,
     "__main__": 6,
@@ -160,7 +161,9 @@ def test_nothing_below_the_facade_imports_it() -> None:
     graph = package_graph()
     importers = {m for m, imported in graph.items() if "mlstore.store" in imported}
     consumers = {"mlstore", "mlstore.fsspec", "mlstore.cli", "mlstore.manifest"}
-    assert {m for m in importers if not m.startswith("mlstore.torch.")} <= consumers
+    assert {
+        m for m in importers if not m.startswith(("mlstore.torch.", "mlstore.checkpoint."))
+    } <= consumers
 
 
 def test_the_check_fails_when_the_cache_climbs_back_into_the_store() -> None:
