@@ -17,7 +17,8 @@ live, and a save that started after it waits. Savers never wait on savers.
 
 A lock is *live* while its holder keeps rewriting it (every :data:`REFRESH` seconds);
 one not rewritten for :data:`LAPSE` seconds belongs to a killed process and is
-ignored. Ages are measured on the storage's own clock (the listed modification times
+ignored, as is one taken on this host by a process that no longer exists (a lock
+records its host and PID; a reused PID only keeps a lock alive longer, which is safe). Ages are measured on the storage's own clock (the listed modification times
 against that of the lock just written), so the clocks of the nodes do not matter.
 """
 
@@ -74,8 +75,29 @@ class Lock:
                 continue
             if mine is not None and info.mtime is not None and mine - info.mtime > LAPSE:
                 continue  # its holder stopped rewriting it long ago: dead
+            if self._holder_died(str(info.url)):
+                continue
             found.append(str(info.url))
         return found
+
+    def _holder_died(self, url: str) -> bool:
+        """Whether the lock at ``url`` was taken on this host by a process that is
+        gone (a SIGKILLed save need not block collection until its lock lapses)."""
+        try:
+            body = json.loads(self.store.read_bytes(url))
+        except NotFoundError:
+            return True  # released while we looked
+        except ValueError:
+            return False
+        if body.get("host") != socket.gethostname() or not isinstance(body.get("pid"), int):
+            return False  # another node: only the lapse tells
+        try:
+            os.kill(body["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
 
     def acquire(self) -> None:
         self._write()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import torch
 import torch.serialization
@@ -36,7 +36,7 @@ BLOB_BYTES = 1024 * 1024
 #: passes on only ids whose first item is "storage".
 _STORAGE, _BLOB = "mlstore.storage", "mlstore.blob"
 
-MapLocation = (
+MapLocation: TypeAlias = (
     str
     | torch.device
     | dict[str, str]
