@@ -333,17 +333,22 @@ def child_env(cache_dir: str) -> dict[str, str]:
 
 
 def run_program(
-    name: str, cfg: dict[str, Any], *, cache_dir: str, timeout: float = 240
+    name: str,
+    cfg: dict[str, Any],
+    *,
+    cache_dir: str,
+    timeout: float = 240,
+    module: str = "tests.torch_children",
 ) -> dict[str, Any]:
     """Run program ``name`` in a fresh Python process, with ``cache_dir`` as its node
     cache; its JSON result. A child that hangs fails the test at ``timeout``, and is
     killed with every process it started (its workers, its forkserver, its ranks: one
-    process group)."""
+    process group). ``module`` is where the program and its ``main`` live."""
     child = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "from tests.torch_children import main; main()",
+            f"from {module} import main; main()",
             name,
             json.dumps(cfg),
         ],

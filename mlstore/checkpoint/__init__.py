@@ -9,18 +9,33 @@ other processes save.
 
 This module needs no torch; :func:`mlstore.torch.save` and :func:`mlstore.torch.load`
 (and the DCP storage writer and reader) build on it.
+
+The building blocks below :class:`CheckpointWriter` (:class:`ChunkWriter`,
+:class:`ChunkReader`, :class:`Layout`, :func:`lock_for_save`, :func:`commit_manifest`)
+are exported for savers whose chunks are uploaded by several processes and committed by
+one, as :mod:`mlstore.torch.dcp` does.
 """
 
 from __future__ import annotations
 
-from mlstore.checkpoint._chunks import PIECE_BYTES, cdc_pieces, fixed_pieces
-from mlstore.checkpoint._format import FORMAT, Chunk, Manifest, Part
+from mlstore.checkpoint._chunks import (
+    PIECE_BYTES,
+    ChunkReader,
+    ChunkWriter,
+    cdc_pieces,
+    fixed_pieces,
+    listed_chunks,
+    wait_all,
+)
+from mlstore.checkpoint._format import FORMAT, Chunk, Layout, Manifest, Part, canonical
 from mlstore.checkpoint._io import (
     CheckpointInfo,
     CheckpointReader,
     CheckpointWriter,
+    commit_manifest,
     read_manifest,
 )
+from mlstore.checkpoint._locks import Lock, lock_for_save
 from mlstore.checkpoint._retention import Retention, retain
 
 __all__ = [
@@ -30,11 +45,20 @@ __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
     "Chunk",
+    "ChunkReader",
+    "ChunkWriter",
+    "Layout",
+    "Lock",
     "Manifest",
     "Part",
     "Retention",
+    "canonical",
     "cdc_pieces",
+    "commit_manifest",
     "fixed_pieces",
+    "listed_chunks",
+    "lock_for_save",
     "read_manifest",
     "retain",
+    "wait_all",
 ]

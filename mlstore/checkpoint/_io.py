@@ -222,3 +222,12 @@ def exists(store: Store, url: str) -> bool:
     except (NotFoundError, CheckpointError):
         return False
     return True
+
+
+def commit_manifest(store: Store, url: str, manifest: Manifest) -> None:
+    """Write ``manifest`` at ``url``: its ref first, then the manifest itself, as
+    :meth:`CheckpointWriter.commit` does, for savers that upload their chunks apart (the
+    DCP storage writer: every rank uploads, one writes the manifest). Call it while
+    holding the save lock, after every chunk the manifest names is stored."""
+    store.write_bytes(Layout(manifest.chunks_root).ref(url), url.encode())
+    store.write_bytes(url, manifest.dumps(url))
