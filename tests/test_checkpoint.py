@@ -176,11 +176,11 @@ def test_weights_only_refuses_arbitrary_objects_unless_the_caller_trusts_the_fil
 
 
 def test_bad_urls_get_typed_errors_naming_them(tmp_path: Path) -> None:
-    with pytest.raises(NotFoundError, match="nothing.pt"):
+    with pytest.raises(NotFoundError, match=r"nothing\.pt"):
         load(f"{tmp_path}/nothing.pt")
     plain = tmp_path / "plain.pt"
     torch.save({"w": torch.ones(1)}, plain)  # a torch.save file is not an mlstore checkpoint
-    with pytest.raises(CheckpointError, match="plain.pt.*not an mlstore checkpoint"):
+    with pytest.raises(CheckpointError, match=r"plain\.pt.*not an mlstore checkpoint"):
         load(str(plain))
     with pytest.raises(TypeError, match="map_location"):
         save({"w": torch.ones(1)}, f"{tmp_path}/ok.pt")
@@ -251,7 +251,7 @@ def test_a_chunk_with_other_bytes_is_refused_never_loaded(tmp_path: Path) -> Non
         with pytest.raises(IntegrityError, match="do not match"):
             load(url, store=fresh)
         path.unlink()
-        with pytest.raises(CheckpointError, match="v.pt.*not stored"):
+        with pytest.raises(CheckpointError, match=r"v\.pt.*not stored"):
             load(url, store=fresh)
 
 

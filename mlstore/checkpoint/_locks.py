@@ -18,8 +18,9 @@ live, and a save that started after it waits. Savers never wait on savers.
 A lock is *live* while its holder keeps rewriting it (every :data:`REFRESH` seconds);
 one not rewritten for :data:`LAPSE` seconds belongs to a killed process and is
 ignored, as is one taken on this host by a process that no longer exists (a lock
-records its host and PID; a reused PID only keeps a lock alive longer, which is safe). Ages are measured on the storage's own clock (the listed modification times
-against that of the lock just written), so the clocks of the nodes do not matter.
+records its host and PID; a reused PID only keeps a lock alive longer, which is safe).
+Ages are measured on the storage's own clock (the listed modification times against
+that of the lock just written), so the clocks of the nodes do not matter.
 """
 
 from __future__ import annotations
