@@ -276,6 +276,31 @@ def test_an_s3_complete_whose_answer_is_lost_still_succeeds(
         assert fresh.read_bytes(url) == data
 
 
+@pytest.mark.parametrize(
+    "protocol",
+    [pytest.param("s3", marks=pytest.mark.s3), pytest.param("az", marks=pytest.mark.azure)],
+)
+def test_the_obstore_transport_sends_large_writes_in_the_same_parts(
+    request: pytest.FixtureRequest, protocol: str
+) -> None:
+    """Under ``transport="obstore"`` a large write goes up in parts too (through the
+    fsspec half's client); a small one stays an obstore write."""
+    pytest.importorskip("obstore")
+    if protocol == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket"), "s3_fault_options"
+        endpoint = request.getfixturevalue("s3_fault_proxy").endpoint
+    else:
+        bucket, options = request.getfixturevalue("az_container"), "az_fault_options"
+        endpoint = request.getfixturevalue("az_fault_proxy").endpoint
+    cloud = Cloud(protocol, bucket, dict(request.getfixturevalue(options)), endpoint)
+    data = payload(2 * PART + 1, seed=13)
+    with cloud.store(transport="obstore") as s:
+        with s.open(cloud.url("fast.bin"), "wb") as fh:
+            fh.write(data)
+        assert len(cloud.part_requests()) == 3
+        assert s.read_bytes(cloud.url("fast.bin")) == data
+
+
 # ------------------------------------------------------------------------ the cache
 
 
