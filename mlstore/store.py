@@ -20,7 +20,7 @@ from mlstore._engine.listing import logical
 from mlstore._engine.replicas import Resolved
 from mlstore._engine.runtime import Runtime
 from mlstore._engine.writer import Progress
-from mlstore._util.files import as_bytes
+from mlstore._util.files import as_buffer
 from mlstore._util.process import PerProcess
 from mlstore._util.redact import redact_protocol_options
 from mlstore.backends.base import Backend, ObjectInfo
@@ -50,6 +50,10 @@ class Store(BulkReads):
         max_workers: threads for ``read_many``.
         transport: ``"fsspec"`` or ``"obstore"`` for s3, gs and az
             (:attr:`StoreConfig.transport`).
+        multipart_threshold: writes to s3, gs and az larger than this go up in parts
+            (:attr:`StoreConfig.multipart_threshold`).
+        multipart_part_size: the size of those parts.
+        multipart_concurrency: parts of one write sent at once.
 
     Example:
         >>> store = Store()
@@ -71,6 +75,9 @@ class Store(BulkReads):
         replica_failures: int | None = None,
         replica_cooldown: float | None = None,
         transport: str | None = None,
+        multipart_threshold: int | str | None = None,
+        multipart_part_size: int | str | None = None,
+        multipart_concurrency: int | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
@@ -87,6 +94,9 @@ class Store(BulkReads):
             replica_failures=replica_failures,
             replica_cooldown=replica_cooldown,
             transport=transport,
+            multipart_threshold=multipart_threshold,
+            multipart_part_size=multipart_part_size,
+            multipart_concurrency=multipart_concurrency,
         )
         self._clock = clock
         self._sleep = sleep
@@ -123,6 +133,9 @@ class Store(BulkReads):
             "replica_failures": cfg.replica_failures,
             "replica_cooldown": cfg.replica_cooldown,
             "transport": cfg.transport,
+            "multipart_threshold": cfg.multipart_threshold,
+            "multipart_part_size": cfg.multipart_part_size,
+            "multipart_concurrency": cfg.multipart_concurrency,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -318,10 +331,14 @@ class Store(BulkReads):
         ``replicate=True`` to every replica, in order. A replica that fails stops the
         write there and the error says which replicas were already written.
 
+        A large ``data`` going to s3, gs or az is sent in parts, slices of it: it is not
+        copied whole (see :attr:`StoreConfig.multipart_threshold`). Do not change it
+        until the call returns.
+
         Raises:
             TypeError: ``data`` is not bytes-like (checked before any request).
         """
-        payload = as_bytes(data, "write_bytes", url)
+        payload = as_buffer(data, "write_bytes", url)
         runtime, where = self._where(url)
         runtime.writer.write(where, payload, replicate=replicate)
 

@@ -16,6 +16,7 @@ from mlstore._engine.cached import CACHED_PROTOCOLS, CachedReads
 from mlstore._engine.calls import Calls
 from mlstore._engine.identity import Identity
 from mlstore._engine.listing import Listing
+from mlstore._engine.multipart import PartPlan
 from mlstore._engine.reader import Reader
 from mlstore._engine.replicas import CircuitBreaker, Replicas, Resolved, resolve
 from mlstore._engine.warming import end_plan, schedule, warm
@@ -71,6 +72,7 @@ class Runtime:
             locate=self.locate,
             invalidate=self.invalidate,
             block_size=config.cache.block_size,
+            plan=PartPlan.of(config),
         )
         self.identity = Identity(config)
         #: The cached read path, once something needed it (``None`` before).

@@ -8,8 +8,11 @@ the write hashed (a :data:`Made` proof), so a copy of that content already on di
 serves it without a GET.
 
 A whole-object write is idempotent, so it is retried like a read. A file opened for
-writing on a backend that buffers (object stores) is stored with one such write when
-it is closed, and that write is retried too.
+writing on a backend that buffers is stored with one such write when it is closed, and
+that write is retried too. On a backend that uploads in parts (s3, gs, az), a write
+larger than ``StoreConfig.multipart_threshold`` goes up in parts instead, each part one
+retried call (see :mod:`.multipart`); the cache is told about it exactly as about a
+whole-object write, once the object is published.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from typing import IO, Any, cast
 
 from mlstore._engine.calls import Calls
 from mlstore._engine.identity import CACHED_PROTOCOLS
+from mlstore._engine.multipart import PartPlan, StreamedWrite, Uploader
 from mlstore._engine.reader import Reader
 from mlstore._engine.replicas import Resolved
 from mlstore._util.files import BufferedWrite, CountingWriter, TextWriter
 from mlstore.backends.base import Backend, ObjectInfo
 from mlstore.errors import IsADirectoryError_, MlstoreError
-from mlstore.hashing import content_hash
+from mlstore.hashing import block_digests, content_hash
 from mlstore.url import URL, safe_join
 
 __all__ = ["Made", "Progress", "Writer"]
@@ -51,6 +55,7 @@ class Writer:
         invalidate: forgets what is cached of a resolved URL (and records what the
             write made).
         block_size: the read size of copy sources.
+        plan: how large writes are cut into parts.
     """
 
     calls: Calls
@@ -59,8 +64,9 @@ class Writer:
     locate: Callable[[Resolved], tuple[URL, ObjectInfo]]
     invalidate: Callable[[Resolved, Made | None], None]
     block_size: int
+    plan: PartPlan
 
-    def write(self, where: Resolved, data: bytes, *, replicate: bool) -> None:
+    def write(self, where: Resolved, data: bytes | memoryview, *, replicate: bool) -> None:
         """Replace the object with ``data`` on the primary (every replica with
         ``replicate``, in order; a failure names the replicas already written)."""
         targets = where.replicas if replicate else where.replicas[:1]
@@ -74,7 +80,7 @@ class Writer:
                 if done:
                     exc.reason += f" (already written to: {', '.join(done)})"
                 raise
-            self.calls.count(backend, "bytes_written", len(data))
+            self.calls.count(backend, "bytes_written", memoryview(data).nbytes)
             done.append(str(target))
         self.invalidate(where, made)
 
@@ -98,7 +104,22 @@ class Writer:
             self.invalidate(where, made)
 
         native: IO[bytes]
-        if backend.buffered_writes:  # one whole-object write at close: retried
+        if backend.supports_multipart:  # parts as they fill, or one write if small
+
+            def made_by(version: str | None, digest: str) -> None:
+                if version is not None:
+                    made[target] = (version, digest)
+
+            streamed = StreamedWrite(
+                self.plan,
+                backend.max_parts,
+                start=functools.partial(Uploader, self.calls, backend, target, self.plan),
+                whole=functools.partial(self._put, backend, target, made=made),
+                made=made_by,
+                name=str(target),
+            )
+            native = cast(IO[bytes], streamed)  # an io.RawIOBase: typeshed's IO is nominal
+        elif backend.buffered_writes:  # one whole-object write at close: retried
             put = functools.partial(self._put, backend, target, made=made)
             native = BufferedWrite(put, str(target))
         else:
@@ -113,12 +134,39 @@ class Writer:
             raw.discard()
             raise
 
-    def _put(self, backend: Backend, target: URL, data: bytes, made: Made) -> None:
-        """One retried whole-object write; what it made goes into ``made``."""
-        write = functools.partial(backend.write, target, data)
+    def _put(self, backend: Backend, target: URL, data: bytes | memoryview, made: Made) -> None:
+        """One retried whole-object write, or a multipart upload when the object is
+        large and the backend can; what it made goes into ``made``."""
+        if backend.supports_multipart and memoryview(data).nbytes > self.plan.cutoff:
+            self._put_parts(backend, target, memoryview(data).cast("B"), made)
+            return
+        payload = data if type(data) is bytes else bytes(data)
+        write = functools.partial(backend.write, target, payload)
         version = self.calls.call(backend, write, target, "write")
         if version is not None:
-            made[target] = (version, content_hash(data))
+            made[target] = (version, content_hash(payload))
+
+    def _put_parts(self, backend: Backend, target: URL, data: memoryview, made: Made) -> None:
+        """``data`` as a multipart upload of slices of it. Its hash and block digests are
+        known before the first part, so every store records them."""
+        digest = content_hash(data)
+        uploader = Uploader(
+            self.calls,
+            backend,
+            target,
+            self.plan,
+            content_hash=digest,
+            block_digests=block_digests(data),
+        )
+        try:
+            for start, end in self.plan.cut(len(data), backend.max_parts):
+                uploader.send(data[start:end])
+        except BaseException:
+            uploader.abort()
+            raise
+        version = uploader.finish(digest)
+        if version is not None:
+            made[target] = (version, digest)
 
     def mkdir(self, where: Resolved) -> None:
         target = where.primary

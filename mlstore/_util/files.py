@@ -24,6 +24,8 @@ __all__ = [
     "RangeReader",
     "SeekableRaw",
     "TextWriter",
+    "ViewReader",
+    "as_buffer",
     "as_bytes",
     "open_ranged",
 ]
@@ -309,6 +311,58 @@ class BufferedWrite(io.BytesIO):
         self.close()
 
 
+class ViewReader(io.RawIOBase):
+    """A seekable read-only file over bytes already in memory, without a copy.
+
+    It is how an upload hands a large body to an HTTP client: given ``bytes``, aiohttp
+    keeps them whole until the socket takes them (asyncio copies the unsent rest into
+    its transport buffer), and given an ``io.BytesIO`` it copies the buffer first. A
+    generic file is read in small chunks as the socket drains, and can be rewound for a
+    re-signed or retried send.
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = (0, self._pos, len(self._view))[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        n = max(0, min(len(out), len(self._view) - self._pos))
+        out[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def readall(self) -> bytes:
+        data = bytes(self._view[self._pos :])
+        self._pos = len(self._view)
+        return data
+
+    def close(self) -> None:
+        # Let go of the bytes at once: an HTTP client's request objects can outlive the
+        # request (in reference cycles) and would keep a whole part alive until the
+        # garbage collector runs.
+        self._view = memoryview(b"")
+        super().close()
+
+
 class QuietReadFile(io.BufferedIOBase):
     """The read file the fsspec protocol hands out: a Store read file plus what fsspec's
     own files offer and its helpers and caches rely on.
@@ -465,3 +519,15 @@ def as_bytes(data: object, call: str, url: object) -> bytes:
             f"not {type(data).__name__}"
         ) from None
     return data if type(data) is bytes else bytes(view)
+
+
+def as_buffer(data: object, call: str, url: object) -> bytes | memoryview:
+    """``data`` itself when it is ``bytes``, else a byte view of it (no copy), or the
+    ``TypeError`` of :func:`as_bytes`. A buffer that is not contiguous is copied."""
+    if type(data) is bytes:
+        return data
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        return as_bytes(data, call, url)  # raises
+    return view.cast("B") if view.c_contiguous else bytes(view)

@@ -6,7 +6,8 @@ adlfs resolves the credentials and builds an asynchronous ``BlobServiceClient``;
 one attempt (mlstore is the one retry layer) and whose timeouts come from
 :class:`~mlstore.config.RetryPolicy`, and takes over closing it from adlfs.
 
-It also holds the one write the backend makes through the SDK (:func:`put`). The Azure
+It also holds the writes the backend makes through the SDK: a whole blob (:func:`put`),
+and the blocks of an upload in parts and their commit (:func:`stage`, :func:`commit`). The Azure
 SDK is imported inside the functions, so importing this module (with
 :mod:`mlstore.backends.azure`) loads no SDK.
 """
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 
 from mlstore.config import StoreConfig
 
-__all__ = ["BLOCK_SIZE", "SINGLE_PUT_SIZE", "adopt", "etag", "put"]
+__all__ = ["BLOCK_SIZE", "SINGLE_PUT_SIZE", "adopt", "commit", "etag", "put", "stage"]
 
 # Writes up to this size are one Put Blob request; larger ones are staged in blocks of
 # BLOCK_SIZE. A block size above 4 MiB lets the SDK stream blocks from the source
@@ -192,3 +193,33 @@ async def put(
         max_concurrency=UPLOAD_CONCURRENCY,
     )
     return etag(done.get("etag"))
+
+
+async def stage(service: Any, container: str, blob: str, block_id: str, data: bytes) -> None:
+    """Put Block: ``data`` staged under ``block_id`` (base64), not yet part of the blob.
+    The generated operation, with a file over ``data`` as the body (see ``ViewReader``:
+    aiohttp would copy a ``BytesIO``'s buffer)."""
+    from mlstore._util.files import ViewReader
+
+    client = service.get_blob_client(container, blob)
+    with ViewReader(data) as body:
+        await client._client.block_blob.stage_block(
+            block_id=block_id, content_length=len(data), body=body
+        )
+
+
+async def commit(
+    service: Any, container: str, blob: str, block_ids: list[str], metadata: dict[str, str]
+) -> str | None:
+    """Put Block List: the blob becomes the staged blocks ``block_ids``, in order, with
+    ``metadata``; the ETag made."""
+    from azure.storage.blob._generated.models import BlockLookupList
+
+    client = service.get_blob_client(container, blob)
+    headers = {f"x-ms-meta-{k}": v for k, v in metadata.items()}
+    made: Any = await client._client.block_blob.commit_block_list(
+        blocks=BlockLookupList(latest=block_ids),
+        headers=headers,
+        cls=lambda _response, _body, answer: answer.get("ETag"),
+    )
+    return etag(made)

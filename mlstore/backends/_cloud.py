@@ -15,7 +15,10 @@ that follow from that, once:
 - a body that breaks off fills the caller's ``Received``, so the Store resumes it;
 - writes record mlstore's content hash in the object's metadata, and the per-block
   digests of an object larger than one digest block;
-- ``mkdir`` of a bucket URL creates the bucket; of a key, it does nothing.
+- ``mkdir`` of a bucket URL creates the bucket; of a key, it does nothing;
+- a large write may go up in parts (:meth:`ObjectStoreBackend.start_upload`): each
+  cloud provides a :class:`CloudUpload` whose requests are translated here, once, and
+  whose metadata is recorded by the rule of :meth:`CloudUpload.complete`.
 
 A cloud backend provides the requests (``_stat``, ``_has_below``, ``_download``,
 ``_upload``), the error answer its SDK kept (``_answer``, mapped through
@@ -26,6 +29,7 @@ A cloud backend provides the requests (``_stat``, ``_has_below``, ``_download``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from mlstore.backends._errors import (
@@ -37,7 +41,7 @@ from mlstore.backends._errors import (
 )
 from mlstore.backends._fsspec import FsspecBackend
 from mlstore.backends._ranges import wanted
-from mlstore.backends.base import ObjectInfo, Received, keep_received
+from mlstore.backends.base import ObjectInfo, Received, Upload, keep_received
 from mlstore.errors import IsADirectoryError_, MlstoreError, NotFoundError
 from mlstore.hashing import (
     BLOCKS_KEY,
@@ -48,13 +52,65 @@ from mlstore.hashing import (
 )
 from mlstore.url import URL
 
-__all__ = ["ObjectStoreBackend"]
+__all__ = ["CloudUpload", "ObjectStoreBackend"]
+
+
+class CloudUpload(Upload):
+    """A multipart upload of a cloud backend: the cloud provides the three requests
+    (:meth:`_put`, :meth:`_complete`, :meth:`_abort`); this class translates what they
+    raise through the backend's one translation, and decides the metadata.
+
+    Metadata: what :meth:`ObjectStoreBackend.start_upload` was given (the hash and
+    block digests of content known up front) is recorded by every store. A store whose
+    commit request takes metadata (:attr:`records_at_commit`: GCS compose, Azure Put
+    Block List) also records the content hash computed while the parts were sent. S3
+    fixes an upload's metadata when it starts, so a streamed S3 object carries no hash:
+    never a wrong one.
+    """
+
+    #: Whether the commit request takes the object's metadata.
+    records_at_commit: ClassVar[bool] = False
+
+    def __init__(self, backend: ObjectStoreBackend, url: URL, metadata: dict[str, str]) -> None:
+        self.backend = backend
+        self.url = url
+        self.metadata = metadata
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
+    # ---- what each cloud provides
+    def _put(self, number: int, data: bytes) -> str:
+        raise NotImplementedError
+
+    def _complete(self, parts: Sequence[str], metadata: dict[str, str]) -> str | None:
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        raise NotImplementedError
+
+    # ---- Upload
+    def put_part(self, number: int, data: bytes | bytearray | memoryview) -> str:
+        with self.backend._errors(self.url, "write"):
+            return self._put(number, data if type(data) is bytes else bytes(data))
+
+    def complete(self, parts: Sequence[str], *, content_hash: str) -> str | None:
+        metadata = dict(self.metadata)
+        if self.records_at_commit:
+            metadata[self.backend.hash_key] = content_hash
+        with self.backend._errors(self.url, "write"):
+            return self._complete(parts, metadata)
+
+    def abort(self) -> None:
+        with self.backend._errors(self.url, "write"):
+            self._abort()
 
 
 class ObjectStoreBackend(FsspecBackend):
     """An fsspec-based backend for a bucket-and-key object store."""
 
     resumable = True
+    supports_multipart = True
     #: How the service words its errors.
     service: ClassVar[Service]
     #: The metadata name under which a write records mlstore's content hash.
@@ -92,6 +148,10 @@ class ObjectStoreBackend(FsspecBackend):
     def _upload(self, url: URL, data: bytes, metadata: dict[str, str]) -> str | None:
         """Replace the object at ``url`` with ``data``, with ``metadata``; the version
         made, if the answer names it (as :meth:`info` would report it)."""
+        raise NotImplementedError
+
+    def _begin(self, url: URL, metadata: dict[str, str]) -> CloudUpload:
+        """Start a multipart upload to ``url`` (a request, where the store keeps one)."""
         raise NotImplementedError
 
     def _create_bucket(self, bucket: str) -> None:
@@ -244,6 +304,16 @@ class ObjectStoreBackend(FsspecBackend):
             if blocks is not None:
                 metadata[self.blocks_key] = blocks
             return self._upload(url, payload, metadata)
+
+    def start_upload(
+        self, url: URL, *, content_hash: str | None = None, block_digests: str | None = None
+    ) -> Upload:
+        with self._errors(url, "write"):
+            self._refuse_directory(url, "write")
+            metadata = {self.hash_key: content_hash} if content_hash else {}
+            if block_digests:
+                metadata[self.blocks_key] = block_digests
+            return self._begin(url, metadata)
 
     def mkdir(self, url: URL) -> None:
         if url.path:

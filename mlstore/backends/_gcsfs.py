@@ -28,11 +28,26 @@ from fsspec import asyn
 from gcsfs.core import GCSFileSystem
 from gcsfs.retry import HttpError, validate_response
 
+from mlstore._util.files import ViewReader
 from mlstore.backends._errors import Answer
 from mlstore.backends._fsspec import ShortBodyError
 from mlstore.backends.base import InterruptedBodyError
 
-__all__ = ["OneAttemptGCSFileSystem", "answer", "has_prefix", "media", "metadata"]
+__all__ = [
+    "OneAttemptGCSFileSystem",
+    "answer",
+    "compose",
+    "delete_quietly",
+    "has_prefix",
+    "list_names",
+    "media",
+    "metadata",
+    "upload_media",
+]
+
+_NAMES = "items(name),nextPageToken"  # what a listing of names asks for
+# Deletes of an upload's temporary objects in flight at once.
+_DELETE_CONCURRENCY = 16
 
 _CHUNK = 1 << 20  # media bodies are read in chunks: what arrived can be resumed from
 # The attribute that carries the Answer on an exception raised for an error answer.
@@ -207,3 +222,80 @@ async def media(
             raise short
         raise InterruptedBodyError(data, got.get("x-goog-generation"), int(expected)) from short
     return status, got, data
+
+
+async def upload_media(fs: Any, bucket: str, key: str, data: bytes) -> str:
+    """Store ``data`` as the object ``key`` (one media upload, no metadata); its
+    generation. The body is a file over ``data`` (see ``ViewReader``): no copy."""
+    path = fs._location + "/upload/storage/v1/b/{}/o"
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
+    with ViewReader(data) as body:
+        _, _, _, contents = await fs._request(
+            "POST", path, bucket, uploadType="media", name=key, data=body, headers=headers
+        )
+    return str(json.loads(contents).get("generation") or "")
+
+
+async def compose(
+    fs: Any, bucket: str, key: str, sources: list[str], metadata: dict[str, str] | None
+) -> Mapping[str, Any]:
+    """Make ``key`` the concatenation of ``sources`` (at most 32), with ``metadata``;
+    the object resource made."""
+    destination: dict[str, Any] = {"contentType": "application/octet-stream"}
+    if metadata:
+        destination["metadata"] = metadata
+    body = {
+        "kind": "storage#composeRequest",
+        "sourceObjects": [{"name": name} for name in sources],
+        "destination": destination,
+    }
+    _, _, _, contents = await fs._request(
+        "POST",
+        "b/{}/o/{}/compose",
+        bucket,
+        key,
+        json=body,
+        headers={"Content-Type": "application/json"},
+    )
+    result: Mapping[str, Any] = json.loads(contents)
+    return result
+
+
+async def list_names(fs: Any, bucket: str, prefix: str) -> list[str]:
+    """The names of every object below ``prefix``."""
+    names: list[str] = []
+    token = None
+    while True:
+        _, _, _, contents = await fs._request(
+            "GET",
+            "b/{}/o",
+            bucket,
+            prefix=prefix,
+            pageToken=token,
+            fields="items(name),nextPageToken",
+        )
+        listing = json.loads(contents)
+        names += [item["name"] for item in listing.get("items", [])]
+        token = listing.get("nextPageToken")
+        if not token:
+            return names
+
+
+async def delete_quietly(fs: Any, bucket: str, names: list[str]) -> int:
+    """Delete ``names``, a few at a time; how many could not be deleted (a name already
+    gone counts as deleted)."""
+    import asyncio
+
+    gate = asyncio.Semaphore(_DELETE_CONCURRENCY)
+
+    async def one(name: str) -> bool:
+        async with gate:
+            try:
+                await fs._request("DELETE", "b/{}/o/{}", bucket, name)
+            except Exception as exc:  # noqa: BLE001 - reported as a count
+                found = answer(exc)
+                return found is not None and found.status == 404
+            return True
+
+    done = await asyncio.gather(*(one(n) for n in names))
+    return sum(1 for ok in done if not ok)

@@ -22,6 +22,9 @@ falls back to ``DefaultAzureCredential``. Credentials passed as options are neve
 pickled: worker processes started with spawn/forkserver re-read them from the
 environment.
 
+A large write goes up in blocks: Put Block for each part, then Put Block List with the
+blob's metadata (see :class:`AzureUpload`).
+
 The content hash is stored in the blob metadata under ``mlstore_xxh3``
 (:data:`AZURE_METADATA_KEY`): Azure metadata names must be C# identifiers, so the
 hyphen of :data:`mlstore.hashing.METADATA_KEY` is not allowed (the service answers
@@ -34,13 +37,14 @@ import asyncio
 import base64
 import os
 import time
+import uuid
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from mlstore._util.redact import redact_options, scrub
 from mlstore.backends import _azure_client
-from mlstore.backends._cloud import ObjectStoreBackend
+from mlstore.backends._cloud import CloudUpload, ObjectStoreBackend
 from mlstore.backends._errors import Answer, Service, refuse_corrupt
 from mlstore.backends._fsspec import ShortBodyError, transport_error
 from mlstore.backends._ranges import range_header
@@ -58,7 +62,7 @@ from mlstore.errors import (
 from mlstore.hashing import BLOCKS_KEY, METADATA_KEY
 from mlstore.url import URL
 
-__all__ = ["AZURE_METADATA_KEY", "AzureBackend"]
+__all__ = ["AZURE_METADATA_KEY", "AzureBackend", "AzureUpload"]
 
 #: The metadata name of mlstore's xxh3-128 on Azure: ``mlstore-xxh3`` with the hyphen,
 #: which Azure metadata names may not contain, replaced by an underscore.
@@ -116,6 +120,7 @@ class AzureBackend(ObjectStoreBackend):
     hash_key = AZURE_METADATA_KEY
     blocks_key = AZURE_BLOCKS_KEY
     suffix_ranges = False  # Azure has no suffix ranges: [-n:] asks for the size first
+    max_parts = 50_000  # blocks in one blob
     #: Closes the client this process made (set when it is made; see _azure_client).
     _closer: weakref.finalize[Any, Any] | None = None
 
@@ -232,6 +237,9 @@ class AzureBackend(ObjectStoreBackend):
         version: str | None = self._sync(_azure_client.put, url.bucket, url.path, data, metadata)
         return version
 
+    def _begin(self, url: URL, metadata: dict[str, str]) -> AzureUpload:
+        return AzureUpload(self, url, metadata)
+
     def _create_bucket(self, bucket: str) -> None:
         self._sync(_create_container, bucket)
 
@@ -295,6 +303,40 @@ class AzureBackend(ObjectStoreBackend):
             self._sync(
                 _copy, src.bucket, src.path, dst.bucket, dst.path, self.config.retry.deadline
             )
+
+
+class AzureUpload(CloudUpload):
+    """An Azure upload in blocks: each part is one Put Block (staged under an id made of
+    this upload's own random prefix and the part number, so a block sent again replaces
+    the first and two writers never mix blocks), and ``complete`` is one Put Block List
+    with the blob's metadata, so a streamed blob records its content hash too.
+
+    Staged blocks are invisible: the blob keeps its old content (or stays absent) until
+    the commit. Azure has no request that drops them; ``abort`` sends none, and the
+    service discards uncommitted blocks after a week, or at the blob's next commit.
+    """
+
+    records_at_commit = True
+
+    def __init__(self, backend: AzureBackend, url: URL, metadata: dict[str, str]) -> None:
+        super().__init__(backend, url, metadata)
+        self.azure = backend
+        self._tag = uuid.uuid4().hex[:24]
+
+    def _put(self, number: int, data: bytes) -> str:
+        raw = f"{self._tag}-{number:06d}".encode("ascii")  # every id the same length
+        block_id = base64.b64encode(raw).decode("ascii")
+        self.azure._sync(_azure_client.stage, self.url.bucket, self.url.path, block_id, data)
+        return block_id
+
+    def _complete(self, parts: Sequence[str], metadata: dict[str, str]) -> str | None:
+        made: str | None = self.azure._sync(
+            _azure_client.commit, self.url.bucket, self.url.path, list(parts), metadata
+        )
+        return made
+
+    def _abort(self) -> None:
+        """Nothing to send (see the class docstring)."""
 
 
 # ------------------------------------------------------------------- properties

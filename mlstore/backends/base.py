@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import importlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar
 
@@ -38,6 +38,7 @@ __all__ = [
     "ObjectInfo",
     "PerProcess",
     "Received",
+    "Upload",
     "find_cause",
     "get_backend_class",
     "keep_received",
@@ -193,6 +194,41 @@ def translate_os_error(exc: OSError, url: URL, operation: str) -> MlstoreError:
     return MlstoreError(f"{type(exc).__name__}: {reason}", url=text, operation=operation)
 
 
+class Upload(abc.ABC):
+    """One multipart upload in progress: an object sent in numbered parts, one request
+    each, that no reader sees until :meth:`complete` publishes it whole.
+
+    The engine drives it (see :mod:`mlstore._engine.multipart`): it sends parts from a
+    few threads at once, each :meth:`put_part` as one retried call, so a part must be
+    safe to send again (the same number with the same bytes replaces the first copy).
+    Then it calls :meth:`complete` once, or :meth:`abort` after any failure. Like the
+    backend that made it, an upload retries nothing and raises mlstore errors naming
+    its URL.
+
+    Attributes:
+        url: the object the upload replaces.
+    """
+
+    url: URL
+
+    @abc.abstractmethod
+    def put_part(self, number: int, data: bytes | bytearray | memoryview) -> str:
+        """Send part ``number`` (from 1, in the object's order); returns the token
+        :meth:`complete` needs for it. Every part but the last is at least the
+        smallest part the store accepts (5 MiB on S3)."""
+
+    @abc.abstractmethod
+    def complete(self, parts: Sequence[str], *, content_hash: str) -> str | None:
+        """Publish the parts (their tokens, in order) as the object, atomically; the
+        version made, if the answer names it. ``content_hash`` is mlstore's hash of the
+        whole, recorded in the object's metadata where the store takes metadata at this
+        point (it replaces nothing given to :meth:`Backend.start_upload`)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop the parts sent so far; the object at :attr:`url` is left as it was."""
+
+
 class Backend(abc.ABC):
     """One kind of storage, reached through one client per process.
 
@@ -215,6 +251,11 @@ class Backend(abc.ABC):
     #: :meth:`write` at close (the Store then retries that write as a whole); backends
     #: that stream (local files) leave it False.
     buffered_writes: ClassVar[bool] = False
+    #: Backends that can send one object in parts (:meth:`start_upload`): large writes
+    #: then go up part by part, never held whole in memory. Others keep whole writes.
+    supports_multipart: ClassVar[bool] = False
+    #: The most parts one upload may have (S3: 10,000).
+    max_parts: ClassVar[int] = 10_000
     #: Environment variables that decide which endpoint, account or credentials this
     #: backend uses: part of the identity of what it reads (see the node cache's keys).
     identity_env: ClassVar[tuple[str, ...]] = ()
@@ -316,6 +357,17 @@ class Backend(abc.ABC):
         ``with`` block raises, nothing is written."""
         raise UnsupportedOperation(
             f"the {self.protocol} backend is read-only", url=str(url), operation="write"
+        )
+
+    def start_upload(
+        self, url: URL, *, content_hash: str | None = None, block_digests: str | None = None
+    ) -> Upload:
+        """Begin a multipart upload that will replace ``url`` (see :class:`Upload`), on a
+        backend whose :attr:`supports_multipart` is true. ``content_hash`` and
+        ``block_digests`` describe the whole content when it is known before the first
+        part (a write of one buffer), and are then recorded with the object."""
+        raise UnsupportedOperation(
+            f"the {self.protocol} backend cannot upload in parts", url=str(url), operation="write"
         )
 
     def rm(self, url: URL, recursive: bool = False) -> None:

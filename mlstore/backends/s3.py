@@ -3,8 +3,10 @@
 Object reads, heads and whole-object writes call the aiobotocore client directly, so
 they carry ``If-Match`` (version pinning) and mlstore's content hash, and pass through
 no hidden retry loop: botocore's and s3fs's retries are off, and the one retry layer
-is mlstore's own. Listing, deletion and server-side copy use s3fs. Writes are one
-``PutObject`` each, so an object written through mlstore is at most 5 GiB for now.
+is mlstore's own. Listing, deletion and server-side copy use s3fs. A write is one
+``PutObject``, or for a large object a multipart upload (``CreateMultipartUpload``, one
+``UploadPart`` per part, ``CompleteMultipartUpload``; ``AbortMultipartUpload`` when it
+fails), driven part by part by the engine (see :class:`S3Upload`).
 
 Options (``Store(options={"s3": {...}})``): ``endpoint_url``, ``region_name``, ``key``,
 ``secret``, ``token``, ``anon``, ``profile``, ``requester_pays``, and any other
@@ -15,12 +17,14 @@ endpoint for S3-compatible stores.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mlstore.backends._cloud import ObjectStoreBackend
+from mlstore._util.files import ViewReader
+from mlstore.backends._cloud import CloudUpload, ObjectStoreBackend
 from mlstore.backends._errors import Answer, Service, refuse_corrupt
 from mlstore.backends._fsspec import ShortBodyError, transport_error
 from mlstore.backends._hedge import Hedge, hedged
@@ -39,7 +43,7 @@ from mlstore.errors import (
 from mlstore.hashing import BLOCKS_KEY, METADATA_KEY
 from mlstore.url import URL
 
-__all__ = ["S3Backend"]
+__all__ = ["S3Backend", "S3Upload"]
 
 _CHUNK = 1 << 20  # body read size: what arrived before a failure can be resumed from
 
@@ -187,12 +191,71 @@ class S3Backend(ObjectStoreBackend):
         version: str | None = self._sync(_put, url.bucket, url.path, data, metadata)
         return version
 
+    def _begin(self, url: URL, metadata: dict[str, str]) -> S3Upload:
+        upload_id: str = self._sync(_create_upload, url.bucket, url.path, metadata)
+        return S3Upload(self, url, metadata, upload_id)
+
     def _missing_on_read(
         self, url: URL, version: str | None, err: NotFoundError, exc: BaseException
     ) -> MlstoreError:
         # A missing key stays one request (R4 in docs/reliability.md): S3 reads do not
         # list the prefix to tell a "directory" from nothing.
         return err
+
+
+class S3Upload(CloudUpload):
+    """An S3 multipart upload. S3 fixes the metadata at ``CreateMultipartUpload``, so
+    an object streamed in parts carries no content hash (it cannot be known then).
+
+    A part sent again replaces the first copy (same part number). A complete whose
+    answer was lost is sent again and finds the upload gone (``NoSuchUpload``); the
+    object it made is recognised by its ETag, which S3 derives from the parts' ETags
+    (the MD5 of their MD5s, ``-<count>``), so the write still succeeds.
+    """
+
+    def __init__(
+        self, backend: S3Backend, url: URL, metadata: dict[str, str], upload_id: str
+    ) -> None:
+        super().__init__(backend, url, metadata)
+        self.upload_id = upload_id
+
+    def _call(self, coro_fn: Any, *args: Any) -> Any:
+        return self.backend._sync(coro_fn, self.url.bucket, self.url.path, self.upload_id, *args)
+
+    def _put(self, number: int, data: bytes) -> str:
+        etag: str = self._call(_upload_part, number, data)
+        return etag
+
+    def _complete(self, parts: Sequence[str], metadata: dict[str, str]) -> str | None:
+        try:
+            made: str | None = self._call(_complete_upload, list(parts))
+        except Exception as exc:
+            answer = self.backend._answer(exc)
+            if answer is None or answer.code != "NoSuchUpload":
+                raise
+            expected = _multipart_etag(parts)
+            head = self.backend._sync(_head, self.url.bucket, self.url.path)
+            if expected is None or str(head.get("ETag") or "").strip('"') != expected:
+                raise
+            return str(head["ETag"])
+        return made
+
+    def _abort(self) -> None:
+        self._call(_abort_upload)
+
+
+def _multipart_etag(parts: Sequence[str]) -> str | None:
+    """The ETag S3 gives the object completed from parts with these ETags (``None`` when
+    a part's ETag is not an MD5, as with SSE-KMS: then it cannot be predicted)."""
+    digests = []
+    for etag in parts:
+        text = etag.strip('"')
+        try:
+            digests.append(bytes.fromhex(text))
+        except ValueError:
+            return None
+    whole = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+    return f"{whole}-{len(parts)}"
 
 
 def _info_from_head(url: URL, head: Mapping[str, Any]) -> ObjectInfo:
@@ -307,3 +370,39 @@ async def _put(fs: Any, bucket: str, key: str, data: bytes, metadata: dict[str, 
     resp = await s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata=metadata)
     etag = resp.get("ETag")
     return str(etag) if etag else None
+
+
+async def _create_upload(fs: Any, bucket: str, key: str, metadata: dict[str, str]) -> str:
+    await fs.set_session()
+    s3 = await fs.get_s3(bucket)
+    resp = await s3.create_multipart_upload(Bucket=bucket, Key=key, Metadata=metadata)
+    return str(resp["UploadId"])
+
+
+async def _upload_part(
+    fs: Any, bucket: str, key: str, upload_id: str, number: int, data: bytes
+) -> str:
+    s3 = await fs.get_s3(bucket)
+    # A file over the part (see ViewReader): no second copy of each part in flight.
+    with ViewReader(data) as body:
+        resp = await s3.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+        )
+    return str(resp["ETag"])
+
+
+async def _complete_upload(
+    fs: Any, bucket: str, key: str, upload_id: str, etags: list[str]
+) -> str | None:
+    s3 = await fs.get_s3(bucket)
+    parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
+    resp = await s3.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+    )
+    etag = resp.get("ETag")
+    return str(etag) if etag else None
+
+
+async def _abort_upload(fs: Any, bucket: str, key: str, upload_id: str) -> None:
+    s3 = await fs.get_s3(bucket)
+    await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)

@@ -18,12 +18,14 @@ from typing import Any
 from mlstore._util.redact import redact_options, redact_url
 from mlstore.config._cache import CacheConfig
 from mlstore.config._fields import (
+    MiB,
     choice,
     nonneg,
     positive,
     refuse_unknown,
     seconds,
     setting,
+    size,
     whole,
 )
 from mlstore.config._http import HttpPolicy
@@ -101,6 +103,23 @@ def _transport(value: object, name: str) -> str:
     return chosen
 
 
+#: The smallest part: S3 refuses a smaller one (except the last).
+_MIN_PART = 5 * MiB
+#: The largest part: Azure's largest block (S3 takes up to 5 GiB).
+_MAX_PART = 4000 * MiB
+
+
+def _part_size(value: object, name: str) -> int:
+    """A size from 5 MiB (S3's smallest part) to 4000 MiB (Azure's largest block)."""
+    out = size(value, name)
+    if not _MIN_PART <= out <= _MAX_PART:
+        raise ConfigError(
+            f"{name} must be from 5MiB (the smallest part S3 accepts) to 4000MiB (the "
+            f"largest block Azure accepts), got {value!r}"
+        )
+    return out
+
+
 def _build(cls: type[Any], values: Mapping[str, Any], name: str) -> Any:
     """``cls(**values)``, refusing a misspelt field by name rather than with a TypeError."""
     refuse_unknown(values, [f.name for f in dataclasses.fields(cls)], name, "field")
@@ -133,6 +152,18 @@ class StoreConfig(Resolved):
             (object reads, heads and writes through obstore, ``pip install
             'mlstore[fast]'``; see :mod:`mlstore.backends._obstore`). It changes no
             cache key: both transports name the same objects. Default ``"fsspec"``.
+        multipart_threshold: writes to s3, gs and az larger than this (and than one
+            part) go up in parts, streamed: ``open(url, "wb")`` sends each part as it
+            fills instead of holding the object in memory, and ``write_bytes`` sends
+            slices of its buffer (``MLSTORE_MULTIPART_THRESHOLD``). Smaller writes are
+            one request. Default 64 MiB.
+        multipart_part_size: the size of each part, from 5 MiB to 4000 MiB
+            (``MLSTORE_MULTIPART_PART_SIZE``). It doubles after every tenth of the
+            store's part limit (1,000 parts on S3), so a stream of unknown length never
+            runs out of parts. Default 16 MiB.
+        multipart_concurrency: parts of one write sent at once
+            (``MLSTORE_MULTIPART_CONCURRENCY``). A file open for writing holds about
+            this many parts plus one. Default 4.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -144,6 +175,9 @@ class StoreConfig(Resolved):
     replica_failures: int = setting("MLSTORE_REPLICA_FAILURES", positive(whole), 3)
     replica_cooldown: float = setting("MLSTORE_REPLICA_COOLDOWN", nonneg(seconds), 30.0)
     transport: str = setting("MLSTORE_TRANSPORT", _transport, "fsspec")
+    multipart_threshold: int = setting("MLSTORE_MULTIPART_THRESHOLD", positive(size), 64 * MiB)
+    multipart_part_size: int = setting("MLSTORE_MULTIPART_PART_SIZE", _part_size, 16 * MiB)
+    multipart_concurrency: int = setting("MLSTORE_MULTIPART_CONCURRENCY", positive(whole), 4)
 
     _section = "store"
 
@@ -195,7 +229,10 @@ class StoreConfig(Resolved):
             f"StoreConfig(cache={self.cache!r}, retry={self.retry!r}, http={self.http!r}, "
             f"mounts={mounts!r}, options={redact_options(self.options, REDACTED)!r}, "
             f"max_workers={self.max_workers!r}, replica_failures={self.replica_failures!r}, "
-            f"replica_cooldown={self.replica_cooldown!r}, transport={self.transport!r})"
+            f"replica_cooldown={self.replica_cooldown!r}, transport={self.transport!r}, "
+            f"multipart_threshold={self.multipart_threshold!r}, "
+            f"multipart_part_size={self.multipart_part_size!r}, "
+            f"multipart_concurrency={self.multipart_concurrency!r})"
         )
 
 
