@@ -7,6 +7,7 @@ Examples::
     mlstore cat gs://bucket/labels.csv | head
     mlstore info az://container/model.pt
     mlstore config            # the effective settings and where they came from
+    mlstore flush             # upload checkpoints staged on this node (save(staging=...))
 
 Exit status: 0 on success, 1 when an operation failed, 2 for a usage error.
 """
@@ -186,6 +187,31 @@ def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
+def _cmd_flush(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    from mlstore.checkpoint import flush
+
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    bar = ProgressBar(sys.stderr, "flush") if show else None
+    try:
+        report = flush(store, progress=bar)
+    finally:
+        if bar is not None:
+            bar.finish()
+    for url in report.uploaded:
+        out.write(f"uploaded {redact_url(url)}\n")
+    for url in report.superseded:
+        out.write(f"superseded {redact_url(url)} (a later save of it had committed)\n")
+    for url in report.busy:
+        out.write(f"in progress {redact_url(url)} (another process on this node uploads it)\n")
+    for url in report.failed:
+        sys.stderr.write(f"mlstore: failed {redact_url(url)}: staged still; run flush again\n")
+    if report.discarded:
+        out.write(f"discarded {report.discarded} incomplete staged save(s)\n")
+    if not (report.uploaded or report.superseded or report.busy or report.failed):
+        out.write("nothing staged\n")
+    return 0 if report.ok else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     from mlstore import __version__
 
@@ -239,6 +265,17 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="show the effective configuration")
     config.add_argument("--env", action="store_true", help="also list the environment variables")
     config.set_defaults(func=_cmd_config)
+
+    flush = sub.add_parser(
+        "flush", help="upload the checkpoints staged on this node whose saver is gone"
+    )
+    flush.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress on stderr (default: when stderr is a terminal)",
+    )
+    flush.set_defaults(func=_cmd_flush)
     return p
 
 

@@ -5,7 +5,9 @@ content-addressed chunk store beside it. Chunks already stored are not uploaded 
 so a second save of a model whose weights changed in part uploads about that part.
 The manifest is written last: a reader sees the previous checkpoint or the whole new
 one. :func:`retain` drops old checkpoints and the chunks nothing names, safely while
-other processes save.
+other processes save. With ``staging="local"`` a save returns once the checkpoint is
+on the node's disk and uploads in the background; :func:`flush` waits for that, and
+finishes uploads a killed process left behind.
 
 This module needs no torch; :func:`mlstore.torch.save` and :func:`mlstore.torch.load`
 (and the DCP storage writer and reader) build on it.
@@ -27,6 +29,7 @@ from mlstore.checkpoint._chunks import (
     listed_chunks,
     wait_all,
 )
+from mlstore.checkpoint._flush import FlushReport, flush
 from mlstore.checkpoint._format import FORMAT, Chunk, Layout, Manifest, Part, canonical
 from mlstore.checkpoint._io import (
     CheckpointInfo,
@@ -47,6 +50,7 @@ __all__ = [
     "Chunk",
     "ChunkReader",
     "ChunkWriter",
+    "FlushReport",
     "Layout",
     "Lock",
     "Manifest",
@@ -56,6 +60,7 @@ __all__ = [
     "cdc_pieces",
     "commit_manifest",
     "fixed_pieces",
+    "flush",
     "listed_chunks",
     "lock_for_save",
     "read_manifest",

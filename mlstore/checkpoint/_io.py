@@ -19,6 +19,7 @@ from mlstore.checkpoint._chunks import (
 )
 from mlstore.checkpoint._format import Layout, Manifest, Part, canonical
 from mlstore.checkpoint._locks import Lock, lock_for_save
+from mlstore.checkpoint._staging import StagedChunks, check_staging
 from mlstore.errors import CheckpointError, NotFoundError
 from mlstore.store import Store, default_store
 
@@ -35,6 +36,10 @@ class CheckpointInfo:
         uploaded: the bytes this save uploaded (chunks the store did not hold).
         chunks: the chunks it names; ``new_chunks`` of them were uploaded.
         seconds: how long the save took.
+        staged: the save was staged on the node's disk (``staging="local"``) and is
+            uploading in the background: ``uploaded`` and ``new_chunks`` are 0, and the
+            checkpoint at ``url`` is the previous one until the upload commits (wait
+            with :func:`~mlstore.checkpoint.flush`).
     """
 
     url: str
@@ -43,6 +48,7 @@ class CheckpointInfo:
     chunks: int
     new_chunks: int
     seconds: float
+    staged: bool = False
 
     @property
     def dedupe_ratio(self) -> float:
@@ -67,6 +73,9 @@ class CheckpointWriter:
         timeout: seconds to wait for a running chunk collection before
             :class:`~mlstore.errors.CheckpointBusyError`.
         progress: called with (bytes done, bytes so far) as chunks finish.
+        staging: ``"local"`` writes the chunks and manifest to the node's disk cache
+            and commits once they are there, durably; the upload follows in the
+            background (see :func:`~mlstore.checkpoint.flush`). ``None``: upload now.
     """
 
     def __init__(
@@ -81,8 +90,11 @@ class CheckpointWriter:
         max_bytes: int = 512 * 1024 * 1024,
         timeout: float = 600.0,
         progress: Progress | None = None,
+        staging: str | None = None,
     ) -> None:
         self.url = canonical(url)
+        check_staging(staging, self.url)
+        self.staging = staging
         self.kind = kind
         self.store = store or default_store()
         self.layout = Layout.beside(self.url, chunks)
@@ -91,12 +103,15 @@ class CheckpointWriter:
         self.timeout = timeout
         self.parts: dict[str, Part] = {}
         self._lock: Lock | None = None
-        self._chunks: ChunkWriter | None = None
+        self._chunks: ChunkWriter | StagedChunks | None = None
         self._started = 0.0
         self.created = time.time()
 
     def __enter__(self) -> CheckpointWriter:
         self._started = time.perf_counter()
+        if self.staging is not None:  # no request now: the upload takes the lock
+            self._chunks = StagedChunks(self.store, self.url, self.layout, **self._options)  # type: ignore[arg-type]
+            return self
         self._lock = lock_for_save(self.store, self.layout, self.timeout)
         try:
             known = listed_chunks(self.store, self.layout)
@@ -120,7 +135,7 @@ class CheckpointWriter:
                 self._lock.release()
                 self._lock = None
 
-    def _writer(self) -> ChunkWriter:
+    def _writer(self) -> ChunkWriter | StagedChunks:
         if self._chunks is None:
             raise CheckpointError("a CheckpointWriter is used inside `with`", url=self.url)
         return self._chunks
@@ -155,6 +170,17 @@ class CheckpointWriter:
             stats=stats,
             chunks_root=self.layout.root,
         )
+        if isinstance(self._chunks, StagedChunks):
+            self._chunks.commit(manifest)
+            return CheckpointInfo(
+                url=self.url,
+                bytes=stats["bytes"],
+                uploaded=0,
+                chunks=stats["chunks"],
+                new_chunks=0,
+                seconds=time.perf_counter() - self._started,
+                staged=True,
+            )
         # The ref first: a collector that finds a ref with no manifest yet leaves the
         # chunks alone while this save's lock lives; a manifest with no ref would be
         # invisible to it.

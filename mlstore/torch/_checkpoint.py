@@ -103,6 +103,7 @@ def save(
     workers: int = 16,
     max_bytes: int = 512 * 1024 * 1024,
     progress: Callable[[int, int], None] | None = None,
+    staging: str | None = None,
 ) -> CheckpointInfo:
     """Save ``obj`` (a state dict, or anything ``torch.save`` takes) to ``url``.
 
@@ -118,6 +119,10 @@ def save(
         workers: parallel uploads.
         max_bytes: bytes of pieces in flight at most (bounds memory beyond ``obj``).
         progress: called with (bytes done, bytes found so far) as chunks finish.
+        staging: ``"local"``: write the checkpoint to the node's disk cache and
+            return; the upload continues in the background, and a process killed
+            meanwhile leaves it for :func:`mlstore.checkpoint.flush` (``mlstore
+            flush``). The checkpoint at ``url`` is the previous one until it commits.
 
     Returns:
         what the save stored and uploaded (:class:`~mlstore.checkpoint.CheckpointInfo`).
@@ -131,6 +136,7 @@ def save(
         workers=workers,
         max_bytes=max_bytes,
         progress=progress,
+        staging=staging,
     ) as writer:
         buf = io.BytesIO()
         _Saver(buf, writer).dump(obj)
