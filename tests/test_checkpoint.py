@@ -187,6 +187,43 @@ def test_bad_urls_get_typed_errors_naming_them(tmp_path: Path) -> None:
         load(f"{tmp_path}/ok.pt", map_location=3)  # type: ignore[arg-type]
 
 
+def test_a_load_sees_the_last_save_to_a_url_even_one_made_from_another_node(
+    s3_bucket: str, s3_options: dict[str, object], tmp_path: Path
+) -> None:
+    """Manifests are read from the storage: a node that cached the old one still loads
+    the new one (its chunks, immutable, are served from the cache)."""
+    url = f"s3://{s3_bucket}/latest/model.pt"
+    node = {"MLSTORE_CACHE_DIR": str(tmp_path / "node")}
+    code = f"""
+        import json, sys, mlstore
+        from mlstore.torch import load, save
+        import torch
+        store = mlstore.Store(options={{"s3": {json.dumps(s3_options)}}})
+        if sys.argv[1:] == ["save"]:
+            save({{"v": 1, "w": torch.ones(8)}}, {url!r}, store=store)
+        print(json.dumps(load({url!r}, store=store)["v"]))
+    """
+    os.makedirs(node["MLSTORE_CACHE_DIR"], mode=0o700)
+    env = {**os.environ, "PYTHONPATH": ROOT, **node}
+
+    def child(*args: str) -> Any:
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert child("save") == 1 and child() == 1  # the node caches the manifest's bytes
+    with Store(options={"s3": s3_options}, cache={"enabled": False}) as elsewhere:
+        save({"v": 2, "w": torch.ones(8)}, url, store=elsewhere)  # another node's save
+    assert child() == 2
+
+
 # ------------------------------------------------------------------ dedupe
 
 

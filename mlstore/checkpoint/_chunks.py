@@ -220,6 +220,10 @@ class ChunkReader:
     def _fetch(self, chunk: Chunk, target: memoryview) -> None:
         url = self.layout.chunk(chunk.digest)
         try:
+            # Into the node cache (other ranks on the node load the same chunks), but not
+            # into this process's memory tier: a load reads each chunk once, and the
+            # tensors it fills already hold the bytes.
+            self.store.warm(url)
             data = self.store.read_bytes(url)
         except NotFoundError as exc:
             raise CheckpointError(

@@ -198,8 +198,13 @@ class CheckpointWriter:
 
 def read_manifest(store: Store, url: str) -> Manifest:
     """The manifest at ``url`` (:class:`~mlstore.errors.CheckpointError` if it is not
-    one; :class:`~mlstore.errors.NotFoundError` if nothing is there)."""
-    return Manifest.loads(url, store.read_bytes(url))
+    one; :class:`~mlstore.errors.NotFoundError` if nothing is there).
+
+    Read from the storage itself, never from a cache: a manifest is the one part of a
+    checkpoint that changes in place (a save to the same URL, from any node), and a
+    load must see the last one committed. Chunks never change, so they are cached."""
+    raw, _version = store.read_versioned(url)
+    return Manifest.loads(url, raw)
 
 
 class CheckpointReader:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from mlstore.checkpoint._chunks import listed_chunks
 from mlstore.checkpoint._format import Layout, Manifest, canonical
+from mlstore.checkpoint._io import read_manifest
 from mlstore.checkpoint._locks import lock_for_collect
 from mlstore.errors import CheckpointError, NotFoundError
 from mlstore.store import Store, default_store
@@ -51,7 +52,7 @@ def _checkpoints(store: Store, layout: Layout) -> list[tuple[str, str, Manifest 
         url, manifest = "", None
         try:
             url = store.read_bytes(ref).decode()
-            manifest = Manifest.loads(url, store.read_bytes(url))
+            manifest = read_manifest(store, url)  # the latest: chunks are kept by it
         except (NotFoundError, CheckpointError, UnicodeDecodeError):
             pass  # gone, or overwritten with something else: no longer a checkpoint
         if manifest is not None and manifest.chunks_root != layout.root:
