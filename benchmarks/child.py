@@ -235,6 +235,13 @@ def dataloader(task: dict[str, Any]) -> dict[str, Any]:
     return epochs(task, _barrier)
 
 
+def checkpoint(task: dict[str, Any]) -> dict[str, Any]:
+    """One checkpoint save or load of one peer (B14): see :mod:`benchmarks.checkpoint`."""
+    from benchmarks.checkpoint import child
+
+    return child(task, _barrier)
+
+
 TASKS = {
     "read_keys": read_keys,
     "many_readers": many_readers,
@@ -242,6 +249,7 @@ TASKS = {
     "memory_budget": memory_budget,
     "window": window,
     "dataloader": dataloader,
+    "checkpoint": checkpoint,
 }
 
 

@@ -80,6 +80,9 @@ class Sizes:
     b11_sample: int = 1000  # entries read by a fresh process at each index size
     b6_samples: int = 4000  # 64 KiB samples of B6's DataLoader epochs
     b6_reps: int = 3  # each B6 repetition runs every loader in a fresh process
+    b14_bytes: int = 1 * GiB  # the state dict of B14's checkpoints
+    b14_tensors: int = 32  # of equal size, float32
+    b14_reps: int = 3  # each B14 repetition saves and loads every peer in fresh processes
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
@@ -98,6 +101,8 @@ class Sizes:
                 memory_budget=32 * MiB,
                 b6_samples=1000,
                 b6_reps=1,
+                b14_bytes=256 * MiB,
+                b14_reps=2,
             )
         return cls(
             reps=5,
@@ -1070,6 +1075,13 @@ def b13(ctx: Ctx) -> list[Row]:
     return eviction.b13(ctx)
 
 
+def b14(ctx: Ctx) -> list[Row]:
+    """Checkpoint save/load beside torch.save, DCP and s3torchconnector: in its own module."""
+    from benchmarks import checkpoint
+
+    return checkpoint.b14(ctx)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B1": ("warm memory-tier hit, 256 KiB, read_bytes", b1),
     "B2": ("warm disk-tier hit in a fresh process, 256 KiB, verify on", b2),
@@ -1084,4 +1096,5 @@ SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B11": ("1-8 processes sharing a node cache: hits, fills, hit cost vs entries", b11),
     "B12": ("disk hits after the ttl ran out, beside fresh hits: no revalidation cliff", b12),
     "B13": ("a dataset twice the disk cache, reshuffled epochs: Belady by plan vs LRU", b13),
+    "B14": ("checkpoint save/load of a state dict at 20 ms; dedupe of a second save", b14),
 }

@@ -399,6 +399,7 @@ def test_counters_count_faults_and_body_bytes_sent(setup: Setup) -> None:
         "paths": {},
         "faults": {},
         "bytes_out": 0,
+        "bytes_in": 0,
         "peak_in_flight": 0,
     }
     assert proxy.request_log(setup.proxy) == []

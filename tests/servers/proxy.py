@@ -15,8 +15,9 @@ prints ``listening on http://127.0.0.1:<port>`` once it accepts connections.
 Control routes (not forwarded, not counted):
 
 - ``GET /__proxy/counts``: ``{"total", "methods": {"GET": n}, "paths": {"GET /p": n},
-  "faults": {kind: n}, "bytes_out": n, "peak_in_flight": n}`` (``bytes_out``: body bytes
-  sent to clients; ``peak_in_flight``: most requests forwarded at once)
+  "faults": {kind: n}, "bytes_out": n, "bytes_in": n, "peak_in_flight": n}``
+  (``bytes_out``: body bytes sent to clients; ``bytes_in``: request body bytes received
+  from them; ``peak_in_flight``: most requests forwarded at once)
 - ``POST /__proxy/reset``: zero the counters and empty the request log (the fault rules
   and their own progress, ``times``/``skip``/random state, are kept)
 - ``POST /__proxy/latency?seconds=0.02``: change the added latency
@@ -212,6 +213,7 @@ class Proxy:
         self.paths: collections.Counter[str] = collections.Counter()
         self.faults: collections.Counter[str] = collections.Counter()
         self.bytes_out = 0
+        self.bytes_in = 0
         self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LOG_SIZE)
         self.rules: list[Rule] = []
         self.in_flight = 0
@@ -242,6 +244,7 @@ class Proxy:
                     "paths": dict(self.paths),
                     "faults": dict(self.faults),
                     "bytes_out": self.bytes_out,
+                    "bytes_in": self.bytes_in,
                     "peak_in_flight": self.peak_in_flight,
                 }
             )
@@ -249,6 +252,7 @@ class Proxy:
             for counter in (self.methods, self.paths, self.faults):
                 counter.clear()
             self.bytes_out = 0
+            self.bytes_in = 0
             self.peak_in_flight = self.in_flight
             self.log.clear()
             return web.json_response({"ok": True})
@@ -306,6 +310,7 @@ class Proxy:
         if delay:
             await asyncio.sleep(delay)
         body = await request.read()
+        self.bytes_in += len(body)
         if rule is not None and kind == "status":
             return await self.answer_status(request, rule, entry)
         if rule is not None and kind == "stall" and rule.before_headers:
