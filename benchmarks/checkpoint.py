@@ -340,12 +340,10 @@ def _staged(task: dict[str, Any], sd: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     mlstore.torch.save(sd, f"{base}/direct/ckpt", store=store)
     direct = time.perf_counter() - t0
-    save: Any = mlstore.torch.save
     t0 = time.perf_counter()
-    save(sd, f"{base}/staged/ckpt", store=store, staging="local")
+    mlstore.torch.save(sd, f"{base}/staged/ckpt", store=store, staging="local")
     stall = time.perf_counter() - t0
-    flush: Any = mlstore.checkpoint.flush  # type: ignore[attr-defined]
-    flush(wait=True)
+    mlstore.checkpoint.flush(store, wait=True)
     flushed = time.perf_counter() - t0
     return {"direct": direct, "stall": stall, "flushed": flushed}
 
