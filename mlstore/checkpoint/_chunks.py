@@ -38,6 +38,10 @@ PIECE_BYTES = 32 * 1024 * 1024
 #: Content-defined chunking of blobs: average, least and most chunk size.
 CDC_AVG, CDC_MIN, CDC_MAX = 1024 * 1024, 256 * 1024, 8 * 1024 * 1024
 
+#: Bytes of chunks in flight at most, by default, on a save or a load: beyond the
+#: model itself, what a save or load holds (each piece is copied once on its way).
+MAX_IN_FLIGHT = 256 * 1024 * 1024
+
 Progress = Callable[[int, int], None]
 
 
@@ -91,7 +95,7 @@ class ChunkWriter:
         known: Iterable[str],
         *,
         workers: int = 16,
-        max_bytes: int = 512 * 1024 * 1024,
+        max_bytes: int = MAX_IN_FLIGHT,
         progress: Progress | None = None,
     ) -> None:
         self.store = store
@@ -179,11 +183,22 @@ def wait_all(futures: Iterable[Future[Any]]) -> None:
 class ChunkReader:
     """Fetches parts of one checkpoint, verified, into buffers."""
 
-    def __init__(self, store: Store, layout: Layout, url: str, *, workers: int = 16) -> None:
+    def __init__(
+        self,
+        store: Store,
+        layout: Layout,
+        url: str,
+        *,
+        workers: int = 16,
+        max_bytes: int = MAX_IN_FLIGHT,
+    ) -> None:
         self.store = store
         self.layout = layout
         self.url = url
         self.workers = workers
+        self.max_bytes = max_bytes
+        self._room = threading.Condition()
+        self._in_flight = 0
         self._pool: ThreadPoolExecutor | None = None
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -218,6 +233,18 @@ class ChunkReader:
         return bytes(buf)
 
     def _fetch(self, chunk: Chunk, target: memoryview) -> None:
+        with self._room:  # bytes fetched but not yet copied into place: bounded
+            while self._in_flight and self._in_flight + chunk.size > self.max_bytes:
+                self._room.wait()
+            self._in_flight += chunk.size
+        try:
+            self._fetch_one(chunk, target)
+        finally:
+            with self._room:
+                self._in_flight -= chunk.size
+                self._room.notify_all()
+
+    def _fetch_one(self, chunk: Chunk, target: memoryview) -> None:
         url = self.layout.chunk(chunk.digest)
         try:
             # Into the node cache (other ranks on the node load the same chunks), but not

@@ -87,7 +87,7 @@ class CheckpointWriter:
         chunks: str | None = None,
         tags: Sequence[str] = (),
         workers: int = 16,
-        max_bytes: int = 512 * 1024 * 1024,
+        max_bytes: int = 256 * 1024 * 1024,
         timeout: float = 600.0,
         progress: Progress | None = None,
         staging: str | None = None,

@@ -101,7 +101,7 @@ def save(
     chunks: str | None = None,
     tags: Sequence[str] = (),
     workers: int = 16,
-    max_bytes: int = 512 * 1024 * 1024,
+    max_bytes: int = 256 * 1024 * 1024,
     progress: Callable[[int, int], None] | None = None,
     staging: str | None = None,
 ) -> CheckpointInfo:

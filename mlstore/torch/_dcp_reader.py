@@ -38,7 +38,7 @@ __all__ = ["MAX_BYTES", "METADATA", "StorageReader", "dtype_name", "part_name", 
 #: The part holding DCP's pickled ``Metadata``.
 METADATA = "metadata"
 #: Bytes of fetched chunks a rank holds at most before copying them into place.
-MAX_BYTES = 512 * 1024 * 1024
+MAX_BYTES = 256 * 1024 * 1024
 
 
 def part_name(index: Any) -> str:
