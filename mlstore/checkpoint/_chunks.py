@@ -79,6 +79,10 @@ def listed_chunks(store: Store, layout: Layout) -> dict[str, int]:
 class ChunkWriter:
     """Uploads the chunks of one save.
 
+    Pieces are hashed and stored on a pool of threads, at most ``max_bytes`` of them in
+    flight. Subclasses change where a new chunk goes (:meth:`_claim`, :meth:`_keep`):
+    the staged writer keeps them on the node's disk instead.
+
     Args:
         store: writes go through it.
         layout: the chunk store.
@@ -87,6 +91,8 @@ class ChunkWriter:
         max_bytes: bytes of pieces in flight at most (the producer waits).
         progress: called with (bytes done, bytes so far announced) as pieces finish.
     """
+
+    thread_name = "mlstore-ckpt-put"
 
     def __init__(
         self,
@@ -103,7 +109,7 @@ class ChunkWriter:
         self.known = set(known)
         self.max_bytes = max_bytes
         self.progress = progress
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mlstore-ckpt-put")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=self.thread_name)
         self._room = threading.Condition()
         self._in_flight = 0
         self._claimed: set[str] = set()  # digests being uploaded by this save
@@ -123,12 +129,25 @@ class ChunkWriter:
                 while self._in_flight and self._in_flight + n > self.max_bytes:
                     self._room.wait()
                 self._in_flight += n
-            self._announced += n
+                self._announced += n
             part.size += n
             slots.append(None)
             self._futures.append(self._pool.submit(self._put, piece, slots, len(slots) - 1))
         part.chunks = slots  # type: ignore[assignment]  # filled by the uploads
         return part
+
+    def _claim(self, digest: str, size: int) -> bool:
+        """Whether ``digest`` must be stored by this save (under the writer's lock)."""
+        fresh = digest not in self.known and digest not in self._claimed
+        self._claimed.add(digest)
+        return fresh
+
+    def _keep(self, digest: str, piece: memoryview) -> None:
+        """Store a chunk this save claimed."""
+        self.store.write_bytes(self.layout.chunk(digest), piece)
+        with self._room:
+            self.stats["uploaded"] += len(piece)
+            self.stats["new_chunks"] += 1
 
     def _put(self, piece: memoryview, slots: list[Chunk | None], index: int) -> None:
         n = len(piece)
@@ -136,15 +155,11 @@ class ChunkWriter:
             digest = content_hash(piece)
             slots[index] = Chunk(digest, n)
             with self._room:
-                fresh = digest not in self.known and digest not in self._claimed
-                self._claimed.add(digest)
+                fresh = self._claim(digest, n)
                 self.stats["chunks"] += 1
                 self.stats["bytes"] += n
             if fresh:
-                self.store.write_bytes(self.layout.chunk(digest), piece)
-                with self._room:
-                    self.stats["uploaded"] += n
-                    self.stats["new_chunks"] += 1
+                self._keep(digest, piece)
         finally:
             with self._room:
                 self._in_flight -= n
@@ -155,18 +170,21 @@ class ChunkWriter:
                 self.progress(done, announced)
 
     def finish(self) -> dict[str, int]:
-        """Wait for every upload; the first failure is raised. Returns the stats."""
+        """Wait for every chunk; the first failure is raised. Returns the stats."""
         try:
             for future in self._futures:
                 future.result()
         finally:
-            self.close()
+            self._stop()
         return dict(self.stats)
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         for future in self._futures:
             future.cancel()
         self._pool.shutdown(wait=True)
+
+    def close(self) -> None:
+        self._stop()
 
 
 def wait_all(futures: Iterable[Future[Any]]) -> None:

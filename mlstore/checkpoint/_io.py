@@ -103,7 +103,7 @@ class CheckpointWriter:
         self.timeout = timeout
         self.parts: dict[str, Part] = {}
         self._lock: Lock | None = None
-        self._chunks: ChunkWriter | StagedChunks | None = None
+        self._chunks: ChunkWriter | None = None
         self._started = 0.0
         self.created = time.time()
 
@@ -135,7 +135,7 @@ class CheckpointWriter:
                 self._lock.release()
                 self._lock = None
 
-    def _writer(self) -> ChunkWriter | StagedChunks:
+    def _writer(self) -> ChunkWriter:
         if self._chunks is None:
             raise CheckpointError("a CheckpointWriter is used inside `with`", url=self.url)
         return self._chunks

@@ -16,13 +16,9 @@ the next mlstore process on the node that saves with staging, or runs
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-
-from mlstore.checkpoint._chunks import Progress
+from mlstore.checkpoint._chunks import ChunkWriter, Progress
 from mlstore.checkpoint._flush import uploader
-from mlstore.checkpoint._format import Chunk, Layout, Manifest, Part
+from mlstore.checkpoint._format import Chunk, Layout, Manifest
 from mlstore.checkpoint._journal import (
     Journal,
     JournalLock,
@@ -33,7 +29,6 @@ from mlstore.checkpoint._journal import (
     write_durably,
 )
 from mlstore.errors import ConfigError
-from mlstore.hashing import content_hash
 from mlstore.store import Store
 
 __all__ = ["STAGING_MODES", "StagedChunks", "check_staging"]
@@ -52,11 +47,12 @@ def check_staging(staging: str | None, url: str) -> None:
         )
 
 
-class StagedChunks:
+class StagedChunks(ChunkWriter):
     """The chunks of one staged save, written to the node's disk.
 
-    The same ``add``/``finish``/``close`` as :class:`~mlstore.checkpoint._chunks.ChunkWriter`
-    (pieces hashed and written on a small pool, at most ``max_bytes`` in flight), so a
+    A :class:`~mlstore.checkpoint._chunks.ChunkWriter` whose new chunks go to the
+    staging area (pieces hashed and written on a small pool, at most ``max_bytes`` in
+    flight), so a
     :class:`~mlstore.checkpoint.CheckpointWriter` drives either; ``commit`` then writes
     the manifest and the journal and hands the save to the background uploader.
 
@@ -66,6 +62,8 @@ class StagedChunks:
         layout: its chunk store.
         workers: parallel disk writes now, and parallel uploads later.
     """
+
+    thread_name = "mlstore-ckpt-stage"
 
     def __init__(
         self,
@@ -79,73 +77,30 @@ class StagedChunks:
     ) -> None:
         refuse_credentials(url)
         refuse_credentials(layout.root)
-        self.store = store
         self.url = url
-        self.layout = layout
-        self.workers = workers
-        self.max_bytes = max_bytes
-        self.progress = progress
+        self.workers = workers  # parallel uploads, later
+        self.staged: dict[str, int] = {}  # digest -> size, distinct chunks written
         root = staging_root(store, url=url, create=True)
         self.dir, self._lock = StagedDir.new(root)
         self._lock_owned: JournalLock | None = self._lock
-        self._pool = ThreadPoolExecutor(min(workers, 8), thread_name_prefix="mlstore-ckpt-stage")
-        self._room = threading.Condition()
-        self._in_flight = 0
-        self._futures: list[Future[None]] = []
-        self.staged: dict[str, int] = {}  # digest -> size, distinct chunks written
-        self.stats = {"bytes": 0, "uploaded": 0, "chunks": 0, "new_chunks": 0}
-        self._announced = 0
-        self._done = 0
+        super().__init__(
+            store, layout, (), workers=min(workers, 8), max_bytes=max_bytes, progress=progress
+        )
 
-    def add(self, pieces: Iterable[memoryview]) -> Part:
-        """Stage a part given as its pieces, in order (complete once :meth:`finish`
-        returns)."""
-        part = Part(0)
-        slots: list[Chunk | None] = []
-        for piece in pieces:
-            n = len(piece)
-            with self._room:
-                while self._in_flight and self._in_flight + n > self.max_bytes:
-                    self._room.wait()
-                self._in_flight += n
-                self._announced += n
-            part.size += n
-            slots.append(None)
-            self._futures.append(self._pool.submit(self._put, piece, slots, len(slots) - 1))
-        part.chunks = slots  # type: ignore[assignment]  # filled by the writes
-        return part
+    def _claim(self, digest: str, size: int) -> bool:
+        fresh = digest not in self.staged
+        self.staged[digest] = size
+        return fresh
 
-    def _put(self, piece: memoryview, slots: list[Chunk | None], index: int) -> None:
-        n = len(piece)
-        try:
-            digest = content_hash(piece)
-            slots[index] = Chunk(digest, n)
-            with self._room:
-                fresh = digest not in self.staged
-                self.staged[digest] = n
-                self.stats["chunks"] += 1
-                self.stats["bytes"] += n
-            if fresh:
-                write_durably(self.dir.chunk(digest), piece)
-        finally:
-            with self._room:
-                self._in_flight -= n
-                self._done += n
-                done, announced = self._done, self._announced
-                self._room.notify_all()
-            if self.progress is not None:
-                self.progress(done, announced)
+    def _keep(self, digest: str, piece: memoryview) -> None:
+        write_durably(self.dir.chunk(digest), piece)
 
     def finish(self) -> dict[str, int]:
         """Wait for every disk write; the first failure is raised. Returns the stats
         (``uploaded`` stays 0: nothing has gone up yet)."""
-        try:
-            for future in self._futures:
-                future.result()
-        finally:
-            self._pool.shutdown(wait=True)
+        stats = super().finish()
         fsync_dir(self.dir.chunks)
-        return dict(self.stats)
+        return stats
 
     def commit(self, manifest: Manifest) -> None:
         """Write the manifest, then the journal (the save now exists on the node), and
@@ -168,9 +123,7 @@ class StagedChunks:
 
     def close(self) -> None:
         """End the save; one that was not committed is deleted from the disk."""
-        for future in self._futures:
-            future.cancel()
-        self._pool.shutdown(wait=True)
+        self._stop()
         if self._lock_owned is not None:
             self.dir.remove(self._lock_owned)
             self._lock_owned = None
