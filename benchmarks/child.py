@@ -242,6 +242,13 @@ def checkpoint(task: dict[str, Any]) -> dict[str, Any]:
     return child(task, _barrier)
 
 
+def copy(task: dict[str, Any]) -> dict[str, Any]:
+    """One recursive copy of one peer (B15): see :mod:`benchmarks.copying`."""
+    from benchmarks.copying import child
+
+    return child(task, _barrier)
+
+
 TASKS = {
     "read_keys": read_keys,
     "many_readers": many_readers,
@@ -250,6 +257,7 @@ TASKS = {
     "window": window,
     "dataloader": dataloader,
     "checkpoint": checkpoint,
+    "copy": copy,
 }
 
 

@@ -83,6 +83,8 @@ class Sizes:
     b14_bytes: int = 1 * GiB  # the state dict of B14's checkpoints
     b14_tensors: int = 32  # of equal size, float32
     b14_reps: int = 3  # each B14 repetition saves and loads every peer in fresh processes
+    b15_objects: int = 2000  # 4 KiB objects of B15's tree (cp -r)
+    b15_reps: int = 3  # each B15 repetition copies up and down with every peer, fresh processes
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
@@ -1082,6 +1084,13 @@ def b14(ctx: Ctx) -> list[Row]:
     return checkpoint.b14(ctx)
 
 
+def b15(ctx: Ctx) -> list[Row]:
+    """See :mod:`benchmarks.copying` (not `copy`: run.py as a script would shadow the stdlib)."""
+    from benchmarks import copying
+
+    return copying.b15(ctx)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B1": ("warm memory-tier hit, 256 KiB, read_bytes", b1),
     "B2": ("warm disk-tier hit in a fresh process, 256 KiB, verify on", b2),
@@ -1097,4 +1106,5 @@ SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B12": ("disk hits after the ttl ran out, beside fresh hits: no revalidation cliff", b12),
     "B13": ("a dataset twice the disk cache, reshuffled epochs: Belady by plan vs LRU", b13),
     "B14": ("checkpoint save/load of a state dict at 20 ms; dedupe of a second save", b14),
+    "B15": ("cp -r of 2,000 x 4 KiB objects at 20 ms: Store.copy vs s3fs put/get", b15),
 }

@@ -37,7 +37,7 @@ from mlstore.errors import (
 )
 from mlstore.manifest import Manifest, ManifestEntry
 from mlstore.metrics import Stats
-from mlstore.store import Store, default_store, set_default_store
+from mlstore.store import CopyResult, Store, default_store, set_default_store
 from mlstore.url import URL, parse_url
 
 __version__ = "0.1.0"
@@ -137,7 +137,7 @@ def rm(url: _Url, recursive: bool = False) -> None:
     default_store().rm(url, recursive)
 
 
-def copy(src: _Url, dst: _Url, **kw: Any) -> list[str]:
+def copy(src: _Url, dst: _Url, **kw: Any) -> CopyResult:
     """Copy ``src`` to ``dst`` with the default Store."""
     return default_store().copy(src, dst, **kw)
 

@@ -19,7 +19,7 @@ from mlstore._bulk import BulkReads, hot_hit
 from mlstore._engine.listing import logical
 from mlstore._engine.replicas import Resolved
 from mlstore._engine.runtime import Runtime
-from mlstore._engine.writer import Progress
+from mlstore._engine.writer import CopyResult, Progress
 from mlstore._util.files import as_buffer
 from mlstore._util.process import PerProcess
 from mlstore._util.redact import redact_protocol_options
@@ -30,7 +30,7 @@ from mlstore.errors import ConfigError, UnsupportedOperation
 from mlstore.metrics import Stats
 from mlstore.url import URL, parse_url
 
-__all__ = ["Store", "default_store", "set_default_store"]
+__all__ = ["CopyResult", "Store", "default_store", "set_default_store"]
 
 UrlLike = str | os.PathLike[str] | URL
 
@@ -47,7 +47,8 @@ class Store(BulkReads):
         mounts: ``{"name": ["s3://bucket/prefix", "gs://bucket/prefix"]}``: reads of
             ``mlstore://name/<key>`` go to the first replica; writes to the first.
         options: per-protocol backend options, e.g. ``{"s3": {"endpoint_url": ...}}``.
-        max_workers: threads for ``read_many``.
+        max_workers: threads for ``read_many`` and objects copied at once by a
+            recursive ``copy``.
         transport: ``"fsspec"`` or ``"obstore"`` for s3, gs and az
             (:attr:`StoreConfig.transport`).
         multipart_threshold: writes to s3, gs and az larger than this go up in parts
@@ -366,18 +367,46 @@ class Store(BulkReads):
         *,
         recursive: bool = False,
         progress: Progress | None = None,
-    ) -> list[str]:
-        """Copy ``src`` to ``dst``, between any two backends; returns the URLs written.
+        skip_existing: bool = False,
+        max_workers: int | None = None,
+    ) -> CopyResult:
+        """Copy ``src`` to ``dst``, between any two backends; returns the URLs written
+        (a :class:`~mlstore.store.CopyResult`: a list, which also names what was skipped).
 
         With ``recursive``, every file below ``src`` is copied to the same relative
-        path below ``dst``. A key that would land outside ``dst`` (``..``, an absolute
-        path, a NUL) is refused with :class:`~mlstore.errors.PermissionDeniedError`
-        naming the key, before anything is written. ``progress(done_bytes,
-        total_bytes)`` is called as the copy advances.
+        path below ``dst``, ``max_workers`` objects at a time (default: the Store's
+        ``max_workers``; ``1`` copies one after the other). A key that would land
+        outside ``dst`` (``..``, an absolute path, a NUL) is refused with
+        :class:`~mlstore.errors.PermissionDeniedError` naming the key, before anything
+        is written. If an object fails, no further object is started, the copies under
+        way finish, and the first error is raised, naming its URL; the objects already
+        copied stay copied (run the copy again with ``skip_existing`` to finish it).
+        Within one backend the storage copies (S3 ``CopyObject``), without the bytes
+        passing through this process.
+
+        With ``skip_existing``, a destination that already holds the same content is
+        left alone: same size and a matching proof of content (the mlstore content
+        hash recorded in both objects' metadata or computed from a local side's bytes,
+        equal S3 ETags within one store, or equal MD5s), never the size alone. The
+        result's ``skipped`` and ``skipped_bytes`` say what was left alone, and
+        ``stats()`` counts ``copies_skipped`` and ``copy_bytes_skipped``.
+
+        ``progress(done_bytes, total_bytes)`` is called as the copy advances, from one
+        thread at a time, never going back, and last with ``done_bytes ==
+        total_bytes`` once everything is copied (skipped objects count as done).
         """
+        if max_workers is not None and max_workers < 1:
+            raise ConfigError(f"max_workers must be at least 1, got {max_workers}")
         runtime, source = self._where(src)
         target = runtime.resolve(parse_url(dst))
-        return runtime.writer.copy(source, target, recursive=recursive, progress=progress)
+        return runtime.writer.copy(
+            source,
+            target,
+            recursive=recursive,
+            progress=progress,
+            skip_existing=skip_existing,
+            max_workers=max_workers or self.config.max_workers,
+        )
 
     # ------------------------------------------------------------------ metrics
 

@@ -73,6 +73,7 @@ class Runtime:
             invalidate=self.invalidate,
             block_size=config.cache.block_size,
             plan=PartPlan.of(config),
+            copy_pool=(config.max_workers, lambda: self.pool("copy")),
         )
         self.identity = Identity(config)
         #: The cached read path, once something needed it (``None`` before).
@@ -138,8 +139,9 @@ class Runtime:
 
     def pool(self, kind: str) -> ThreadPoolExecutor:
         """This process's pool of ``max_workers`` threads for ``kind`` of work
-        (``"read"``: ``read_many``; ``"prefetch"``: background warms), made on first
-        use and kept: threads, and their index connections, are not made per call."""
+        (``"read"``: ``read_many``; ``"prefetch"``: background warms; ``"copy"``: the
+        objects of recursive copies), made on first use and kept: threads, and their
+        index connections, are not made per call."""
         pool = self._pools.get(kind)
         if pool is None:
             with self._lock:

@@ -1,4 +1,5 @@
-"""Writes: replace an object, open one for writing, delete, copy, make a directory.
+"""Writes: replace an object, open one for writing, delete, copy, make a directory
+(copies of trees, in parallel and skipping what is there: :mod:`.copying`).
 
 Every write through a Store is seen by the next read on the node: after it, the cached
 data and metadata of the URL (and of the physical URLs behind a mount) are dropped, in
@@ -18,11 +19,14 @@ whole-object write, once the object is published.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from mlstore._engine.calls import Calls
+from mlstore._engine.copying import Copier, CopyResult
 from mlstore._engine.identity import CACHED_PROTOCOLS
 from mlstore._engine.multipart import PartPlan, StreamedWrite, Uploader
 from mlstore._engine.reader import Reader
@@ -31,16 +35,14 @@ from mlstore._util.files import BufferedWrite, CountingWriter, TextWriter
 from mlstore.backends.base import Backend, ObjectInfo
 from mlstore.errors import IsADirectoryError_, MlstoreError
 from mlstore.hashing import block_digests, content_hash
-from mlstore.url import URL, safe_join
+from mlstore.url import URL
 
-__all__ = ["Made", "Progress", "Writer"]
+__all__ = ["CopyResult", "Made", "Progress", "Writer"]
 
 Progress = Callable[[int, int], None]
 #: What writes made: physical URL -> (the version the store named, the content hash of
 #: the bytes sent).
 Made = dict[URL, tuple[str, str]]
-
-_COPY_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Writer:
             write made).
         block_size: the read size of copy sources.
         plan: how large writes are cut into parts.
+        copy_pool: ``(workers, pool)``: the process's kept pool of that many threads,
+            used by a recursive copy of that many workers.
     """
 
     calls: Calls
@@ -65,6 +69,7 @@ class Writer:
     invalidate: Callable[[Resolved, Made | None], None]
     block_size: int
     plan: PartPlan
+    copy_pool: tuple[int, Callable[[], ThreadPoolExecutor]] | None = None
 
     def write(self, where: Resolved, data: bytes | memoryview, *, replicate: bool) -> None:
         """Replace the object with ``data`` on the primary (every replica with
@@ -184,7 +189,7 @@ class Writer:
                 raise IsADirectoryError_.at(target, "rm")
             if recursive and target.protocol in CACHED_PROTOCOLS:
                 # What the node may hold copies of: every object below, listed first.
-                below += [entry.url for entry in self._sorted_find(target)]
+                below += [entry.url for entry in self.sorted_find(target)]
             rm = functools.partial(backend.rm, target, recursive)
             self.calls.call(backend, rm, target, "write")
         self.invalidate(where, None)
@@ -192,63 +197,27 @@ class Writer:
             self.invalidate(self.resolve(url), None)
 
     def copy(
-        self, src: Resolved, dst: Resolved, *, recursive: bool, progress: Progress | None
-    ) -> list[str]:
-        """Copy ``src`` to ``dst`` (see :meth:`mlstore.Store.copy`)."""
-        src_url, dst_url = src.primary, dst.primary
-        src_info = self.locate(self.resolve(src_url))[1]
-        if src_info.is_dir and not recursive:
-            raise IsADirectoryError_.at(src_url, "copy")
-        pairs: list[tuple[ObjectInfo, URL]] = []
-        if src_info.is_dir:
-            base = str(src_url).rstrip("/")
-            for entry in self._sorted_find(src_url):
-                rel = str(entry.url)[len(base) :].lstrip("/")
-                pairs.append((entry, safe_join(dst_url, rel)))  # refuses keys that escape
-        else:
-            pairs.append((src_info, dst_url))
-        total = sum(e.size for e, _ in pairs)
-        reported = -1
+        self,
+        src: Resolved,
+        dst: Resolved,
+        *,
+        recursive: bool,
+        progress: Progress | None,
+        skip_existing: bool = False,
+        max_workers: int = 1,
+    ) -> CopyResult:
+        """Copy ``src`` to ``dst`` (see :meth:`mlstore.Store.copy` and :mod:`.copying`),
+        ``max_workers`` objects at a time."""
+        pool = None
+        if threading.current_thread().name.startswith("mlstore-copy"):
+            max_workers = 1  # a copy inside a copy's own threads (from progress): serial
+        elif self.copy_pool is not None and max_workers == self.copy_pool[0]:
+            pool = self.copy_pool[1]()
+        copier = Copier(self, skip_existing=skip_existing, workers=max_workers, pool=pool)
+        return copier.run(src.primary, dst.primary, recursive=recursive, progress=progress)
 
-        def report(done: int, total: int) -> None:
-            nonlocal reported
-            reported = done
-            if progress is not None:
-                progress(done, total)
-
-        done = 0
-        written = []
-        for entry, target in pairs:
-            done = self._copy_one(entry, target, done, total, report)
-            written.append(str(target))
-        if reported != done:  # empty files, or nothing to copy: still say it finished
-            report(done, total)
-        return written
-
-    def _sorted_find(self, url: URL) -> list[ObjectInfo]:
+    def sorted_find(self, url: URL) -> list[ObjectInfo]:
+        """The objects below ``url``, by URL (one retried listing)."""
         backend = self.calls.backend(url.protocol)
         found = self.calls.call(backend, lambda: list(backend.find(url)), url)
         return sorted(found, key=lambda e: str(e.url))
-
-    def _copy_one(
-        self, entry: ObjectInfo, dst: URL, done: int, total: int, progress: Progress
-    ) -> int:
-        src = entry.url
-        src_backend = self.calls.backend(src.protocol)
-        dst_backend = self.calls.writable(dst, "copy")
-        if src_backend is dst_backend:  # server side, where the storage can
-            copy = functools.partial(src_backend.copy, src, dst)
-            self.calls.call(src_backend, copy, dst, "write")
-            self.invalidate(self.resolve(dst), None)
-            done += entry.size
-            progress(done, total)
-            return done
-        source = self.reader.open(
-            self.resolve(src), buffer_size=None, version=entry.version, block_size=self.block_size
-        )
-        with source as fin, self.open(self.resolve(dst), text=False) as fout:
-            while chunk := fin.read(_COPY_CHUNK):
-                fout.write(chunk)
-                done += len(chunk)
-                progress(done, total)
-        return done

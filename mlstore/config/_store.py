@@ -140,8 +140,8 @@ class StoreConfig(Resolved):
             merged key by key over the variables of :data:`~mlstore.config.OPTION_ENV_VARS`
             (``MLSTORE_S3_ENDPOINT_URL`` and its GCS and Azure siblings), then the config
             file's ``[options.<protocol>]``.
-        max_workers: threads used by ``read_many`` (``MLSTORE_MAX_WORKERS``).
-            Default 32.
+        max_workers: threads used by ``read_many``, and objects a recursive ``copy``
+            copies at once (``MLSTORE_MAX_WORKERS``). Default 32.
         replica_failures: consecutive transient failures after which a mount's
             replica is skipped for ``replica_cooldown`` seconds
             (``MLSTORE_REPLICA_FAILURES``). Default 3.
