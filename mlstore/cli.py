@@ -8,25 +8,32 @@ Examples::
     mlstore info az://container/model.pt
     mlstore config            # the effective settings and where they came from
     mlstore flush             # upload checkpoints staged on this node (save(staging=...))
+    mlstore doctor            # check config, credentials, endpoints and the cache dir
+    mlstore version --json    # versions of mlstore, Python and the optional packages
 
-Exit status: 0 on success, 1 when an operation failed, 2 for a usage error.
+Exit status: 0 on success, 1 when an operation failed, 2 for a usage error. An error is
+one line on stderr, ``mlstore: error: ...``; ``--debug`` adds the traceback.
+
+Start-up stays light: ``--help``, ``version`` and ``doctor`` import no cloud SDK, and the
+:class:`~mlstore.Store` (with its cache and backends) is imported only by the commands
+that use one.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING, NoReturn
 
-from mlstore._util.redact import redact_url
-from mlstore.config import ENV_VARS, StoreConfig
+from mlstore._util.redact import redact_url, scrub
 from mlstore.errors import MlstoreError
-from mlstore.store import Store
+
+if TYPE_CHECKING:
+    from mlstore.store import Store
 
 __all__ = ["main"]
 
@@ -167,16 +174,17 @@ def _shown(value: object) -> object:
 
 
 def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
-    cfg = store.config
+    from mlstore.config import ENV_VARS, explain
+
     out.write("# effective settings (argument > MLSTORE_* environment > config file > default)\n")
-    for section in ("cache", "retry", "http"):
-        obj = getattr(cfg, section)
-        for f in dataclasses.fields(obj):
-            out.write(f"{section}.{f.name} = {_shown(getattr(obj, f.name))!r}\n")
-    out.write(f"max_workers = {cfg.max_workers}\n")
-    for name, urls in sorted(cfg.mounts.items()):
+    for origin in explain(store.config):
+        if origin.name.startswith(("mounts.", "options.")):
+            continue
+        note = "" if origin.source == "default" else f"  # {origin.source}"
+        out.write(f"{origin.name} = {_shown(origin.value)!r}{note}\n")
+    for name, urls in sorted(store.config.mounts.items()):
         out.write(f"mount {name} = {', '.join(redact_url(u) for u in urls)}\n")
-    for proto, opts in sorted(cfg.options.items()):
+    for proto, opts in sorted(store.config.options.items()):
         # option values may be credentials: names only
         out.write(f"options.{proto}: {', '.join(sorted(opts)) or '(none)'}\n")
     if args.env:
@@ -185,6 +193,18 @@ def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
             state = "set" if os.environ.get(var) else "unset"
             out.write(f"{var:32} {field_name:32} {state}\n")
     return 0
+
+
+def _cmd_version(args: argparse.Namespace, out: IO[str]) -> int:
+    from mlstore.cli_doctor import run_version
+
+    return run_version(args.json, out)
+
+
+def _cmd_doctor(args: argparse.Namespace, out: IO[str]) -> int:
+    from mlstore.cli_doctor import run_doctor
+
+    return run_doctor(args.offline, args.timeout, args.json, out)
 
 
 def _cmd_flush(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
@@ -212,14 +232,26 @@ def _cmd_flush(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     return 0 if report.ok else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error:
+    ``mlstore: error: cp: the following arguments are required: DST (see 'mlstore cp
+    --help')``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("mlstore").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"mlstore: error: {where}{message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from mlstore import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mlstore",
         description="Read, write and inspect ML data on S3, GCS, Azure, local disk and HTTP.",
     )
     p.add_argument("--version", action="version", version=f"mlstore {__version__}")
+    p.add_argument("--debug", action="store_true", help="on an error, also print the traceback")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     ls = sub.add_parser("ls", help="list a directory or prefix")
@@ -276,6 +308,28 @@ def _parser() -> argparse.ArgumentParser:
         help="show progress on stderr (default: when stderr is a terminal)",
     )
     flush.set_defaults(func=_cmd_flush)
+
+    version = sub.add_parser(
+        "version", help="versions of mlstore, Python, the platform and optional packages"
+    )
+    version.add_argument("--json", action="store_true", help="print one JSON object")
+    version.set_defaults(func=_cmd_version, needs_store=False)
+
+    doctor = sub.add_parser(
+        "doctor", help="check the config, credentials, endpoints and the cache directory"
+    )
+    doctor.add_argument(
+        "--offline", action="store_true", help="skip the checks that use the network"
+    )
+    doctor.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="how long to wait for each endpoint (default: 3)",
+    )
+    doctor.add_argument("--json", action="store_true", help="print one JSON report")
+    doctor.set_defaults(func=_cmd_doctor, needs_store=False)
     return p
 
 
@@ -284,12 +338,16 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
     args = _parser().parse_args(argv)
     out = stdout or sys.stdout
     try:
-        with Store(StoreConfig()) as store:
-            status: int = args.func(store, args, out)
+        if not getattr(args, "needs_store", True):
+            status: int = args.func(args, out)
             return status
-    except MlstoreError as exc:
-        sys.stderr.write(f"mlstore: error: {exc}\n")
-        return 1
+        # Imported here: `mlstore --help`, `version` and `doctor` need no Store.
+        from mlstore.config import StoreConfig
+        from mlstore.store import Store
+
+        with Store(StoreConfig()) as store:
+            status = args.func(store, args, out)
+            return status
     except BrokenPipeError:  # `mlstore cat ... | head`
         try:
             sys.stdout.close()
@@ -299,6 +357,25 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
     except KeyboardInterrupt:
         sys.stderr.write("mlstore: interrupted\n")
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one place a command's error is shown
+        return _report(exc, args.debug)
+
+
+def _report(exc: Exception, debug: bool) -> int:
+    """Show ``exc`` as one line on stderr (after the traceback, with ``--debug``);
+    credentials it might quote are masked. Returns the exit status, 1."""
+    if debug:
+        import traceback
+
+        sys.stderr.write(scrub("".join(traceback.format_exception(exc))))
+    if isinstance(exc, (MlstoreError, OSError)):
+        message = str(exc) or type(exc).__name__
+    else:  # not an error mlstore expects: name its type, it may be a bug
+        message = f"{type(exc).__name__}: {exc}"
+    hint = "" if debug else " (run with --debug for the traceback)"
+    hint = hint if not isinstance(exc, MlstoreError) else ""
+    sys.stderr.write(scrub(f"mlstore: error: {message}{hint}") + "\n")
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "checkpoint": 6,  # checkpoints (chunks, manifests, retention) over the public API
     "_manifest_io": 6,
     "cli": 6,
+    "cli_doctor": 6,  # mlstore version and mlstore doctor
     "__main__": 6,
     "": 6,  # mlstore/__init__.py
 }

@@ -246,3 +246,28 @@ def _read_whole(fd: int, size: int) -> bytes:
         return os.read(fd, size + 1)
     with io.FileIO(fd, "r", closefd=False) as fh:
         return fh.readall()
+
+
+def live_fillers(root: str) -> int | None:
+    """How many fills are in progress in the cache directory ``root``, by any process
+    on the node (in any PID namespace): temp files in ``root/tmp`` whose lock is held.
+    ``None`` when there is no such directory. Takes each lock shared and for an instant
+    only, so it never stalls a filler or a cleaner for longer than a syscall."""
+    tmp_dir = os.path.join(root, "tmp")
+    try:
+        names = [n for n in os.listdir(tmp_dir) if n.endswith(_TEMP_SUFFIX)]
+    except OSError:
+        return None
+    live = 0
+    for name in names:
+        try:
+            fd = os.open(os.path.join(tmp_dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # finished meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            live += 1
+        finally:
+            os.close(fd)  # closing drops the lock, if taken
+    return live

@@ -47,6 +47,7 @@ from mlstore._util.redact import SECRET_OPTION, redact_options
 from mlstore.config._cache import CacheConfig
 from mlstore.config._fields import UNSET, GiB, MiB, parse_size
 from mlstore.config._http import DEFAULT_DENY_HOSTS, DEFAULT_DENY_NETWORKS, HttpPolicy
+from mlstore.config._origins import Origin, explain
 from mlstore.config._retry import RetryPolicy
 from mlstore.config._sources import OPTION_ENV_VARS, load_file
 from mlstore.config._store import ENV_VARS, StoreConfig
@@ -64,8 +65,10 @@ __all__ = [
     "GiB",
     "HttpPolicy",
     "MiB",
+    "Origin",
     "RetryPolicy",
     "StoreConfig",
+    "explain",
     "load_file",
     "parse_size",
     "redact_options",
