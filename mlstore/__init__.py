@@ -37,7 +37,7 @@ from mlstore.errors import (
 )
 from mlstore.manifest import Manifest, ManifestEntry
 from mlstore.metrics import Stats
-from mlstore.store import CopyResult, Store, default_store, set_default_store
+from mlstore.store import CopyResult, Store, SyncResult, default_store, set_default_store
 from mlstore.url import URL, parse_url
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ConnectionLostError",
+    "CopyResult",
     "CorruptBodyError",
     "HttpPolicy",
     "IntegrityError",
@@ -66,6 +67,7 @@ __all__ = [
     "StorageTimeoutError",
     "Store",
     "StoreConfig",
+    "SyncResult",
     "ThrottledError",
     "TransientError",
     "UnsupportedOperation",
@@ -85,6 +87,7 @@ __all__ = [
     "rm",
     "set_default_store",
     "stats",
+    "sync",
     "write_bytes",
 ]
 
@@ -140,6 +143,11 @@ def rm(url: _Url, recursive: bool = False) -> None:
 def copy(src: _Url, dst: _Url, **kw: Any) -> CopyResult:
     """Copy ``src`` to ``dst`` with the default Store."""
     return default_store().copy(src, dst, **kw)
+
+
+def sync(src: _Url, dst: _Url, **kw: Any) -> SyncResult:
+    """Make ``dst`` hold what ``src`` holds with the default Store (see :meth:`Store.sync`)."""
+    return default_store().sync(src, dst, **kw)
 
 
 def read_many(urls: Iterable[_Url], **kw: Any) -> list[bytes]:

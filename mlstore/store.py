@@ -19,7 +19,7 @@ from mlstore._bulk import BulkReads, hot_hit
 from mlstore._engine.listing import logical
 from mlstore._engine.replicas import Resolved
 from mlstore._engine.runtime import Runtime
-from mlstore._engine.writer import CopyResult, Progress
+from mlstore._engine.writer import CopyResult, Progress, SyncResult, Writer
 from mlstore._util.files import as_buffer
 from mlstore._util.process import PerProcess
 from mlstore._util.redact import redact_protocol_options
@@ -30,7 +30,7 @@ from mlstore.errors import ConfigError, UnsupportedOperation
 from mlstore.metrics import Stats
 from mlstore.url import URL, parse_url
 
-__all__ = ["CopyResult", "Store", "default_store", "set_default_store"]
+__all__ = ["CopyResult", "Store", "SyncResult", "default_store", "set_default_store"]
 
 UrlLike = str | os.PathLike[str] | URL
 
@@ -324,7 +324,12 @@ class Store(BulkReads):
     # ------------------------------------------------------------------ writing
 
     def write_bytes(
-        self, url: UrlLike, data: bytes | bytearray | memoryview, *, replicate: bool = False
+        self,
+        url: UrlLike,
+        data: bytes | bytearray | memoryview,
+        *,
+        replicate: bool = False,
+        dedupe: bool | None = None,
     ) -> None:
         """Replace the object at ``url`` with ``data``, atomically.
 
@@ -336,12 +341,18 @@ class Store(BulkReads):
         copied whole (see :attr:`StoreConfig.multipart_threshold`). Do not change it
         until the call returns.
 
+        Dedupe on write: with ``dedupe=True`` (default: for ``data`` of at least
+        :attr:`StoreConfig.dedupe_writes` bytes, 8 MiB) the destination is asked first
+        (one HEAD), and nothing is sent when it already holds this content (the same
+        size and mlstore content hash, and the same MD5 where the store serves one).
+        ``stats()`` counts ``dedupe_uploads_skipped`` and ``dedupe_bytes_skipped``.
+
         Raises:
             TypeError: ``data`` is not bytes-like (checked before any request).
         """
         payload = as_buffer(data, "write_bytes", url)
         runtime, where = self._where(url)
-        runtime.writer.write(where, payload, replicate=replicate)
+        runtime.writer.write(where, payload, replicate=replicate, dedupe=dedupe)
 
     def mkdir(self, url: UrlLike) -> None:
         """Create a directory and its parents (a no-op on object stores)."""
@@ -395,18 +406,59 @@ class Store(BulkReads):
         thread at a time, never going back, and last with ``done_bytes ==
         total_bytes`` once everything is copied (skipped objects count as done).
         """
-        if max_workers is not None and max_workers < 1:
-            raise ConfigError(f"max_workers must be at least 1, got {max_workers}")
-        runtime, source = self._where(src)
-        target = runtime.resolve(parse_url(dst))
-        return runtime.writer.copy(
+        writer, source, target, workers = self._tree(src, dst, max_workers)
+        return writer.copy(
             source,
             target,
             recursive=recursive,
             progress=progress,
             skip_existing=skip_existing,
-            max_workers=max_workers or self.config.max_workers,
+            max_workers=workers,
         )
+
+    def sync(
+        self,
+        src: UrlLike,
+        dst: UrlLike,
+        *,
+        delete: bool = False,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+        max_workers: int | None = None,
+    ) -> SyncResult:
+        """Make the tree at ``dst`` hold what the tree at ``src`` holds, sending only
+        what differs; returns a :class:`~mlstore.store.SyncResult` (a list of the URLs
+        written, with ``skipped``, ``deleted`` and a one-line ``summary()``).
+
+        Every object below ``src`` is copied to the same relative path below ``dst``,
+        ``max_workers`` at a time, unless the destination provably holds the same
+        content already (as ``copy(..., skip_existing=True)``: the mlstore content
+        hash, equal S3 ETags in one store, or equal MD5s; never size or time alone). So
+        a sync is resumable: after a failure, run it again and only what is still
+        missing or different is sent. With ``delete``, the objects below ``dst`` that
+        ``src`` does not have are deleted, after every copy succeeded. With
+        ``dry_run``, nothing is written or deleted and the result says what would be.
+
+        Raises:
+            ConfigError: ``src`` and ``dst`` overlap (one is below the other), or
+                ``max_workers`` is below 1.
+            NotFoundError: nothing exists at ``src``.
+        """
+        writer, source, target, workers = self._tree(src, dst, max_workers)
+        return writer.sync(
+            source, target, delete=delete, dry_run=dry_run, progress=progress, max_workers=workers
+        )
+
+    def _tree(
+        self, src: UrlLike, dst: UrlLike, max_workers: int | None
+    ) -> tuple[Writer, Resolved, Resolved, int]:
+        """What a copy or sync of ``src`` to ``dst`` runs with: this process's writer,
+        both ends resolved, and the objects to copy at once."""
+        if max_workers is not None and max_workers < 1:
+            raise ConfigError(f"max_workers must be at least 1, got {max_workers}")
+        runtime, source = self._where(src)
+        target = runtime.resolve(parse_url(dst))
+        return runtime.writer, source, target, max_workers or self.config.max_workers
 
     # ------------------------------------------------------------------ metrics
 

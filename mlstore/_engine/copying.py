@@ -48,7 +48,7 @@ from mlstore.url import URL, safe_join
 if TYPE_CHECKING:
     from mlstore._engine.writer import Progress, Writer
 
-__all__ = ["CONTENT_VERSIONS", "Copier", "CopyResult"]
+__all__ = ["CONTENT_VERSIONS", "Copier", "CopyResult", "Tally", "bounded"]
 
 #: Protocols whose version (the S3 ETag) is derived from the content alone, so two
 #: objects of one store with equal versions hold equal bytes.
@@ -93,7 +93,7 @@ class CopyResult(list[str]):
         )
 
 
-class _Tally:
+class Tally:
     """Bytes done of a copy, reported under one lock (one caller at a time, monotonic)."""
 
     def __init__(self, total: int, progress: Progress | None) -> None:
@@ -148,6 +148,18 @@ class Copier:
     def run(
         self, src_url: URL, dst_url: URL, *, recursive: bool, progress: Progress | None
     ) -> CopyResult:
+        pairs, there = self.plan(src_url, dst_url, recursive=recursive)
+        tally = Tally(sum(e.size for e, _ in pairs), progress)
+        outcomes = self.each(pairs, there, tally)
+        tally.finish()
+        return self.result(pairs, outcomes)
+
+    def plan(
+        self, src_url: URL, dst_url: URL, *, recursive: bool, list_dst: bool = False
+    ) -> tuple[list[tuple[ObjectInfo, URL]], dict[str, ObjectInfo] | None]:
+        """The ``(source object, destination URL)`` pairs of a copy, in source order,
+        and the destination's objects by URL when they were listed (a tree copy that
+        skips, or ``list_dst``; ``None`` otherwise)."""
         w = self.writer
         src_info = w.locate(w.resolve(src_url))[1]
         if src_info.is_dir and not recursive:
@@ -159,22 +171,32 @@ class Copier:
             for entry in w.sorted_find(src_url):
                 rel = str(entry.url)[len(base) :].lstrip("/")
                 pairs.append((entry, safe_join(dst_url, rel)))  # refuses keys that escape
-            if self.skip_existing:
+            if self.skip_existing or list_dst:
                 there = self._listed(dst_url)
         else:
             pairs.append((src_info, dst_url))
-        tally = _Tally(sum(e.size for e, _ in pairs), progress)
-        outcomes = self._each(pairs, there, tally)
-        tally.finish()
+        return pairs, there
+
+    @staticmethod
+    def result(pairs: list[tuple[ObjectInfo, URL]], copied: list[bool]) -> CopyResult:
+        """What was written and what was left alone, from whether each pair was copied."""
         result = CopyResult()
-        for (entry, target), copied in zip(pairs, outcomes, strict=True):
-            if copied:
+        for (entry, target), done in zip(pairs, copied, strict=True):
+            if done:
                 result.append(str(target))
                 result.copied_bytes += entry.size
             else:
                 result.skipped.append(str(target))
                 result.skipped_bytes += entry.size
         return result
+
+    def needed(self, entry: ObjectInfo, target: URL, there: dict[str, ObjectInfo] | None) -> bool:
+        """Whether copying ``entry`` to ``target`` would write anything (what a dry run
+        reports): always, unless skipping and the destination holds the content."""
+        if not self.skip_existing:
+            return True
+        existing = self._existing(target, there)
+        return existing is None or not self._same(entry, existing)
 
     def _listed(self, dst: URL) -> dict[str, ObjectInfo]:
         """The objects below ``dst`` now, by URL (none if there is nothing there)."""
@@ -183,20 +205,25 @@ class Copier:
         except NotFoundError:
             return {}
 
-    def _each(
+    def each(
         self,
         pairs: list[tuple[ObjectInfo, URL]],
         there: dict[str, ObjectInfo] | None,
-        tally: _Tally,
+        tally: Tally,
     ) -> list[bool]:
         """Copy every pair (at most ``workers`` at once): whether each was copied."""
-        one = functools.partial(self._one, there=there, tally=tally)
+        return self.parallel(functools.partial(self._one, there=there, tally=tally), pairs)
+
+    def parallel(
+        self, fn: Callable[[ObjectInfo, URL], bool], pairs: list[tuple[ObjectInfo, URL]]
+    ) -> list[bool]:
+        """``fn`` over ``pairs``, ``workers`` at a time (see :func:`bounded`)."""
         if self.workers == 1 or len(pairs) <= 1:
-            return [one(entry, target) for entry, target in pairs]
+            return [fn(entry, target) for entry, target in pairs]
         own = self.pool is None
         pool = self.pool or ThreadPoolExecutor(self.workers, thread_name_prefix="mlstore-copy")
         try:
-            return _bounded(pool, one, pairs, window=2 * self.workers)
+            return bounded(pool, fn, pairs, window=2 * self.workers)
         finally:
             if own:
                 pool.shutdown(wait=True)
@@ -209,17 +236,15 @@ class Copier:
         target: URL,
         *,
         there: dict[str, ObjectInfo] | None,
-        tally: _Tally,
+        tally: Tally,
     ) -> bool:
         """Copy one object unless it may be skipped; whether it was copied."""
         dst_backend = self.calls.writable(target, "copy")
-        if self.skip_existing:
-            existing = self._existing(target, there)
-            if existing is not None and self._same(entry, existing):
-                self.calls.count(dst_backend, "copies_skipped")
-                self.calls.count(dst_backend, "copy_bytes_skipped", entry.size)
-                tally.add(entry.size)
-                return False
+        if not self.needed(entry, target, there):
+            self.calls.count(dst_backend, "copies_skipped")
+            self.calls.count(dst_backend, "copy_bytes_skipped", entry.size)
+            tally.add(entry.size)
+            return False
         self.copy_one(entry, target, tally.add)
         return True
 
@@ -233,8 +258,16 @@ class Copier:
         if src_backend is dst_backend:  # server side, where the storage can
             copy = functools.partial(src_backend.copy, src, dst)
             self.calls.call(src_backend, copy, dst, "write")
-            w.invalidate(w.resolve(dst), None)
+            w.invalidate(w.resolve(dst), None, None)
             advance(entry.size)
+            return
+        if entry.size <= _CHUNK and not entry.is_dir and src.protocol in CACHED_PROTOCOLS:
+            # A small remote object: one GET pinned to the version the listing gave
+            # (a whole read is checked against the recorded hash), then one write.
+            # Opening it would first ask for its info again: two requests, not one.
+            data, _ = w.reader.fetch_whole(w.resolve(src), version=entry.version)
+            w.write(w.resolve(dst), data, replicate=False)
+            advance(len(data))
             return
         source = w.reader.open(
             w.resolve(src), buffer_size=None, version=entry.version, block_size=w.block_size
@@ -272,6 +305,10 @@ class Copier:
             and src.version.strip('"') == (dst.version or "").strip('"')
         ):
             return True
+        for algo in ("xxh3", "md5"):  # first with what the listings gave: no request
+            verdict = self._match(src, dst, algo)
+            if verdict is not None:
+                return verdict
         src, dst = self._described(src), self._described(dst)
         for algo in ("xxh3", "md5"):
             verdict = self._match(src, dst, algo)
@@ -320,7 +357,7 @@ def _local(info: ObjectInfo) -> bool:
     return info.url.protocol not in CACHED_PROTOCOLS
 
 
-def _bounded(
+def bounded(
     pool: ThreadPoolExecutor,
     fn: Callable[[ObjectInfo, URL], bool],
     pairs: list[tuple[ObjectInfo, URL]],

@@ -74,6 +74,7 @@ class Runtime:
             block_size=config.cache.block_size,
             plan=PartPlan.of(config),
             copy_pool=(config.max_workers, lambda: self.pool("copy")),
+            dedupe_from=config.dedupe_writes,
         )
         self.identity = Identity(config)
         #: The cached read path, once something needed it (``None`` before).
@@ -164,16 +165,42 @@ class Runtime:
             return False
         return True
 
-    def invalidate(self, where: Resolved, made: Made | None = None) -> None:
+    def invalidate(
+        self, where: Resolved, made: Made | None = None, data: bytes | memoryview | None = None
+    ) -> None:
         """Forget what is cached of ``where`` and of the physical URLs behind it, here
         and in the node's index, even if this process has read nothing yet: the next
         reader on the node, in any process, must see this Store's write. What the write
-        ``made`` (versions and content hashes) is recorded as proven."""
+        ``made`` (versions and content hashes) is recorded as proven; with
+        ``write_through``, the written ``data`` is kept on disk as those versions."""
         if not self.config.cache.enabled:
             return
         if not any(r.protocol in CACHED_PROTOCOLS for r in where.replicas):
             return
-        self.cache_reads().invalidate(where, made)
+        cached = self.cache_reads()
+        cached.invalidate(where, made)
+        if data is not None and made and self.config.cache.write_through:
+            self._keep_written(cached, made, data)
+
+    def _keep_written(self, cached: CachedReads, made: Made, data: bytes | memoryview) -> None:
+        """The written bytes on the node's disk as each version the write made, stamped
+        never checked: a pinned read of that version is served with no request, and any
+        other read asks the store for the current version first (one HEAD, no GET), so
+        a later write from elsewhere is still seen. A copy that cannot be kept (no
+        room, the disk tier failing) is simply not kept."""
+        disk = cached.cache.disk
+        if disk is None:
+            return
+        payload = data if type(data) is bytes else bytes(data)
+        for physical, (version, digest) in made.items():
+            if physical.protocol not in CACHED_PROTOCOLS:
+                continue
+            try:
+                disk.put(self.identity.key(physical), version, payload, digest, checked=0.0)
+            except OSError:  # DiskFullError, DiskNoRoomError, DiskUnavailableError
+                self.metrics.add("write_through_skipped", "disk")
+            else:
+                self.metrics.add("written_through", "disk")
 
     def close(self) -> None:
         """Release clients, connections and cache handles (they are rebuilt on use)."""

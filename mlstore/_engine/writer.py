@@ -19,6 +19,7 @@ whole-object write, once the object is published.
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +32,14 @@ from mlstore._engine.identity import CACHED_PROTOCOLS
 from mlstore._engine.multipart import PartPlan, StreamedWrite, Uploader
 from mlstore._engine.reader import Reader
 from mlstore._engine.replicas import Resolved
+from mlstore._engine.syncing import SyncResult, sync
 from mlstore._util.files import BufferedWrite, CountingWriter, TextWriter
 from mlstore.backends.base import Backend, ObjectInfo
-from mlstore.errors import IsADirectoryError_, MlstoreError
+from mlstore.errors import IsADirectoryError_, MlstoreError, NotFoundError
 from mlstore.hashing import block_digests, content_hash
 from mlstore.url import URL
 
-__all__ = ["CopyResult", "Made", "Progress", "Writer"]
+__all__ = ["CopyResult", "Made", "Progress", "SyncResult", "Writer"]
 
 Progress = Callable[[int, int], None]
 #: What writes made: physical URL -> (the version the store named, the content hash of
@@ -60,34 +62,77 @@ class Writer:
         plan: how large writes are cut into parts.
         copy_pool: ``(workers, pool)``: the process's kept pool of that many threads,
             used by a recursive copy of that many workers.
+        dedupe_from: whole-object writes of at least this many bytes check first
+            whether the destination holds their content (``None``: never).
     """
 
     calls: Calls
     reader: Reader
     resolve: Callable[[URL], Resolved]
     locate: Callable[[Resolved], tuple[URL, ObjectInfo]]
-    invalidate: Callable[[Resolved, Made | None], None]
+    invalidate: Callable[[Resolved, Made | None, bytes | memoryview | None], None]
     block_size: int
     plan: PartPlan
     copy_pool: tuple[int, Callable[[], ThreadPoolExecutor]] | None = None
+    dedupe_from: int | None = None
 
-    def write(self, where: Resolved, data: bytes | memoryview, *, replicate: bool) -> None:
+    def write(
+        self,
+        where: Resolved,
+        data: bytes | memoryview,
+        *,
+        replicate: bool,
+        dedupe: bool | None = None,
+    ) -> None:
         """Replace the object with ``data`` on the primary (every replica with
-        ``replicate``, in order; a failure names the replicas already written)."""
+        ``replicate``, in order; a failure names the replicas already written).
+
+        With ``dedupe`` (default: when ``data`` is at least ``dedupe_from`` bytes), a
+        destination that already holds this content is not sent it again (see
+        :meth:`holds`)."""
         targets = where.replicas if replicate else where.replicas[:1]
+        nbytes = memoryview(data).nbytes
+        if dedupe is None:
+            dedupe = self.dedupe_from is not None and nbytes >= self.dedupe_from
+        digest = content_hash(data) if dedupe else None
         done: list[str] = []
         made: Made = {}
         for target in targets:
             backend = self.calls.writable(target, "write")
+            if digest is not None and self.holds(backend, target, data, digest):
+                self.calls.count(backend, "dedupe_uploads_skipped")
+                self.calls.count(backend, "dedupe_bytes_skipped", nbytes)
+                continue
             try:
                 self._put(backend, target, data, made)
             except MlstoreError as exc:
                 if done:
                     exc.reason += f" (already written to: {', '.join(done)})"
                 raise
-            self.calls.count(backend, "bytes_written", memoryview(data).nbytes)
+            self.calls.count(backend, "bytes_written", nbytes)
             done.append(str(target))
-        self.invalidate(where, made)
+        if done:
+            self.invalidate(where, made, data)
+
+    def holds(self, backend: Backend, target: URL, data: bytes | memoryview, digest: str) -> bool:
+        """Whether ``target`` holds ``data`` already (one HEAD): the same size and the
+        same mlstore content hash ``digest`` in its metadata, and, where the store
+        serves an MD5 of the content (a single-part S3 ETag, GCS, Azure), the same MD5
+        too. Metadata can be written by anyone who can write the object; the MD5 is the
+        store's own account of the bytes."""
+        if backend.read_only or target.protocol not in CACHED_PROTOCOLS:
+            return False  # a local file costs nothing to rewrite; no metadata to trust
+        info_of = functools.partial(backend.info, target)
+        try:
+            info = self.calls.call(backend, info_of, target, "info")
+        except NotFoundError:
+            return False
+        if info.is_dir or info.size != memoryview(data).nbytes or info.content_hash != digest:
+            return False
+        served = info.checksums.get("md5")
+        if served is None:
+            return True
+        return hashlib.md5(data, usedforsecurity=False).hexdigest() == served.strip('"')
 
     def open(
         self,
@@ -106,7 +151,7 @@ class Writer:
 
         def committed(n: int) -> None:
             self.calls.count(backend, "bytes_written", n)
-            self.invalidate(where, made)
+            self.invalidate(where, made, None)
 
         native: IO[bytes]
         if backend.supports_multipart:  # parts as they fill, or one write if small
@@ -192,9 +237,9 @@ class Writer:
                 below += [entry.url for entry in self.sorted_find(target)]
             rm = functools.partial(backend.rm, target, recursive)
             self.calls.call(backend, rm, target, "write")
-        self.invalidate(where, None)
+        self.invalidate(where, None, None)
         for url in below:
-            self.invalidate(self.resolve(url), None)
+            self.invalidate(self.resolve(url), None, None)
 
     def copy(
         self,
@@ -208,13 +253,33 @@ class Writer:
     ) -> CopyResult:
         """Copy ``src`` to ``dst`` (see :meth:`mlstore.Store.copy` and :mod:`.copying`),
         ``max_workers`` objects at a time."""
+        copier = self._copier(skip_existing=skip_existing, max_workers=max_workers)
+        return copier.run(src.primary, dst.primary, recursive=recursive, progress=progress)
+
+    def sync(
+        self,
+        src: Resolved,
+        dst: Resolved,
+        *,
+        delete: bool,
+        dry_run: bool,
+        progress: Progress | None,
+        max_workers: int = 1,
+    ) -> SyncResult:
+        """Make ``dst`` hold what ``src`` holds (see :meth:`mlstore.Store.sync` and
+        :mod:`.syncing`)."""
+        copier = self._copier(skip_existing=True, max_workers=max_workers)
+        return sync(
+            copier, src.primary, dst.primary, delete=delete, dry_run=dry_run, progress=progress
+        )
+
+    def _copier(self, *, skip_existing: bool, max_workers: int) -> Copier:
         pool = None
         if threading.current_thread().name.startswith("mlstore-copy"):
             max_workers = 1  # a copy inside a copy's own threads (from progress): serial
         elif self.copy_pool is not None and max_workers == self.copy_pool[0]:
             pool = self.copy_pool[1]()
-        copier = Copier(self, skip_existing=skip_existing, workers=max_workers, pool=pool)
-        return copier.run(src.primary, dst.primary, recursive=recursive, progress=progress)
+        return Copier(self, skip_existing=skip_existing, workers=max_workers, pool=pool)
 
     def sorted_find(self, url: URL) -> list[ObjectInfo]:
         """The objects below ``url``, by URL (one retried listing)."""

@@ -144,7 +144,7 @@ class ChunkWriter:
 
     def _keep(self, digest: str, piece: memoryview) -> None:
         """Store a chunk this save claimed."""
-        self.store.write_bytes(self.layout.chunk(digest), piece)
+        self.store.write_bytes(self.layout.chunk(digest), piece, dedupe=False)
         with self._room:
             self.stats["uploaded"] += len(piece)
             self.stats["new_chunks"] += 1

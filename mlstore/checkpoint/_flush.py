@@ -201,7 +201,7 @@ def _put_chunk(store: Store, staged: StagedDir, layout: Layout, chunk: Chunk) ->
             url=layout.chunk(chunk.digest),
             operation="flush",
         )
-    store.write_bytes(layout.chunk(chunk.digest), data)
+    store.write_bytes(layout.chunk(chunk.digest), data, dedupe=False)
 
 
 def _commit(

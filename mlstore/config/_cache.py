@@ -97,6 +97,11 @@ class CacheConfig(Resolved):
             ``{"s3://datasets/imagenet/": {"validate": "never"}}``; the longest
             matching prefix wins (config file: ``[cache.policies."s3://..."]``).
             Default: none.
+        write_through: a ``write_bytes`` through this Store also leaves a copy of what
+            it wrote in the node's disk tier, keyed by the version the store named, so
+            the next reader on the node (a pinned read, or a read after one HEAD) makes
+            no GET (``MLSTORE_WRITE_THROUGH``). Default off: most written data (a
+            checkpoint, an export) is not read back on the node that wrote it.
     """
 
     enabled: bool = setting("MLSTORE_CACHE", flag, True)
@@ -109,6 +114,7 @@ class CacheConfig(Resolved):
     validate: str = setting("MLSTORE_VALIDATE", _VALIDATE, "ttl")
     ttl: float = setting("MLSTORE_TTL", _TTL, 300.0)
     stale_while_revalidate: float = setting("MLSTORE_STALE_WHILE_REVALIDATE", _TTL, 60.0)
+    write_through: bool = setting("MLSTORE_WRITE_THROUGH", flag, False)
     verify: str = setting("MLSTORE_VERIFY", choice("always", "never"), "always")
     policies: Mapping[str, Mapping[str, Any]] = setting(None, _policies, MappingProxyType({}))
 

@@ -21,6 +21,7 @@ from mlstore.config._fields import (
     MiB,
     choice,
     nonneg,
+    optional,
     positive,
     refuse_unknown,
     seconds,
@@ -164,6 +165,12 @@ class StoreConfig(Resolved):
         multipart_concurrency: parts of one write sent at once
             (``MLSTORE_MULTIPART_CONCURRENCY``). A file open for writing holds about
             this many parts plus one. Default 4.
+        dedupe_writes: a ``write_bytes`` of at least this many bytes first asks the
+            store what the destination holds (one HEAD), and sends nothing when that is
+            already the same content: the same size and the same mlstore content hash
+            recorded in its metadata (``MLSTORE_DEDUPE_WRITES``; ``"off"`` never asks).
+            Counted as ``dedupe_uploads_skipped`` and ``dedupe_bytes_skipped``.
+            Default 8 MiB: below it the HEAD costs about what the upload would.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -178,6 +185,7 @@ class StoreConfig(Resolved):
     multipart_threshold: int = setting("MLSTORE_MULTIPART_THRESHOLD", positive(size), 64 * MiB)
     multipart_part_size: int = setting("MLSTORE_MULTIPART_PART_SIZE", _part_size, 16 * MiB)
     multipart_concurrency: int = setting("MLSTORE_MULTIPART_CONCURRENCY", positive(whole), 4)
+    dedupe_writes: int | None = setting("MLSTORE_DEDUPE_WRITES", optional(nonneg(size)), 8 * MiB)
 
     _section = "store"
 
@@ -232,7 +240,8 @@ class StoreConfig(Resolved):
             f"replica_cooldown={self.replica_cooldown!r}, transport={self.transport!r}, "
             f"multipart_threshold={self.multipart_threshold!r}, "
             f"multipart_part_size={self.multipart_part_size!r}, "
-            f"multipart_concurrency={self.multipart_concurrency!r})"
+            f"multipart_concurrency={self.multipart_concurrency!r}, "
+            f"dedupe_writes={self.dedupe_writes!r})"
         )
 
 
