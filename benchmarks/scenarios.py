@@ -1091,6 +1091,13 @@ def b15(ctx: Ctx) -> list[Row]:
     return copying.b15(ctx)
 
 
+def b16(ctx: Ctx) -> list[Row]:
+    """CLI start time beside the imports of SDK-based CLIs: see :mod:`benchmarks.startup`."""
+    from benchmarks import startup
+
+    return startup.b16(ctx)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B1": ("warm memory-tier hit, 256 KiB, read_bytes", b1),
     "B2": ("warm disk-tier hit in a fresh process, 256 KiB, verify on", b2),
@@ -1107,4 +1114,5 @@ SCENARIOS: dict[str, tuple[str, Callable[[Ctx], list[Row]]]] = {
     "B13": ("a dataset twice the disk cache, reshuffled epochs: Belady by plan vs LRU", b13),
     "B14": ("checkpoint save/load of a state dict at 20 ms; dedupe of a second save", b14),
     "B15": ("cp -r of 2,000 x 4 KiB objects at 20 ms: Store.copy vs s3fs put/get", b15),
+    "B16": ("CLI start: mlstore --help beside import s3fs / boto3", b16),
 }

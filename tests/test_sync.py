@@ -105,6 +105,7 @@ def test_a_second_sync_sends_nothing_and_a_changed_tree_sends_only_its_changes(
     again = store.sync(src, dst)
     assert list(again) == [] and len(again.skipped) == len(tree)
     assert sent(endpoint, "PUT") == []  # proven the same: nothing sent again
+    assert sent(endpoint, "HEAD") == []  # by the listed ETags (MD5s): no HEAD per object
 
     (src / "d0/k000.bin").write_bytes(b"changed, and longer than before")
     (src / "d1/new.bin").write_bytes(b"a new file")
@@ -113,6 +114,36 @@ def test_a_second_sync_sends_nothing_and_a_changed_tree_sends_only_its_changes(
     assert sorted(third) == [f"{dst}/d0/k000.bin", f"{dst}/d1/new.bin"]
     assert len(sent(endpoint, "PUT")) == 2
     assert store.read_bytes(f"{dst}/d0/k000.bin") == b"changed, and longer than before"
+
+
+@pytest.mark.gcs
+def test_a_gcs_tree_another_tool_wrote_resyncs_by_its_listed_base64_md5s(
+    gcs_options: dict[str, object], gcs_bucket: str, tmp_path: pathlib.Path
+) -> None:
+    """Objects written without mlstore's hash (a plain upload, as gsutil makes): GCS lists
+    their MD5s in base64, which prove equal content against the local files' MD5s, so
+    syncing them down again costs the listing and nothing per object."""
+    import urllib.parse
+    import urllib.request
+
+    tree = files(12)
+    for rel, data in tree.items():  # a plain media upload: no metadata at all
+        name = urllib.parse.quote(f"foreign/{rel}", safe="")
+        upload = f"{gcs_options['endpoint_url']}/upload/storage/v1/b/{gcs_bucket}/o"
+        req = urllib.request.Request(f"{upload}?uploadType=media&name={name}", data, method="POST")
+        urllib.request.urlopen(req, timeout=30).close()
+    src, dst = f"gs://{gcs_bucket}/foreign", tmp_path / "down"
+    with Store(options={"gs": gcs_options}, cache={"enabled": False}) as store:
+        assert store.info(f"{src}/d0/k000.bin").content_hash is None  # no mlstore metadata
+        assert len(store.sync(src, dst)) == len(tree)
+        before = store.stats()
+        again = store.sync(src, dst)
+        assert list(again) == [] and len(again.skipped) == len(tree)
+        # what src is (one info) and its listing: nothing per object
+        assert (store.stats() - before).get("requests", "gs") == 2
+        (dst / "d0/k000.bin").write_bytes(b"x" * len(tree["d0/k000.bin"]))  # damaged copy
+        assert [u.rsplit("/", 2)[-2:] for u in store.sync(src, dst)] == [["d0", "k000.bin"]]
+    assert (dst / "d0/k000.bin").read_bytes() == tree["d0/k000.bin"]
 
 
 @pytest.mark.s3

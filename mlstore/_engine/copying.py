@@ -32,6 +32,7 @@ that is there with the same size costs at most a HEAD of each side.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import threading
@@ -349,7 +350,20 @@ class Copier:
 def _recorded(info: ObjectInfo, algo: str) -> str | None:
     if algo == "xxh3":
         return info.content_hash
-    return info.checksums.get(algo)
+    value = info.checksums.get(algo)
+    return _hex(value) if value else None
+
+
+def _hex(digest: str) -> str:
+    """An MD5 as hex, whether a store gave it as hex (S3's ETag) or base64 (GCS's
+    ``md5Hash``, Azure's ``Content-MD5``)."""
+    text = digest.strip('"')
+    if len(text) == 24 and text.endswith("=="):
+        try:
+            return base64.b64decode(text, validate=True).hex()
+        except ValueError:
+            return text
+    return text.lower()
 
 
 def _local(info: ObjectInfo) -> bool:

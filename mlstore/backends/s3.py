@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from mlstore._util.files import ViewReader
@@ -132,6 +133,15 @@ class S3Backend(ObjectStoreBackend):
     def _version(self, raw: Mapping[str, Any]) -> str | None:
         etag = raw.get("ETag")
         return str(etag) if etag else None
+
+    def _info_from(self, raw: Mapping[str, Any]) -> ObjectInfo:
+        """A listed object: a single-part ETag is the MD5 of the content, so a listing
+        already proves content equal to a local file's (no HEAD per object)."""
+        info = super()._info_from(raw)
+        etag = info.version
+        if etag and "-" not in etag and not info.is_dir:
+            return replace(info, checksums={"md5": etag.strip('"')})
+        return info
 
     # ---- errors: the one place where S3 failures become mlstore errors
     def _answer(self, exc: BaseException) -> Answer | None:
