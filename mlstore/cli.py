@@ -5,18 +5,24 @@ Examples::
     mlstore ls -l s3://bucket/train/
     mlstore cp -r ./shards s3://bucket/train/
     mlstore cat gs://bucket/labels.csv | head
-    mlstore info az://container/model.pt
+    mlstore stat az://container/model.pt
+    mlstore du -h s3://bucket/train/
+    mlstore warm -j 32 s3://bucket/train/   # fill the node cache (an initContainer)
+    mlstore cache verify      # re-hash the node cache; ``cache scrub`` heals it
     mlstore config            # the effective settings and where they came from
     mlstore flush             # upload checkpoints staged on this node (save(staging=...))
     mlstore doctor            # check config, credentials, endpoints and the cache dir
     mlstore version --json    # versions of mlstore, Python and the optional packages
 
 Exit status: 0 on success, 1 when an operation failed, 2 for a usage error. An error is
-one line on stderr, ``mlstore: error: ...``; ``--debug`` adds the traceback.
+one line on stderr, ``mlstore: error: ...``; ``--debug`` adds the traceback. Every
+command that only reads takes ``--json`` and then prints one JSON document.
 
-Start-up stays light: ``--help``, ``version`` and ``doctor`` import no cloud SDK, and the
-:class:`~mlstore.Store` (with its cache and backends) is imported only by the commands
-that use one.
+Start-up stays light: ``--help``, ``version``, ``doctor`` and ``cache path`` import no
+cloud SDK, and the :class:`~mlstore.Store` (with its cache and backends) is imported only
+by the commands that use one. The commands live in ``cli_*`` modules by subject
+(:mod:`~mlstore.cli_inspect`: ``stat``, ``du``; :mod:`~mlstore.cli_warm`;
+:mod:`~mlstore.cli_cache`; :mod:`~mlstore.cli_doctor`), whose parsers are added here.
 """
 
 from __future__ import annotations
@@ -35,10 +41,15 @@ from mlstore.errors import MlstoreError
 if TYPE_CHECKING:
     from mlstore.store import Store
 
-__all__ = ["main"]
+__all__ = ["human", "main"]
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
+    """``n`` bytes for people: ``512 B``, ``7.8 MiB``.
+
+    >>> human(512), human(8_178_892)
+    ('512 B', '7.8 MiB')
+    """
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -64,9 +75,7 @@ class ProgressBar:
         self._last = now
         elapsed = max(now - self.start, 1e-9)
         pct = f"{100 * done / total:5.1f}%" if total else "  100%"
-        line = (
-            f"\r{self.label}: {pct}  {_human(done)} / {_human(total)}  {_human(done / elapsed)}/s"
-        )
+        line = f"\r{self.label}: {pct}  {human(done)} / {human(total)}  {human(done / elapsed)}/s"
         self.stream.write(line)
         self.stream.flush()
         self._shown = True
@@ -77,13 +86,21 @@ class ProgressBar:
             self.stream.flush()
 
 
+def _dump(out: IO[str], value: object) -> None:
+    """Write ``value`` as one JSON document (what ``--json`` prints)."""
+    out.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
 def _cmd_ls(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    if args.json:
+        _dump(out, [e.as_dict() for url in args.urls for e in store.ls(url, detail=True)])
+        return 0
     for url in args.urls:
         entries = store.ls(url, detail=True)
         for entry in entries:
             name = str(entry.url) + ("/" if entry.is_dir else "")
             if args.long:
-                size = "-" if entry.is_dir else (_human(entry.size) if args.human else entry.size)
+                size = "-" if entry.is_dir else (human(entry.size) if args.human else entry.size)
                 when = (
                     time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.mtime))
                     if entry.mtime
@@ -96,6 +113,9 @@ def _cmd_ls(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_find(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    if args.json:
+        _dump(out, [e.as_dict() for e in store.find(args.url, detail=True)])
+        return 0
     for url in store.find(args.url):
         out.write(url + "\n")
     return 0
@@ -103,6 +123,9 @@ def _cmd_find(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
 
 def _cmd_glob(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     matches = store.glob(args.pattern)
+    if args.json:
+        _dump(out, matches)
+        return 0 if matches else 1
     for url in matches:
         out.write(url + "\n")
     return 0 if matches else 1
@@ -147,6 +170,12 @@ def _is_local_dir(path: str) -> bool:
     return os.path.isdir(path.removeprefix("file://"))
 
 
+def _cmd_mkdir(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    for url in args.urls:
+        store.mkdir(url)
+    return 0
+
+
 def _cmd_rm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     for url in args.urls:
         store.rm(url, recursive=args.recursive)
@@ -154,6 +183,9 @@ def _cmd_rm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_info(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    if args.json:  # one document for all URLs (without: one object per URL, as before)
+        _dump(out, [store.info(url).as_dict() for url in args.urls])
+        return 0
     for url in args.urls:
         out.write(json.dumps(store.info(url).as_dict(), indent=2, sort_keys=True) + "\n")
     return 0
@@ -176,6 +208,9 @@ def _shown(value: object) -> object:
 def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     from mlstore.config import ENV_VARS, explain
 
+    if args.json:
+        _dump(out, _config_record(store, args.env))
+        return 0
     out.write("# effective settings (argument > MLSTORE_* environment > config file > default)\n")
     for origin in explain(store.config):
         if origin.name.startswith(("mounts.", "options.")):
@@ -193,6 +228,39 @@ def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
             state = "set" if os.environ.get(var) else "unset"
             out.write(f"{var:32} {field_name:32} {state}\n")
     return 0
+
+
+def _config_record(store: Store, env: bool) -> dict[str, object]:
+    """``mlstore config --json``: the same facts as the text, with the same masking."""
+    from mlstore.config import ENV_VARS, explain
+
+    settings = [
+        {"name": o.name, "value": _jsonable(_shown(o.value)), "source": o.source}
+        for o in explain(store.config)
+        if not o.name.startswith(("mounts.", "options."))
+    ]
+    record: dict[str, object] = {
+        "settings": settings,
+        "mounts": {n: [redact_url(u) for u in urls] for n, urls in store.config.mounts.items()},
+        # option values may be credentials: names only
+        "options": {p: sorted(opts) for p, opts in store.config.options.items()},
+    }
+    if env:
+        record["environment"] = [
+            {"variable": var, "field": name, "set": bool(os.environ.get(var))}
+            for var, name in sorted(ENV_VARS.items())
+        ]
+    return record
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def _cmd_version(args: argparse.Namespace, out: IO[str]) -> int:
@@ -243,8 +311,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"mlstore: error: {where}{message} (see '{self.prog} --help')\n")
 
 
+_JSON_LIST = "print one JSON list of entries (name, size, type, version ...)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    from mlstore import __version__
+    from mlstore import __version__, cli_cache, cli_inspect, cli_warm
 
     p = _Parser(
         prog="mlstore",
@@ -258,14 +329,17 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("urls", nargs="+", metavar="URL")
     ls.add_argument("-l", "--long", action="store_true", help="show size and modification time")
     ls.add_argument("-H", "--human", action="store_true", help="sizes in KiB/MiB/GiB")
+    ls.add_argument("--json", action="store_true", help=_JSON_LIST)
     ls.set_defaults(func=_cmd_ls)
 
     find = sub.add_parser("find", help="list every file below a URL, recursively")
     find.add_argument("url", metavar="URL")
+    find.add_argument("--json", action="store_true", help=_JSON_LIST)
     find.set_defaults(func=_cmd_find)
 
     glob = sub.add_parser("glob", help="list URLs matching a pattern (*, ?, **, [abc])")
     glob.add_argument("pattern", metavar="PATTERN")
+    glob.add_argument("--json", action="store_true", help="print one JSON list of URLs")
     glob.set_defaults(func=_cmd_glob)
 
     cat = sub.add_parser("cat", help="write objects to standard output")
@@ -285,6 +359,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     cp.set_defaults(func=_cmd_cp)
 
+    mkdir = sub.add_parser("mkdir", help="create a directory (a bucket: s3://name)")
+    mkdir.add_argument("urls", nargs="+", metavar="URL")
+    mkdir.set_defaults(func=_cmd_mkdir)
+
     rm = sub.add_parser("rm", help="delete objects")
     rm.add_argument("urls", nargs="+", metavar="URL")
     rm.add_argument("-r", "--recursive", action="store_true", help="delete a directory tree")
@@ -292,10 +370,14 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="size, version and checksums of objects, as JSON")
     info.add_argument("urls", nargs="+", metavar="URL")
+    info.add_argument("--json", action="store_true", help="print one JSON list, a record a URL")
     info.set_defaults(func=_cmd_info)
+
+    cli_inspect.add_parsers(sub)
 
     config = sub.add_parser("config", help="show the effective configuration")
     config.add_argument("--env", action="store_true", help="also list the environment variables")
+    config.add_argument("--json", action="store_true", help="print one JSON object")
     config.set_defaults(func=_cmd_config)
 
     flush = sub.add_parser(
@@ -330,6 +412,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--json", action="store_true", help="print one JSON report")
     doctor.set_defaults(func=_cmd_doctor, needs_store=False)
+
+    cli_warm.add_parser(sub)
+    cli_cache.add_parser(sub)
     return p
 
 
