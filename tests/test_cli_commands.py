@@ -525,3 +525,31 @@ def test_light_commands_import_neither_sdk_nor_tqdm(argv: tuple[str, ...]) -> No
     }
     assert "mlstore" in imported
     assert imported & {"tqdm", "boto3", "botocore", "s3fs", "gcsfs", "adlfs", "torch"} == set()
+
+
+@pytest.mark.s3
+def test_clear_on_a_terminal_asks_first(
+    s3_env: dict[str, str], dataset: dict[str, bytes], s3_bucket: str
+) -> None:
+    import pty
+
+    ok(cli("warm", f"s3://{s3_bucket}/data/", env=s3_env))
+    for answer, status, left in (("n\n", 1, 5), ("y\n", 0, 0)):
+        main, secondary = pty.openpty()
+        try:
+            os.write(main, answer.encode())
+            done = subprocess.run(
+                [sys.executable, "-m", "mlstore", "cache", "clear"],
+                stdin=secondary,
+                capture_output=True,
+                text=True,
+                env={**os.environ, **s3_env, "PYTHONPATH": str(ROOT)},
+                check=False,
+                timeout=120,
+            )
+        finally:
+            os.close(secondary)
+            os.close(main)
+        assert done.returncode == status, done.stderr
+        assert done.stderr.startswith("drop 5 blobs (3.4 KiB) from ")
+        assert len(blob_files(os.environ["MLSTORE_CACHE_DIR"])) == left

@@ -47,7 +47,7 @@ class Progress:
     """A progress count, drawn as a bar when enabled (see :func:`progress`).
 
     ``update`` may be called from several threads. ``done`` is the count so far, bar
-    or no bar. Closing twice is harmless.
+    or no bar; ``shown`` says whether a bar is drawn. Closing twice is harmless.
     """
 
     def __init__(self, total: int | None, desc: str, unit: str, bar: Any | None) -> None:
@@ -55,13 +55,10 @@ class Progress:
         self.desc = desc
         self.unit = unit
         self.done = 0
+        #: Whether a bar is drawn (stays true once it is closed).
+        self.shown = bar is not None
         self._bar = bar
         self._lock = threading.Lock()
-
-    @property
-    def shown(self) -> bool:
-        """Whether a bar is drawn."""
-        return self._bar is not None
 
     def update(self, n: int = 1) -> None:
         with self._lock:
