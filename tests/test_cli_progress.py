@@ -4,10 +4,13 @@ the bar goes are the real program's."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 from pathlib import Path
@@ -60,6 +63,8 @@ def test_an_enabled_bar_goes_to_stderr_only() -> None:
 
 def test_a_terminal_gets_a_bar_by_default() -> None:
     main, secondary = pty.openpty()
+    # a terminal 80 columns wide (a new pty has none, and a bar then has no room)
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     try:
         done = subprocess.run(
             [
