@@ -418,6 +418,40 @@ def test_scrub_drops_what_it_cannot_fetch_as_it_was(
 
 
 @pytest.mark.s3
+def test_scrub_fetches_only_what_this_store_may_read(
+    s3_proxy: ServerProcess,
+    s3_env: dict[str, str],
+    dataset: dict[str, bytes],
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """Entries filled through another endpoint (another scope: other credentials, another
+    service) are dropped, not refilled by this Store: it would not be the same entry."""
+    (tmp_path / "proxy").mkdir()
+    through_proxy = config_for(tmp_path / "proxy", s3_proxy.endpoint)
+    ok(
+        cli(
+            "warm",
+            f"s3://{s3_bucket}/data/val/",
+            f"s3://{s3_bucket}/data/train/",
+            env=through_proxy,
+        )
+    )
+    from mlstore.hashing import content_hash
+
+    blobs = Path(os.environ["MLSTORE_CACHE_DIR"]) / "blobs"
+    damaged = sorted(u for u in dataset if "/train/" in u)[:2]
+    for url in damaged:
+        next(blobs.glob(f"*/{content_hash(dataset[url])}")).write_bytes(b"bad")
+    report = json.loads(ok(cli("cache", "scrub", "--json", env=s3_env)))  # direct to moto
+    assert report["healed"] == [] and sorted(report["dropped"]) == damaged
+    report = json.loads(ok(cli("cache", "scrub", "--json", env=through_proxy)))
+    assert report["bad"] == []  # nothing bad was left behind
+    for url in damaged:  # the proxy's scope refills them on its next read
+        assert json.loads(ok(cli("warm", "--json", url, env=through_proxy)))["fetched"] == 1
+
+
+@pytest.mark.s3
 def test_prune_to_a_size_and_clear(
     s3_env: dict[str, str], dataset: dict[str, bytes], s3_bucket: str
 ) -> None:
@@ -479,6 +513,12 @@ def test_cache_commands_without_a_disk_tier_say_so() -> None:
         (("du", "nope://bucket/x"), "unknown URL scheme 'nope'"),
         (("warm", "nope://bucket/x"), "unknown URL scheme 'nope'"),
         (("cache", "prune", "--to", "lots"), "--to must be a size"),
+        (("info", "s3://{bucket}/missing.bin"), "s3://{bucket}/missing.bin"),
+        (("find", "s3://"), "the URL has no bucket"),
+        (("glob", "nope://bucket/*.bin"), "unknown URL scheme 'nope'"),
+        (("mkdir", "nope://bucket/dir"), "unknown URL scheme 'nope'"),
+        (("ls", "--json", "s3://{bucket}/missing.bin"), "s3://{bucket}/missing.bin"),
+        (("warm", "--manifest", "s3://{bucket}/no-manifest.jsonl"), "no-manifest.jsonl"),
     ],
 )
 def test_user_errors_are_one_line(
