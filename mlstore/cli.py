@@ -22,7 +22,8 @@ Start-up stays light: ``--help``, ``version``, ``doctor`` and ``cache path`` imp
 cloud SDK, and the :class:`~mlstore.Store` (with its cache and backends) is imported only
 by the commands that use one. The commands live in ``cli_*`` modules by subject
 (:mod:`~mlstore.cli_inspect`: ``stat``, ``du``; :mod:`~mlstore.cli_warm`;
-:mod:`~mlstore.cli_cache`; :mod:`~mlstore.cli_doctor`), whose parsers are added here.
+:mod:`~mlstore.cli_cache`; :mod:`~mlstore.cli_config`; :mod:`~mlstore.cli_doctor`),
+whose parsers are added here.
 """
 
 from __future__ import annotations
@@ -205,64 +206,6 @@ def _shown(value: object) -> object:
     return value
 
 
-def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
-    from mlstore.config import ENV_VARS, explain
-
-    if args.json:
-        _dump(out, _config_record(store, args.env))
-        return 0
-    out.write("# effective settings (argument > MLSTORE_* environment > config file > default)\n")
-    for origin in explain(store.config):
-        if origin.name.startswith(("mounts.", "options.")):
-            continue
-        note = "" if origin.source == "default" else f"  # {origin.source}"
-        out.write(f"{origin.name} = {_shown(origin.value)!r}{note}\n")
-    for name, urls in sorted(store.config.mounts.items()):
-        out.write(f"mount {name} = {', '.join(redact_url(u) for u in urls)}\n")
-    for proto, opts in sorted(store.config.options.items()):
-        # option values may be credentials: names only
-        out.write(f"options.{proto}: {', '.join(sorted(opts)) or '(none)'}\n")
-    if args.env:
-        out.write("\n# environment variables mlstore reads\n")
-        for var, field_name in sorted(ENV_VARS.items()):
-            state = "set" if os.environ.get(var) else "unset"
-            out.write(f"{var:32} {field_name:32} {state}\n")
-    return 0
-
-
-def _config_record(store: Store, env: bool) -> dict[str, object]:
-    """``mlstore config --json``: the same facts as the text, with the same masking."""
-    from mlstore.config import ENV_VARS, explain
-
-    settings = [
-        {"name": o.name, "value": _jsonable(_shown(o.value)), "source": o.source}
-        for o in explain(store.config)
-        if not o.name.startswith(("mounts.", "options."))
-    ]
-    record: dict[str, object] = {
-        "settings": settings,
-        "mounts": {n: [redact_url(u) for u in urls] for n, urls in store.config.mounts.items()},
-        # option values may be credentials: names only
-        "options": {p: sorted(opts) for p, opts in store.config.options.items()},
-    }
-    if env:
-        record["environment"] = [
-            {"variable": var, "field": name, "set": bool(os.environ.get(var))}
-            for var, name in sorted(ENV_VARS.items())
-        ]
-    return record
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def _cmd_version(args: argparse.Namespace, out: IO[str]) -> int:
     from mlstore.cli_doctor import run_version
 
@@ -315,7 +258,7 @@ _JSON_LIST = "print one JSON list of entries (name, size, type, version ...)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from mlstore import __version__, cli_cache, cli_inspect, cli_warm
+    from mlstore import __version__, cli_cache, cli_config, cli_inspect, cli_warm
 
     p = _Parser(
         prog="mlstore",
@@ -375,10 +318,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_inspect.add_parsers(sub)
 
-    config = sub.add_parser("config", help="show the effective configuration")
-    config.add_argument("--env", action="store_true", help="also list the environment variables")
-    config.add_argument("--json", action="store_true", help="print one JSON object")
-    config.set_defaults(func=_cmd_config)
+    cli_config.add_parser(sub)
 
     flush = sub.add_parser(
         "flush", help="upload the checkpoints staged on this node whose saver is gone"

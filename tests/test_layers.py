@@ -53,6 +53,7 @@ LAYERS: dict[str, int] = {
     "cli_inspect": 6,  # mlstore stat and mlstore du
     "cli_warm": 6,  # mlstore warm
     "cli_cache": 6,  # mlstore cache path|prune|clear|verify|scrub
+    "cli_config": 6,  # mlstore config
     "__main__": 6,
     "": 6,  # mlstore/__init__.py
 }
