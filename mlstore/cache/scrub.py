@@ -12,9 +12,9 @@ from the store, pinned to the version the entry recorded.
 Both run while other processes read and fill the tier. They work from one snapshot of
 the index; a blob evicted after the snapshot is skipped, not reported (its file is gone
 because the index let it go, not because it broke). A blob that fails is looked up
-again before it is reported: content addressing means a file of that name, if present,
-can only ever have been written with those bytes, so a mismatch is damage, never a
-race with a filler.
+again, under the index's write lock, before it is reported. Content addressing means a
+file of that name, if present, can only ever have been written with those bytes, so a
+mismatch is damage, never a race with a filler.
 
 Reads are streamed in 1 MiB pieces, so a multi-GiB blob costs no more memory than a
 small one.
@@ -120,7 +120,12 @@ def _problem(disk: DiskTier, digest: str, size: int) -> str | None:
 
 
 def _still_indexed(disk: DiskTier, digest: str) -> bool:
-    return disk.blob_size(digest) is not None
+    """Whether the index still holds blob ``digest``, asked under the index's write lock:
+    an eviction deletes the file before it commits, so a plain read could still see the
+    row of a file already gone. Taking the lock waits for that commit. (Only blobs that
+    failed are asked, so the lock is rare.)"""
+    with disk._transaction() as db:
+        return db.execute("SELECT 1 FROM blobs WHERE hash = ?", (digest,)).fetchone() is not None
 
 
 def _entries(disk: DiskTier, digest: str) -> tuple[tuple[str, str | None], ...]:
@@ -141,9 +146,10 @@ def verify(disk: DiskTier, *, on_blob: Callable[[int], None] | None = None) -> V
     found = Verified()
     for digest, size in rows:
         problem = _problem(disk, digest, int(size))
-        if problem is not None and _still_indexed(disk, digest):
+        indexed = problem is None or _still_indexed(disk, digest)
+        if problem is not None and indexed:
             found.bad.append(BadBlob(digest, int(size), problem, _entries(disk, digest)))
-        if problem is None or _still_indexed(disk, digest):
+        if indexed:  # (one evicted since the snapshot was not checked: it is gone)
             found.checked += 1
             found.bytes += int(size)
         if on_blob is not None:
