@@ -5,18 +5,25 @@ Examples::
     mlstore ls -l s3://bucket/train/
     mlstore cp -r ./shards s3://bucket/train/
     mlstore cat gs://bucket/labels.csv | head
-    mlstore info az://container/model.pt
+    mlstore stat az://container/model.pt
+    mlstore du -h s3://bucket/train/
+    mlstore warm -j 32 s3://bucket/train/   # fill the node cache (an initContainer)
+    mlstore cache verify      # re-hash the node cache; ``cache scrub`` heals it
     mlstore config            # the effective settings and where they came from
     mlstore flush             # upload checkpoints staged on this node (save(staging=...))
     mlstore doctor            # check config, credentials, endpoints and the cache dir
     mlstore version --json    # versions of mlstore, Python and the optional packages
 
 Exit status: 0 on success, 1 when an operation failed, 2 for a usage error. An error is
-one line on stderr, ``mlstore: error: ...``; ``--debug`` adds the traceback.
+one line on stderr, ``mlstore: error: ...``; ``--debug`` adds the traceback. Every
+command that only reads takes ``--json`` and then prints one JSON document.
 
-Start-up stays light: ``--help``, ``version`` and ``doctor`` import no cloud SDK, and the
-:class:`~mlstore.Store` (with its cache and backends) is imported only by the commands
-that use one.
+Start-up stays light: ``--help``, ``version``, ``doctor`` and ``cache path`` import no
+cloud SDK, and the :class:`~mlstore.Store` (with its cache and backends) is imported only
+by the commands that use one. The commands live in ``cli_*`` modules by subject
+(:mod:`~mlstore.cli_inspect`: ``stat``, ``du``; :mod:`~mlstore.cli_warm`;
+:mod:`~mlstore.cli_cache`; :mod:`~mlstore.cli_config`; :mod:`~mlstore.cli_doctor`),
+whose parsers are added here.
 """
 
 from __future__ import annotations
@@ -35,10 +42,15 @@ from mlstore.errors import MlstoreError
 if TYPE_CHECKING:
     from mlstore.store import Store
 
-__all__ = ["main"]
+__all__ = ["human", "main"]
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
+    """``n`` bytes for people: ``512 B``, ``7.8 MiB``.
+
+    >>> human(512), human(8_178_892)
+    ('512 B', '7.8 MiB')
+    """
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -64,9 +76,7 @@ class ProgressBar:
         self._last = now
         elapsed = max(now - self.start, 1e-9)
         pct = f"{100 * done / total:5.1f}%" if total else "  100%"
-        line = (
-            f"\r{self.label}: {pct}  {_human(done)} / {_human(total)}  {_human(done / elapsed)}/s"
-        )
+        line = f"\r{self.label}: {pct}  {human(done)} / {human(total)}  {human(done / elapsed)}/s"
         self.stream.write(line)
         self.stream.flush()
         self._shown = True
@@ -77,13 +87,21 @@ class ProgressBar:
             self.stream.flush()
 
 
+def _dump(out: IO[str], value: object) -> None:
+    """Write ``value`` as one JSON document (what ``--json`` prints)."""
+    out.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
 def _cmd_ls(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    if args.json:
+        _dump(out, [e.as_dict() for url in args.urls for e in store.ls(url, detail=True)])
+        return 0
     for url in args.urls:
         entries = store.ls(url, detail=True)
         for entry in entries:
             name = str(entry.url) + ("/" if entry.is_dir else "")
             if args.long:
-                size = "-" if entry.is_dir else (_human(entry.size) if args.human else entry.size)
+                size = "-" if entry.is_dir else (human(entry.size) if args.human else entry.size)
                 when = (
                     time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.mtime))
                     if entry.mtime
@@ -96,6 +114,9 @@ def _cmd_ls(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_find(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    if args.json:
+        _dump(out, [e.as_dict() for e in store.find(args.url, detail=True)])
+        return 0
     for url in store.find(args.url):
         out.write(url + "\n")
     return 0
@@ -103,6 +124,9 @@ def _cmd_find(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
 
 def _cmd_glob(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     matches = store.glob(args.pattern)
+    if args.json:
+        _dump(out, matches)
+        return 0 if matches else 1
     for url in matches:
         out.write(url + "\n")
     return 0 if matches else 1
@@ -147,6 +171,12 @@ def _is_local_dir(path: str) -> bool:
     return os.path.isdir(path.removeprefix("file://"))
 
 
+def _cmd_mkdir(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    for url in args.urls:
+        store.mkdir(url)
+    return 0
+
+
 def _cmd_rm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     for url in args.urls:
         store.rm(url, recursive=args.recursive)
@@ -154,6 +184,9 @@ def _cmd_rm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_info(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    if args.json:  # one document for all URLs (without: one object per URL, as before)
+        _dump(out, [store.info(url).as_dict() for url in args.urls])
+        return 0
     for url in args.urls:
         out.write(json.dumps(store.info(url).as_dict(), indent=2, sort_keys=True) + "\n")
     return 0
@@ -171,28 +204,6 @@ def _shown(value: object) -> object:
     if isinstance(value, tuple):
         return tuple(_shown(v) for v in value)
     return value
-
-
-def _cmd_config(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
-    from mlstore.config import ENV_VARS, explain
-
-    out.write("# effective settings (argument > MLSTORE_* environment > config file > default)\n")
-    for origin in explain(store.config):
-        if origin.name.startswith(("mounts.", "options.")):
-            continue
-        note = "" if origin.source == "default" else f"  # {origin.source}"
-        out.write(f"{origin.name} = {_shown(origin.value)!r}{note}\n")
-    for name, urls in sorted(store.config.mounts.items()):
-        out.write(f"mount {name} = {', '.join(redact_url(u) for u in urls)}\n")
-    for proto, opts in sorted(store.config.options.items()):
-        # option values may be credentials: names only
-        out.write(f"options.{proto}: {', '.join(sorted(opts)) or '(none)'}\n")
-    if args.env:
-        out.write("\n# environment variables mlstore reads\n")
-        for var, field_name in sorted(ENV_VARS.items()):
-            state = "set" if os.environ.get(var) else "unset"
-            out.write(f"{var:32} {field_name:32} {state}\n")
-    return 0
 
 
 def _cmd_version(args: argparse.Namespace, out: IO[str]) -> int:
@@ -243,8 +254,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"mlstore: error: {where}{message} (see '{self.prog} --help')\n")
 
 
+_JSON_LIST = "print one JSON list of entries (name, size, type, version ...)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    from mlstore import __version__
+    from mlstore import __version__, cli_cache, cli_config, cli_inspect, cli_warm
 
     p = _Parser(
         prog="mlstore",
@@ -258,14 +272,17 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("urls", nargs="+", metavar="URL")
     ls.add_argument("-l", "--long", action="store_true", help="show size and modification time")
     ls.add_argument("-H", "--human", action="store_true", help="sizes in KiB/MiB/GiB")
+    ls.add_argument("--json", action="store_true", help=_JSON_LIST)
     ls.set_defaults(func=_cmd_ls)
 
     find = sub.add_parser("find", help="list every file below a URL, recursively")
     find.add_argument("url", metavar="URL")
+    find.add_argument("--json", action="store_true", help=_JSON_LIST)
     find.set_defaults(func=_cmd_find)
 
     glob = sub.add_parser("glob", help="list URLs matching a pattern (*, ?, **, [abc])")
     glob.add_argument("pattern", metavar="PATTERN")
+    glob.add_argument("--json", action="store_true", help="print one JSON list of URLs")
     glob.set_defaults(func=_cmd_glob)
 
     cat = sub.add_parser("cat", help="write objects to standard output")
@@ -285,6 +302,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     cp.set_defaults(func=_cmd_cp)
 
+    mkdir = sub.add_parser("mkdir", help="create a directory (a bucket: s3://name)")
+    mkdir.add_argument("urls", nargs="+", metavar="URL")
+    mkdir.set_defaults(func=_cmd_mkdir)
+
     rm = sub.add_parser("rm", help="delete objects")
     rm.add_argument("urls", nargs="+", metavar="URL")
     rm.add_argument("-r", "--recursive", action="store_true", help="delete a directory tree")
@@ -292,11 +313,12 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="size, version and checksums of objects, as JSON")
     info.add_argument("urls", nargs="+", metavar="URL")
+    info.add_argument("--json", action="store_true", help="print one JSON list, a record a URL")
     info.set_defaults(func=_cmd_info)
 
-    config = sub.add_parser("config", help="show the effective configuration")
-    config.add_argument("--env", action="store_true", help="also list the environment variables")
-    config.set_defaults(func=_cmd_config)
+    cli_inspect.add_parsers(sub)
+
+    cli_config.add_parser(sub)
 
     flush = sub.add_parser(
         "flush", help="upload the checkpoints staged on this node whose saver is gone"
@@ -330,6 +352,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--json", action="store_true", help="print one JSON report")
     doctor.set_defaults(func=_cmd_doctor, needs_store=False)
+
+    cli_warm.add_parser(sub)
+    cli_cache.add_parser(sub)
     return p
 
 

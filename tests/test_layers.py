@@ -50,6 +50,10 @@ LAYERS: dict[str, int] = {
     "_manifest_io": 6,
     "cli": 6,
     "cli_doctor": 6,  # mlstore version and mlstore doctor
+    "cli_inspect": 6,  # mlstore stat and mlstore du
+    "cli_warm": 6,  # mlstore warm
+    "cli_cache": 6,  # mlstore cache path|prune|clear|verify|scrub
+    "cli_config": 6,  # mlstore config
     "__main__": 6,
     "": 6,  # mlstore/__init__.py
 }
