@@ -30,61 +30,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, NoReturn
 
+from mlstore._util.progress import Transfer
 from mlstore._util.redact import redact_url, scrub
+from mlstore._util.units import human_size as human
+from mlstore.cli_sync import add_parsers as add_sync_parsers
 from mlstore.errors import MlstoreError
 
 if TYPE_CHECKING:
     from mlstore.store import Store
 
 __all__ = ["human", "main"]
-
-
-def human(n: float) -> str:
-    """``n`` bytes for people: ``512 B``, ``7.8 MiB``.
-
-    >>> human(512), human(8_178_892)
-    ('512 B', '7.8 MiB')
-    """
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-class ProgressBar:
-    """A one-line progress report on a terminal: bytes done, total, rate."""
-
-    def __init__(self, stream: IO[str], label: str, *, min_interval: float = 0.1) -> None:
-        self.stream = stream
-        self.label = label
-        self.start = time.monotonic()
-        self._last = 0.0
-        self._min_interval = min_interval
-        self._shown = False
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self._last < self._min_interval:
-            return
-        self._last = now
-        elapsed = max(now - self.start, 1e-9)
-        pct = f"{100 * done / total:5.1f}%" if total else "  100%"
-        line = f"\r{self.label}: {pct}  {human(done)} / {human(total)}  {human(done / elapsed)}/s"
-        self.stream.write(line)
-        self.stream.flush()
-        self._shown = True
-
-    def finish(self) -> None:
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def _dump(out: IO[str], value: object) -> None:
@@ -146,31 +106,6 @@ def _cmd_cat(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
-def _cmd_cp(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    bar = ProgressBar(sys.stderr, f"{args.src} -> {args.dst}") if show else None
-    dst = args.dst
-    if not args.recursive and (dst.endswith("/") or _is_local_dir(dst)):
-        # "cp file dir/" puts the file inside the directory, like cp(1).
-        name = args.src.rstrip("/").rsplit("/", 1)[-1]
-        dst = dst.rstrip("/") + "/" + name
-    try:
-        written = store.copy(args.src, dst, recursive=args.recursive, progress=bar)
-    finally:
-        if bar is not None:
-            bar.finish()
-    if args.verbose:
-        for url in written:
-            out.write(url + "\n")
-    return 0
-
-
-def _is_local_dir(path: str) -> bool:
-    if "://" in path and not path.startswith("file://"):
-        return False
-    return os.path.isdir(path.removeprefix("file://"))
-
-
 def _cmd_mkdir(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     for url in args.urls:
         store.mkdir(url)
@@ -221,13 +156,8 @@ def _cmd_doctor(args: argparse.Namespace, out: IO[str]) -> int:
 def _cmd_flush(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     from mlstore.checkpoint import flush
 
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    bar = ProgressBar(sys.stderr, "flush") if show else None
-    try:
+    with Transfer("flush", enabled=args.progress) as bar:
         report = flush(store, progress=bar)
-    finally:
-        if bar is not None:
-            bar.finish()
     for url in report.uploaded:
         out.write(f"uploaded {redact_url(url)}\n")
     for url in report.superseded:
@@ -289,18 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     cat.add_argument("urls", nargs="+", metavar="URL")
     cat.set_defaults(func=_cmd_cat)
 
-    cp = sub.add_parser("cp", help="copy between any two URLs")
-    cp.add_argument("src", metavar="SRC")
-    cp.add_argument("dst", metavar="DST")
-    cp.add_argument("-r", "--recursive", action="store_true", help="copy a directory tree")
-    cp.add_argument("-v", "--verbose", action="store_true", help="print each URL written")
-    cp.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="show progress on stderr (default: when stderr is a terminal)",
-    )
-    cp.set_defaults(func=_cmd_cp)
+    add_sync_parsers(sub)  # cp and sync
 
     mkdir = sub.add_parser("mkdir", help="create a directory (a bucket: s3://name)")
     mkdir.add_argument("urls", nargs="+", metavar="URL")

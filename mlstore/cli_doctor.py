@@ -30,6 +30,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from mlstore._util.redact import redact_url, register_environment, register_options, scrub
+from mlstore._util.units import human_size
 
 __all__ = ["OPTIONAL_PACKAGES", "Check", "run_doctor", "run_version", "version_info"]
 
@@ -282,14 +283,6 @@ def _mount_of(path: str, table: str = "/proc/mounts") -> tuple[str, str] | None:
     return best
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def _cache_checks(cfg: Any) -> Iterator[Check]:
     from mlstore.cache import live_fillers
 
@@ -325,7 +318,7 @@ def _cache_checks(cfg: Any) -> Iterator[Check]:
     except OSError as exc:
         yield Check("WARN", "cache space", f"cannot read free space ({exc.strerror})")
     else:
-        room = f"{_human(free)} free, disk_bytes {_human(cache.disk_bytes)}"
+        room = f"{human_size(free)} free, disk_bytes {human_size(cache.disk_bytes)}"
         if free < cache.disk_bytes:
             yield Check("WARN", "cache space", f"{room}: fills are skipped once the disk is full")
         else:

@@ -22,6 +22,7 @@ from mlstore._engine.runtime import Runtime
 from mlstore._engine.writer import CopyResult, Progress, SyncResult, Writer
 from mlstore._util.files import as_buffer
 from mlstore._util.process import PerProcess
+from mlstore._util.progress import bar_for as _bar
 from mlstore._util.redact import redact_protocol_options
 from mlstore.backends.base import Backend, ObjectInfo
 from mlstore.cache.tiered import TieredCache
@@ -377,7 +378,7 @@ class Store(BulkReads):
         dst: UrlLike,
         *,
         recursive: bool = False,
-        progress: Progress | None = None,
+        progress: Progress | bool | None = None,
         skip_existing: bool = False,
         max_workers: int | None = None,
     ) -> CopyResult:
@@ -405,16 +406,20 @@ class Store(BulkReads):
         ``progress(done_bytes, total_bytes)`` is called as the copy advances, from one
         thread at a time, never going back, and last with ``done_bytes ==
         total_bytes`` once everything is copied (skipped objects count as done).
+        ``progress=True`` draws a byte progress bar on stderr (a widget in Jupyter),
+        ``False`` none; by default a recursive copy draws one in Jupyter or when
+        stderr is a terminal, and is silent elsewhere (CI, pipes, batch jobs).
         """
         writer, source, target, workers = self._tree(src, dst, max_workers)
-        return writer.copy(
-            source,
-            target,
-            recursive=recursive,
-            progress=progress,
-            skip_existing=skip_existing,
-            max_workers=workers,
-        )
+        with _bar(progress if progress is not None or recursive else False, "copy") as bar:
+            return writer.copy(
+                source,
+                target,
+                recursive=recursive,
+                progress=bar,
+                skip_existing=skip_existing,
+                max_workers=workers,
+            )
 
     def sync(
         self,
@@ -423,7 +428,7 @@ class Store(BulkReads):
         *,
         delete: bool = False,
         dry_run: bool = False,
-        progress: Progress | None = None,
+        progress: Progress | bool | None = None,
         max_workers: int | None = None,
     ) -> SyncResult:
         """Make the tree at ``dst`` hold what the tree at ``src`` holds, sending only
@@ -438,6 +443,8 @@ class Store(BulkReads):
         missing or different is sent. With ``delete``, the objects below ``dst`` that
         ``src`` does not have are deleted, after every copy succeeded. With
         ``dry_run``, nothing is written or deleted and the result says what would be.
+        ``progress`` is a ``progress(done_bytes, total_bytes)`` callback, or ``True`` /
+        ``False`` / ``None`` for a progress bar as with :meth:`copy`.
 
         Raises:
             ConfigError: ``src`` and ``dst`` overlap (one is below the other), or
@@ -445,9 +452,10 @@ class Store(BulkReads):
             NotFoundError: nothing exists at ``src``.
         """
         writer, source, target, workers = self._tree(src, dst, max_workers)
-        return writer.sync(
-            source, target, delete=delete, dry_run=dry_run, progress=progress, max_workers=workers
-        )
+        with _bar(progress, "sync") as bar:
+            return writer.sync(
+                source, target, delete=delete, dry_run=dry_run, progress=bar, max_workers=workers
+            )
 
     def _tree(
         self, src: UrlLike, dst: UrlLike, max_workers: int | None

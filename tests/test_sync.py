@@ -372,3 +372,22 @@ def test_every_kind_of_write_records_the_content_hash_on_every_cloud(
         }
         for name, data in expected.items():
             assert store.info(f"{prefix}/{name}").content_hash == content_hash(data), name
+
+
+def test_recursive_copies_and_syncs_draw_a_bar_on_stderr_only_when_asked_off_a_terminal(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_local(tmp_path / "src", files(5))
+    with Store(cache={"enabled": False}) as store:
+        store.copy(tmp_path / "src", tmp_path / "quiet", recursive=True)  # not a terminal
+        assert capsys.readouterr().err == ""
+        store.copy(tmp_path / "src", tmp_path / "shown", recursive=True, progress=True)
+        shown = capsys.readouterr()
+        assert "copy: 100%" in shown.err and shown.out == ""
+        store.sync(tmp_path / "src", tmp_path / "synced", progress=True)
+        assert "sync: 100%" in capsys.readouterr().err
+        seen: list[tuple[int, int]] = []
+        store.sync(
+            tmp_path / "src", tmp_path / "synced2", progress=lambda d, t: seen.append((d, t))
+        )
+        assert seen[-1][0] == seen[-1][1] > 0 and capsys.readouterr().err == ""

@@ -15,12 +15,14 @@ moves. A disabled bar costs a counter: tqdm is imported only when a bar is drawn
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Progress", "in_notebook", "progress"]
+__all__ = ["Progress", "Transfer", "bar_for", "in_notebook", "progress"]
 
 
 def in_notebook() -> bool:
@@ -132,3 +134,61 @@ def progress(
         leave=True,
     )
     return Progress(total, desc, unit, bar)
+
+
+class Transfer:
+    """A ``progress(done_bytes, total_bytes)`` callback, as :meth:`mlstore.Store.copy`,
+    ``sync`` and ``checkpoint.flush`` take, drawn as a byte bar (see :func:`progress`
+    for ``enabled``). The bar opens on the first call, when the total is known; call
+    ``close()`` (or use it as a context manager) when the work ends.
+
+    >>> with Transfer("copy", enabled=False) as bar:
+    ...     bar(10, 30)
+    ...     bar(30, 30)
+    >>> bar.done
+    30
+    """
+
+    def __init__(self, desc: str, *, enabled: bool | None = None) -> None:
+        self.desc = desc
+        self.enabled = enabled
+        self.done = 0
+        self._bar: Progress | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, done: int, total: int) -> None:
+        with self._lock:
+            if self._bar is None:
+                self._bar = progress(total, desc=self.desc, unit="B", enabled=self.enabled)
+            self._bar.update(done - self.done)
+            self.done = done
+
+    def close(self) -> None:
+        with self._lock:
+            bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
+
+    def __enter__(self) -> Transfer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def bar_for(
+    progress: Callable[[int, int], None] | bool | None, desc: str
+) -> contextlib.AbstractContextManager[Callable[[int, int], None] | None]:
+    """The ``progress(done, total)`` callback a copy runs with, as a context manager:
+    the caller's own callable, or a :class:`Transfer` bar (``True``: always; ``None``:
+    in Jupyter or on a terminal), or none (``False``)."""
+    if progress is False:
+        return contextlib.nullcontext(None)
+    if progress is None or progress is True:
+        return Transfer(desc, enabled=progress)
+    return contextlib.nullcontext(progress)
