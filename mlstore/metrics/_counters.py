@@ -96,6 +96,10 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str]] = Counter()
+        #: Hits by (tier, protocol of the key): [hits, bytes]. One dict lookup per hit;
+        #: ``hits``, ``bytes_served``, ``saved_requests`` and ``saved_bytes`` are made of
+        #: them when a snapshot is taken.
+        self._served: dict[tuple[str, str], list[int]] = {}
         self._latency: dict[tuple[str, str], _Latency] = {}
         #: What the node's totals already hold of these counts (see ``_node``): a box,
         #: so that the finalizer that hands the rest over when this object is dropped
@@ -111,13 +115,14 @@ class Metrics:
         """One hit of ``tier`` that served ``nbytes`` of cache key ``key``: ``hits`` and
         ``bytes_served`` of the tier, ``saved_requests`` and ``saved_bytes`` of the key's
         protocol, counted together (the hot path takes the lock once)."""
-        proto = protocol_of_key(key)
+        where = (tier, protocol_of_key(key))
         with self._lock:
-            counts = self._counts
-            counts[("hits", tier)] += 1
-            counts[("bytes_served", tier)] += nbytes
-            counts[("saved_requests", proto)] += 1
-            counts[("saved_bytes", proto)] += nbytes
+            cell = self._served.get(where)
+            if cell is None:
+                self._served[where] = [1, nbytes]
+            else:
+                cell[0] += 1
+                cell[1] += nbytes
 
     def deduped(self, nbytes: int, key: str) -> None:
         """A miss of cache key ``key`` served without a GET by a cached blob of the
@@ -149,7 +154,7 @@ class Metrics:
             hist.count += 1
 
     def _stats(self) -> Stats:  # under the lock
-        return _frozen(self._counts, self._latency)
+        return _frozen(self._counts, self._served, self._latency)
 
     def snapshot(self) -> Stats:
         with self._lock:
@@ -161,6 +166,7 @@ class Metrics:
         with self._lock:
             pending = self._stats() - self._handed[0]
             self._counts.clear()
+            self._served.clear()
             self._latency.clear()
             self._handed[0] = Stats() - pending
 
@@ -199,18 +205,29 @@ class Metrics:
         self._handed[0] = self._stats()
 
 
-def _frozen(counts: Counter[tuple[str, str]], latency: dict[tuple[str, str], _Latency]) -> Stats:
-    return Stats(dict(counts), {k: h.frozen() for k, h in latency.items()})
+def _frozen(
+    counts: Counter[tuple[str, str]],
+    served: dict[tuple[str, str], list[int]],
+    latency: dict[tuple[str, str], _Latency],
+) -> Stats:
+    out = Counter(counts)
+    for (tier, proto), (hits, nbytes) in served.items():
+        out[("hits", tier)] += hits
+        out[("bytes_served", tier)] += nbytes
+        out[("saved_requests", proto)] += hits
+        out[("saved_bytes", proto)] += nbytes
+    return Stats(dict(out), {k: h.frozen() for k, h in latency.items()})
 
 
 def pending_of(
     counts: Counter[tuple[str, str]],
+    served: dict[tuple[str, str], list[int]],
     latency: dict[tuple[str, str], _Latency],
     handed: list[Stats],
 ) -> Stats:
     """What a dropped :class:`Metrics` (its parts, passed by a finalizer) had not handed
     to the node yet. No lock: nothing else can reach a dropped object's parts."""
-    pending = _frozen(counts, latency) - handed[0]
+    pending = _frozen(counts, served, latency) - handed[0]
     handed[0] = handed[0] + pending
     return pending
 

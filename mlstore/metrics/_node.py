@@ -201,7 +201,13 @@ def attach(metrics: Metrics, root: str) -> None:
         if metrics not in sink.members:
             sink.members.add(metrics)
             hand_over = weakref.finalize(
-                metrics, _orphaned, sink, metrics._counts, metrics._latency, metrics._handed
+                metrics,
+                _orphaned,
+                sink,
+                metrics._counts,
+                metrics._served,
+                metrics._latency,
+                metrics._handed,
             )
             hand_over.atexit = False  # at exit, the exit flush hands everything over
         start = _flusher_pid != os.getpid()
