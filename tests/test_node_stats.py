@@ -279,3 +279,44 @@ def test_a_damaged_stats_file_is_set_aside_and_started_anew(tmp_path: Path) -> N
     flush_node_stats()
     assert node_stats(str(tmp_path)).get("hits", "disk") == 2
     metrics.detach(str(tmp_path))
+
+
+LOADER = """
+import json, sys
+from torch.utils.data import DataLoader
+import mlstore
+from mlstore.torch import MapDataset
+
+endpoint, method, urls = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+store = mlstore.Store(options={"s3": {"endpoint_url": endpoint}})
+dataset = MapDataset(urls, transform=len, store=store)
+loader = DataLoader(dataset, batch_size=4, num_workers=2, multiprocessing_context=method)
+print(json.dumps(sum(int(batch.sum()) for batch in loader)))
+"""
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_dataloader_workers_that_exit_count_in_the_node_totals(
+    tmp_path: Path, s3_bucket: str, s3_options: dict[str, object], method: str
+) -> None:
+    pytest.importorskip("torch")
+    keys = seed(s3_options, s3_bucket, 12)
+    urls = [f"s3://{s3_bucket}/{key}" for key in keys]
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, str(s3_options["endpoint_url"]), method, ",".join(urls)],
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    read = json.loads(done.stdout.strip().splitlines()[-1])
+    assert read == sum(1000 + i for i in range(12))
+    # The workers made every request and flushed nothing themselves: their counts
+    # reached the node when they exited (non-persistent workers exit after the epoch).
+    node = node_stats(str(tmp_path))
+    assert node.requests_by_op() == {"s3": {"get": 12}}  # one GET per object per node
+    assert node.get("bytes_read", "s3") == read
+    assert node.latency[("get", "s3")].count == 12

@@ -4,6 +4,9 @@ workers' work, and no label value comes from outside its closed set."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import mlstore.metrics
 from mlstore.metrics import OPERATIONS, TIERS, Stats
-from tests.test_node_stats import run_workers, seed
+from tests.test_node_stats import REPO, run_workers, seed
 
 BACKENDS = {"s3", "gs", "az", "http", "https", "file", "memory", "unknown", "other"}
 
@@ -117,3 +120,18 @@ def test_labels_outside_the_closed_sets_are_folded() -> None:
     assert found[("mlstore_requests_total", (("backend", "other"), ("op", "other")))] == 1
     assert found[("mlstore_requests_total", (("backend", "memory"), ("op", "put")))] == 4
     assert found[("mlstore_cache_hits_total", (("tier", "memory"),))] == 1
+
+
+def test_prometheus_client_is_imported_only_when_exporting(tmp_path: Path) -> None:
+    code = (
+        "import sys, mlstore, mlstore.metrics\n"
+        "store = mlstore.Store()\n"
+        "store.write_bytes('memory://x/y', b'1')\n"
+        "store.stats(node=True)\n"
+        "print('prometheus_client' in sys.modules)\n"
+    )
+    env = {**os.environ, "MLSTORE_CACHE_DIR": str(tmp_path), "PYTHONPATH": REPO}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False"
