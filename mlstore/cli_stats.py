@@ -120,6 +120,8 @@ def summary(stats: Stats) -> dict[str, Any]:
         "bytes_saved": stats.get("dedupe_bytes_saved"),
         "copies_skipped": stats.get("copies_skipped"),
         "copy_bytes_skipped": stats.get("copy_bytes_skipped"),
+        "uploads_skipped": stats.get("dedupe_uploads_skipped"),
+        "upload_bytes_skipped": stats.get("dedupe_bytes_skipped"),
     }
     latency: dict[str, dict[str, dict[str, Any]]] = {}
     for (op, proto), hist in sorted(stats.latency.items()):
@@ -208,7 +210,8 @@ def _text(report: dict[str, Any]) -> list[str]:
             "",
             f"dedupe: {dedupe['hits']} hits ({_size(dedupe['bytes_saved'])} not fetched "
             f"or stored twice), {dedupe['copies_skipped']} copies skipped "
-            f"({_size(dedupe['copy_bytes_skipped'])})",
+            f"({_size(dedupe['copy_bytes_skipped'])}), {dedupe['uploads_skipped']} uploads "
+            f"skipped ({_size(dedupe['upload_bytes_skipped'])})",
         ]
     latency = {
         f"{op} {proto}": [str(v["requests"]), _ms(v["p50"]), _ms(v["p95"]), _ms(v["p99"])]

@@ -263,3 +263,24 @@ def test_pending_counts_are_handed_once_and_given_back_on_failure() -> None:
     assert metrics.take_pending().get("hits") == 2
     metrics.add("hits", "memory")
     assert metrics.take_pending().get("hits") == 1
+
+
+def test_every_counter_the_package_counts_is_documented() -> None:
+    import pathlib
+
+    from mlstore.metrics import METRICS
+
+    package = pathlib.Path(mlstore.__file__).parent
+    pattern = re.compile(
+        r"""(?:\.add\(|\bcount\(\s*\w+,\s*|on_event\(|_event\()\s*"([a-z_]+)"|"""
+        r"""partial\(\s*self\.metrics\.add,\s*"([a-z_]+)\""""
+    )
+    used = {
+        name
+        for path in package.rglob("*.py")
+        for match in pattern.finditer(path.read_text())
+        for name in match.groups()
+        if name
+    }
+    assert {"evictions", "hedges", "retries", "cache_errors", "disk_skips", "bytes_read"} <= used
+    assert used - set(METRICS) == set()

@@ -41,6 +41,8 @@ METRICS: dict[str, str] = {
     "saved_bytes": "P: bytes of the reads the cache served without a GET",
     "copies_skipped": "P: copies skipped: the destination held the same content",
     "copy_bytes_skipped": "P: bytes of the copies skipped",
+    "dedupe_uploads_skipped": "P: uploads skipped: the destination held the same content",
+    "dedupe_bytes_skipped": "P: bytes of the uploads skipped",
     "integrity_failures": "P/T: bodies or cached blobs that failed their hash check",
     "hits": "T: reads served by a tier (memory, disk) or metadata answers cached",
     "bytes_served": "T: bytes served by a tier",

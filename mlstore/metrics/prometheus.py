@@ -45,6 +45,7 @@ _RENAMED = {
     "bytes_fetched": "fetched_bytes",
     "dedupe_bytes_saved": "dedupe_saved_bytes",
     "copy_bytes_skipped": "copy_skipped_bytes",
+    "dedupe_bytes_skipped": "dedupe_skipped_bytes",
 }
 _OP_COUNTERS = {f"{op}_requests": op for op in OPERATIONS}
 _SAFE = re.compile(r"[^a-zA-Z0-9_]")
