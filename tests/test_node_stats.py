@@ -320,3 +320,23 @@ def test_dataloader_workers_that_exit_count_in_the_node_totals(
     assert node.requests_by_op() == {"s3": {"get": 12}}  # one GET per object per node
     assert node.get("bytes_read", "s3") == read
     assert node.latency[("get", "s3")].count == 12
+
+
+def test_totals_go_on_in_a_directory_removed_and_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    metrics = Metrics()
+    metrics.attach(str(root))
+    metrics.add("hits", "disk", 1)
+    flush_node_stats()
+    shutil.rmtree(root)  # a tmp cleaner, a job epilogue
+    metrics.add("hits", "disk", 2)
+    flush_node_stats()  # nowhere to go: kept for the next flush
+    metrics.add("hits", "disk", 4)
+    root.mkdir()
+    (root / "stats.sqlite").touch(mode=0o600)  # another process started the new totals
+    flush_node_stats()
+    assert node_stats(str(root)).get("hits", "disk") == 6  # the new file, not the gone one
+    metrics.detach(str(root))

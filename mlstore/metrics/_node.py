@@ -76,15 +76,22 @@ class _Sink:
         self.lock = threading.Lock()  # one flush at a time; over ``db``
         self.db: sqlite3.Connection | None = None
         self.pid = os.getpid()
+        self.ino = -1  # of the file ``db`` has open
         self.members: weakref.WeakSet[Metrics] = weakref.WeakSet()
         #: What members dropped without a close had not handed over (see ``_orphaned``).
         self.orphans: list[Stats] = []
 
     def connection(self, create: bool) -> sqlite3.Connection | None:
         """This process's connection (``None`` if the file is missing and not
-        ``create``, or the directory is gone: nothing is recreated here)."""
+        ``create``, or the directory is gone: nothing is recreated here). A file
+        replaced meanwhile (the directory removed and made again) is reopened."""
         if self.db is not None and self.pid == os.getpid():
-            return self.db
+            try:
+                if os.stat(self.path).st_ino == self.ino:
+                    return self.db
+            except FileNotFoundError:
+                pass
+            _close(self)
         if not os.path.isdir(self.root):
             return None
         if not os.path.exists(self.path):
@@ -105,7 +112,7 @@ class _Sink:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
-        self.db, self.pid = db, os.getpid()
+        self.db, self.pid, self.ino = db, os.getpid(), os.stat(self.path).st_ino
         return db
 
     def flush(self) -> None:
