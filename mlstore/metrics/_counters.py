@@ -59,6 +59,8 @@ METRICS: dict[str, str] = {
     "prefetched": "T (cache): objects warmed into the cache",
     "prefetched_bytes": "T (cache): bytes warmed into the cache",
     "unverified_fills": "T (cache): fills whose content hash the store could not confirm",
+    "written_through": "T (disk): writes kept on the node's disk as the version they made",
+    "write_through_skipped": "T (disk): writes that could not be kept (no room, disk failing)",
     "disk_full": "T (disk): fills that found the cache's file system full",
     "cache_errors": "T (disk): index or directory failures, repaired (reads went on)",
 }
