@@ -269,6 +269,13 @@ def test_reading_a_directory_without_totals_creates_nothing(tmp_path: Path) -> N
     assert list(tmp_path.iterdir()) == []
 
 
+def test_reading_a_damaged_stats_file_sets_it_aside(tmp_path: Path) -> None:
+    (tmp_path / "stats.sqlite").write_bytes(b"not a database" * 100)
+    assert node_stats(str(tmp_path)) == Stats()
+    assert [p.name for p in tmp_path.glob("stats.sqlite.corrupt-*")]
+    assert not (tmp_path / "stats.sqlite").exists()
+
+
 def test_a_damaged_stats_file_is_set_aside_and_started_anew(tmp_path: Path) -> None:
     (tmp_path / "stats.sqlite").write_bytes(b"not a database" * 100)
     metrics = Metrics()

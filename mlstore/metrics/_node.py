@@ -36,6 +36,7 @@ import weakref
 from typing import Any
 
 from mlstore._util.process import SQLITE
+from mlstore.errors import MlstoreError
 from mlstore.metrics._counters import Metrics, pending_of
 from mlstore.metrics._stats import LATENCY_BOUNDS, Histogram, Stats
 
@@ -136,7 +137,8 @@ class _Sink:
                 self.orphans.extend(orphans)
                 self._trouble(exc)
 
-    def _trouble(self, exc: BaseException) -> None:
+    def _trouble(self, exc: BaseException) -> bool:
+        """Log ``exc``; a damaged file is set aside (True), a new one made next time."""
         code = int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
         if code in (11, 26):  # SQLITE_CORRUPT, SQLITE_NOTADB: set it aside, start anew
             self.db = None
@@ -145,8 +147,9 @@ class _Sink:
                 with contextlib.suppress(OSError):
                     os.rename(self.path + suffix, aside + suffix)
             log.warning("the node's stats file was damaged; moved aside to %s", aside)
-        else:
-            log.debug("node stats not written to %s: %s", self.path, exc)
+            return True
+        log.debug("node stats not written to %s: %s", self.path, exc)
+        return False
 
 
 def _write(db: sqlite3.Connection, deltas: list[Stats]) -> None:
@@ -321,32 +324,49 @@ if hasattr(os, "register_at_fork"):
 
 def read(root: str) -> Stats:
     """The totals of the cache directory ``root``, after this process's pending counts
-    (empty if nothing was ever written there)."""
+    (empty if nothing was ever written there, or the file was damaged: it is then set
+    aside, and the totals start anew)."""
     flush(root)
     sink = _sinks.get(_key(root)) or _Sink(root)
     with sink.lock:
-        db = sink.connection(create=False)
-        if db is None:
-            return Stats()
-        with SQLITE.section():
-            counters = {
-                (str(n), str(label)): int(v)
-                for n, label, v in db.execute("SELECT name, label, value FROM counters")
-                if v
-            }
-            buckets: dict[tuple[str, str], list[int]] = {}
-            for op, proto, i, n in db.execute("SELECT op, protocol, bucket, count FROM latency"):
-                counts = buckets.setdefault((op, proto), [0] * (len(LATENCY_BOUNDS) + 1))
-                if 0 <= i < len(counts):
-                    counts[i] += int(n)
-            sums = db.execute("SELECT op, protocol, seconds, count FROM latency_sums").fetchall()
-        if sink is not _sinks.get(_key(root)):
-            _close(sink)
+        try:
+            db = sink.connection(create=False)
+            if db is None:
+                return Stats()
+            with SQLITE.section():
+                return _query(db)
+        except sqlite3.Error as exc:
+            if sink._trouble(exc):  # damaged, and set aside
+                return Stats()
+            raise MlstoreError(
+                f"cannot read the node's totals in {sink.path}: {exc}", operation="stats"
+            ) from exc
+        finally:
+            if sink is not _sinks.get(_key(root)):
+                _close(sink)
+
+
+def _query(db: sqlite3.Connection) -> Stats:
+    counters = {
+        (str(n), str(label)): int(v)
+        for n, label, v in db.execute("SELECT name, label, value FROM counters")
+        if v
+    }
+    row = db.execute("SELECT value FROM meta WHERE name = 'bounds'").fetchone()
+    if row is not None and row[0] != _BOUNDS:  # other buckets (another mlstore): not read
+        return Stats(counters)
+    buckets: dict[tuple[str, str], list[int]] = {}
+    for op, proto, i, n in db.execute("SELECT op, protocol, bucket, count FROM latency"):
+        counts = buckets.setdefault((op, proto), [0] * (len(LATENCY_BOUNDS) + 1))
+        if 0 <= i < len(counts):
+            counts[i] += int(n)
     latency = {
         (str(op), str(proto)): Histogram(
             LATENCY_BOUNDS, tuple(buckets.get((op, proto), ())), float(total), int(n)
         )
-        for op, proto, total, n in sums
+        for op, proto, total, n in db.execute(
+            "SELECT op, protocol, seconds, count FROM latency_sums"
+        ).fetchall()
         if n
     }
     return Stats(counters, latency)
