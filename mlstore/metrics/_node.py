@@ -375,12 +375,14 @@ def _query(db: sqlite3.Connection) -> Stats:
 def since(root: str) -> float | None:
     """When the totals of ``root`` started (their first write since the last reset)."""
     sink = _Sink(root)
-    db = sink.connection(create=False)
-    if db is None:
-        return None
     try:
+        db = sink.connection(create=False)
+        if db is None:
+            return None
         with SQLITE.section():
             row = db.execute("SELECT value FROM meta WHERE name = 'since'").fetchone()
+    except sqlite3.Error:
+        return None  # unreadable: read() says why
     finally:
         _close(sink)
     return float(row[0]) if row is not None else None
@@ -391,16 +393,33 @@ def reset(root: str) -> None:
     flush(root)
     sink = _sinks.get(_key(root)) or _Sink(root)
     with sink.lock:
-        db = sink.connection(create=False)
-        if db is None:
-            return
-        with SQLITE.section():
-            db.execute("BEGIN IMMEDIATE")
-            for table in ("counters", "latency", "latency_sums", "meta"):
-                db.execute(f"DELETE FROM {table}")  # fixed names
-            db.execute("COMMIT")
-        if sink is not _sinks.get(_key(root)):
-            _close(sink)
+        try:
+            db = sink.connection(create=False)
+            if db is None:
+                return
+            with SQLITE.section():
+                _empty(db)
+        except sqlite3.Error as exc:
+            if not sink._trouble(exc):  # a damaged file is set aside: that empties it too
+                raise MlstoreError(
+                    f"cannot reset the node's totals in {sink.path}: {exc}", operation="stats"
+                ) from exc
+        finally:
+            if sink is not _sinks.get(_key(root)):
+                _close(sink)
+
+
+def _empty(db: sqlite3.Connection) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table in ("counters", "latency", "latency_sums", "meta"):
+            db.execute(f"DELETE FROM {table}")  # fixed names
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
 
 
 def _close(sink: _Sink) -> None:
