@@ -296,6 +296,7 @@ from mlstore.torch import MapDataset
 
 endpoint, method, urls = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 store = mlstore.Store(options={"s3": {"endpoint_url": endpoint}})
+store.stats(node=True)  # the script opens the node's cache before its workers start
 dataset = MapDataset(urls, transform=len, store=store)
 loader = DataLoader(dataset, batch_size=4, num_workers=2, multiprocessing_context=method)
 print(json.dumps(sum(int(batch.sum()) for batch in loader)))
