@@ -155,6 +155,7 @@ def read_many(urls: Iterable[_Url], **kw: Any) -> list[bytes]:
     return default_store().read_many(urls, **kw)
 
 
-def stats() -> Stats:
-    """Counters of the default Store."""
-    return default_store().stats()
+def stats(node: bool = False) -> Stats:
+    """Counters of the default Store (with ``node=True``: the totals of every process
+    that shares its cache directory)."""
+    return default_store().stats(node=node)

@@ -28,6 +28,7 @@ import sys
 from typing import IO, TYPE_CHECKING, Any
 
 from mlstore.cli import human
+from mlstore.cli_stats import add_parser as add_stats_parser
 from mlstore.errors import ConfigError, MlstoreError
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def add_parser(sub: Any) -> Any:
     _progress_flag(scrub)
     scrub.set_defaults(func=_cmd_scrub)
 
-    # cache stats: registered by cli_stats (lead wires at merge)
+    add_stats_parser(cache_sub)  # cache stats (mlstore.cli_stats)
     return cache_sub
 
 

@@ -28,7 +28,7 @@ from mlstore.backends.base import Backend, ObjectInfo
 from mlstore.cache.tiered import TieredCache
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
 from mlstore.errors import ConfigError, UnsupportedOperation
-from mlstore.metrics import Stats
+from mlstore.metrics import Stats, node_stats
 from mlstore.url import URL, parse_url
 
 __all__ = ["CopyResult", "Store", "SyncResult", "default_store", "set_default_store"]
@@ -470,9 +470,15 @@ class Store(BulkReads):
 
     # ------------------------------------------------------------------ metrics
 
-    def stats(self) -> Stats:
-        """A snapshot of this Store's counters (requests, bytes, errors by protocol)."""
-        return self._runtime.get().metrics.snapshot()
+    def stats(self, node: bool = False) -> Stats:
+        """A snapshot of this Store's counters (requests, bytes, errors by protocol),
+        or with ``node=True`` the totals of every process that shares its cache
+        directory, this one's latest counts included (see :mod:`mlstore.metrics`)."""
+        if not node:
+            return self._runtime.get().metrics.snapshot()
+        if self.config.cache.enabled:
+            self._runtime.get().cache_reads()  # counted in the node's totals from now
+        return node_stats(self.config.cache.resolved_disk_dir)
 
 
 # ------------------------------------------------------------ the default store

@@ -476,7 +476,7 @@ def test_stats_difference_shows_only_what_changed(
     before = store.stats()
     store.write_bytes(f"{mem_root}/a", b"xy")
     delta = store.stats() - before
-    assert delta.by_protocol == {"memory": {"requests": 1, "bytes_written": 2}}
+    assert delta.by_protocol == {"memory": {"requests": 1, "put_requests": 1, "bytes_written": 2}}
     assert "file" not in delta.table()
     with pytest.raises(TypeError):
         store.stats() - 1  # type: ignore[operator]

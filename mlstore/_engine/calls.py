@@ -2,9 +2,9 @@
 
 :class:`Calls` belongs to one process (the Store keeps it in a
 :class:`~mlstore._util.process.PerProcess`): a backend's clients are never shared with a
-forked child. Each request is counted in the Store's metrics and run under the
-:class:`~mlstore.retry.Retrier` of the retry policy that applies to its URL and
-operation; inside a replica sweep (see :mod:`.replicas`) the sweep as a whole is what is
+forked child. Each request is counted (by operation) and timed in the Store's metrics,
+and run under the :class:`~mlstore.retry.Retrier` of the retry policy that applies to its
+URL and operation; inside a replica sweep (see :mod:`.replicas`) the sweep as a whole is what is
 retried, so a call made there gets one attempt.
 """
 
@@ -33,6 +33,10 @@ log = logging.getLogger("mlstore")
 
 #: True while a replica sweep runs: its calls make one attempt each.
 IN_SWEEP: contextvars.ContextVar[bool] = contextvars.ContextVar("mlstore_sweep", default=False)
+
+
+#: The request an operation makes when its call site names none (see ``Calls.call``).
+_OPS = {"read": "get", "info": "head", "write": "put"}
 
 
 def protocol_of(error: MlstoreError) -> str:
@@ -123,18 +127,30 @@ class Calls:
     def count(self, backend: Backend, name: str, amount: int = 1) -> None:
         self.metrics.add(name, backend.protocol, amount)
 
+    def count_request(self, backend: Backend, op: str) -> None:
+        """One request made outside :meth:`call` (untimed): ``requests`` and
+        ``{op}_requests``."""
+        self.metrics.add("requests", backend.protocol)
+        self.metrics.add(f"{op}_requests", backend.protocol)
+
     def call(
         self,
         backend: Backend,
         fn: Callable[[], T],
         url: URL | None = None,
         operation: str = "read",
+        *,
+        op: str | None = None,
     ) -> T:
-        """``fn()`` as one counted request to ``backend``, retried on transient errors
-        under the policy for ``operation`` on ``url`` (one attempt inside a sweep)."""
+        """``fn()`` as one counted, timed request to ``backend``, retried on transient
+        errors under the policy for ``operation`` on ``url`` (one attempt inside a
+        sweep). ``op`` names the request in the metrics (one of
+        :data:`~mlstore.metrics.OPERATIONS`; default: ``get`` for a read, ``head`` for
+        an info, ``put`` for a write)."""
+        kind = op or _OPS.get(operation, operation)
         if IN_SWEEP.get():
-            return self._attempt(backend, fn)
-        return self.retrier_for(url, operation).call(lambda: self._attempt(backend, fn))
+            return self._attempt(backend, fn, kind)
+        return self.retrier_for(url, operation).call(lambda: self._attempt(backend, fn, kind))
 
     def retrier_for(self, url: URL | None, operation: str) -> Retrier:
         """The retrier of the policy that applies (every one shares the process's budget)."""
@@ -157,13 +173,19 @@ class Calls:
             )
         return retrier
 
-    def _attempt(self, backend: Backend, fn: Callable[[], T]) -> T:
-        self.count(backend, "requests")
+    def _attempt(self, backend: Backend, fn: Callable[[], T], op: str) -> T:
+        """One attempt: counted as a request (and an error if it raises one of
+        mlstore's), and timed, whatever its outcome."""
+        failed = False
+        start = time.perf_counter()
         try:
             return fn()
         except MlstoreError:
-            self.count(backend, "errors")
+            failed = True
             raise
+        finally:
+            elapsed = time.perf_counter() - start
+            self.metrics.request(op, backend.protocol, elapsed, failed=failed)
 
     def _on_retry(self, error: MlstoreError, attempt: int, delay: float) -> None:
         protocol = protocol_of(error)

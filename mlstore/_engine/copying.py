@@ -258,7 +258,7 @@ class Copier:
         dst_backend = self.calls.writable(dst, "copy")
         if src_backend is dst_backend:  # server side, where the storage can
             copy = functools.partial(src_backend.copy, src, dst)
-            self.calls.call(src_backend, copy, dst, "write")
+            self.calls.call(src_backend, copy, dst, "write", op="copy")
             w.invalidate(w.resolve(dst), None, None)
             advance(entry.size)
             return

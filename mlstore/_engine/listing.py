@@ -61,7 +61,7 @@ class Listing:
         call = self.calls.call
 
         def ls(target: URL, backend: Backend) -> list[ObjectInfo]:
-            return call(backend, lambda: backend.ls(target), target)
+            return call(backend, lambda: backend.ls(target), target, op="list")
 
         return self.replicas.run(where, ls)
 
@@ -70,7 +70,7 @@ class Listing:
         call = self.calls.call
 
         def find(target: URL, backend: Backend) -> list[ObjectInfo]:
-            return call(backend, lambda: list(backend.find(target)), target)
+            return call(backend, lambda: list(backend.find(target)), target, op="list")
 
         return self.replicas.run(where, find)
 

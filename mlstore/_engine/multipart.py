@@ -130,7 +130,7 @@ class Uploader:
                 target, content_hash=content_hash, block_digests=block_digests
             )
 
-        self._upload: Upload = calls.call(backend, start, target, "write")
+        self._upload: Upload = calls.call(backend, start, target, "write", op="upload")
         self._pool = ThreadPoolExecutor(plan.concurrency, thread_name_prefix="mlstore-upload")
         self._slots = threading.Semaphore(plan.concurrency)
         self._parts: list[Future[str]] = []
@@ -164,7 +164,7 @@ class Uploader:
         def put() -> str:
             return upload.put_part(number, part)
 
-        return self._calls.call(self._backend, put, self._target, "write")
+        return self._calls.call(self._backend, put, self._target, "write", op="upload_part")
 
     def _sent(self, future: Future[str]) -> None:
         self._slots.release()
@@ -188,7 +188,7 @@ class Uploader:
             def complete() -> str | None:
                 return upload.complete(tokens, content_hash=content_hash)
 
-            version = self._calls.call(self._backend, complete, self._target, "write")
+            version = self._calls.call(self._backend, complete, self._target, "write", op="upload")
         except BaseException:
             self.abort()
             raise
@@ -206,7 +206,7 @@ class Uploader:
             future.cancel()
         self._pool.shutdown(wait=True)
         try:
-            self._calls.call(self._backend, self._upload.abort, self._target, "write")
+            self._calls.call(self._backend, self._upload.abort, self._target, "write", op="upload")
         except MlstoreError as exc:
             log.warning(
                 "%s: the failed upload could not be aborted (%s); its parts stay stored "

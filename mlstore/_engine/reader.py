@@ -51,7 +51,7 @@ class Reader:
         call = self.calls.call
 
         def info(target: URL, backend: Backend) -> tuple[URL, ObjectInfo]:
-            return target, call(backend, functools.partial(backend.info, target), target)
+            return target, call(backend, functools.partial(backend.info, target), target, op="head")
 
         return self.replicas.run(where, info)
 
@@ -158,7 +158,7 @@ class Reader:
                     return first(got)
                 data = b"".join([*resume.parts, rest])
                 if not start and end is None:  # a whole object put together: check it
-                    count(backend, "requests")
+                    self.calls.count_request(backend, "head")
                     try:
                         backend.check_resumed(target, data, resume.version)
                     except CorruptBodyError:

@@ -174,7 +174,7 @@ class Writer:
             native = BufferedWrite(put, str(target))
         else:
             native = backend.open_write(target)
-            self.calls.count(backend, "requests")
+            self.calls.count_request(backend, "put")
         raw = CountingWriter(native, committed)
         if not text:
             return cast(IO[Any], raw)
@@ -221,7 +221,8 @@ class Writer:
     def mkdir(self, where: Resolved) -> None:
         target = where.primary
         backend = self.calls.backend(target.protocol)
-        self.calls.call(backend, functools.partial(backend.mkdir, target), target, "write")
+        mkdir = functools.partial(backend.mkdir, target)
+        self.calls.call(backend, mkdir, target, "write", op="mkdir")
 
     def rm(self, where: Resolved, *, recursive: bool, replicate: bool) -> None:
         """Delete the object (or, with ``recursive``, everything below it) on the
@@ -236,7 +237,7 @@ class Writer:
                 # What the node may hold copies of: every object below, listed first.
                 below += [entry.url for entry in self.sorted_find(target)]
             rm = functools.partial(backend.rm, target, recursive)
-            self.calls.call(backend, rm, target, "write")
+            self.calls.call(backend, rm, target, "write", op="delete")
         self.invalidate(where, None, None)
         for url in below:
             self.invalidate(self.resolve(url), None, None)
@@ -284,5 +285,5 @@ class Writer:
     def sorted_find(self, url: URL) -> list[ObjectInfo]:
         """The objects below ``url``, by URL (one retried listing)."""
         backend = self.calls.backend(url.protocol)
-        found = self.calls.call(backend, lambda: list(backend.find(url)), url)
+        found = self.calls.call(backend, lambda: list(backend.find(url)), url, op="list")
         return sorted(found, key=lambda e: str(e.url))

@@ -100,7 +100,7 @@ class OpenedHits:
         except FileNotFoundError:
             return None
         disk.touch_blob(entry.hash)
-        self.metrics.served("disk", entry.size)
+        self.metrics.served("disk", entry.size, key)
         return io.BufferedReader(fh, buffer_size=256 * 1024)
 
 

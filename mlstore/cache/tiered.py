@@ -115,6 +115,7 @@ class TieredCache(OpenedHits):
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._seen_lock = threading.Lock()
         self.freshness = Freshness(config, metrics, clock, self.memory, self.disk)
+        metrics.attach(root)  # to the node's totals in the cache directory
 
     def _make_lock_dir(self) -> None:
         root = self.config.resolved_disk_dir
@@ -142,7 +143,7 @@ class TieredCache(OpenedHits):
         if expect_version is not None and meta.version != expect_version:
             return None
         if trusted(meta.validate, meta.ttl, meta.checked, self.clock()):
-            self.metrics.served("memory", len(data))
+            self.metrics.served("memory", len(data), key)
             return data
         return None
 
@@ -278,7 +279,7 @@ class TieredCache(OpenedHits):
         for reads that are not pinned: its stamp is not renewed)."""
         item = self.memory.get(key)
         if item is not None and item[0].version == version:
-            self.metrics.served("memory", len(item[1]))
+            self.metrics.served("memory", len(item[1]), key)
             return item[1]
         if self.disk is None:
             return None
@@ -301,8 +302,7 @@ class TieredCache(OpenedHits):
             data = self.disk.read_blob(known_hash, size) if size is not None else None
             if data is not None:
                 self._store(key, Fetched(data, known_version), known_hash, policy, deduped=True)
-                self.metrics.add("dedupe_hits", "cache")
-                self.metrics.add("dedupe_bytes_saved", "cache", len(data))
+                self.metrics.deduped(len(data), key)
                 return data
         fetched = fetch()
         self.metrics.add("misses", "cache")
@@ -352,7 +352,7 @@ class TieredCache(OpenedHits):
                 if checked != meta.checked:  # just revalidated: trusted for another ttl
                     renewed = _Meta(meta.version, meta.hash, checked, *policy)
                     self.memory.update_meta(key, renewed)
-                self.metrics.served("memory", len(data))
+                self.metrics.served("memory", len(data), key)
                 return data
             self.memory.discard(key)
         if self.disk is None:
@@ -391,7 +391,7 @@ class TieredCache(OpenedHits):
             return None
         if keep_in_memory and self.memory.budget and self._second_touch(key):
             self.memory.put(key, _Meta(entry.version, entry.hash, checked, *policy), blob)
-        self.metrics.served("disk", len(blob))
+        self.metrics.served("disk", len(blob), key)
         return blob
 
     def _second_touch(self, key: str) -> bool:
@@ -456,6 +456,7 @@ class TieredCache(OpenedHits):
     def close(self) -> None:
         """Release the disk tier's files (the cache stays on disk for the next user)."""
         self.freshness.close()
+        self.metrics.detach(self.config.resolved_disk_dir)
         if self.disk is not None:
             self.disk.close()
         self.flight.close()
