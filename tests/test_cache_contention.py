@@ -91,3 +91,39 @@ def test_a_disk_hit_never_waits_for_the_index_write_lock(
         after = _atimes(index)
         assert all(after[h] >= before[h] for h in before)
         assert sum(after[h] > before[h] for h in before) >= 1
+
+
+def _open_cache_at_once(directory: str, barrier: Any, results: Any) -> None:
+    from mlstore.cache.tiered import TieredCache
+    from mlstore.config import CacheConfig
+    from mlstore.metrics import Metrics
+
+    barrier.wait()
+    try:
+        TieredCache(CacheConfig(disk_dir=directory), Metrics()).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the parent
+        results.put(repr(exc))
+
+
+def test_workers_opening_a_brand_new_cache_at_once_all_get_it(tmp_path: Path) -> None:
+    """DataLoader workers started together on a fresh node all open the new index: the
+    switch to WAL mode that each asks for is not refused as "database is locked"."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    outcomes: list[str] = []
+    for trial in range(15):
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=_open_cache_at_once, args=(str(tmp_path / f"c{trial}"), barrier, results)
+            )
+            for _ in range(4)
+        ]
+        for p in procs:
+            p.start()
+        outcomes += [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+    assert outcomes == ["ok"] * 60

@@ -34,9 +34,10 @@ import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mlstore.cache._index import DiskUnavailableError, IndexCare, _ProcessIndex
+from mlstore.cache._index import IndexCare, _ProcessIndex
 from mlstore.cache._layout import _BLOB_NAME, _TEMP_NAME, _create_temp, _remove_if_unheld
 from mlstore.cache._plans import victims as eviction_order
+from mlstore.cache._sqlite import DiskUnavailableError
 
 _HELD = """SELECT (SELECT value FROM meta WHERE name = 'bytes'),
                   (SELECT coalesce(sum(size), 0) FROM reservations)"""

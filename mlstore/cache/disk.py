@@ -66,13 +66,7 @@ from dataclasses import dataclass
 
 from mlstore._util.process import PerProcess
 from mlstore.cache._budget import DiskNoRoomError, FillCare, delete_blobs
-from mlstore.cache._index import (
-    DiskFullError,
-    DiskUnavailableError,
-    _is_corrupt,
-    _is_full,
-    _ProcessIndex,
-)
+from mlstore.cache._index import _ProcessIndex
 from mlstore.cache._layout import (
     _BLOB_NAME,
     _TEMP_NAME,
@@ -87,6 +81,7 @@ from mlstore.cache._layout import (
 )
 from mlstore.cache._plans import PlanCare
 from mlstore.cache._plans import victims as eviction_order
+from mlstore.cache._sqlite import DiskFullError, DiskUnavailableError, _is_corrupt, _is_full
 from mlstore.hashing import content_hash
 
 __all__ = [

@@ -41,9 +41,9 @@ from typing import Any, Generic, TypeVar
 from mlstore._util.lru import LRU
 from mlstore._util.process import SQLITE, PerProcess
 from mlstore._util.redact import redact_url
-from mlstore.cache._index import _is_corrupt, damaged, set_aside
 from mlstore.cache._jsondisk import UnsafeValueError, json_disk
 from mlstore.cache._layout import MARKER, _private_file, _private_subdir
+from mlstore.cache._sqlite import _is_corrupt, damaged, set_aside
 from mlstore.cache.freshness import CLOCK_SKEW, trusted
 
 __all__ = [
