@@ -32,6 +32,7 @@ table has no class for is listed, at no cost.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -49,7 +50,16 @@ from mlstore.errors import ConfigError
 if TYPE_CHECKING:
     from mlstore.metrics import Stats
 
-__all__ = ["OPERATIONS", "TABLE_VERSION", "BackendCost", "Cost", "PriceTable", "estimate"]
+__all__ = [
+    "OPERATIONS",
+    "TABLE_VERSION",
+    "BackendCost",
+    "Cost",
+    "PriceClass",
+    "PriceTable",
+    "estimate",
+    "usd",
+]
 
 #: The version of the built-in table (``mlstore/prices/<version>.json``).
 TABLE_VERSION = "2026-12"
@@ -80,7 +90,17 @@ _CLASS_KEYS = ("source", "requests", "read_per_gb", "write_per_gb", "egress_per_
 
 
 @dataclass(frozen=True)
-class _Class:
+class PriceClass:
+    """The prices of one class (``s3-standard``, ``azure-hot``, ...), in USD.
+
+    Attributes:
+        requests: operation to USD per 1,000 requests.
+        read_per_gb: per GB read, besides egress (S3 Express One Zone's retrieval).
+        write_per_gb: per GB written (S3 Express One Zone's upload charge).
+        egress_per_gb: egress kind to USD per GB read.
+        source: the price page the figures come from.
+    """
+
     requests: Mapping[str, Decimal]
     read_per_gb: Decimal
     write_per_gb: Decimal
@@ -92,7 +112,7 @@ class _Class:
         return self.requests.get(op, self.requests.get("other", _ZERO))
 
 
-_EMPTY = _Class({}, _ZERO, _ZERO, dict.fromkeys(EGRESS_KINDS, _ZERO))
+_EMPTY = PriceClass({}, _ZERO, _ZERO, dict.fromkeys(EGRESS_KINDS, _ZERO))
 
 
 def _price(value: object, where: str, name: str) -> Decimal:
@@ -113,7 +133,7 @@ def _table(value: object, where: str, name: str, known: tuple[str, ...]) -> dict
     return value
 
 
-def _merge_class(base: _Class, raw: object, where: str, name: str) -> _Class:
+def _merge_class(base: PriceClass, raw: object, where: str, name: str) -> PriceClass:
     """``base`` with the entries of ``raw`` (one class of a price file) over it."""
     entry = _table(raw, where, name, _CLASS_KEYS)
     requests = dict(base.requests)
@@ -130,7 +150,7 @@ def _merge_class(base: _Class, raw: object, where: str, name: str) -> _Class:
     read = entry.get("read_per_gb")
     write = entry.get("write_per_gb")
     source = entry.get("source", base.source)
-    return _Class(
+    return PriceClass(
         requests,
         base.read_per_gb if read is None else _price(read, where, f"{name}.read_per_gb"),
         base.write_per_gb if write is None else _price(write, where, f"{name}.write_per_gb"),
@@ -157,7 +177,7 @@ class PriceTable:
     """
 
     version: str
-    classes: Mapping[str, _Class]
+    classes: Mapping[str, PriceClass]
     protocols: Mapping[str, str]
     egress: str = "same-region"
     files: tuple[str, ...] = ()
@@ -165,8 +185,7 @@ class PriceTable:
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> PriceTable:
         """The built-in table, with the entries of the JSON file ``path`` over it."""
-        built_in = resources.files("mlstore").joinpath("prices", f"{TABLE_VERSION}.json")
-        base = cls("", {}, {}).with_text(built_in.read_text("utf-8"), f"{TABLE_VERSION}.json")
+        base = _built_in()
         return base if path is None else base.with_file(path)
 
     @classmethod
@@ -234,6 +253,13 @@ class PriceTable:
     def class_of(self, protocol: str) -> str | None:
         """The price class of ``protocol`` (``None``: the table has none, it is free)."""
         return self.protocols.get(protocol.lower())
+
+
+@functools.cache
+def _built_in() -> PriceTable:
+    """The table shipped in the package (read once per process)."""
+    text = resources.files("mlstore").joinpath("prices", f"{TABLE_VERSION}.json").read_text("utf-8")
+    return PriceTable("", {}, {}).with_text(text, f"{TABLE_VERSION}.json")
 
 
 def _items(value: object, where: str, name: str) -> list[tuple[str, Any]]:

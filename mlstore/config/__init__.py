@@ -32,7 +32,7 @@ Example TOML file::
 
 The package is split by concern: ``_fields`` (what a setting is, the value parsers),
 ``_sources`` (environment and config file), ``_prefixes`` (per-URL-prefix tables), one
-module per config class (``_cache``, ``_retry``, ``_http``, ``_store``). Import from
+module per config class (``_cache``, ``_retry``, ``_http``, ``_cost``, ``_store``). Import from
 ``mlstore.config`` itself: the submodules are private.
 """
 
