@@ -10,18 +10,35 @@ protocol only (:class:`~mlstore.config.StoreConfig` shows their names).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from mlstore._util.html import Markup, fields, human_size
 from mlstore._util.redact import redact_url
 from mlstore.cache.display import cache_html, cache_summary
 
 if TYPE_CHECKING:
-    from mlstore._engine.runtime import Runtime
     from mlstore.cache.tiered import TieredCache
     from mlstore.config import StoreConfig
+    from mlstore.metrics import Metrics
 
 __all__ = ["store_html", "store_repr"]
+
+
+class _Cached(Protocol):
+    @property
+    def cache(self) -> TieredCache: ...
+
+
+class Runtime(Protocol):
+    """What is shown of a Store's per-process engine: its counters and, once built, its
+    cached read path (the engine's ``Runtime``; named by shape so that this module
+    needs nothing of the engine)."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def cached(self) -> _Cached | None: ...
 
 
 def _cache_of(runtime: Runtime | None) -> TieredCache | None:

@@ -43,8 +43,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from mlstore._util.html import table
-from mlstore.config import CostConfig
-from mlstore.config._cost import EGRESS_KINDS
+from mlstore.config import EGRESS_KINDS, CostConfig
 from mlstore.errors import ConfigError
 
 if TYPE_CHECKING:

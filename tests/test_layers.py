@@ -65,7 +65,7 @@ LAYERS: dict[str, int] = {
 #: Parts of one layer that must not import each other.
 SIBLINGS = {"cache", "backends", "retry"}
 #: Private packages other parts may import, and who may.
-SHARED_PRIVATE = {"_util": None, "_engine": {"store", "_bulk", "_display", "_engine"}}
+SHARED_PRIVATE = {"_util": None, "_engine": {"store", "_bulk", "_engine"}}
 
 
 def module_name(path: pathlib.Path) -> str:

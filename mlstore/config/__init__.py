@@ -45,7 +45,7 @@ from typing import Any  # noqa: F401
 
 from mlstore._util.redact import SECRET_OPTION, redact_options
 from mlstore.config._cache import CacheConfig
-from mlstore.config._cost import CostConfig
+from mlstore.config._cost import EGRESS_KINDS, CostConfig
 from mlstore.config._fields import UNSET, GiB, MiB, parse_size
 from mlstore.config._http import DEFAULT_DENY_HOSTS, DEFAULT_DENY_NETWORKS, HttpPolicy
 from mlstore.config._origins import Origin, explain
@@ -57,6 +57,7 @@ from mlstore.errors import ConfigError
 __all__ = [
     "DEFAULT_DENY_HOSTS",
     "DEFAULT_DENY_NETWORKS",
+    "EGRESS_KINDS",
     "ENV_VARS",
     "OPTION_ENV_VARS",
     "SECRET_OPTION",
