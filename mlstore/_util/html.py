@@ -11,6 +11,8 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable, Sequence
 
+from mlstore._util import units
+
 __all__ = [
     "Markup",
     "copy_result_html",
@@ -20,8 +22,6 @@ __all__ = [
     "table",
 ]
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
 
 class Markup(str):
     """A string that is HTML already (not escaped again by :func:`table`)."""
@@ -30,19 +30,13 @@ class Markup(str):
 
 
 def human_size(n: float | None) -> str:
-    """``n`` bytes for a reader, in powers of 1024.
+    """``n`` bytes for a reader, in powers of 1024 (:func:`mlstore._util.units.human_size`);
+    ``None``, a figure not known, is ``-``.
 
     >>> human_size(0), human_size(1536), human_size(10 * 2**30), human_size(None)
     ('0 B', '1.5 KiB', '10.0 GiB', '-')
     """
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover - the loop always returns
+    return "-" if n is None else units.human_size(n)
 
 
 def _cell(value: object) -> str:
