@@ -89,6 +89,13 @@ class MlstoreError(Exception):
     def __str__(self) -> str:
         return self._render()
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython and Jupyter show this in place of their traceback: the caller's frames,
+        # one line per mlstore frame, then this error (see mlstore._util.tracebacks).
+        from mlstore._util.tracebacks import render
+
+        return render(self)
+
     def __reduce__(self) -> tuple[object, ...]:
         # Keep the keyword-only attributes, and any set later (``retry_after``),
         # across pickling: DataLoader workers send exceptions back to the parent.

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
 from mlstore._util.compact import Strings, Tokens
+from mlstore._util.html import human_size, table
 from mlstore._util.redact import redact_url
 from mlstore.errors import ConfigError, NotFoundError, NotInManifestError, PreconditionFailedError
 from mlstore.url import URL, glob_regex, parse_url
@@ -186,8 +187,28 @@ class Manifest(Sequence[ManifestEntry]):
     def __contains__(self, url: object) -> bool:
         return isinstance(url, str) and self._find(url) is not None
 
+    @property
+    def total_bytes(self) -> int:
+        """The sizes of all entries, added up."""
+        return sum(self._sizes)
+
     def __repr__(self) -> str:
-        return f"Manifest({redact_url(self.root)!r}, {len(self)} entries)"
+        size = human_size(self.total_bytes)
+        return f"Manifest({redact_url(self.root)!r}, {len(self):,} entries, {size})"
+
+    def _repr_html_(self, rows: int = 10) -> str:
+        """The first ``rows`` entries as a table, with the count and total size."""
+        shown = [
+            [redact_url(e.url), human_size(e.size), e.version or "-", e.content_hash or "-"]
+            for e in self[:rows]
+        ]
+        if len(self) > rows:
+            shown.append([f"... {len(self) - rows:,} more", "", "", ""])
+        caption = (
+            f"Manifest of {redact_url(self.root) or '(no common root)'}: "
+            f"{len(self):,} entries, {human_size(self.total_bytes)}"
+        )
+        return table(shown, header=["url", "size", "version", "content hash"], caption=caption)
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: getattr(self, k) for k in ("root", "store", "changed")}

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any, Literal, overload
 
 from mlstore._bulk import BulkReads, hot_hit
+from mlstore._display import store_html, store_repr
 from mlstore._engine.listing import logical
 from mlstore._engine.replicas import Resolved
 from mlstore._engine.runtime import Runtime
@@ -115,9 +116,10 @@ class Store(BulkReads):
     # ------------------------------------------------------------------ plumbing
 
     def __repr__(self) -> str:
-        mounts = sorted(self.config.mounts)
-        protocols = sorted(self.config.options)
-        return f"Store(mounts={mounts}, options for {protocols})"
+        return store_repr(self.config, self._runtime.peek())
+
+    def _repr_html_(self) -> str:
+        return store_html(self.config, self._runtime.peek())
 
     def __getstate__(self) -> dict[str, Any]:
         # Only configuration crosses a pickle (DataLoader workers, spawn); clients are

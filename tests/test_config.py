@@ -504,6 +504,7 @@ def test_every_listed_env_var_changes_a_setting(
     values = ["3", "7", "off", "never", "true", "10.0.0.0/8", "example.org", "/var/tmp/x"]
     values.append("obstore")  # MLSTORE_TRANSPORT (the suite installs mlstore[fast])
     values.append("8MiB")  # MLSTORE_MULTIPART_PART_SIZE (5 MiB at least)
+    values.append("internet")  # MLSTORE_EGRESS
     for value in values:
         monkeypatch.setenv(name, value)
         try:

@@ -24,7 +24,14 @@ import pytest
 
 import mlstore
 from mlstore.cli import _parser
-from mlstore.config import ENV_VARS, CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
+from mlstore.config import (
+    ENV_VARS,
+    CacheConfig,
+    CostConfig,
+    HttpPolicy,
+    RetryPolicy,
+    StoreConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -179,7 +186,7 @@ def test_every_subcommand_is_documented(command: str, monkeypatch: pytest.Monkey
 # ------------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("cls", [CacheConfig, RetryPolicy, HttpPolicy, StoreConfig])
+@pytest.mark.parametrize("cls", [CacheConfig, RetryPolicy, HttpPolicy, CostConfig, StoreConfig])
 def test_configuration_page_lists_every_field(cls: type) -> None:
     rows = table_rows(section(read("configuration.md"), f"## {cls.__name__}"))
     for f in dataclasses.fields(cls):
@@ -206,7 +213,8 @@ def test_the_complete_toml_example_has_every_key(
     path = tmp_path / "mlstore.toml"
     path.write_text(block.code, encoding="utf-8")
     data = mlstore.config.load_file(str(path))
-    for section_name, cls in (("cache", CacheConfig), ("retry", RetryPolicy), ("http", HttpPolicy)):
+    classes = (("cache", CacheConfig), ("retry", RetryPolicy), ("http", HttpPolicy))
+    for section_name, cls in (*classes, ("cost", CostConfig)):
         assert set(data[section_name]) == {f.name for f in dataclasses.fields(cls)}
     assert set(data["store"]) == {"max_workers"}
     monkeypatch.setenv("MLSTORE_CONFIG", str(path))

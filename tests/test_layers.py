@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "hashing": 1,
     "metrics": 2,  # its node totals default to the configured cache directory
     "config": 2,
+    "cost": 2,  # prices (a table read through config) applied to a Stats snapshot
     "cache": 3,
     "backends": 3,
     "retry": 3,
@@ -44,6 +45,7 @@ LAYERS: dict[str, int] = {
     "store": 5,
     "fsspec": 6,
     "_bulk": 5,  # the Store's bulk reads and warms (a mixin of store)
+    "_display": 5,  # the Store's repr and notebook view (called by store)
     "manifest": 6,  # recorded versions, read through a Store
     "torch": 6,  # PyTorch datasets and checkpoints over the public API
     "checkpoint": 6,  # checkpoints (chunks, manifests, retention) over the public API
@@ -56,6 +58,7 @@ LAYERS: dict[str, int] = {
     "cli_cache": 6,  # mlstore cache path|prune|clear|verify|scrub
     "cli_config": 6,  # mlstore config
     "cli_stats": 6,  # mlstore cache stats
+    "notebook": 6,  # notebook helpers: short mlstore tracebacks in IPython
     "__main__": 6,
     "": 6,  # mlstore/__init__.py
 }

@@ -41,6 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Protocol
 
 from mlstore._engine.identity import CACHED_PROTOCOLS
+from mlstore._util.html import copy_result_html, copy_result_repr
 from mlstore.backends.base import ObjectInfo
 from mlstore.errors import IsADirectoryError_, NotFoundError
 from mlstore.hashing import Hasher
@@ -88,10 +89,10 @@ class CopyResult(list[str]):
         self.copied_bytes = copied_bytes
 
     def __repr__(self) -> str:
-        return (
-            f"CopyResult({list(self)!r}, skipped={len(self.skipped)} objects / "
-            f"{self.skipped_bytes} bytes)"
-        )
+        return copy_result_repr(self, self.skipped, self.skipped_bytes)
+
+    def _repr_html_(self) -> str:
+        return copy_result_html(self, self.skipped, self.copied_bytes, self.skipped_bytes)
 
 
 class Tally:

@@ -35,6 +35,7 @@ from mlstore.cache.disk import (
     DiskUnavailableError,
     claim_cache_dir,
 )
+from mlstore.cache.display import CacheDisplay
 from mlstore.cache.flight import SingleFlight
 from mlstore.cache.freshness import Freshness, trusted
 from mlstore.cache.memory import MemoryTier
@@ -69,7 +70,7 @@ class _Meta:
     ttl: float
 
 
-class TieredCache(OpenedHits):
+class TieredCache(CacheDisplay, OpenedHits):
     """Memory tier + disk tier + single-flight, with one consistency policy.
 
     Args:

@@ -32,7 +32,7 @@ Example TOML file::
 
 The package is split by concern: ``_fields`` (what a setting is, the value parsers),
 ``_sources`` (environment and config file), ``_prefixes`` (per-URL-prefix tables), one
-module per config class (``_cache``, ``_retry``, ``_http``, ``_store``). Import from
+module per config class (``_cache``, ``_retry``, ``_http``, ``_cost``, ``_store``). Import from
 ``mlstore.config`` itself: the submodules are private.
 """
 
@@ -45,6 +45,7 @@ from typing import Any  # noqa: F401
 
 from mlstore._util.redact import SECRET_OPTION, redact_options
 from mlstore.config._cache import CacheConfig
+from mlstore.config._cost import EGRESS_KINDS, CostConfig
 from mlstore.config._fields import UNSET, GiB, MiB, parse_size
 from mlstore.config._http import DEFAULT_DENY_HOSTS, DEFAULT_DENY_NETWORKS, HttpPolicy
 from mlstore.config._origins import Origin, explain
@@ -56,12 +57,14 @@ from mlstore.errors import ConfigError
 __all__ = [
     "DEFAULT_DENY_HOSTS",
     "DEFAULT_DENY_NETWORKS",
+    "EGRESS_KINDS",
     "ENV_VARS",
     "OPTION_ENV_VARS",
     "SECRET_OPTION",
     "UNSET",
     "CacheConfig",
     "ConfigError",
+    "CostConfig",
     "GiB",
     "HttpPolicy",
     "MiB",
@@ -77,6 +80,6 @@ __all__ = [
 # The classes are public here, and a pickle names a class by its __module__: this keeps
 # pickles (a Store's crosses to every DataLoader worker) naming mlstore.config.CacheConfig
 # and so on, loadable by versions before and after the split into submodules.
-for _cls in (CacheConfig, RetryPolicy, HttpPolicy, StoreConfig):
+for _cls in (CacheConfig, RetryPolicy, HttpPolicy, CostConfig, StoreConfig):
     _cls.__module__ = __name__
 del _cls

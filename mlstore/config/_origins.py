@@ -19,7 +19,13 @@ from mlstore.config._store import StoreConfig
 
 __all__ = ["Origin", "explain"]
 
-_SECTIONS = (("cache", "cache"), ("retry", "retry"), ("http", "http"), ("", "store"))
+_SECTIONS = (
+    ("cache", "cache"),
+    ("retry", "retry"),
+    ("http", "http"),
+    ("cost", "cost"),
+    ("", "store"),
+)
 
 
 @dataclass(frozen=True)

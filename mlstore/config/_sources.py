@@ -25,7 +25,7 @@ from mlstore.errors import ConfigError
 __all__ = ["OPTION_ENV_VARS", "SECTIONS", "Resolved", "env_options", "env_table", "load_file"]
 
 #: The tables a config file may have.
-SECTIONS = ("cache", "http", "mounts", "options", "retry", "store")
+SECTIONS = ("cache", "cost", "http", "mounts", "options", "retry", "store")
 
 #: Environment variables that set one backend option: variable -> (protocol, option).
 OPTION_ENV_VARS: dict[str, tuple[str, str]] = {

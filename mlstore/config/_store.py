@@ -17,6 +17,7 @@ from typing import Any
 
 from mlstore._util.redact import redact_options, redact_url
 from mlstore.config._cache import CacheConfig
+from mlstore.config._cost import CostConfig
 from mlstore.config._fields import (
     MiB,
     choice,
@@ -135,6 +136,7 @@ class StoreConfig(Resolved):
         cache: the cache policy.
         retry: the retry policy.
         http: the URL policy of the http(s) backend.
+        cost: how requests and bytes are priced (:func:`mlstore.cost.estimate`).
         mounts: logical mount names to one or more physical URL prefixes (replicas),
             merged over the config file's ``[mounts]``.
         options: per-protocol backend options (``{"s3": {"endpoint_url": ...}}``),
@@ -176,6 +178,7 @@ class StoreConfig(Resolved):
     cache: CacheConfig = field(default_factory=CacheConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     http: HttpPolicy = field(default_factory=HttpPolicy)
+    cost: CostConfig = field(default_factory=CostConfig)
     mounts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     max_workers: int = setting("MLSTORE_MAX_WORKERS", positive(whole), 32)
@@ -190,7 +193,8 @@ class StoreConfig(Resolved):
     _section = "store"
 
     def __post_init__(self) -> None:
-        for name, cls in (("cache", CacheConfig), ("retry", RetryPolicy), ("http", HttpPolicy)):
+        policies = (("cache", CacheConfig), ("retry", RetryPolicy), ("http", HttpPolicy))
+        for name, cls in (*policies, ("cost", CostConfig)):
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 object.__setattr__(self, name, _build(cls, value, f"StoreConfig.{name}"))
@@ -230,12 +234,18 @@ class StoreConfig(Resolved):
             changes["options"] = merged
         return dataclasses.replace(self, **changes) if changes else self
 
+    def _repr_html_(self) -> str:
+        from mlstore.config._display import config_html  # it reads explain(), which imports us
+
+        return config_html(self)
+
     def __repr__(self) -> str:
         # Options may hold credentials and mount URLs may be presigned: mask both.
         mounts = {k: tuple(redact_url(u) for u in v) for k, v in self.mounts.items()}
         return (
             f"StoreConfig(cache={self.cache!r}, retry={self.retry!r}, http={self.http!r}, "
-            f"mounts={mounts!r}, options={redact_options(self.options, REDACTED)!r}, "
+            f"cost={self.cost!r}, mounts={mounts!r}, "
+            f"options={redact_options(self.options, REDACTED)!r}, "
             f"max_workers={self.max_workers!r}, replica_failures={self.replica_failures!r}, "
             f"replica_cooldown={self.replica_cooldown!r}, transport={self.transport!r}, "
             f"multipart_threshold={self.multipart_threshold!r}, "
@@ -246,4 +256,4 @@ class StoreConfig(Resolved):
 
 
 #: Every environment variable mlstore reads, and the setting it feeds.
-ENV_VARS: dict[str, str] = env_table(CacheConfig, RetryPolicy, HttpPolicy, StoreConfig)
+ENV_VARS: dict[str, str] = env_table(CacheConfig, RetryPolicy, HttpPolicy, CostConfig, StoreConfig)
