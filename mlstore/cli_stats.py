@@ -68,7 +68,8 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else None,
     }
     if getattr(args, "json", False):
-        out.write(json.dumps({**head, **report}, indent=2, sort_keys=True) + "\n")
+        body = {**head, **report, "cost": _cost_json(stats)}
+        out.write(json.dumps(body, indent=2, sort_keys=True) + "\n")
         return 0
     when = f" since {head['since']}" if head["since"] else ""
     out.write(f"node-wide totals of {root}{when}\n")
@@ -77,9 +78,27 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cost_section(stats: Stats) -> list[str]:
-    """Lines about what the requests cost and what the cache saved, in money (none yet:
-    the cost model fills this in)."""
-    return []
+    """What the requests and bytes cost, and what the cache saved, in money, at the
+    configured price table (see ``docs/cost.md``); nothing before any activity."""
+    if not stats.counters:
+        return []
+    lines = str(stats.cost).splitlines()
+    return ["", "cost (US dollars, list prices; see docs/cost.md)", *(f"  {ln}" for ln in lines)]
+
+
+def _cost_json(stats: Stats) -> dict[str, Any]:
+    cost = stats.cost
+    return {
+        "currency": "USD",
+        "spent": cost.spent,
+        "saved": cost.saved,
+        "table_version": cost.table_version,
+        "egress": cost.egress,
+        "by_backend": {
+            proto: {"price_class": b.price_class, "spent": b.spent, "saved": b.saved}
+            for proto, b in sorted(cost.by_backend.items())
+        },
+    }
 
 
 def _nan_free(value: float) -> float | None:

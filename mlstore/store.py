@@ -9,6 +9,7 @@ child with clients of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import threading
@@ -27,7 +28,7 @@ from mlstore._util.progress import bar_for as _bar
 from mlstore._util.redact import redact_protocol_options
 from mlstore.backends.base import Backend, ObjectInfo
 from mlstore.cache.tiered import TieredCache
-from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
+from mlstore.config import CacheConfig, CostConfig, HttpPolicy, RetryPolicy, StoreConfig
 from mlstore.errors import ConfigError, UnsupportedOperation
 from mlstore.metrics import Stats, node_stats
 from mlstore.url import URL, parse_url
@@ -81,6 +82,8 @@ class Store(BulkReads):
         multipart_threshold: int | str | None = None,
         multipart_part_size: int | str | None = None,
         multipart_concurrency: int | None = None,
+        dedupe_writes: int | str | None = None,
+        cost: CostConfig | Mapping[str, Any] | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
@@ -100,6 +103,8 @@ class Store(BulkReads):
             multipart_threshold=multipart_threshold,
             multipart_part_size=multipart_part_size,
             multipart_concurrency=multipart_concurrency,
+            dedupe_writes=dedupe_writes,
+            cost=cost,
         )
         self._clock = clock
         self._sleep = sleep
@@ -122,25 +127,13 @@ class Store(BulkReads):
         return store_html(self.config, self._runtime.peek())
 
     def __getstate__(self) -> dict[str, Any]:
-        # Only configuration crosses a pickle (DataLoader workers, spawn); clients are
-        # rebuilt in the child, and options that look like credentials are dropped, so
-        # the child re-resolves them from its environment or config file.
+        # Only configuration crosses a pickle (DataLoader workers, spawn): clients are
+        # rebuilt in the child, credentials re-resolved there (options are redacted).
         cfg = self.config
-        safe_options = redact_protocol_options(cfg.options)
-        return {
-            "cache": cfg.cache,
-            "retry": cfg.retry,
-            "http": cfg.http,
-            "mounts": dict(cfg.mounts),
-            "options": safe_options,
-            "max_workers": cfg.max_workers,
-            "replica_failures": cfg.replica_failures,
-            "replica_cooldown": cfg.replica_cooldown,
-            "transport": cfg.transport,
-            "multipart_threshold": cfg.multipart_threshold,
-            "multipart_part_size": cfg.multipart_part_size,
-            "multipart_concurrency": cfg.multipart_concurrency,
-        }
+        state = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        state["mounts"] = dict(cfg.mounts)
+        state["options"] = redact_protocol_options(cfg.options)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.config = StoreConfig(**state)
@@ -462,8 +455,7 @@ class Store(BulkReads):
     def _tree(
         self, src: UrlLike, dst: UrlLike, max_workers: int | None
     ) -> tuple[Writer, Resolved, Resolved, int]:
-        """What a copy or sync of ``src`` to ``dst`` runs with: this process's writer,
-        both ends resolved, and the objects to copy at once."""
+        """This process's writer, both ends resolved, and the objects copied at once."""
         if max_workers is not None and max_workers < 1:
             raise ConfigError(f"max_workers must be at least 1, got {max_workers}")
         runtime, source = self._where(src)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mlstore import cli_stats
+from mlstore.cost import usd
 from mlstore.metrics import Stats, node_stats
 from tests.test_cli_commands import cli, ok
 from tests.test_node_stats import run_workers, seed
@@ -45,6 +45,10 @@ def test_the_json_report_holds_the_node_totals(populated: tuple[Path, Stats]) ->
     assert get["requests"] == work.latency[("get", "s3")].count
     assert 0 < get["p50"] <= get["p95"] <= get["p99"]
     assert report["dedupe"]["hits"] == work.get("dedupe_hits")
+    assert report["cost"]["currency"] == "USD" and report["cost"]["table_version"] == "2026-12"
+    assert report["cost"]["spent"] == pytest.approx(work.cost.spent) and work.cost.spent > 0
+    assert report["cost"]["saved"] == pytest.approx(work.cost.saved)
+    assert work.cost.saved > 0  # the hits
 
 
 def test_the_text_report_has_every_section(populated: tuple[Path, Stats]) -> None:
@@ -58,11 +62,16 @@ def test_the_text_report_has_every_section(populated: tuple[Path, Stats]) -> Non
         "bytes",
         "saved by the cache",
         "latency",
+        "cost (US dollars, list prices; see docs/cost.md)",
     ]
     requests = text.split("remote requests")[1].splitlines()
     assert requests[0].split() == ["get", "total"]  # the workers only read
     assert requests[1].split() == ["s3", str(work.get("get_requests", "s3")), str(work["requests"])]
-    assert cli_stats._cost_section(node_stats(str(node_dir))) == []
+    cost = text.split("cost (US dollars")[1].splitlines()
+    spent = node_stats(str(node_dir)).cost
+    assert cost[1].strip().startswith(f"spent {usd(spent.spent)}, saved {usd(spent.saved)}")
+    assert spent.spent > 0
+    assert cost[2].strip().startswith("s3 (s3-standard): spent")
 
 
 def test_an_unused_directory_reports_no_activity(tmp_path: Path) -> None:

@@ -658,6 +658,28 @@ def test_pickled_store_round_trips_and_works(mem_root: str) -> None:
     assert store.read_bytes("mlstore://ds/b") == b"after"
 
 
+def test_every_setting_but_credentials_crosses_a_pickle() -> None:
+    """A DataLoader worker gets the Store its parent configured, field by field (options
+    aside: credentials are re-resolved in the child, never pickled)."""
+    import dataclasses
+
+    store = Store(
+        max_workers=5,
+        replica_failures=7,
+        replica_cooldown=9.0,
+        multipart_threshold=96 * 1024 * 1024,
+        multipart_part_size=8 * 1024 * 1024,
+        multipart_concurrency=3,
+        dedupe_writes="off",
+        cost={"egress": "internet", "classes": {"s3": "s3-express"}},
+        cache={"ttl": 12.0, "write_through": True},
+    )
+    copy = pickle.loads(pickle.dumps(store)).config
+    for f in dataclasses.fields(store.config):
+        if f.name != "options":
+            assert getattr(copy, f.name) == getattr(store.config, f.name), f.name
+
+
 def test_pickle_and_repr_carry_no_secrets() -> None:
     store = Store(options=CANARIES)
     data = pickle.dumps(store)

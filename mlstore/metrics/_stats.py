@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 __all__ = ["LATENCY_BOUNDS", "OPERATIONS", "TIERS", "Histogram", "Stats"]
+
+if TYPE_CHECKING:
+    from mlstore.cost import Cost
 
 #: Upper bounds (seconds) of the latency buckets: four a decade, from 100 µs to 100 s,
 #: plus one for anything slower. Fixed, so that histograms of every process on every
@@ -139,6 +143,14 @@ class Stats:
             if o == op and (protocol is None or proto == protocol):
                 found = found + hist
         return found.percentiles()
+
+    @property
+    def cost(self) -> Cost:
+        """What these requests and bytes cost, and what the cache saved, in US dollars
+        at the configured price table (see :func:`mlstore.cost.estimate`)."""
+        from mlstore.cost import estimate
+
+        return estimate(self)
 
     def as_dict(self) -> dict[str, int]:
         """Totals by metric name."""
