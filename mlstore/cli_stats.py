@@ -14,6 +14,8 @@ import math
 import time
 from typing import IO, TYPE_CHECKING, Any
 
+from mlstore._util.units import human_size
+
 if TYPE_CHECKING:
     from mlstore.metrics import Stats
 
@@ -158,16 +160,6 @@ def summary(stats: Stats) -> dict[str, Any]:
     }
 
 
-def _size(n: float) -> str:
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "PiB":
-            break
-    return f"{n:.1f} {unit}"
-
-
 def _ms(value: float | None) -> str:
     if value is None:
         return "-"
@@ -190,7 +182,7 @@ def _table(title: str, columns: list[str], rows: dict[str, list[str]]) -> list[s
 
 
 def _cell(name: str, value: int) -> str:
-    return _size(value) if "bytes" in name else str(value)
+    return human_size(value) if "bytes" in name else str(value)
 
 
 def _text(report: dict[str, Any]) -> list[str]:
@@ -216,21 +208,21 @@ def _text(report: dict[str, Any]) -> list[str]:
     lines += _table(
         "bytes",
         ["down", "up"],
-        {p: [_size(row["down"]), _size(row["up"])] for p, row in report["bytes"].items()},
+        {p: [human_size(row["down"]), human_size(row["up"])] for p, row in report["bytes"].items()},
     )
     lines += _table(
         "saved by the cache",
         ["requests", "bytes"],
-        {p: [str(row["requests"]), _size(row["bytes"])] for p, row in report["saved"].items()},
+        {p: [str(row["requests"]), human_size(row["bytes"])] for p, row in report["saved"].items()},
     )
     dedupe = report["dedupe"]
     if any(dedupe.values()):
         lines += [
             "",
-            f"dedupe: {dedupe['hits']} hits ({_size(dedupe['bytes_saved'])} not fetched "
+            f"dedupe: {dedupe['hits']} hits ({human_size(dedupe['bytes_saved'])} not fetched "
             f"or stored twice), {dedupe['copies_skipped']} copies skipped "
-            f"({_size(dedupe['copy_bytes_skipped'])}), {dedupe['uploads_skipped']} uploads "
-            f"skipped ({_size(dedupe['upload_bytes_skipped'])})",
+            f"({human_size(dedupe['copy_bytes_skipped'])}), {dedupe['uploads_skipped']} uploads "
+            f"skipped ({human_size(dedupe['upload_bytes_skipped'])})",
         ]
     latency = {
         f"{op} {proto}": [str(v["requests"]), _ms(v["p50"]), _ms(v["p95"]), _ms(v["p99"])]

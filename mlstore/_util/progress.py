@@ -45,7 +45,28 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-class Progress:
+class _Closing:
+    """Closes the bar it holds once (from any thread), also as a context manager."""
+
+    _bar: Any
+    _lock: threading.Lock
+
+    def close(self) -> None:
+        with self._lock:
+            bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Progress(_Closing):
     """A progress count, drawn as a bar when enabled (see :func:`progress`).
 
     ``update`` may be called from several threads. ``done`` is the count so far, bar
@@ -68,22 +89,8 @@ class Progress:
             if self._bar is not None:
                 self._bar.update(n)
 
-    def close(self) -> None:
-        with self._lock:
-            bar, self._bar = self._bar, None
-        if bar is not None:
-            bar.close()
-
     def __enter__(self) -> Progress:
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         of = f"/{self.total}" if self.total is not None else ""
@@ -136,7 +143,7 @@ def progress(
     return Progress(total, desc, unit, bar)
 
 
-class Transfer:
+class Transfer(_Closing):
     """A ``progress(done_bytes, total_bytes)`` callback, as :meth:`mlstore.Store.copy`,
     ``sync`` and ``checkpoint.flush`` take, drawn as a byte bar (see :func:`progress`
     for ``enabled``). The bar opens on the first call, when the total is known; call
@@ -163,22 +170,8 @@ class Transfer:
             self._bar.update(done - self.done)
             self.done = done
 
-    def close(self) -> None:
-        with self._lock:
-            bar, self._bar = self._bar, None
-        if bar is not None:
-            bar.close()
-
     def __enter__(self) -> Transfer:
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def bar_for(

@@ -6,26 +6,16 @@ import html
 import math
 from typing import TYPE_CHECKING
 
+from mlstore._util.units import human_size
 from mlstore.metrics._stats import OPERATIONS, TIERS
 
 if TYPE_CHECKING:
     from mlstore.metrics._stats import Stats
 
-__all__ = ["html_tables", "human_bytes", "latency_rows", "seconds", "text_table"]
+__all__ = ["html_tables", "latency_rows", "seconds", "text_table"]
 
 _MIN_WIDTH = 15  # of a counter column in the text table
 _GAP = 2  # spaces at least between two columns of the text table
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` as ``"1.5 KiB"``."""
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "PiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def seconds(value: float) -> str:
@@ -88,7 +78,7 @@ def text_table(stats: Stats) -> str:
 
 
 def _cell(name: str, value: int) -> str:
-    text = human_bytes(value) if "bytes" in name else f"{value:,}"
+    text = human_size(value) if "bytes" in name else f"{value:,}"
     return f'<td style="text-align:right">{html.escape(text)}</td>'
 
 
