@@ -327,3 +327,16 @@ def test_format_error_outside_ipython() -> None:
         == "NotFoundError: read memory://no-such/z: no such object or directory"
     )
     assert "  - mlstore/store.py" in text
+
+
+def test_a_stats_repr_is_one_short_line_of_totals_and_timed_operations() -> None:
+    from mlstore.metrics import Histogram, Stats
+
+    timed = Histogram() + Histogram()  # an empty one does not count as timed
+    stats = Stats({("requests", "s3"): 3, ("hits", "disk"): 2}, {("get", "s3"): timed})
+    assert repr(stats) == "Stats(hits=2, requests=3; timed: nothing)"
+    with mlstore.Store(cache={"enabled": False}) as store:
+        store.write_bytes("memory://reprs/a", b"x")
+        store.read_bytes("memory://reprs/a")
+        shown = repr(store.stats())
+    assert "\n" not in shown and "Histogram" not in shown and len(shown) < 200

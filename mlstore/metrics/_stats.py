@@ -193,6 +193,13 @@ class Stats:
 
         return text_table(self)
 
+    def __repr__(self) -> str:
+        # The totals by name and which operations were timed; ``str()`` and the
+        # notebook view give the full table.
+        totals = ", ".join(f"{name}={value}" for name, value in self.as_dict().items() if value)
+        timed = sorted(f"{op} {proto}" for (op, proto), h in self.latency.items() if h.count)
+        return f"Stats({totals or 'no activity'}; timed: {', '.join(timed) or 'nothing'})"
+
     def __str__(self) -> str:
         return self.table()
 
