@@ -62,7 +62,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".[s3,gcs,azure,fast,checkpoint]", "mypy>=1.10")
+    session.install("-e", ".[s3,gcs,azure,fast,checkpoint,prometheus]", "mypy>=1.10")
     session.run("mypy")
 
 
