@@ -1,0 +1,146 @@
+"""Run every example that needs only local emulators; ``nox -s examples`` calls this.
+
+It starts moto_server (S3) and fake-gcs-server (GCS) as processes on 127.0.0.1 with
+``tests/emulators.py`` from this checkout, creates a bucket on each, points mlstore at
+them through its usual settings (``MLSTORE_S3_ENDPOINT_URL``, ``MLSTORE_GCS_ENDPOINT_URL``
+and ``AWS_*``), gives every example a private cache directory, runs each script as a
+subprocess with a timeout and executes the notebook with nbclient (its outputs are
+discarded, never written back). It prints one PASS/FAIL line per example with its time,
+stops the servers, and exits non-zero if any example failed.
+
+Usage, from the repository root::
+
+    python examples/run.py                 # all of them
+    python examples/run.py quickstart      # those whose name contains a word
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # tests/emulators.py, from this checkout
+
+from tests.emulators import ServerProcess, fake_gcs_server, moto_server  # noqa: E402
+
+TIMEOUT = 150.0  # seconds per example
+GCS_PROJECT = "mlstore-examples"
+
+
+def make_bucket(url: str, env: dict[str, str]) -> None:
+    """Create a bucket in a child process, so this process imports no cloud SDK."""
+    code = (
+        "import sys, mlstore\n"
+        "store = mlstore.Store(options={'gs': {'project': sys.argv[2]}})\n"
+        "store.mkdir(sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, url, GCS_PROJECT], env=env, check=True)
+
+
+def run_script(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(HERE / name)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def run_notebook(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Execute the notebook in memory with nbclient, on a kernel of this Python."""
+    code = (
+        "import sys, nbformat\n"
+        "from nbclient import NotebookClient\n"
+        "nb = nbformat.read(sys.argv[1], as_version=4)\n"
+        "NotebookClient(nb, timeout=120, kernel_name='python3').execute()\n"
+        "print(f'{len(nb.cells)} cells executed')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(HERE / name)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def main(selected: list[str]) -> int:
+    env = dict(os.environ)
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",  # moto accepts any credentials
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
+    )
+    servers: list[ServerProcess] = []
+    results: list[tuple[str, bool, float]] = []
+    work = tempfile.mkdtemp(prefix="mlstore-examples-")
+    try:
+        s3 = moto_server().start()
+        servers.append(s3)
+        gcs = fake_gcs_server().start()
+        servers.append(gcs)
+        env["MLSTORE_S3_ENDPOINT_URL"] = s3.endpoint
+        env["MLSTORE_GCS_ENDPOINT_URL"] = gcs.endpoint
+        env["STORAGE_EMULATOR_HOST"] = gcs.endpoint  # gcsfs: anonymous, to the emulator
+        bucket = f"examples-{uuid.uuid4().hex[:8]}"
+        make_bucket(f"s3://{bucket}", env)
+        make_bucket(f"gs://{bucket}", env)
+
+        def with_url(**extra: str) -> Callable[[str], dict[str, str]]:
+            def build(name: str) -> dict[str, str]:
+                stem = Path(name).stem
+                return {
+                    **env,
+                    "MLSTORE_CACHE_DIR": tempfile.mkdtemp(prefix=f"{stem}-", dir=work),
+                    "EXAMPLE_URL": f"s3://{bucket}/{stem}",
+                    **{k: v.format(bucket=bucket, stem=stem) for k, v in extra.items()},
+                }
+
+            return build
+
+        examples: list[tuple[str, Callable[[str], dict[str, str]]]] = [
+            ("quickstart.py", with_url()),
+            ("pytorch_dataloader.py", with_url()),
+            ("checkpoint.py", with_url()),
+            ("pandas_pyarrow_dask.py", with_url()),
+            ("notebook.ipynb", with_url()),
+            ("multicloud_mounts.py", with_url(EXAMPLE_SECOND_URL="gs://{bucket}/{stem}")),
+        ]
+        for name, build in examples:
+            if selected and not any(word in name for word in selected):
+                continue
+            start = time.monotonic()
+            runner = run_notebook if name.endswith(".ipynb") else run_script
+            try:
+                proc = runner(name, build(name))
+                ok, output = proc.returncode == 0, proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as exc:
+                ok, output = False, f"timed out after {exc.timeout:.0f} s\n"
+            seconds = time.monotonic() - start
+            results.append((name, ok, seconds))
+            print(f"{'PASS' if ok else 'FAIL'}  {name:<28} {seconds:6.1f} s", flush=True)
+            if not ok or os.environ.get("EXAMPLES_VERBOSE"):
+                print("    " + output.rstrip().replace("\n", "\n    "), flush=True)
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    failed = [name for name, ok, _ in results if not ok]
+    total = sum(seconds for _, _, seconds in results)
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed in {total:.1f} s")
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
