@@ -91,12 +91,17 @@ def main(selected: list[str]) -> int:
         servers.append(s3)
         gcs = fake_gcs_server().start()
         servers.append(gcs)
+        doomed = moto_server().start()  # multicloud_mounts kills this one
+        servers.append(doomed)
+        assert doomed.proc is not None
+        doomed_group = str(doomed.proc.pid)  # started in a new session: pid == group id
         env["MLSTORE_S3_ENDPOINT_URL"] = s3.endpoint
         env["MLSTORE_GCS_ENDPOINT_URL"] = gcs.endpoint
         env["STORAGE_EMULATOR_HOST"] = gcs.endpoint  # gcsfs: anonymous, to the emulator
         bucket = f"examples-{uuid.uuid4().hex[:8]}"
         make_bucket(f"s3://{bucket}", env)
         make_bucket(f"gs://{bucket}", env)
+        make_bucket(f"s3://{bucket}", {**env, "MLSTORE_S3_ENDPOINT_URL": doomed.endpoint})
 
         def with_url(**extra: str) -> Callable[[str], dict[str, str]]:
             def build(name: str) -> dict[str, str]:
@@ -116,7 +121,14 @@ def main(selected: list[str]) -> int:
             ("checkpoint.py", with_url()),
             ("pandas_pyarrow_dask.py", with_url()),
             ("notebook.ipynb", with_url()),
-            ("multicloud_mounts.py", with_url(EXAMPLE_SECOND_URL="gs://{bucket}/{stem}")),
+            (
+                "multicloud_mounts.py",
+                with_url(
+                    EXAMPLE_SECOND_URL="gs://{bucket}/{stem}",
+                    MLSTORE_S3_ENDPOINT_URL=doomed.endpoint,
+                    EXAMPLE_KILL_PID=doomed_group,
+                ),
+            ),
         ]
         for name, build in examples:
             if selected and not any(word in name for word in selected):
