@@ -85,9 +85,7 @@ def main(first: str, second: str) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:3]
-    first = args[0] if args else os.environ.get("EXAMPLE_URL", "")
-    second = args[1] if len(args) > 1 else os.environ.get("EXAMPLE_SECOND_URL", "")
-    if not (first and second):
-        sys.exit("usage: python examples/multicloud_mounts.py s3://bucket/prefix gs://bucket/prefix")
-    main(first, second)
+    args = sys.argv[1:3] if len(sys.argv) > 2 else []
+    first = args[0] if args else os.environ.get("EXAMPLE_URL")
+    second = args[1] if args else os.environ.get("EXAMPLE_SECOND_URL")
+    sys.exit(main(first, second) if first and second else __doc__)

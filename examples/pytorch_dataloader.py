@@ -117,7 +117,5 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("EXAMPLE_URL", "")
-    if not url:
-        sys.exit("usage: python examples/pytorch_dataloader.py s3://bucket/prefix (or EXAMPLE_URL)")
-    main(url)
+    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("EXAMPLE_URL")
+    sys.exit(main(url) if url else __doc__)  # no URL: print the header, exit 1

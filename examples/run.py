@@ -17,22 +17,31 @@ Usage, from the repository root::
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # tests/emulators.py, from this checkout
 
-from tests.emulators import ServerProcess, fake_gcs_server, moto_server  # noqa: E402
+from tests.emulators import EmulatorUnavailable, ServerProcess, fake_gcs_server, moto_server  # noqa: E402
 
 TIMEOUT = 150.0  # seconds per example
 GCS_PROJECT = "mlstore-examples"
+# Every example that needs only the local emulators, in the order they run.
+EXAMPLES = (
+    "quickstart.py",
+    "pytorch_dataloader.py",
+    "checkpoint.py",
+    "pandas_pyarrow_dask.py",
+    "notebook.ipynb",
+    "multicloud_mounts.py",  # last: it kills its own S3 server
+)
 
 
 def make_bucket(url: str, env: dict[str, str]) -> None:
@@ -103,40 +112,26 @@ def main(selected: list[str]) -> int:
         make_bucket(f"gs://{bucket}", env)
         make_bucket(f"s3://{bucket}", {**env, "MLSTORE_S3_ENDPOINT_URL": doomed.endpoint})
 
-        def with_url(**extra: str) -> Callable[[str], dict[str, str]]:
-            def build(name: str) -> dict[str, str]:
-                stem = Path(name).stem
-                return {
-                    **env,
-                    "MLSTORE_CACHE_DIR": tempfile.mkdtemp(prefix=f"{stem}-", dir=work),
-                    "EXAMPLE_URL": f"s3://{bucket}/{stem}",
-                    **{k: v.format(bucket=bucket, stem=stem) for k, v in extra.items()},
-                }
-
-            return build
-
-        examples: list[tuple[str, Callable[[str], dict[str, str]]]] = [
-            ("quickstart.py", with_url()),
-            ("pytorch_dataloader.py", with_url()),
-            ("checkpoint.py", with_url()),
-            ("pandas_pyarrow_dask.py", with_url()),
-            ("notebook.ipynb", with_url()),
-            (
-                "multicloud_mounts.py",
-                with_url(
-                    EXAMPLE_SECOND_URL="gs://{bucket}/{stem}",
-                    MLSTORE_S3_ENDPOINT_URL=doomed.endpoint,
-                    EXAMPLE_KILL_PID=doomed_group,
-                ),
-            ),
-        ]
-        for name, build in examples:
+        extra_env = {  # the settings of the examples that need more
+            "multicloud_mounts.py": {
+                "EXAMPLE_SECOND_URL": f"gs://{bucket}/multicloud_mounts",
+                "MLSTORE_S3_ENDPOINT_URL": doomed.endpoint,
+                "EXAMPLE_KILL_PID": doomed_group,
+            }
+        }
+        for name in EXAMPLES:
             if selected and not any(word in name for word in selected):
                 continue
+            example_env = {
+                **env,
+                "MLSTORE_CACHE_DIR": tempfile.mkdtemp(prefix="cache-", dir=work),
+                "EXAMPLE_URL": f"s3://{bucket}/{Path(name).stem}",
+                **extra_env.get(name, {}),
+            }
             start = time.monotonic()
             runner = run_notebook if name.endswith(".ipynb") else run_script
             try:
-                proc = runner(name, build(name))
+                proc = runner(name, example_env)
                 ok, output = proc.returncode == 0, proc.stdout + proc.stderr
             except subprocess.TimeoutExpired as exc:
                 ok, output = False, f"timed out after {exc.timeout:.0f} s\n"
@@ -145,9 +140,13 @@ def main(selected: list[str]) -> int:
             print(f"{'PASS' if ok else 'FAIL'}  {name:<28} {seconds:6.1f} s", flush=True)
             if not ok or os.environ.get("EXAMPLES_VERBOSE"):
                 print("    " + output.rstrip().replace("\n", "\n    "), flush=True)
+    except EmulatorUnavailable as exc:
+        print(f"FAIL  an emulator did not start: {exc}")
+        return 1
     finally:
         for server in reversed(servers):
             server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     failed = [name for name, ok, _ in results if not ok]
     total = sum(seconds for _, _, seconds in results)
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed in {total:.1f} s")
