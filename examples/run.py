@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,38 +55,44 @@ def make_bucket(url: str, env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "-c", code, url, GCS_PROJECT], env=env, check=True)
 
 
-def run_script(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(HERE / name)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+# Executes a notebook in memory with nbclient, on a kernel of this Python.
+NOTEBOOK = """
+import sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+print(f"{len(nb.cells)} cells executed")
+"""
 
 
-def run_notebook(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Execute the notebook in memory with nbclient, on a kernel of this Python."""
-    code = (
-        "import sys, nbformat\n"
-        "from nbclient import NotebookClient\n"
-        "nb = nbformat.read(sys.argv[1], as_version=4)\n"
-        "NotebookClient(nb, timeout=120, kernel_name='python3').execute()\n"
-        "print(f'{len(nb.cells)} cells executed')\n"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, str(HERE / name)],
+def run_example(name: str, env: dict[str, str]) -> tuple[bool, str]:
+    """Run one example in its own process group; on timeout the whole group (DataLoader
+    workers, the notebook's kernel) is killed. Returns (passed, output)."""
+    path = str(HERE / name)
+    argv = [sys.executable, path]
+    if name.endswith(".ipynb"):
+        argv = [sys.executable, "-c", NOTEBOOK, path]
+    proc = subprocess.Popen(
+        argv,
         env=env,
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=TIMEOUT,
+        start_new_session=True,
     )
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return False, f"{output}\ntimed out after {TIMEOUT:.0f} s"
+    return proc.returncode == 0, output
 
 
 def main(selected: list[str]) -> int:
-    env = dict(os.environ)
+    # The emulators' settings only: none of the machine's MLSTORE_* settings or config.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLSTORE_")}
     env.update(
         AWS_ACCESS_KEY_ID="testing",  # moto accepts any credentials
         AWS_SECRET_ACCESS_KEY="testing",
@@ -129,12 +136,7 @@ def main(selected: list[str]) -> int:
                 **extra_env.get(name, {}),
             }
             start = time.monotonic()
-            runner = run_notebook if name.endswith(".ipynb") else run_script
-            try:
-                proc = runner(name, example_env)
-                ok, output = proc.returncode == 0, proc.stdout + proc.stderr
-            except subprocess.TimeoutExpired as exc:
-                ok, output = False, f"timed out after {exc.timeout:.0f} s\n"
+            ok, output = run_example(name, example_env)
             seconds = time.monotonic() - start
             results.append((name, ok, seconds))
             print(f"{'PASS' if ok else 'FAIL'}  {name:<28} {seconds:6.1f} s", flush=True)
