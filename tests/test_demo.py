@@ -1,0 +1,186 @@
+"""``mlstore demo`` run as a user runs it: a subprocess with its own S3 emulator and
+latency proxy. Each test checks what the demo reports and that nothing it started or
+wrote outlives it (server process groups, temporary directory), however it ended."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
+SMALL = ["--objects", "24", "--size", "64KiB"]
+
+
+@pytest.fixture(autouse=True)
+def _needs_moto() -> None:
+    if importlib.util.find_spec("moto") is None:
+        message = "moto[server] is not installed (pip install 'mlstore[demo]')"
+        if os.environ.get("MLSTORE_REQUIRE_EMULATORS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _demo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mlstore", "demo", *args]
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _started(stderr: str) -> tuple[list[int], Path]:
+    """The server PIDs and the temporary directory the demo announced on stderr."""
+    pids = [int(p) for p in re.findall(r"\bpid (\d+)", stderr)]
+    found = re.search(r"^working in (.+)$", stderr, re.MULTILINE)
+    assert found, stderr
+    return pids, Path(found.group(1))
+
+
+def test_demo_reports_every_contender_and_cleans_up() -> None:
+    done = subprocess.run(_demo(*SMALL, "--json"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+
+    assert report["dataset"]["objects"] == 24
+    assert report["dataset"]["duplicates"] == 1
+    assert report["counted_by"] == "proxy"
+    assert set(report["contenders"]) == {"mlstore", "s3fs", "simplecache"}
+    for name, found in report["contenders"].items():
+        assert len(found["epochs"]) == 2, name
+        for epoch in found["epochs"]:
+            assert epoch["verified"] is True
+            assert epoch["samples"] == 24
+            assert epoch["bytes_read"] == 24 * 64 * 1024
+    first, second = report["contenders"]["mlstore"]["epochs"]
+    assert first["gets"] >= 24 and first["bytes_fetched"] >= 24 * 64 * 1024
+    assert second["gets"] == 0 and second["requests"] == 0
+    assert first["dedupe_bytes_saved"] == 64 * 1024  # the one duplicate is stored once
+    assert second["hit_ratio"]["memory"] + second["hit_ratio"]["disk"] == 1.0
+    assert second["saved_usd"] > 0
+    assert all(e["gets"] >= 24 for e in report["contenders"]["s3fs"]["epochs"])
+    assert report["contenders"]["simplecache"]["epochs"][1]["gets"] == 0
+    assert report["speedup_epoch2_vs_s3fs"] is not None
+
+    assert sorted(report["servers"]) == ["proxy", "s3_emulator"]
+    for pid in report["servers"].values():
+        assert not _group_alive(pid)
+    assert not Path(report["temp_dir"]).exists()
+
+
+def test_demo_table_without_torch_keeps_its_cache_when_asked(tmp_path: Path) -> None:
+    done = subprocess.run(
+        _demo(*SMALL, "--no-torch", "--only", "mlstore,s3fs", "--keep"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    pids, tmp = _started(done.stderr)
+    try:
+        assert "speed-up epoch 2 vs s3fs:" in done.stdout
+        assert "Store.read_many" in done.stdout
+        assert "simplecache" not in done.stdout
+        rows = [line.split() for line in done.stdout.splitlines()]
+        mlstore_rows = [r for r in rows if r[:1] == ["mlstore"]]
+        assert mlstore_rows and f"mlstore cache lives in {tmp}" in done.stdout
+        assert (tmp / "mlstore-cache").is_dir()  # --keep
+        assert len(pids) == 2 and not any(_group_alive(p) for p in pids)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_ctrl_c_stops_the_servers_and_removes_the_temp_dir() -> None:
+    proc = subprocess.Popen(
+        _demo("--objects", "3000", "--size", "1KiB"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("uploading"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 130, stderr
+    assert "mlstore: interrupted" in stderr
+    pids, tmp = _started(stderr)
+    assert len(pids) == 2
+    assert not any(_group_alive(p) for p in pids)
+    assert not tmp.exists()
+
+
+def test_a_crashed_emulator_fails_the_demo_cleanly() -> None:
+    env = {**os.environ, "MLSTORE_MAX_ATTEMPTS": "1"}
+    proc = subprocess.Popen(
+        _demo("--objects", "3000", "--size", "1KiB"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    seen = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("uploading"):
+            break
+    pids, _ = _started("".join(seen))
+    os.killpg(pids[0], signal.SIGKILL)  # the S3 emulator dies under the upload
+    out, rest = proc.communicate(timeout=120)
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 1, stderr
+    assert stderr.rstrip().splitlines()[-1].startswith("mlstore: error: ")
+    assert out == ""
+    _, tmp = _started(stderr)
+    assert not any(_group_alive(p) for p in pids)
+    assert not tmp.exists()
+
+
+def test_help_explains_every_option() -> None:
+    done = subprocess.run(_demo("--help"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for option in (
+        "--objects", "--size", "--epochs", "--latency", "--workers", "--no-torch",
+        "--only", "--keep", "--json", "--url", "--endpoint-url",
+    ):  # fmt: skip
+        assert option in done.stdout, option
+
+
+def test_usage_errors_start_nothing() -> None:
+    for args in (["--size", "lots"], ["--only", "s3fs,boto"], ["--url", "gs://b/p"]):
+        done = subprocess.run(_demo(*args), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, args
+        assert done.stderr.startswith("mlstore: error: "), done.stderr
+        assert "working in" not in done.stderr
+
+
+def test_help_and_import_load_no_demo_dependency() -> None:
+    code = (
+        "import sys, mlstore, mlstore.cli as c\n"
+        "try:\n    c.main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('moto', 's3fs', 'torch', 'aiohttp') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
