@@ -165,8 +165,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
-    from mlstore.demo import DemoOptions, run
-    from mlstore.demo._table import render, speedup
+    from mlstore.demo import DemoOptions, render, run, speedup
 
     if args.endpoint_url and not args.url:
         raise ConfigError("demo: --endpoint-url goes with --url (a real bucket)")

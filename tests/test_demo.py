@@ -179,8 +179,6 @@ def test_help_and_import_load_no_demo_dependency() -> None:
         "try:\n    c.main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('moto', 's3fs', 'torch', 'aiohttp') if m in sys.modules))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"

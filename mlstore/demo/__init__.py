@@ -25,9 +25,10 @@ from typing import Any
 
 from mlstore._util.units import human_size
 from mlstore.demo._run import CONTENDERS, Dataset, Epoch, Setup, make_dataset, run_contender, upload
+from mlstore.demo._table import render, speedup
 from mlstore.errors import ConfigError
 
-__all__ = ["CONTENDERS", "DemoOptions", "require", "run"]
+__all__ = ["CONTENDERS", "DemoOptions", "render", "require", "run", "speedup"]
 
 _EXTRA = 'mlstore demo needs the demo extra: pip install "mlstore[demo]"'
 #: The emulator accepts any credentials; these keep the real ones out of the demo.
@@ -85,7 +86,7 @@ class _Phase:
 
 def run(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     """Run the demo; ``say`` gets the progress text (for stderr). Returns the report
-    that :func:`mlstore.demo._table.render` shows."""
+    (what ``--json`` prints) that :func:`render` shows as a table."""
     from mlstore import Store
     from mlstore.demo._servers import (
         MOTO_READY,

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import collections
 import sys
+from collections.abc import AsyncIterator
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
@@ -53,7 +54,7 @@ def make_app(upstream: str, latency: float) -> web.Application:
     counts = Counts()
     app = web.Application(client_max_size=1 << 31)
 
-    async def session_ctx(app: web.Application) -> object:
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         connector = TCPConnector(limit=0)
         async with ClientSession(
             connector=connector, timeout=ClientTimeout(total=None), auto_decompress=False

@@ -328,4 +328,3 @@ def run_contender(name: str, setup: Setup, data: Dataset) -> tuple[list[Epoch], 
     if name == "s3fs":
         return run_s3fs(setup, data), None
     return run_simplecache(setup, data), os.path.join(setup.tmp, "simplecache")
-

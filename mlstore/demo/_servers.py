@@ -122,7 +122,7 @@ PROXY_READY = r"listening on http://127\.0\.0\.1:(?P<port>\d+)"
 
 def _call(endpoint: str, route: str, method: str) -> dict[str, Any]:
     request = urllib.request.Request(endpoint + route, method=method)
-    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 - loopback
+    with urllib.request.urlopen(request, timeout=30) as answer:
         found: dict[str, Any] = json.load(answer)
     return found
 

@@ -47,13 +47,16 @@ def _row(name: str, n: int, e: dict[str, Any]) -> tuple[str, ...]:
 
 def render(report: dict[str, Any]) -> str:
     """The table and the lines under it."""
-    rows = [_HEADER]
+    rows: list[tuple[str, ...]] = [_HEADER]
     for name, found in report["contenders"].items():
         rows += [_row(name, n, e) for n, e in enumerate(found["epochs"])]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
     lines = []
     for i, row in enumerate(rows):
-        cells = [c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))]
+        cells = [
+            c.ljust(w) if j == 0 else c.rjust(w)
+            for j, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -96,7 +99,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
         )
     fold = speedup(report)
     if fold is not None:
-        notes.append(f"speed-up epoch 2 vs s3fs: {fold:.1f}×")
+        notes.append(f"speed-up epoch 2 vs s3fs: {fold:.1f}x")
     for name, found in report["contenders"].items():
         if found["cache_dir"]:
             fate = "kept (--keep)" if report["kept"] else "removed at exit; --keep to keep it"
