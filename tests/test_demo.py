@@ -12,8 +12,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+import mlstore
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -102,6 +105,27 @@ def test_demo_table_without_torch_keeps_its_cache_when_asked(tmp_path: Path) -> 
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_demo_against_a_bucket_leaves_nothing_there(s3_bucket: str, moto: Any) -> None:
+    """``--url``: no server of its own; the dataset goes below the prefix and is gone
+    afterwards; GETs are mlstore's own count, the peers' are not known (null)."""
+    done = subprocess.run(
+        _demo(*SMALL, "--json", "--url", f"s3://{s3_bucket}/runs", "--endpoint-url", moto.endpoint),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["servers"] == {} and report["counted_by"] == "mlstore"
+    assert report["dataset"]["url"].startswith(f"s3://{s3_bucket}/runs/mlstore-demo-")
+    first, second = report["contenders"]["mlstore"]["epochs"]
+    assert first["gets"] == 24 and second["gets"] == 0
+    assert report["contenders"]["s3fs"]["epochs"][0]["gets"] is None
+    with mlstore.Store(options={"s3": {"endpoint_url": moto.endpoint}}) as store:
+        assert store.find(f"s3://{s3_bucket}/") == []
+    assert not Path(report["temp_dir"]).exists()
 
 
 def test_ctrl_c_stops_the_servers_and_removes_the_temp_dir() -> None:

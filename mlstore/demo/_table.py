@@ -25,6 +25,10 @@ def speedup(report: dict[str, Any], epoch: int = 1) -> float | None:
     return float(theirs / mine) if mine > 0 else None
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _or_na(value: Any, fmt: Any = str) -> str:
     return "n/a" if value is None else str(fmt(value))
 
@@ -63,7 +67,8 @@ def render(report: dict[str, Any]) -> str:
     data = report["dataset"]
     lines[:0] = [
         f"{data['objects']} objects of {human_size(data['object_size'])} "
-        f"({human_size(data['bytes'])}, {data['duplicates']} duplicates) at {data['url']}, "
+        f"({human_size(data['bytes'])}, {_count(data['duplicates'], 'duplicate')}) "
+        f"at {data['url']}, "
         f"{report['epochs']} epochs, {report['workers']} reads in flight"
         + (f", {report['latency'] * 1000:g} ms first-byte latency" if report["latency"] else ""),
         "",
