@@ -128,7 +128,8 @@ def test_demo_against_a_bucket_leaves_nothing_there(s3_bucket: str, moto: Any) -
     assert not Path(report["temp_dir"]).exists()
 
 
-def test_ctrl_c_stops_the_servers_and_removes_the_temp_dir() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_the_servers_and_removes_the_temp_dir(signum: int) -> None:
     proc = subprocess.Popen(
         _demo("--objects", "3000", "--size", "1KiB"),
         stdout=subprocess.PIPE,
@@ -141,11 +142,12 @@ def test_ctrl_c_stops_the_servers_and_removes_the_temp_dir() -> None:
         seen.append(line)
         if line.startswith("uploading"):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, rest = proc.communicate(timeout=120)
     stderr = "".join(seen) + rest
     assert proc.returncode == 130, stderr
-    assert "mlstore: interrupted" in stderr
+    assert "upload… interrupted" in stderr
+    assert stderr.rstrip().endswith("mlstore: interrupted")
     pids, tmp = _started(stderr)
     assert len(pids) == 2
     assert not any(_group_alive(p) for p in pids)
@@ -168,7 +170,7 @@ def test_a_crashed_emulator_fails_the_demo_cleanly() -> None:
         if line.startswith("uploading"):
             break
     pids, _ = _started("".join(seen))
-    os.killpg(pids[0], signal.SIGKILL)  # the S3 emulator dies under the upload
+    os.killpg(pids[0], signal.SIGKILL)  # the S3 emulator dies as the upload starts
     out, rest = proc.communicate(timeout=120)
     stderr = "".join(seen) + rest
     assert proc.returncode == 1, stderr

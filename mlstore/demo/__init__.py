@@ -81,7 +81,7 @@ class _Phase:
             note = f", {self.note}" if self.note else ""
             self.say(f"ok ({time.perf_counter() - self.start:.1f} s{note})\n")
         else:
-            self.say("failed\n")
+            self.say("interrupted\n" if exc_type is KeyboardInterrupt else "failed\n")
 
 
 def run(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
