@@ -24,22 +24,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
+from mlstore.cli_warm import _jobs as _whole  # a whole number, at least 1
 from mlstore.config import parse_size
 from mlstore.errors import ConfigError
 
 __all__ = ["add_parser"]
 
 _CONTENDERS = ("mlstore", "s3fs", "simplecache")
-
-
-def _whole(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return n
 
 
 def _size(text: str) -> int:

@@ -274,7 +274,11 @@ def run_mlstore(setup: Setup, data: Dataset) -> tuple[list[Epoch], str]:
 
     cache_dir = os.path.join(setup.tmp, "mlstore-cache")
     store = Store(
-        cache={"disk_dir": cache_dir, "disk_bytes": max(4 * data.total_bytes, 1 << 30)},
+        cache={
+            "enabled": True,
+            "disk_dir": cache_dir,
+            "disk_bytes": max(4 * data.total_bytes, 1 << 30),
+        },
         options={"s3": dict(setup.options)},
         max_workers=setup.workers,
     )
