@@ -175,6 +175,18 @@ def test_a_crashed_emulator_fails_the_demo_cleanly() -> None:
     assert not tmp.exists()
 
 
+def test_bytes_that_differ_from_the_upload_fail_the_demo() -> None:
+    from mlstore.demo._run import _check, digest, make_dataset
+
+    data = make_dataset(4, 100)
+    want = [digest(data.blobs[name]) for name in data.names]
+    _check("s3fs", 0, list(want), want)
+    with pytest.raises(mlstore.IntegrityError, match=r"s3fs read wrong bytes in epoch 2: 1 of 4"):
+        _check("s3fs", 1, [*want[:3], digest(b"not it")], want)
+    with pytest.raises(mlstore.IntegrityError, match="4 of 4"):
+        _check("mlstore", 1, want[:3], want)
+
+
 def test_help_explains_every_option() -> None:
     done = subprocess.run(_demo("--help"), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0

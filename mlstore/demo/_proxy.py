@@ -111,7 +111,7 @@ async def _serve(upstream: str, latency: float, port: int) -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound = runner.addresses[0][1]
     print(f"listening on http://127.0.0.1:{bound}", flush=True)
     try:
         await asyncio.Event().wait()

@@ -87,10 +87,10 @@ def _notes(report: dict[str, Any]) -> list[str]:
         dedupe = sum(e["dedupe_bytes_saved"] for e in mine["epochs"])
         hits = sum(e["dedupe_hits"] for e in mine["epochs"])
         saved = sum(e["saved_usd"] for e in mine["epochs"])
+        served = f", {hits} reads served by a cached blob of the same content" if hits else ""
         notes.append(
-            f"mlstore dedupe: {human_size(dedupe)} stored or fetched once "
-            f"({hits} reads served by a blob of the same content); "
-            f"the cache saved {usd(saved)} in requests"
+            f"mlstore dedupe: {human_size(dedupe)} of repeated content stored once{served}; "
+            f"its cache saved {usd(saved)} of requests"
         )
     if report["counted_by"] == "proxy":
         notes.append(
