@@ -187,6 +187,17 @@ def test_bytes_that_differ_from_the_upload_fail_the_demo() -> None:
         _check("mlstore", 1, want[:3], want)
 
 
+def test_a_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlstore.demo import require
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "moto" else real(n))
+    require(emulator=False)  # a real bucket needs no emulator
+    extra = r'pip install "mlstore\[demo\]" \(missing: moto\)'
+    with pytest.raises(mlstore.ConfigError, match=extra):
+        require(emulator=True)
+
+
 def test_help_explains_every_option() -> None:
     done = subprocess.run(_demo("--help"), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
