@@ -13,6 +13,7 @@ Examples::
     mlstore flush             # upload checkpoints staged on this node (save(staging=...))
     mlstore doctor            # check config, credentials, endpoints and the cache dir
     mlstore version --json    # versions of mlstore, Python and the optional packages
+    mlstore demo              # mlstore vs s3fs vs simplecache on a local S3 emulator
 
 Exit status: 0 on success, 1 when an operation failed, 2 for a usage error. An error is
 one line on stderr, ``mlstore: error: ...``; ``--debug`` adds the traceback. Every
@@ -22,7 +23,8 @@ Start-up stays light: ``--help``, ``version``, ``doctor`` and ``cache path`` imp
 cloud SDK, and the :class:`~mlstore.Store` (with its cache and backends) is imported only
 by the commands that use one. The commands live in ``cli_*`` modules by subject
 (:mod:`~mlstore.cli_inspect`: ``stat``, ``du``; :mod:`~mlstore.cli_warm`;
-:mod:`~mlstore.cli_cache`; :mod:`~mlstore.cli_config`; :mod:`~mlstore.cli_doctor`),
+:mod:`~mlstore.cli_cache`; :mod:`~mlstore.cli_config`; :mod:`~mlstore.cli_doctor`;
+:mod:`~mlstore.cli_demo`),
 whose parsers are added here.
 """
 
@@ -188,7 +190,7 @@ _JSON_LIST = "print one JSON list of entries (name, size, type, version ...)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from mlstore import __version__, cli_cache, cli_config, cli_inspect, cli_warm
+    from mlstore import __version__, cli_cache, cli_config, cli_demo, cli_inspect, cli_warm
 
     p = _Parser(
         prog="mlstore",
@@ -274,6 +276,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_warm.add_parser(sub)
     cli_cache.add_parser(sub)
+    cli_demo.add_parser(sub)
     return p
 
 
