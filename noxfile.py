@@ -29,7 +29,7 @@ NODE_PREFIX = ROOT / ".nox" / "node"
 
 
 # pytest-xdist: one worker per core; each worker starts its own emulators.
-PARALLEL = ["-n", "auto", "--dist", "loadfile"]
+PARALLEL = ["-n", "auto"]
 # The floor covers mlstore/ in the test processes and in the Python children they start.
 COVERAGE = ["--cov", "--cov-report", "term:skip-covered", "--cov-fail-under", "90"]
 NODE_MAJOR = 18  # Azurite 3.35's floor

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,12 @@ def test_a_disk_hit_never_waits_for_the_index_write_lock(
         assert [store.read_bytes(u) for u in urls] == served[:3]
         disk = store.cache.disk
         assert disk is not None
-        for flusher in threading.enumerate():  # a batch that waited for the lock
-            if flusher.name == "mlstore-atime":
-                flusher.join(timeout=60)
-        disk.flush_access_times()  # and the uses reach the index once the lock is free
+        batches = disk._index.get()
+        deadline = time.monotonic() + 60  # the index's busy timeout
+        while batches.flushing and time.monotonic() < deadline:  # a batch that waited
+            time.sleep(0.01)  # for the lock finishes once the lock is free
+        assert not batches.flushing, "the background batch never got the freed lock"
+        disk.flush_access_times()  # and the uses still batched reach the index
         after = _atimes(index)
         assert all(after[h] >= before[h] for h in before)
         assert sum(after[h] > before[h] for h in before) >= 1

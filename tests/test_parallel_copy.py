@@ -21,7 +21,7 @@ from mlstore import PermissionDeniedError, Store
 from tests.emulators import ServerProcess
 from tests.servers import proxy
 
-N = 300  # objects of the tree
+N = 96  # objects of the tree
 
 
 def tree(n: int = N) -> dict[str, bytes]:
@@ -44,7 +44,8 @@ def read_local(root: pathlib.Path) -> dict[str, bytes]:
 
 
 def read_s3(store: Store, prefix: str) -> dict[str, bytes]:
-    return {u[len(prefix) + 1 :]: store.read_bytes(u) for u in store.find(prefix)}
+    urls = store.find(prefix)
+    return {u[len(prefix) + 1 :]: data for u, data in zip(urls, store.read_many(urls), strict=True)}
 
 
 def puts(endpoint: str) -> list[str]:
