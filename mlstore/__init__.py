@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 from mlstore.backends.base import Backend, ObjectInfo, register_backend
+from mlstore.cluster import node_key, node_share, plan
 from mlstore.config import CacheConfig, HttpPolicy, RetryPolicy, StoreConfig
 from mlstore.errors import (
     CheckpointBusyError,
@@ -79,8 +80,11 @@ __all__ = [
     "glob",
     "info",
     "ls",
+    "node_key",
+    "node_share",
     "open",
     "parse_url",
+    "plan",
     "read_bytes",
     "read_many",
     "register_backend",

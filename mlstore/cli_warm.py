@@ -10,6 +10,13 @@ version the manifest recorded), fetches ``-j`` objects at a time through
 Each failure is one line on stderr naming its URL; the other objects are still warmed.
 The exit status is 0 only if nothing failed, so a pod does not start its trainers on a
 half-warmed node without saying so. ``--json`` prints the summary as one JSON object.
+
+With ``--node-shard NODE --nodes-from FILE`` (a DaemonSet or an initContainer on every
+node of a cluster) it warms only the objects :func:`mlstore.plan` gives to ``NODE``: every
+node lists the same objects and computes the same plan, so the shares are disjoint and
+together cover everything, and the cluster downloads each object once::
+
+    warmed 100 of 300 objects (node b, 1 of 3 shares), 400.0 KiB in 0.9 s (...)
 """
 
 from __future__ import annotations
@@ -67,6 +74,17 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="show a progress bar on stderr (default: when stderr is a terminal)",
     )
+    warm.add_argument(
+        "--node-shard",
+        metavar="NODE",
+        help="warm only the share of the objects that mlstore.plan gives NODE "
+        "('auto': this node, as mlstore.node_key() names it); needs --nodes-from",
+    )
+    warm.add_argument(
+        "--nodes-from",
+        metavar="FILE",
+        help="the cluster's nodes, one name a line ('#' comments; '-' reads stdin)",
+    )
     warm.add_argument("--json", action="store_true", help="print the summary as JSON")
     warm.set_defaults(func=_cmd_warm)
 
@@ -82,6 +100,12 @@ class Warmed:
     cached_bytes: int = 0
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    #: With a node shard: the node, how many nodes share the objects, and the objects
+    #: of this node's share and of all shares.
+    node: str | None = None
+    nodes: int = 0
+    share_objects: int = 0
+    total_objects: int = 0
 
     @property
     def objects(self) -> int:
@@ -97,13 +121,27 @@ class Warmed:
 
     def line(self) -> str:
         skipped = f", {self.skipped} skipped (local or memory://, never cached)"
+        what = f"{self.objects} objects"
+        if self.node is not None:
+            what = (
+                f"{self.objects} of {self.total_objects} objects "
+                f"(node {self.node}, 1 of {self.nodes} shares)"
+            )
         return (
-            f"warmed {self.objects} objects, {human(self.bytes)} in {self.seconds:.1f} s "
+            f"warmed {what}, {human(self.bytes)} in {self.seconds:.1f} s "
             f"({self.fetched} fetched, {self.cached} already cached, "
             f"{len(self.failures)} failed{skipped if self.skipped else ''})"
         )
 
     def as_dict(self) -> dict[str, Any]:
+        shard: dict[str, Any] = {}
+        if self.node is not None:
+            shard = {
+                "node": self.node,
+                "nodes": self.nodes,
+                "share_objects": self.share_objects,
+                "total_objects": self.total_objects,
+            }
         return {
             "objects": self.objects,
             "bytes": self.bytes,
@@ -115,6 +153,7 @@ class Warmed:
             "failed": len(self.failures),
             "failures": [{"url": u, "error": e} for u, e in self.failures],
             "ok": self.ok,
+            **shard,
         }
 
 
@@ -140,6 +179,52 @@ def _from_manifest(store: Store, path: str) -> list[Item]:
     from mlstore.manifest import Manifest
 
     return [(e.url, e.version, e.size) for e in Manifest.load(path, store=store)]
+
+
+def read_nodes(path: str) -> list[str]:
+    """The node names in ``path`` (``-``: standard input): one a line, blank lines and
+    ``#`` comments ignored. Raises :class:`ConfigError` naming the line of a bad or
+    repeated name, or the file if it names no node."""
+    from mlstore.cluster import check_node_name
+
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"--nodes-from {path}: cannot read it ({exc.strerror})") from exc
+    names: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        where = f"--nodes-from {path} line {number}"
+        check_node_name(name, where)
+        if name in names:
+            raise ConfigError(f"{where}: node {name!r} is listed twice")
+        names.append(name)
+    if not names:
+        raise ConfigError(f"--nodes-from {path}: names no node (one node name a line)")
+    return names
+
+
+def _shard(items: list[Item], args: argparse.Namespace) -> tuple[list[Item], str, int]:
+    """This node's share of ``items``, the node, and how many nodes share them."""
+    from mlstore.cluster import node_key, node_share
+
+    if args.node_shard is None or args.nodes_from is None:
+        raise ConfigError("warm: --node-shard NODE and --nodes-from FILE go together")
+    nodes = read_nodes(args.nodes_from)
+    node = node_key() if args.node_shard == "auto" else args.node_shard
+    if node not in nodes:
+        raise ConfigError(
+            f"warm --node-shard: node {node!r} is not in --nodes-from {args.nodes_from} "
+            f"({len(nodes)} nodes); add it there or name a listed node"
+        )
+    mine = set(node_share([it[0] for it in items], node, nodes))
+    return [it for it in items if it[0] in mine], node, len(nodes)
 
 
 def warm_objects(
@@ -207,8 +292,14 @@ def _cmd_warm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
         what = message if url in message else f"{url}: {message}"
         sys.stderr.write(f"mlstore: warm failed: {what}\n")
 
+    total, node, nodes = len(items), None, 0
+    if args.node_shard is not None or args.nodes_from is not None:
+        items, node, nodes = _shard(items, args)
     jobs = args.jobs or store.config.max_workers
     done = warm_objects(store, items, jobs=jobs, progress=args.progress, on_failure=failed)
+    if node is not None:
+        done.node, done.nodes = node, nodes
+        done.share_objects, done.total_objects = len(items), total
     if args.json:
         out.write(json.dumps(done.as_dict(), indent=2) + "\n")
     else:

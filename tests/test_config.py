@@ -500,6 +500,10 @@ def test_every_listed_env_var_changes_a_setting(
         monkeypatch.setenv(name, str(tmp_path / "c.toml"))
         assert RetryPolicy().max_attempts == 17
         return
+    if name == "MLSTORE_NODE_ID":  # the node's name, not a setting (mlstore.cluster)
+        monkeypatch.setenv(name, "node-17")
+        assert mlstore.node_key() == "node-17"
+        return
     before = repr(StoreConfig())
     values = ["3", "7", "off", "never", "true", "10.0.0.0/8", "example.org", "/var/tmp/x"]
     values.append("obstore")  # MLSTORE_TRANSPORT (the suite installs mlstore[fast])

@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "_bulk": 5,  # the Store's bulk reads and warms (a mixin of store)
     "_display": 5,  # the Store's repr and notebook view (called by store)
     "manifest": 6,  # recorded versions, read through a Store
+    "cluster": 6,  # node identity and rendezvous plans (of URLs or a Manifest)
     "torch": 6,  # PyTorch datasets and checkpoints over the public API
     "checkpoint": 6,  # checkpoints (chunks, manifests, retention) over the public API
     "_manifest_io": 6,

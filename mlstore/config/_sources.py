@@ -136,7 +136,10 @@ class Resolved:
 
 def env_table(*classes: type[Resolved]) -> dict[str, str]:
     """Every environment variable that ``classes`` read, and the field it feeds."""
-    table: dict[str, str] = {"MLSTORE_CONFIG": "path of a TOML config file"}
+    table: dict[str, str] = {
+        "MLSTORE_CONFIG": "path of a TOML config file",
+        "MLSTORE_NODE_ID": "mlstore.node_key()",  # not a setting: the node's name
+    }
     for var, (protocol, option) in OPTION_ENV_VARS.items():
         table[var] = f"StoreConfig.options[{protocol!r}][{option!r}]"
     for cls in classes:

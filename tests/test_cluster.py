@@ -1,0 +1,280 @@
+"""Node identity (``mlstore.node_key``), rendezvous plans (``mlstore.plan``) and
+``mlstore warm --node-shard NODE --nodes-from FILE`` on three simulated nodes (each its
+own cache directory) that share one S3 prefix behind the counting proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mlstore
+from mlstore.errors import ConfigError
+from tests.emulators import ServerProcess
+from tests.servers import proxy
+from tests.test_cli_commands import cli, config_for, ok, one_line_error
+
+URLS = [f"s3://bucket/data/{i:05d}.bin" for i in range(10_000)]
+NODES = [f"node-{i}" for i in range(8)]
+
+
+def owners(shares: dict[str, list[str]]) -> dict[str, str]:
+    return {url: node for node, urls in shares.items() for url in urls}
+
+
+# ------------------------------------------------------------------------------ node_key
+
+
+@pytest.fixture
+def no_node_vars(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv("MLSTORE_NODE_ID", raising=False)
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    return monkeypatch
+
+
+def test_node_key_prefers_mlstore_node_id_then_node_name_then_the_host_name(
+    no_node_vars: pytest.MonkeyPatch,
+) -> None:
+    assert mlstore.node_key() == socket.gethostname()
+    no_node_vars.setenv("NODE_NAME", "gke-pool-1-abc")
+    assert mlstore.node_key() == "gke-pool-1-abc"
+    no_node_vars.setenv("MLSTORE_NODE_ID", "rack2.node7")
+    assert mlstore.node_key() == "rack2.node7"
+    no_node_vars.setenv("MLSTORE_NODE_ID", "")  # empty values are skipped
+    assert mlstore.node_key() == "gke-pool-1-abc"
+    no_node_vars.setenv("NODE_NAME", "")
+    assert mlstore.node_key() == socket.gethostname()
+
+
+@pytest.mark.parametrize("bad", ["a/b", "two words", "tab\there", "x" * 254, "ü", "a#b"])
+@pytest.mark.parametrize("var", ["MLSTORE_NODE_ID", "NODE_NAME"])
+def test_a_value_that_cannot_name_a_node_is_refused_naming_its_variable(
+    no_node_vars: pytest.MonkeyPatch, var: str, bad: str
+) -> None:
+    no_node_vars.setenv(var, bad)
+    with pytest.raises(ConfigError, match=f"environment variable {var}"):
+        mlstore.node_key()
+
+
+def test_the_longest_node_name_is_accepted(no_node_vars: pytest.MonkeyPatch) -> None:
+    no_node_vars.setenv("MLSTORE_NODE_ID", "n" * 253)
+    assert mlstore.node_key() == "n" * 253
+
+
+# ---------------------------------------------------------------------------------- plan
+
+
+def test_every_url_goes_to_exactly_one_node_in_input_order() -> None:
+    urls = URLS[:500][::-1]  # not sorted: each share keeps the order given
+    shares = mlstore.plan(urls, NODES)
+    assert list(shares) == NODES
+    assert sorted(u for share in shares.values() for u in share) == sorted(urls)
+    for share in shares.values():
+        assert share == [u for u in urls if u in set(share)]
+
+
+def test_every_node_is_a_key_even_with_nothing_to_do() -> None:
+    assert mlstore.plan([], ["a", "b"]) == {"a": [], "b": []}
+    shares = mlstore.plan(["s3://b/x"], ["a", "b", "c"])
+    assert sorted(shares) == ["a", "b", "c"]
+    assert sorted(map(len, shares.values())) == [0, 0, 1]
+
+
+def test_a_manifest_is_planned_by_its_entries_urls(tmp_path: Path) -> None:
+    for i in range(20):
+        (tmp_path / f"{i}.bin").write_bytes(b"x" * i)
+    manifest = mlstore.Manifest.build(str(tmp_path))
+    urls = [e.url for e in manifest]
+    assert mlstore.plan(manifest, ["a", "b", "c"]) == mlstore.plan(urls, ["a", "b", "c"])
+
+
+def test_the_plan_is_the_same_in_a_fresh_process() -> None:
+    code = (
+        "import json, sys, mlstore\n"
+        "urls = [f's3://bucket/data/{i:05d}.bin' for i in range(2000)]\n"
+        "nodes = [f'node-{i}' for i in range(8)]\n"
+        "json.dump(mlstore.plan(urls, nodes), sys.stdout)\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},  # hash() would differ: xxh3 does not
+    )
+    assert json.loads(child.stdout) == mlstore.plan(URLS[:2000], NODES)
+
+
+def test_shares_are_balanced_within_1_3_of_the_mean() -> None:
+    sizes = [len(share) for share in mlstore.plan(URLS, NODES).values()]
+    mean = len(URLS) / len(NODES)
+    assert max(sizes) <= 1.3 * mean and min(sizes) >= mean / 1.3, sizes
+
+
+def test_a_new_node_takes_about_a_ninth_and_nothing_moves_between_old_nodes() -> None:
+    before = owners(mlstore.plan(URLS, NODES))
+    after = owners(mlstore.plan(URLS, [*NODES, "node-8"]))
+    moved = [u for u in URLS if before[u] != after[u]]
+    assert all(after[u] == "node-8" for u in moved)  # the rendezvous property
+    assert len(moved) == sum(1 for u in URLS if after[u] == "node-8")
+    assert 0.8 / 9 * len(URLS) <= len(moved) <= 1.2 / 9 * len(URLS), len(moved)
+
+
+def test_removing_a_node_moves_only_its_urls() -> None:
+    before = owners(mlstore.plan(URLS, NODES))
+    after = owners(mlstore.plan(URLS, [n for n in NODES if n != "node-3"]))
+    moved = {u for u in URLS if before[u] != after[u]}
+    assert moved == {u for u in URLS if before[u] == "node-3"}
+    assert moved  # node-3 had a share
+    # The order of the node list does not matter either.
+    assert owners(mlstore.plan(URLS, NODES[::-1])) == before
+
+
+def test_node_share_is_the_plan_for_one_node() -> None:
+    shares = mlstore.plan(URLS[:300], ["a", "b", "c"])
+    for node in "abc":
+        assert mlstore.node_share(URLS[:300], node, ["a", "b", "c"]) == shares[node]
+    with pytest.raises(ConfigError, match="node: 'd' is not one of the 3 nodes"):
+        mlstore.node_share(URLS[:300], "d", ["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    ("nodes", "says"),
+    [
+        ([], "nodes: the list of nodes is empty"),
+        (["a", "b", "a"], "nodes[2]: node 'a' is listed twice"),
+        (["a", "b/c"], "nodes[1]: 'b/c' is not a node name"),
+        (["a", ""], "nodes[1]"),
+    ],
+)
+def test_bad_node_lists_are_refused_naming_the_field(nodes: list[str], says: str) -> None:
+    with pytest.raises(ConfigError, match=says.replace("[", r"\[").replace("]", r"\]")):
+        mlstore.plan(URLS[:10], nodes)
+
+
+def test_one_string_is_not_taken_for_a_list_of_urls() -> None:
+    with pytest.raises(ConfigError, match="urls: give a list of URLs"):
+        mlstore.plan("s3://bucket/data/", ["a"])
+
+
+# ---------------------------------------------------------------- warm --node-shard (CLI)
+
+COUNT = 60
+
+
+@pytest.fixture
+def prefix(s3_options: dict[str, object], s3_bucket: str) -> str:
+    url = f"s3://{s3_bucket}/cluster/"
+    with mlstore.Store(options={"s3": s3_options}, cache={"enabled": False}) as s:
+        for i in range(COUNT):
+            s.write_bytes(f"{url}{i:02d}.bin", os.urandom(100 + i))
+    return url
+
+
+def node_env(tmp_path: Path, endpoint: str, node: str) -> dict[str, str]:
+    home = tmp_path / node
+    home.mkdir()
+    return {**config_for(home, endpoint), "MLSTORE_CACHE_DIR": str(home / "cache")}
+
+
+def object_gets(endpoint: str, bucket: str) -> list[str]:
+    """Object GETs through the proxy since its reset (listings are GETs of the bucket)."""
+    return [
+        r["path"]
+        for r in proxy.request_log(endpoint)
+        if r["method"] == "GET" and r["path"].startswith(f"/{bucket}/cluster/")
+    ]
+
+
+@pytest.mark.s3
+def test_three_nodes_warm_disjoint_shares_that_cover_the_prefix_once(
+    s3_proxy: ServerProcess, s3_bucket: str, prefix: str, tmp_path: Path
+) -> None:
+    nodes_file = tmp_path / "nodes.txt"
+    nodes_file.write_text("# the job's nodes\nnode-a\n\nnode-b   # rack 2\nnode-c\n")
+    envs = {n: node_env(tmp_path, s3_proxy.endpoint, n) for n in ("node-a", "node-b", "node-c")}
+    shard = ["--node-shard", "auto", "--nodes-from", str(nodes_file)]
+    proxy.reset(s3_proxy.endpoint)
+    reports = {}
+    for node, env in envs.items():
+        done = cli("warm", "--json", *shard, prefix, env={**env, "MLSTORE_NODE_ID": node})
+        reports[node] = json.loads(ok(done))
+    gets = object_gets(s3_proxy.endpoint, s3_bucket)
+    assert len(gets) == COUNT and len(set(gets)) == COUNT  # each object fetched once
+    for node, report in reports.items():
+        assert report["node"] == node and report["nodes"] == 3
+        assert report["total_objects"] == COUNT
+        assert report["fetched"] == report["share_objects"] == report["objects"]
+    assert sum(r["share_objects"] for r in reports.values()) == COUNT
+
+    # Each node holds exactly its share: the plan every node computed is the same.
+    expected = mlstore.plan([f"{prefix}{i:02d}.bin" for i in range(COUNT)], list(envs))
+    for node in envs:
+        assert reports[node]["share_objects"] == len(expected[node])
+
+    # A second run on every node: all cached, nothing fetched. The text summary names
+    # the share.
+    proxy.reset(s3_proxy.endpoint)
+    for node, env in envs.items():
+        out = ok(
+            cli("warm", "--node-shard", node, "--nodes-from", str(nodes_file), prefix, env=env)
+        )
+        share = len(expected[node])
+        assert out.startswith(f"warmed {share} of {COUNT} objects (node {node}, 1 of 3 shares), ")
+        assert f"(0 fetched, {share} already cached, 0 failed)" in out
+    assert object_gets(s3_proxy.endpoint, s3_bucket) == []
+
+
+@pytest.mark.s3
+def test_warm_reads_the_node_list_from_stdin(
+    s3_proxy: ServerProcess, s3_bucket: str, prefix: str, tmp_path: Path
+) -> None:
+    env = node_env(tmp_path, s3_proxy.endpoint, "solo")
+    done = cli(
+        "warm",
+        "--json",
+        "--node-shard",
+        "solo",
+        "--nodes-from",
+        "-",
+        prefix,
+        env=env,
+        stdin="solo\n",
+    )
+    report = json.loads(ok(done))
+    assert report["share_objects"] == report["total_objects"] == report["fetched"] == COUNT
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(
+    ("argv", "nodes", "says"),
+    [
+        (["--node-shard", "node-z"], "node-a\nnode-b\n", "node 'node-z' is not in --nodes-from"),
+        (["--node-shard", "node-a"], None, "--node-shard NODE and --nodes-from FILE go together"),
+        ([], "node-a\n", "--node-shard NODE and --nodes-from FILE go together"),
+        (["--node-shard", "node-a"], "node-a\nnode-a\n", "line 2: node 'node-a' is listed twice"),
+        (["--node-shard", "node-a"], "node-a\nbad name\n", "line 2: 'bad name' is not a node name"),
+        (["--node-shard", "node-a"], "# nobody\n", "names no node"),
+    ],
+)
+def test_a_bad_shard_is_a_one_line_error(
+    s3_proxy: ServerProcess,
+    s3_bucket: str,
+    prefix: str,
+    tmp_path: Path,
+    argv: list[str],
+    nodes: str | None,
+    says: str,
+) -> None:
+    env = node_env(tmp_path, s3_proxy.endpoint, "node-a")
+    if nodes is not None:
+        (tmp_path / "nodes.txt").write_text(nodes)
+        argv = [*argv, "--nodes-from", str(tmp_path / "nodes.txt")]
+    proxy.reset(s3_proxy.endpoint)
+    one_line_error(cli("warm", *argv, prefix, env=env), says)
+    assert object_gets(s3_proxy.endpoint, s3_bucket) == []  # refused before any download
