@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from mlstore.errors import ConfigError
@@ -95,13 +95,6 @@ def _urls(urls: Iterable[str] | Manifest) -> list[str]:
     return [u if isinstance(u, str) else str(u.url) for u in urls]
 
 
-def _owner(url: str, prefixes: Sequence[tuple[str, bytes]]) -> str:
-    import xxhash
-
-    tail = url.encode()
-    return max(prefixes, key=lambda p: (xxhash.xxh3_64_intdigest(p[1] + tail), p[0]))[0]
-
-
 def plan(urls: Iterable[str] | Manifest, nodes: Iterable[str]) -> dict[str, list[str]]:
     """Assign each URL to exactly one of ``nodes`` by rendezvous hashing.
 
@@ -111,17 +104,23 @@ def plan(urls: Iterable[str] | Manifest, nodes: Iterable[str]) -> dict[str, list
 
     Returns:
         Each node's URLs, in the order they were given; every node is a key, even one
-        that gets no URL.
+        that gets no URL. It costs one xxh3 of each URL per node.
 
     Raises:
         ConfigError: ``nodes`` is empty, names a node twice or holds a value that is not
             a node name; or ``urls`` is a single string.
     """
+    import xxhash
+
     names = _nodes(nodes)
     shares: dict[str, list[str]] = {name: [] for name in names}
-    prefixes = [(name, name.encode() + b"\0") for name in names]
+    prefixes = [(name.encode() + b"\0", name) for name in names]
+    weight = xxhash.xxh3_64_intdigest
     for url in _urls(urls):
-        shares[_owner(url, prefixes)].append(url)
+        tail = url.encode()
+        # The heaviest node; on a tie of weights (1 in 2**64), the greater name.
+        _, owner = max((weight(prefix + tail), name) for prefix, name in prefixes)
+        shares[owner].append(url)
     return shares
 
 

@@ -251,6 +251,29 @@ def test_warm_reads_the_node_list_from_stdin(
 
 
 @pytest.mark.s3
+def test_nodes_share_a_manifest_the_same_way(
+    s3_proxy: ServerProcess,
+    s3_options: dict[str, object],
+    s3_bucket: str,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    manifest_path = str(tmp_path / "cluster.jsonl")
+    with mlstore.Store(options={"s3": s3_options}, cache={"enabled": False}) as s:
+        manifest = mlstore.Manifest.build(prefix, store=s)
+        manifest.save(manifest_path)
+    expected = mlstore.plan(manifest, ["x", "y"])
+    proxy.reset(s3_proxy.endpoint)
+    for node in ("x", "y"):
+        env = node_env(tmp_path, s3_proxy.endpoint, node)
+        argv = ["--json", "--node-shard", node, "--nodes-from", "-", "--manifest", manifest_path]
+        report = json.loads(ok(cli("warm", *argv, env=env, stdin="x\ny\n")))
+        assert report["fetched"] == report["share_objects"] == len(expected[node])
+    gets = object_gets(s3_proxy.endpoint, s3_bucket)
+    assert sorted(gets) == sorted(f"/{s3_bucket}/cluster/{i:02d}.bin" for i in range(COUNT))
+
+
+@pytest.mark.s3
 @pytest.mark.parametrize(
     ("argv", "nodes", "says"),
     [
