@@ -181,7 +181,7 @@ def _from_manifest(store: Store, path: str) -> list[Item]:
     return [(e.url, e.version, e.size) for e in Manifest.load(path, store=store)]
 
 
-def read_nodes(path: str) -> list[str]:
+def _read_nodes(path: str) -> list[str]:
     """The node names in ``path`` (``-``: standard input): one a line, blank lines and
     ``#`` comments ignored. Raises :class:`ConfigError` naming the line of a bad or
     repeated name, or the file if it names no node."""
@@ -195,7 +195,7 @@ def read_nodes(path: str) -> list[str]:
                 text = f.read()
         except OSError as exc:
             raise ConfigError(f"--nodes-from {path}: cannot read it ({exc.strerror})") from exc
-    names: list[str] = []
+    names: dict[str, None] = {}  # in file order
     for number, line in enumerate(text.splitlines(), start=1):
         name = line.split("#", 1)[0].strip()
         if not name:
@@ -204,27 +204,29 @@ def read_nodes(path: str) -> list[str]:
         check_node_name(name, where)
         if name in names:
             raise ConfigError(f"{where}: node {name!r} is listed twice")
-        names.append(name)
+        names[name] = None
     if not names:
         raise ConfigError(f"--nodes-from {path}: names no node (one node name a line)")
-    return names
+    return list(names)
 
 
-def _shard(items: list[Item], args: argparse.Namespace) -> tuple[list[Item], str, int]:
-    """This node's share of ``items``, the node, and how many nodes share them."""
-    from mlstore.cluster import node_key, node_share
+def _shard_of(args: argparse.Namespace) -> tuple[str, list[str]] | None:
+    """The node whose share to warm and every node, checked before anything is listed;
+    ``None`` to warm everything."""
+    from mlstore.cluster import node_key
 
+    if args.node_shard is None and args.nodes_from is None:
+        return None
     if args.node_shard is None or args.nodes_from is None:
         raise ConfigError("warm: --node-shard NODE and --nodes-from FILE go together")
-    nodes = read_nodes(args.nodes_from)
+    nodes = _read_nodes(args.nodes_from)
     node = node_key() if args.node_shard == "auto" else args.node_shard
     if node not in nodes:
         raise ConfigError(
             f"warm --node-shard: node {node!r} is not in --nodes-from {args.nodes_from} "
             f"({len(nodes)} nodes); add it there or name a listed node"
         )
-    mine = set(node_share([it[0] for it in items], node, nodes))
-    return [it for it in items if it[0] in mine], node, len(nodes)
+    return node, nodes
 
 
 def warm_objects(
@@ -282,6 +284,7 @@ def _cmd_warm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
             "warm: the node's disk cache is off (cache.enabled false or cache.disk_bytes 0): "
             "there is nothing to warm into"
         )
+    shard = _shard_of(args)
     items: list[Item] = []
     if args.manifest:
         items += _from_manifest(store, args.manifest)
@@ -292,13 +295,16 @@ def _cmd_warm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
         what = message if url in message else f"{url}: {message}"
         sys.stderr.write(f"mlstore: warm failed: {what}\n")
 
-    total, node, nodes = len(items), None, 0
-    if args.node_shard is not None or args.nodes_from is not None:
-        items, node, nodes = _shard(items, args)
+    total = len(items)
+    if shard is not None:
+        from mlstore.cluster import node_share
+
+        mine = set(node_share([it[0] for it in items], *shard))
+        items = [it for it in items if it[0] in mine]
     jobs = args.jobs or store.config.max_workers
     done = warm_objects(store, items, jobs=jobs, progress=args.progress, on_failure=failed)
-    if node is not None:
-        done.node, done.nodes = node, nodes
+    if shard is not None:
+        done.node, done.nodes = shard[0], len(shard[1])
         done.share_objects, done.total_objects = len(items), total
     if args.json:
         out.write(json.dumps(done.as_dict(), indent=2) + "\n")
