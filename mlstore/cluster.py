@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -71,6 +70,8 @@ def node_key() -> str:
         value = os.environ.get(var, "")
         if value:
             return check_node_name(value, f"environment variable {var}")
+    import socket  # here: `import mlstore` stays light
+
     return check_node_name(socket.gethostname(), "the host name (socket.gethostname())")
 
 
