@@ -11,6 +11,8 @@
   terminal; elsewhere it needs ``--yes``.
 - ``cache verify``: re-hash every blob against the xxh3-128 it is named by and list the
   bad ones with the URLs they hold; exit 1 if any. Changes nothing.
+- ``cache serve``: serve the node's metrics for Prometheus and prune on a schedule,
+  until stopped (:mod:`mlstore.cli_serve`; a node-cache DaemonSet's container).
 - ``cache scrub``: verify, then heal: each bad blob is dropped and the objects it held
   are fetched again, pinned to the version the cache recorded, when this Store can reach
   them (same endpoint and credentials); the rest are only dropped.
@@ -28,6 +30,7 @@ import sys
 from typing import IO, TYPE_CHECKING, Any
 
 from mlstore.cli import human
+from mlstore.cli_serve import add_parser as add_serve_parser
 from mlstore.cli_stats import add_parser as add_stats_parser
 from mlstore.errors import ConfigError, MlstoreError
 
@@ -86,6 +89,7 @@ def add_parser(sub: Any) -> Any:
     scrub.set_defaults(func=_cmd_scrub)
 
     add_stats_parser(cache_sub)  # cache stats (mlstore.cli_stats)
+    add_serve_parser(cache_sub)  # cache serve (mlstore.cli_serve)
     return cache_sub
 
 

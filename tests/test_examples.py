@@ -40,10 +40,27 @@ def manifests() -> list[tuple[str, dict[str, Any]]]:
     return docs
 
 
-def job() -> dict[str, Any]:
-    found = [doc for _, doc in manifests() if doc["kind"] == "Job"]
+def one(kind: str) -> dict[str, Any]:
+    found = [doc for _, doc in manifests() if doc["kind"] == kind]
     assert len(found) == 1
     return found[0]
+
+
+def job() -> dict[str, Any]:
+    return one("Job")
+
+
+def pods() -> list[tuple[str, dict[str, Any]]]:
+    """The pod specs of the workloads: the Job's and the DaemonSet's."""
+    return [(kind, one(kind)["spec"]["template"]["spec"]) for kind in ("Job", "DaemonSet")]
+
+
+def cache_of(container: dict[str, Any]) -> tuple[str, str, str]:
+    """A container's node cache: MLSTORE_CACHE_DIR, its budget, and the mount below it."""
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["MLSTORE_CACHE_DIR"].startswith(mounts["node-cache"] + "/")
+    return env["MLSTORE_CACHE_DIR"], env["MLSTORE_DISK_BYTES"], mounts["node-cache"]
 
 
 def validate(doc: dict[str, Any]) -> None:
@@ -57,7 +74,7 @@ def validate(doc: dict[str, Any]) -> None:
 
 def test_there_are_manifests() -> None:
     kinds = sorted(doc["kind"] for _, doc in manifests())
-    assert kinds == ["Job", "Namespace"]
+    assert kinds == ["DaemonSet", "Job", "Namespace"]
 
 
 @pytest.mark.parametrize("name", [name for name, _ in manifests()])
@@ -81,20 +98,48 @@ def test_job_warms_the_cache_the_trainer_reads() -> None:
     warm = next(c for c in pod["initContainers"] if c["name"] == "warm")
     trainer = pod["containers"][0]
     assert warm["command"][:2] == ["mlstore", "warm"]
-
-    def cache(container: dict[str, Any]) -> tuple[str, str]:
-        env = {e["name"]: e["value"] for e in container["env"]}
-        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-        assert env["MLSTORE_CACHE_DIR"].startswith(mounts["node-cache"] + "/")
-        return env["MLSTORE_CACHE_DIR"], mounts["node-cache"]
-
-    assert cache(warm) == cache(trainer)
+    assert cache_of(warm) == cache_of(trainer)
     volume = next(v for v in pod["volumes"] if v["name"] == "node-cache")
     assert "hostPath" in volume
 
 
-def test_job_runs_non_root_with_resources() -> None:
-    pod = job()["spec"]["template"]["spec"]
+def test_the_daemonset_looks_after_the_cache_the_job_reads() -> None:
+    pod = one("DaemonSet")["spec"]["template"]["spec"]
+    warm = next(c for c in pod["initContainers"] if c["name"] == "warm")
+    (serve,) = pod["containers"]
+    assert warm["command"][:2] == ["mlstore", "warm"]
+    assert serve["command"][:3] == ["mlstore", "cache", "serve"]
+    trainer = job()["spec"]["template"]["spec"]["containers"][0]
+    assert cache_of(warm) == cache_of(serve) == cache_of(trainer)  # one cache, one budget
+    paths = [
+        next(v for v in p["volumes"] if v["name"] == "node-cache")["hostPath"]["path"]
+        for _, p in pods()
+    ]
+    assert paths[0] == paths[1]
+    port = serve["command"][serve["command"].index("--port") + 1]
+    assert [p["containerPort"] for p in serve["ports"]] == [int(port)]
+    annotations = one("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == port
+
+
+def test_every_mlstore_command_in_the_manifests_parses() -> None:
+    """A misspelled flag would fail the pod at start: parse each with mlstore's own parser."""
+    from mlstore.cli import _parser
+
+    commands = [
+        c["command"]
+        for _, pod in pods()
+        for c in pod.get("initContainers", []) + pod["containers"]
+        if c["command"][0] == "mlstore"
+    ]
+    assert len(commands) == 3
+    for argv in commands:
+        _parser().parse_args(argv[1:])
+
+
+@pytest.mark.parametrize("kind", ["Job", "DaemonSet"])
+def test_pods_run_non_root_with_resources(kind: str) -> None:
+    pod = dict(pods())[kind]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     for container in pod["initContainers"] + pod["containers"]:
@@ -109,7 +154,8 @@ def test_namespace_allows_host_path() -> None:
     (namespace,) = [doc for _, doc in manifests() if doc["kind"] == "Namespace"]
     labels = namespace["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] in ("baseline", "privileged")
-    assert job()["metadata"]["namespace"] == namespace["metadata"]["name"]
+    for kind in ("Job", "DaemonSet"):
+        assert one(kind)["metadata"]["namespace"] == namespace["metadata"]["name"]
 
 
 # --------------------------------------------------------------------------- notebook
