@@ -60,6 +60,7 @@ LAYERS: dict[str, int] = {
     "cli_config": 6,  # mlstore config
     "cli_stats": 6,  # mlstore cache stats
     "cli_serve": 6,  # mlstore cache serve
+    "dask": 6,  # the Dask worker plugin and node warm-ups, over the CLI's warm
     "cli_demo": 6,  # mlstore demo
     "demo": 6,  # the demo's servers and contenders, over the public API
     "notebook": 6,  # notebook helpers: short mlstore tracebacks in IPython

@@ -276,6 +276,25 @@ def test_a_write_anywhere_on_the_node_reaches_the_next_process(
     assert seen == [written, False, True, written, [born, kept]]
 
 
+@pytest.mark.parametrize("validate", ["never", "ttl"])
+def test_a_prefix_remembered_missing_exists_once_an_object_is_written_below_it(
+    validate: str, endpoint: str, s3_bucket: str, cache_dir: str
+) -> None:
+    """What Dask's ``to_parquet`` does: look at the table's directory (missing), write
+    its parts below it; the next reader lists and reads the directory."""
+    table = f"s3://{s3_bucket}/table"
+    part = f"{table}/part.0.parquet"
+    ask = [("exists", table), ("info", table)]
+    seen, _ = in_fresh_process(endpoint, cache_dir, ask, validate=validate)
+    assert seen == [False, None]  # remembered on the node as missing
+    in_fresh_process(endpoint, cache_dir, [("write", part)], validate=validate)
+    seen, _ = in_fresh_process(endpoint, cache_dir, [*ask, ("ls", table)], validate=validate)
+    assert seen == [True, 0, [part]]  # a directory now, in a fresh process
+    in_fresh_process(endpoint, cache_dir, [("rm", part)], validate=validate)
+    seen, _ = in_fresh_process(endpoint, cache_dir, ask, validate=validate)
+    assert seen == [False, None]  # and gone again with its last object
+
+
 def test_a_negative_lookup_is_shared_and_dropped_by_a_write(
     endpoint: str, s3_bucket: str, cache_dir: str
 ) -> None:

@@ -208,19 +208,22 @@ class CachedReads:
         """Forget what is cached of ``where`` and of every physical URL behind it, in
         this process, in the node's index and in the node's metadata tier, with the
         listings of every directory above it (this Store wrote or deleted it); record
-        the versions a write ``made`` and the content hash of each as proven."""
+        the versions a write ``made`` and the content hash of each as proven. What is
+        known of the directories above goes too: a prefix remembered as missing exists
+        once an object is written below it, and may be gone once one is deleted."""
         self._listings.front.clear()  # any listing may have shown it
         dropped: list[str] = []
         for physical in where.replicas:
             node = self.identity.key(physical)
-            self._info.front.pop(node)
+            above = [self.identity.key(d) for d in directories(physical)]
+            for key in (node, *above):
+                self._info.front.pop(key)
             self.cache.memory.discard(node)
             if self.cache.disk is not None:
                 self.cache.disk.forget(node)
                 if made and physical in made:
                     self.cache.disk.prove(node, *made[physical])
-            dropped += self._info.node_keys([node])
-            above = (self.identity.key(d) for d in directories(physical))
+            dropped += self._info.node_keys([node, *above])
             dropped += self._listings.node_keys(above)
         if self._info.node is not None:
             self._info.node.drop(dropped)
