@@ -4,15 +4,15 @@ one task per host.
 Dask places work on workers, several of which often share a host (``--nworkers``, or
 several workers a pod). mlstore's disk cache belongs to the host, so a warm-up is one
 task per *node*, named by :func:`mlstore.node_key` on the workers themselves
-(``MLSTORE_NODE_ID``, ``NODE_NAME``, the host name), pinned to one worker of that node:
+(``MLSTORE_NODE_ID``, ``NODE_NAME``, the host name), pinned to one worker of that node::
 
-    >>> from distributed import Client                       # doctest: +SKIP
-    >>> import mlstore.dask                                  # doctest: +SKIP
-    >>> client = Client("tcp://scheduler:8786")              # doctest: +SKIP
-    >>> client.register_plugin(mlstore.dask.MlstorePlugin(cache={"disk_bytes": "200GiB"}))
-    >>> report = mlstore.dask.warm(client, ["s3://bucket/train/"])   # doctest: +SKIP
-    >>> report.ok, report.fetched                            # doctest: +SKIP
-    (True, 300)
+    from distributed import Client
+    import mlstore.dask
+
+    client = Client("tcp://scheduler:8786")
+    client.register_plugin(mlstore.dask.MlstorePlugin(cache={"disk_bytes": "200GiB"}))
+    report = mlstore.dask.warm(client, ["s3://bucket/train/"])
+    assert report.ok, report  # ClusterWarm(ok=True, node-a: 150 of 150 fetched; ...)
 
 By default each node warms its share of the objects (:func:`mlstore.plan`): the cluster
 fetches every object once, whatever the number of nodes, which pays when each node then

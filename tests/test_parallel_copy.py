@@ -199,8 +199,9 @@ def test_skipping_within_s3_compares_etags_and_sends_no_copy(
     again = store.copy(f"{bucket}/a", f"{bucket}/b", recursive=True, skip_existing=True)
     assert list(again) == [f"{bucket}/b/{changed}"]
     assert len(puts(endpoint)) == 1  # the one CopyObject
-    heads = {r["path"] for r in proxy.request_log(endpoint) if r["method"] == "HEAD"}
-    assert all(h.endswith(changed) for h in heads)  # the ETags of the others sufficed
+    roots = {f"/{bucket[len('s3://') :]}/{side}" for side in "ab"}  # a write below `a`
+    heads = {r["path"] for r in proxy.request_log(endpoint) if r["method"] == "HEAD"} - roots
+    assert all(h.endswith(changed) for h in heads), heads  # the ETags of the others sufficed
     assert read_s3(store, f"{bucket}/b") == read_s3(store, f"{bucket}/a")
 
 
