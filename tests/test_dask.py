@@ -27,7 +27,7 @@ import mlstore.dask  # noqa: E402 (after the skip: it needs distributed)
 NODES = ("node-a", "node-b")
 DASK = [sys.executable, "-m"]
 QUIET = ["--host", "127.0.0.1", "--no-dashboard"]
-TWO_WORKERS = ["--nworkers", "2", "--nthreads", "2", "--local-directory"]
+TWO_WORKERS = ["--nworkers", "2", "--nthreads", "2", "--local-directory"]  # + a dir
 OBJECTS = 40
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -55,24 +55,33 @@ def cluster(
         [*DASK, "distributed.cli.dask_scheduler", "--port", "0", *QUIET],
         r"Scheduler at:\s+tcp://127\.0\.0\.1:(?P<port>\d+)",
         env=env,
-    ).start()
-    address = f"tcp://127.0.0.1:{scheduler.port}"
-    caches = {node: str(tmp_path_factory.mktemp(f"{node}-cache")) for node in NODES}
-    scratch = {node: str(tmp_path_factory.mktemp(f"{node}-dask")) for node in NODES}
-    workers = [
-        ServerProcess(
-            f"dask worker {node}",
-            [*DASK, "distributed.cli.dask_worker", address, *QUIET, *TWO_WORKERS, scratch[node]],
-            # the scheduler's port: the worker process itself listens on none of its own
-            r"Registered to:\s+tcp://127\.0\.0\.1:(?P<port>\d+)",
-            env={**env, "MLSTORE_NODE_ID": node, "MLSTORE_CACHE_DIR": caches[node]},
-        ).start()
-        for node in NODES
-    ]
+    )
+    started = [scheduler]  # stopped in the end however far the start got
     try:
+        scheduler.start()
+        address = f"tcp://127.0.0.1:{scheduler.port}"
+        caches = {node: str(tmp_path_factory.mktemp(f"{node}-cache")) for node in NODES}
+        scratch = {node: str(tmp_path_factory.mktemp(f"{node}-dask")) for node in NODES}
+        for node in NODES:
+            worker = ServerProcess(
+                f"dask worker {node}",
+                [
+                    *DASK,
+                    "distributed.cli.dask_worker",
+                    address,
+                    *QUIET,
+                    *TWO_WORKERS,
+                    scratch[node],
+                ],
+                # the scheduler's port: the worker process itself listens on none of its own
+                r"Registered to:\s+tcp://127\.0\.0\.1:(?P<port>\d+)",
+                env={**env, "MLSTORE_NODE_ID": node, "MLSTORE_CACHE_DIR": caches[node]},
+            )
+            started.append(worker)
+            worker.start()
         yield address, caches
     finally:
-        for server in [*workers, scheduler]:
+        for server in reversed(started):
             server.stop()
 
 
