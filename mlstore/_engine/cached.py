@@ -205,12 +205,9 @@ class CachedReads:
         return value
 
     def invalidate(self, where: Resolved, made: Made | None = None) -> None:
-        """Forget what is cached of ``where`` and of every physical URL behind it, in
-        this process, in the node's index and in the node's metadata tier, with the
-        listings of every directory above it (this Store wrote or deleted it); record
-        the versions a write ``made`` and the content hash of each as proven. What is
-        known of the directories above goes too: a prefix remembered as missing exists
-        once an object is written below it, and may be gone once one is deleted."""
+        """Forget what this process and the node hold of ``where`` (written or deleted
+        here), its replicas and every directory above them (a prefix remembered as
+        missing exists once written below); record the versions a write ``made``."""
         self._listings.front.clear()  # any listing may have shown it
         dropped: list[str] = []
         for physical in where.replicas:
