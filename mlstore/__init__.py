@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from mlstore.backends.base import Backend, ObjectInfo, register_backend
 from mlstore.cluster import node_key, node_share, plan
@@ -40,6 +40,9 @@ from mlstore.manifest import Manifest, ManifestEntry
 from mlstore.metrics import Stats
 from mlstore.store import CopyResult, Store, SyncResult, default_store, set_default_store
 from mlstore.url import URL, parse_url
+
+if TYPE_CHECKING:
+    from mlstore.fsspec import MLStoreFileSystem
 
 __version__ = "0.1.0"
 
@@ -76,6 +79,7 @@ __all__ = [
     "copy",
     "default_store",
     "exists",
+    "filesystem",
     "find",
     "glob",
     "info",
@@ -163,3 +167,22 @@ def stats(node: bool = False) -> Stats:
     """Counters of the default Store (with ``node=True``: the totals of every process
     that shares its cache directory)."""
     return default_store().stats(node=node)
+
+
+def filesystem(protocol: str | None = None, **settings: Any) -> MLStoreFileSystem:
+    """An fsspec filesystem that reads and writes through a :class:`Store` built from
+    ``settings`` (the Store's keyword arguments), for libraries that take a filesystem
+    object rather than a URL: ``ray.data.read_parquet(..., filesystem=...)``,
+    ``pyarrow.dataset.dataset(..., filesystem=...)``.
+
+    Such libraries often strip the scheme before they hand a path over
+    (``s3://bucket/key`` becomes ``bucket/key``); ``protocol`` says which store those
+    bare paths belong to (``"s3"``, ``"gs"``, ``"az"`` ...). Without it, bare paths name
+    mounts (``mlstore://<mount>/<key>``). Full URLs work either way.
+
+    The filesystem pickles (to Ray and Dask workers) without any credential among
+    ``settings``: each copy finds its own in its environment, as any mlstore process does.
+    """
+    from mlstore.fsspec import MLStoreFileSystem
+
+    return MLStoreFileSystem(target_protocol=protocol, **settings)

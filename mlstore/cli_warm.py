@@ -85,6 +85,31 @@ def add_parser(sub: Any) -> None:
         metavar="FILE",
         help="the cluster's nodes, one name a line ('#' comments; '-' reads stdin)",
     )
+    engines = warm.add_mutually_exclusive_group()
+    engines.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="warm every node of a Ray cluster, one task a node (default address: auto)",
+    )
+    engines.add_argument(
+        "--dask",
+        metavar="SCHEDULER",
+        help="warm every node of a Dask cluster, one task a node (e.g. tcp://host:8786)",
+    )
+    warm.add_argument(
+        "--replicate",
+        action="store_true",
+        help="with --ray or --dask: every node warms everything (default: its share)",
+    )
+    warm.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --ray or --dask: seconds to wait for the nodes (default: no limit)",
+    )
     warm.add_argument("--json", action="store_true", help="print the summary as JSON")
     warm.set_defaults(func=_cmd_warm)
 
@@ -275,9 +300,25 @@ def warm_objects(
     return done
 
 
+def _wanted(store: Store, args: argparse.Namespace) -> list[Item]:
+    """The objects the command line names: the manifest's, then what each URL lists to."""
+    items: list[Item] = []
+    if args.manifest:
+        items += _from_manifest(store, args.manifest)
+    for url in args.urls:
+        items += _listed(store, url)
+    return items
+
+
 def _cmd_warm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     if not args.urls and not args.manifest:
         raise ConfigError("warm: name at least one URL, or a manifest (--manifest FILE)")
+    if args.ray is not None or args.dask is not None:
+        from mlstore.cli_cluster import warm_cluster
+
+        return warm_cluster(store, args, out)
+    if args.replicate or args.timeout is not None:
+        raise ConfigError("warm: --replicate and --timeout go with --ray or --dask")
     cache = store.config.cache
     if not cache.enabled or cache.disk_bytes <= 0:
         raise ConfigError(
@@ -285,11 +326,7 @@ def _cmd_warm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
             "there is nothing to warm into"
         )
     shard = _shard_of(args)
-    items: list[Item] = []
-    if args.manifest:
-        items += _from_manifest(store, args.manifest)
-    for url in args.urls:
-        items += _listed(store, url)
+    items = _wanted(store, args)
 
     def failed(url: str, message: str) -> None:
         what = message if url in message else f"{url}: {message}"

@@ -28,20 +28,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distributed import Client, WorkerPlugin, wait
 
-from mlstore.cli_warm import Item, _from_manifest, _listed, warm_objects
-from mlstore.cluster import node_key, plan
+from mlstore._nodewarm import ClusterWarm, NodeWarm, items, shares, warm_here
+from mlstore.cli_warm import Item
+from mlstore.cluster import node_key
 from mlstore.errors import ConfigError
 from mlstore.manifest import Manifest
 
 if TYPE_CHECKING:
     from mlstore import Store
 
-__all__ = ["ClusterWarm", "MlstorePlugin", "NodeWarm", "warm"]
+__all__ = ["ClusterWarm", "MlstorePlugin", "NodeWarm", "hosts", "warm", "warm_items"]
 
 
 class MlstorePlugin(WorkerPlugin):  # type: ignore[misc]
@@ -68,78 +68,6 @@ class MlstorePlugin(WorkerPlugin):  # type: ignore[misc]
         import mlstore
 
         mlstore.set_default_store(None)
-
-
-@dataclass
-class NodeWarm:
-    """What one node's warm task did."""
-
-    worker: str
-    objects: int = 0
-    fetched: int = 0
-    fetched_bytes: int = 0
-    cached: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    #: Why the task gave no report (it raised, its worker died, or the timeout passed).
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and not self.failures
-
-
-@dataclass
-class ClusterWarm:
-    """A cluster's warm-up, node by node."""
-
-    nodes: dict[str, NodeWarm]
-
-    @property
-    def ok(self) -> bool:
-        return all(n.ok for n in self.nodes.values())
-
-    @property
-    def fetched(self) -> int:
-        """Objects fetched from the store, over every node."""
-        return sum(n.fetched for n in self.nodes.values())
-
-    def __repr__(self) -> str:
-        parts = []
-        for name, n in sorted(self.nodes.items()):
-            part = f"{name}: {n.fetched} of {n.objects} fetched"
-            if n.failures:
-                _, message = n.failures[0]
-                part += f", {len(n.failures)} failed (first: {message})"
-            parts.append(part + (f" ({n.error})" if n.error else ""))
-        return f"ClusterWarm(ok={self.ok}, {'; '.join(parts)})"
-
-
-def _warm_here(items: list[Item], jobs: int) -> dict[str, Any]:
-    """The task on one node: warm ``items`` into this node's cache."""
-    import mlstore
-
-    done = warm_objects(mlstore.default_store(), items, jobs=jobs, progress=False)
-    return {
-        "objects": len(items),
-        "fetched": done.fetched,
-        "fetched_bytes": done.fetched_bytes,
-        "cached": done.cached,
-        "failures": done.failures,
-    }
-
-
-def _items(urls: Iterable[str] | Manifest | str, store: Store | None) -> list[Item]:
-    import mlstore
-
-    store = store or mlstore.default_store()
-    if isinstance(urls, Manifest):
-        return [(e.url, e.version, e.size) for e in urls]
-    if isinstance(urls, str):
-        urls = [urls]
-    items: list[Item] = []
-    for url in urls:
-        items += _from_manifest(store, url) if url.endswith(".jsonl") else _listed(store, url)
-    return items
 
 
 def hosts(client: Client) -> dict[str, str]:
@@ -183,14 +111,25 @@ def warm(
         share, how many were fetched and how many were on the node already, and the
         failures. It never raises for a failed node: check ``.ok``.
     """
-    items = _items(urls, store)
+    return warm_items(client, items(urls, store), replicate=replicate, jobs=jobs, timeout=timeout)
+
+
+def warm_items(
+    client: Client,
+    found: list[Item],
+    *,
+    replicate: bool = False,
+    jobs: int = 32,
+    timeout: float | None = None,
+) -> ClusterWarm:
+    """:func:`warm` of objects listed already: ``(url, version or None, size)`` each."""
     by_node = hosts(client)
-    shares = {node: items for node in by_node} if replicate else _shares(items, list(by_node))
+    todo = shares(found, list(by_node), replicate=replicate)
     run = uuid.uuid4().hex[:8]
     futures = {
         node: client.submit(
-            _warm_here,
-            shares[node],
+            warm_here,
+            todo[node],
             jobs,
             key=f"mlstore-warm-{node}-{run}",
             workers=[address],
@@ -205,13 +144,9 @@ def warm(
         pass  # the unfinished ones are reported as timed out, below
     report: dict[str, NodeWarm] = {}
     for node, future in futures.items():
-        entry = NodeWarm(worker=by_node[node], objects=len(shares[node]))
+        entry = NodeWarm(worker=by_node[node], objects=len(todo[node]))
         if future.status == "finished":
-            result = future.result()
-            entry.fetched = result["fetched"]
-            entry.fetched_bytes = result["fetched_bytes"]
-            entry.cached = result["cached"]
-            entry.failures = [(str(u), str(m)) for u, m in result["failures"]]
+            entry.take(future.result())
         elif future.status == "error":
             entry.error = f"{type(future.exception()).__name__}: {future.exception()}"
         else:
@@ -219,8 +154,3 @@ def warm(
             future.cancel()
         report[node] = entry
     return ClusterWarm(report)
-
-
-def _shares(items: list[Item], nodes: list[str]) -> dict[str, list[Item]]:
-    by_url = {it[0]: it for it in items}
-    return {node: [by_url[u] for u in urls] for node, urls in plan(list(by_url), nodes).items()}

@@ -283,6 +283,9 @@ def test_nodes_share_a_manifest_the_same_way(
         (["--node-shard", "node-a"], "node-a\nnode-a\n", "line 2: node 'node-a' is listed twice"),
         (["--node-shard", "node-a"], "node-a\nbad name\n", "line 2: 'bad name' is not a node name"),
         (["--node-shard", "node-a"], "# nobody\n", "names no node"),
+        (["--ray", "--node-shard", "node-a"], "node-a\n", "are for one node; with --ray"),
+        (["--dask", "tcp://127.0.0.1:1", "--timeout", "0"], None, "--timeout: must be"),
+        (["--replicate"], None, "--replicate and --timeout go with --ray or --dask"),
     ],
 )
 def test_a_bad_shard_is_a_one_line_error(

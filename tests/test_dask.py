@@ -174,3 +174,48 @@ def test_the_plugin_gives_every_worker_the_same_settings(client: object) -> None
     seen = client.run(lambda: mlstore.default_store().config.cache.memory_bytes)  # type: ignore[attr-defined]
     assert set(seen.values()) == {64 * 2**20} and len(seen) == 2 * len(NODES)
     client.unregister_worker_plugin("mlstore")  # type: ignore[attr-defined]
+
+
+def test_the_command_line_warms_a_dask_cluster(
+    cluster: tuple[str, dict[str, str]],
+    dataset: list[str],
+    s3_bucket: str,
+    s3_proxy: ServerProcess,
+    tmp_path: Path,
+) -> None:
+    import json
+    import subprocess
+
+    env = {
+        **os.environ,
+        "MLSTORE_S3_ENDPOINT_URL": s3_proxy.endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "MLSTORE_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    proxy.reset(s3_proxy.endpoint)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlstore",
+            "warm",
+            f"s3://{s3_bucket}/train/",
+            "--dask",
+            cluster[0],
+            "--replicate",
+            "--json",
+            "--timeout",
+            "120",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert sorted(report["nodes"]) == sorted(NODES)
+    assert all(n["objects"] == OBJECTS and n["ok"] for n in report["nodes"].values())
+    # what each node fetched is what the proxy saw: nothing twice on one node
+    assert report["fetched"] == object_gets(s3_proxy.endpoint)

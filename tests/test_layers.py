@@ -56,11 +56,14 @@ LAYERS: dict[str, int] = {
     "cli_inspect": 6,  # mlstore stat and mlstore du
     "cli_sync": 6,  # mlstore cp and mlstore sync
     "cli_warm": 6,  # mlstore warm
+    "cli_cluster": 6,  # mlstore warm --ray and --dask
     "cli_cache": 6,  # mlstore cache path|prune|clear|verify|scrub
     "cli_config": 6,  # mlstore config
     "cli_stats": 6,  # mlstore cache stats
     "cli_serve": 6,  # mlstore cache serve
     "dask": 6,  # the Dask worker plugin and node warm-ups, over the CLI's warm
+    "ray": 6,  # Ray node warm-ups and the filesystem for Ray Data
+    "_nodewarm": 6,  # the warm task and report the Dask and Ray integrations share
     "cli_demo": 6,  # mlstore demo
     "demo": 6,  # the demo's servers and contenders, over the public API
     "notebook": 6,  # notebook helpers: short mlstore tracebacks in IPython

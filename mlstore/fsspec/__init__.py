@@ -129,6 +129,10 @@ class MLStoreFileSystem(ChainedFileSystem, metaclass=_OneSpelling):  # type: ign
                     f"protocols are {supported}"
                 )
             self.target_protocol = canonical
+            # The schemes it serves, as other fsspec filesystems say theirs: Ray Data and
+            # pyarrow check a path's scheme against them before they hand the path over.
+            aliases = sorted(s for s, c in SCHEMES.items() if c == canonical)
+            self.protocol = ("mlstore", *aliases)  # type: ignore[misc, assignment]
         if target_options:
             if self.target_protocol is None:
                 raise ConfigError("target_options needs a target_protocol")
@@ -167,7 +171,7 @@ class MLStoreFileSystem(ChainedFileSystem, metaclass=_OneSpelling):  # type: ign
         cls = type(self)
         described: dict[str, Any] = dict(
             cls=f"{cls.__module__}:{cls.__name__}",
-            protocol=self.protocol,
+            protocol=cls.protocol,
             args=encoder.make_serializable(self.storage_args),
             **encoder.make_serializable(_without_secrets(self.storage_options)),
         )
