@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.torch]
 ROOT = Path(__file__).resolve().parents[2]
 NODES = 2
 PER_NODE = 2
+WORLD = NODES * PER_NODE
 EPOCHS = 2
 SEED = 17
 #: Unequal shards that ShardSampler deals into four ranks of 24 samples each, and 96
@@ -135,7 +136,7 @@ def launch(kind: str, shards: dict[str, Any], endpoint: str, tmp: Path) -> dict[
         for child in nodes:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.pid, signal.SIGKILL)
-    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(NODES * PER_NODE)]
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(WORLD)]
     log = proxy.request_log(endpoint)
     marks = [0, *ranks[0]["log_marks"]]
     shard_path = "/" + shards["prefix"].removeprefix("s3://")
@@ -154,15 +155,6 @@ def shard_of(key: str) -> int:
     return int(key.split("/", 1)[0][1:])
 
 
-def check_exactly_once(ranks: list[dict[str, Any]]) -> None:
-    everything = collections.Counter(
-        f"s{s:02d}/{i:03d}" for s, n in enumerate(SIZES) for i in range(n)
-    )
-    for epoch in range(EPOCHS):
-        seen = collections.Counter(k for r in ranks for k in r["epochs"][epoch])
-        assert seen == everything, f"epoch {epoch}: not every sample exactly once"
-
-
 def touched(ranks: list[dict[str, Any]], epoch: int) -> dict[str, set[int]]:
     """The shards each node's ranks read in ``epoch``."""
     out: dict[str, set[int]] = collections.defaultdict(set)
@@ -171,20 +163,28 @@ def touched(ranks: list[dict[str, Any]], epoch: int) -> dict[str, set[int]]:
     return out
 
 
+def check_orders(ranks: list[dict[str, Any]], make: Callable[[int], Any]) -> None:
+    """Every sample once per epoch over the ranks, and each rank's samples in the
+    order of the sampler ``make(rank)`` builds for that epoch."""
+    everything = collections.Counter(
+        f"s{s:02d}/{i:03d}" for s, n in enumerate(SIZES) for i in range(n)
+    )
+    for epoch in range(EPOCHS):
+        seen = collections.Counter(k for r in ranks for k in r["epochs"][epoch])
+        assert seen == everything, f"epoch {epoch}: not every sample exactly once"
+        for r in ranks:
+            expected = make(r["rank"])
+            expected.set_epoch(epoch)
+            order = [f"s{s:02d}/{i:03d}" for s, i in map(_locate, list(expected))]
+            assert r["epochs"][epoch] == order, f"rank {r['rank']} epoch {epoch}"
+
+
 def test_shard_sampler_ranks_fetch_each_shard_once_on_the_cluster(
     shards: dict[str, Any], s3_proxy: ServerProcess, tmp_path: Path
 ) -> None:
     run = launch("shard", shards, s3_proxy.endpoint, tmp_path)
-    ranks = run["ranks"]
-    check_exactly_once(ranks)
-    counts = SIZES
-    for r in ranks:
-        expected = ShardSampler(counts, r["rank"], NODES * PER_NODE, seed=SEED)
-        for epoch in range(EPOCHS):
-            expected.set_epoch(epoch)
-            order = [f"s{s:02d}/{i:03d}" for s, i in map(_locate, list(expected))]
-            assert r["epochs"][epoch] == order, f"rank {r['rank']} epoch {epoch}"
-    per_node = touched(ranks, 0)
+    check_orders(run["ranks"], lambda rank: ShardSampler(SIZES, rank, WORLD, seed=SEED))
+    per_node = touched(run["ranks"], 0)
     assert sum(len(s) for s in per_node.values()) == len(SIZES), "a shard read on two nodes"
     print(
         f"\nS3 ShardSampler, {NODES} nodes x {PER_NODE} ranks, {len(SIZES)} shards, "
@@ -196,10 +196,14 @@ def test_shard_sampler_ranks_fetch_each_shard_once_on_the_cluster(
 def test_strided_distributed_sampler_fetches_shards_on_every_node(
     shards: dict[str, Any], s3_proxy: ServerProcess, tmp_path: Path
 ) -> None:
+    from torch.utils.data import DistributedSampler
+
     run = launch("strided", shards, s3_proxy.endpoint, tmp_path)
-    ranks = run["ranks"]
-    check_exactly_once(ranks)
-    first, second = touched(ranks, 0), touched(ranks, 1)
+    check_orders(
+        run["ranks"],
+        lambda rank: DistributedSampler(range(sum(SIZES)), WORLD, rank, shuffle=True, seed=SEED),
+    )
+    first, second = touched(run["ranks"], 0), touched(run["ranks"], 1)
     expected = [
         sum(len(s) for s in first.values()),
         sum(len(second[n] - first[n]) for n in second),
