@@ -17,6 +17,27 @@ from __future__ import annotations
 from mlstore.torch._checkpoint import load, save
 from mlstore.torch._map import MapDataset
 from mlstore.torch._prefetch import PrefetchSampler
+from mlstore.torch._sampler import ShardSampler
+from mlstore.torch._shardmap import (
+    ShardInfo,
+    ShardMapDataset,
+    index_shards,
+    load_index,
+    save_index,
+)
 from mlstore.torch._shards import ShardDataset, ShardFormatError
 
-__all__ = ["MapDataset", "PrefetchSampler", "ShardDataset", "ShardFormatError", "load", "save"]
+__all__ = [
+    "MapDataset",
+    "PrefetchSampler",
+    "ShardDataset",
+    "ShardFormatError",
+    "ShardInfo",
+    "ShardMapDataset",
+    "ShardSampler",
+    "index_shards",
+    "load",
+    "load_index",
+    "save",
+    "save_index",
+]
