@@ -102,7 +102,10 @@ def scaleout(session: nox.Session) -> None:
     torchrun launches of two nodes, each node with its own MLSTORE_NODE_ID and cache.
     One test file a worker (each starts its own cluster). ``-s`` prints the S-figures."""
     session.install("torch==2.13.0")  # first: the CPU wheel, exact pin
-    session.install("-e", ".[test,s3,torch,ray,dask]")
+    # The tests session's set first, then Ray on top: asked for all at once, pip can
+    # backtrack for many minutes over s3fs/aiobotocore against the newest boto3.
+    session.install("-e", ".[test,s3,gcs,azure,fast]")
+    session.install("-e", ".[torch,ray]")
     if os.environ.get("CI"):
         session.env.setdefault("MLSTORE_REQUIRE_EMULATORS", "1")
     session.run(
