@@ -15,8 +15,19 @@ See the PyTorch page of the documentation.
 from __future__ import annotations
 
 from mlstore.torch._checkpoint import load, save
+from mlstore.torch._cooperative import CooperativeWarm, NodeExchange, cooperative_warm
 from mlstore.torch._map import MapDataset
 from mlstore.torch._prefetch import PrefetchSampler
 from mlstore.torch._shards import ShardDataset, ShardFormatError
 
-__all__ = ["MapDataset", "PrefetchSampler", "ShardDataset", "ShardFormatError", "load", "save"]
+__all__ = [
+    "CooperativeWarm",
+    "MapDataset",
+    "NodeExchange",
+    "PrefetchSampler",
+    "ShardDataset",
+    "ShardFormatError",
+    "cooperative_warm",
+    "load",
+    "save",
+]
