@@ -124,7 +124,9 @@ def cooperative_warm(
     by one node only (see the module docstring). Called by every rank of ``group``.
 
     Args:
-        urls: prefixes or objects (listed once, on the group's first rank), or a
+        urls: object URLs (taken as named: one that does not exist fails at its
+            owner), prefixes ending in ``/`` (listed once, on the group's first rank),
+            one URL string (an object or a prefix, listed), or a
             :class:`~mlstore.Manifest` (each object pinned to its recorded version).
             Local and ``memory://`` URLs are left out: no node caches them.
         group: the process group (default: the whole job). Every rank of it must call.
@@ -192,12 +194,12 @@ def cooperative_warm(
 def _listed_once(ring: _Ring, store: Store, urls: Iterable[str] | Manifest | str) -> list[Item]:
     """The objects to warm, listed on the group's first rank and sent to every rank."""
     answer: tuple[str, Any] | None = None
-    error: MlstoreError | None = None
+    error: Exception | None = None
     if ring.rank == 0:
         try:
             answer = ("ok", _items(store, urls))
-        except MlstoreError as exc:
-            error, answer = exc, ("error", scrub(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - the other ranks wait to hear, then raise
+            error, answer = exc, ("error", scrub(str(exc) or type(exc).__name__))
     answer = ring.broadcast(answer, ring.global_rank(0))
     assert answer is not None
     if answer[0] == "error":
@@ -213,10 +215,14 @@ def _items(store: Store, urls: Iterable[str] | Manifest | str) -> list[Item]:
 
     if isinstance(urls, Manifest):
         found = [(e.url, e.version) for e in urls]
-    else:
+    elif isinstance(urls, str):
+        found = [(u, v) for u, v, _ in _listed(store, urls)]
+    else:  # a prefix ("/" at the end) is listed; an object is taken as named, unasked
         found = []
-        for url in [urls] if isinstance(urls, str) else urls:
-            found += [(u, v) for u, v, _ in _listed(store, url)]
+        for url in urls:
+            found += (
+                [(u, v) for u, v, _ in _listed(store, url)] if url.endswith("/") else [(url, None)]
+            )
     unique = dict(found)  # one entry an object (the last pin wins), in order
     return [(u, v) for u, v in unique.items() if _peer.cached(store, u)]
 

@@ -183,6 +183,87 @@ def test_s5_three_nodes_fetch_each_object_once_and_every_node_holds_all(
     assert sum(object_gets(s3_proxy.endpoint, prefix).values()) == 0
 
 
+def launch_ranks(cache_root: Path, config: dict[str, Any], nodes: int) -> dict[str, Any]:
+    """``nodes`` plain processes (one rank a node, ``env://`` rendezvous, no torchrun)
+    calling cooperative_warm; the report rank 0 wrote."""
+    port = free_port()
+    out = cache_root / "report.json"
+    args = json.dumps({**config, "out": str(out)})
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.scaleout.test_cooperative", "warm", args],
+            cwd=ROOT,
+            env={
+                **node_env(cache_root, node),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(node),
+                "WORLD_SIZE": str(nodes),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in range(nodes)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=LAUNCH_TIMEOUT)[0] for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+    for node, (rank, output) in enumerate(zip(ranks, outputs, strict=True)):
+        assert rank.returncode == 0, f"node {node}:\n{output[-3000:]}"
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def test_a_damaged_copy_is_fetched_again_and_a_missing_object_named_by_every_node(
+    objects: tuple[str, dict[str, str]], s3_proxy: ServerProcess, tmp_path: Path
+) -> None:
+    """Node 0 trusts its disk (``verify="never"``) and holds a blob of its share that
+    rotted there: it sends those bytes under the digest it recorded, node 1 finds the
+    mismatch, keeps nothing and fetches the object itself. An object that does not
+    exist is asked for by its owner only, and both nodes report it."""
+    import mlstore
+    from mlstore import _peer
+
+    prefix, hashes = objects
+    urls = sorted(hashes)[:40]
+    missing = f"{prefix}no-such-object.bin"
+    damaged = mlstore.plan([*urls, missing], ["node-0", "node-1"])["node-0"][0]
+    options = {"s3": {"endpoint_url": s3_proxy.endpoint}}
+    cache = {"disk_dir": str(tmp_path / "node-0"), "verify": "never"}
+    with mlstore.Store(options=options, cache=cache) as s:
+        disk = s.cache.disk
+        assert disk is not None
+        blob = Path(disk.blob_path(_peer.record(s, damaged).digest))
+    rotten = bytearray(blob.read_bytes())
+    rotten[len(rotten) // 2] ^= 0xFF
+    blob.write_bytes(bytes(rotten))
+
+    proxy.reset(s3_proxy.endpoint)
+    config = {
+        "endpoint": s3_proxy.endpoint,
+        "urls": [*urls, missing],
+        "chunk_bytes": CHUNK_BYTES,
+        "trust_disk": ["node-0"],
+    }
+    report = launch_ranks(tmp_path, config, nodes=2)
+    nodes = report["nodes"]
+    assert not report["ok"]
+    for n in nodes.values():
+        assert [url for url, _ in n["failures"]] == [missing]
+    assert nodes["node-0"]["refetched"] == 0 and nodes["node-1"]["refetched"] == 1
+    gets = object_gets(s3_proxy.endpoint, prefix)
+    path = prefix.replace("s3:/", "", 1)
+    assert gets == {**{u.replace("s3:/", "", 1): 1 for u in urls}, f"{path}no-such-object.bin": 1}
+
+    proxy.reset(s3_proxy.endpoint)
+    read = read_on_node(tmp_path, 1, s3_proxy.endpoint, urls)
+    assert read == {"hashes": [hashes[u] for u in urls], "requests": 0}
+
+
 # ------------------------------------------------------------------ the child programs
 
 
@@ -196,11 +277,14 @@ def _warm(config: dict[str, Any]) -> None:
     from mlstore.torch import cooperative_warm
 
     dist.init_process_group("gloo")
+    cache: dict[str, Any] = {"disk_dir": os.environ["MLSTORE_CACHE_DIR"]}
+    if os.environ["MLSTORE_NODE_ID"] in config.get("trust_disk", ()):
+        cache["verify"] = "never"
+    urls = config.get("urls") or [config["prefix"]]
     try:
-        with mlstore.Store(options={"s3": {"endpoint_url": config["endpoint"]}}) as store:
-            report = cooperative_warm(
-                [config["prefix"]], store=store, chunk_bytes=config["chunk_bytes"]
-            )
+        options = {"s3": {"endpoint_url": config["endpoint"]}}
+        with mlstore.Store(options=options, cache=cache) as store:
+            report = cooperative_warm(urls, store=store, chunk_bytes=config["chunk_bytes"])
         if dist.get_rank() == 0:
             data = {
                 "ok": report.ok,
