@@ -109,9 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="two sizes, one latency")
     parser.add_argument("--megabytes", type=float, default=24.0, help="bytes per case (MiB)")
     parser.add_argument("--chunk-mib", type=float, default=32.0, help="chunk_bytes (MiB)")
+    parser.add_argument("--sizes", help="object sizes in KiB, comma-separated")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     sizes = (64 * 1024, 1 * MiB) if args.quick else SIZES
+    if args.sizes:
+        sizes = tuple(int(k) * 1024 for k in args.sizes.split(","))
     latencies = (0.02,) if args.quick else LATENCIES
     aws_env()
     moto = moto_server().start()
