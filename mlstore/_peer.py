@@ -148,32 +148,22 @@ def ingest(store: _Owner, rec: Record, version: str | None = None) -> bool:
 
     Raises:
         IntegrityError: the bytes are not ``rec.size`` long, do not hash to
-            ``rec.digest``, or are of another version than ``version``: nothing was
-            kept; fetch the object instead.
+            ``rec.digest``, are of another version than ``version``, or differ from
+            the node's own copy of the same version: nothing was kept.
         ConfigError: the URL is not kept in the node's disk cache.
         OSError: the disk tier could not keep it (no room within the budget, the file
             system full or failing); nothing was kept.
     """
+    problem = None
     if version is not None and rec.version != version:
+        problem = f"a peer sent version {rec.version!r}, not the pinned {version!r}"
+    elif len(rec.data) != rec.size:
+        problem = f"a peer sent {len(rec.data)} bytes, announced as {rec.size}"
+    elif content_hash(rec.data) != rec.digest:
+        problem = "the bytes a peer sent do not match the digest it announced"
+    if problem is not None:
         raise IntegrityError(
-            f"a peer sent version {rec.version!r}, not the pinned {version!r}; "
-            "fetch the object from the store instead",
-            url=rec.url,
-            operation="peer",
-        )
-    if len(rec.data) != rec.size:
-        raise IntegrityError(
-            f"a peer sent {len(rec.data)} bytes, announced as {rec.size}; "
-            "fetch the object from the store instead",
-            url=rec.url,
-            operation="peer",
-        )
-    if content_hash(rec.data) != rec.digest:
-        raise IntegrityError(
-            "the bytes a peer sent do not match the digest it announced; "
-            "fetch the object from the store instead",
-            url=rec.url,
-            operation="peer",
+            f"{problem}; fetch the object from the store instead", url=rec.url, operation="peer"
         )
     reads, where = _reads(store, rec.url, "peer")
     node = reads.node(where)
@@ -181,7 +171,14 @@ def ingest(store: _Owner, rec: Record, version: str | None = None) -> bool:
     assert disk is not None  # _reads checked
     held = disk.lookup(node)
     if held is not None:
-        if held.version == rec.version and held.hash == rec.digest:
+        if held.version == rec.version:
+            if held.hash != rec.digest:  # one version, two contents: keep the node's own
+                raise IntegrityError(
+                    f"a peer's copy of version {rec.version!r} differs from the one this "
+                    "node holds; the node's copy is kept",
+                    url=rec.url,
+                    operation="peer",
+                )
             disk.touch_blob(held.hash)
             return False
         if held.version != rec.version and held.checked >= rec.checked > 0.0:

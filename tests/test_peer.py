@@ -156,6 +156,20 @@ def test_a_record_that_fails_a_check_is_refused_and_the_cache_left_as_it_was(
     assert b.cache.disk is not None and b.cache.disk.count() == 0
 
 
+def test_a_copy_of_a_held_version_with_other_bytes_is_refused(
+    url: str, nodes: tuple[mlstore.Store, mlstore.Store]
+) -> None:
+    a, b = nodes
+    rec = _peer.record(a, url)
+    assert b.read_bytes(url) == rec.data  # b holds that version, fetched itself
+    other = b"another content under the same version"
+    forged = dataclasses.replace(rec, data=other, size=len(other), digest=content_hash(other))
+    with pytest.raises(IntegrityError, match="differs from the one this node holds"):
+        _peer.ingest(b, forged)
+    kept = _peer.record(b, url)
+    assert (kept.version, kept.digest, kept.data) == (rec.version, rec.digest, rec.data)
+
+
 def test_a_node_that_saw_a_newer_version_keeps_it(
     url: str, nodes: tuple[mlstore.Store, mlstore.Store], moto: ServerProcess
 ) -> None:

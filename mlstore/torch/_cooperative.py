@@ -138,9 +138,9 @@ def cooperative_warm(
             every rank the same settings, or the nodes cache under different names.
         chunk_bytes: most bytes a node sends in one round (a larger object goes alone),
             so memory stays bounded whatever the total.
-        timeout: seconds each node may spend fetching its share; what is not fetched by
-            then is reported as failed (the exchange itself is bounded by the process
-            group's own timeout, which must also cover this warm).
+        timeout: seconds from the call by which each node must have fetched its share;
+            what is not fetched by then is reported as failed (the exchange itself is
+            bounded by the process group's own timeout, which must also cover this warm).
         jobs: objects each node fetches at once.
 
     Returns:

@@ -183,6 +183,14 @@ def test_s5_three_nodes_fetch_each_object_once_and_every_node_holds_all(
     assert sum(object_gets(s3_proxy.endpoint, prefix).values()) == 0
 
 
+def test_it_needs_an_initialized_process_group() -> None:
+    from mlstore.errors import ConfigError
+    from mlstore.torch import cooperative_warm
+
+    with pytest.raises(ConfigError, match="init_process_group"):
+        cooperative_warm(["s3://bucket/x"])
+
+
 def launch_ranks(cache_root: Path, config: dict[str, Any], nodes: int) -> dict[str, Any]:
     """``nodes`` plain processes (one rank a node, ``env://`` rendezvous, no torchrun)
     calling cooperative_warm; the report rank 0 wrote."""
