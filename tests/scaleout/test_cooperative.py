@@ -108,15 +108,22 @@ def launch_cluster(cache_root: Path, config: dict[str, Any], per_node: int) -> d
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
-def read_on_node(cache_root: Path, node: int, endpoint: str, urls: list[str]) -> dict[str, Any]:
-    """Read every URL in a new process on ``node`` (its cache); hashes and requests."""
+def read_on_node(
+    cache_root: Path,
+    node: int,
+    endpoint: str,
+    urls: list[str],
+    versions: list[str | None] | None = None,
+) -> dict[str, Any]:
+    """Read every URL (pinned to ``versions``, when given) in a new process on ``node``
+    (its cache); the content hashes and the process's requests."""
     done = subprocess.run(
         [
             sys.executable,
             "-m",
             "tests.scaleout.test_cooperative",
             "read",
-            json.dumps([endpoint, urls]),
+            json.dumps([endpoint, urls, versions]),
         ],
         cwd=ROOT,
         env=node_env(cache_root, node),
@@ -229,10 +236,11 @@ def launch_ranks(cache_root: Path, config: dict[str, Any], nodes: int) -> dict[s
 def test_a_damaged_copy_is_fetched_again_and_a_missing_object_named_by_every_node(
     objects: tuple[str, dict[str, str]], s3_proxy: ServerProcess, tmp_path: Path
 ) -> None:
-    """Node 0 trusts its disk (``verify="never"``) and holds a blob of its share that
-    rotted there: it sends those bytes under the digest it recorded, node 1 finds the
-    mismatch, keeps nothing and fetches the object itself. An object that does not
-    exist is asked for by its owner only, and both nodes report it."""
+    """A manifest, each object pinned. Node 0 trusts its disk (``verify="never"``) and
+    holds a blob of its share that rotted there: it sends those bytes under the digest
+    it recorded, node 1 finds the mismatch, keeps nothing and fetches the object itself.
+    An object that does not exist is asked for by its owner only, and both nodes report
+    it. Node 1 then serves every pinned read from its cache."""
     import mlstore
     from mlstore import _peer
 
@@ -241,6 +249,9 @@ def test_a_damaged_copy_is_fetched_again_and_a_missing_object_named_by_every_nod
     missing = f"{prefix}no-such-object.bin"
     damaged = mlstore.plan([*urls, missing], ["node-0", "node-1"])["node-0"][0]
     options = {"s3": {"endpoint_url": s3_proxy.endpoint}}
+    with mlstore.Store(options=options, cache={"enabled": False}) as s:
+        versions = [s.info(u).version for u in urls]
+    manifest = [[u, 0, v] for u, v in zip(urls, versions, strict=True)]
     cache = {"disk_dir": str(tmp_path / "node-0"), "verify": "never"}
     with mlstore.Store(options=options, cache=cache) as s:
         disk = s.cache.disk
@@ -253,7 +264,7 @@ def test_a_damaged_copy_is_fetched_again_and_a_missing_object_named_by_every_nod
     proxy.reset(s3_proxy.endpoint)
     config = {
         "endpoint": s3_proxy.endpoint,
-        "urls": [*urls, missing],
+        "manifest": [*manifest, [missing, 0, "no-such-version"]],
         "chunk_bytes": CHUNK_BYTES,
         "trust_disk": ["node-0"],
     }
@@ -268,7 +279,7 @@ def test_a_damaged_copy_is_fetched_again_and_a_missing_object_named_by_every_nod
     assert gets == {**{u.replace("s3:/", "", 1): 1 for u in urls}, f"{path}no-such-object.bin": 1}
 
     proxy.reset(s3_proxy.endpoint)
-    read = read_on_node(tmp_path, 1, s3_proxy.endpoint, urls)
+    read = read_on_node(tmp_path, 1, s3_proxy.endpoint, urls, versions)
     assert read == {"hashes": [hashes[u] for u in urls], "requests": 0}
 
 
@@ -288,7 +299,11 @@ def _warm(config: dict[str, Any]) -> None:
     cache: dict[str, Any] = {"disk_dir": os.environ["MLSTORE_CACHE_DIR"]}
     if os.environ["MLSTORE_NODE_ID"] in config.get("trust_disk", ()):
         cache["verify"] = "never"
-    urls = config.get("urls") or [config["prefix"]]
+    if "manifest" in config:
+        entries = [mlstore.ManifestEntry(u, size, v) for u, size, v in config["manifest"]]
+        urls: Any = mlstore.Manifest.from_entries(entries)
+    else:
+        urls = [config["prefix"]]
     try:
         options = {"s3": {"endpoint_url": config["endpoint"]}}
         with mlstore.Store(options=options, cache=cache) as store:
@@ -304,12 +319,12 @@ def _warm(config: dict[str, Any]) -> None:
         dist.destroy_process_group()
 
 
-def _read(endpoint: str, urls: list[str]) -> None:
+def _read(endpoint: str, urls: list[str], versions: list[str | None] | None) -> None:
     """A fresh process on a node: read every URL through the node's cache."""
     import mlstore
 
     with mlstore.Store(options={"s3": {"endpoint_url": endpoint}}) as store:
-        data = store.read_many(urls)
+        data = store.read_many(urls, versions=versions)
         requests = store.stats()["requests"]
     print(json.dumps({"hashes": [content_hash(d) for d in data], "requests": requests}))
 
