@@ -96,7 +96,8 @@ def cached(store: _Owner, url: str) -> bool:
     """Whether objects at ``url`` go to the node's disk cache (and so can be shared)."""
     runtime = store._runtime.get()
     where = runtime.resolve(parse_url(url))
-    return where.primary.protocol in CACHED_PROTOCOLS and runtime.config.cache.disk_bytes > 0
+    cache = runtime.config.cache
+    return where.primary.protocol in CACHED_PROTOCOLS and cache.enabled and cache.disk_bytes > 0
 
 
 def holds(store: _Owner, url: str, version: str | None = None) -> bool:
