@@ -15,6 +15,7 @@ See the PyTorch page of the documentation.
 from __future__ import annotations
 
 from mlstore.torch._checkpoint import load, save
+from mlstore.torch._cooperative import CooperativeWarm, NodeExchange, cooperative_warm
 from mlstore.torch._map import MapDataset
 from mlstore.torch._prefetch import PrefetchSampler
 from mlstore.torch._sampler import ShardSampler
@@ -28,13 +29,16 @@ from mlstore.torch._shardmap import (
 from mlstore.torch._shards import ShardDataset, ShardFormatError
 
 __all__ = [
+    "CooperativeWarm",
     "MapDataset",
+    "NodeExchange",
     "PrefetchSampler",
     "ShardDataset",
     "ShardFormatError",
     "ShardInfo",
     "ShardMapDataset",
     "ShardSampler",
+    "cooperative_warm",
     "index_shards",
     "load",
     "load_index",
