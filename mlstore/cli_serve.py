@@ -105,7 +105,15 @@ def _cmd_serve(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
         root = store.config.cache.resolved_disk_dir
         out.write(f"serving the node totals of {root} on {where}; {pruning}\n")
         out.flush()
+        from mlstore.cache._tenancy import prune_tenants, prunes_every_tenant
+
         while not stop.wait(every or None):
+            if prunes_every_tenant(store.config.cache):  # root: every tenant of the node
+                for r in prune_tenants(
+                    store.config.cache.node_cache_dir, store.config.cache.disk_bytes
+                ):
+                    out.write(f"pruned {human(r['freed'])} of {r['tenant']}\n")
+                continue
             before = disk.count()
             freed = disk.evict(None)
             if freed:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlstore.cache._opened import OpenedHits, _other_version
+from mlstore.cache._tenancy import disk_tier_class, tenant_root
 from mlstore.cache.disk import (
     DiskEntry,
     DiskFullError,
@@ -97,9 +98,9 @@ class TieredCache(CacheDisplay, OpenedHits):
         )
         self.disk: DiskTier | None = None
         self.flight: SingleFlight
-        root = config.resolved_disk_dir
+        root = tenant_root(config)  # config.resolved_disk_dir, its tenants/ made
         if config.disk_bytes > 0:
-            self.disk = DiskTier(
+            self.disk = disk_tier_class(config)(
                 root,
                 config.disk_bytes,
                 verify=config.verify == "always",
