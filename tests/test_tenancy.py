@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -68,7 +69,7 @@ def child_python() -> tuple[str, str]:
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("starting processes of other uids needs root")
     path = os.pathsep.join([REPO, sysconfig.get_paths()["purelib"]])
-    version = "python%d.%d" % sys.version_info[:2]
+    version = "python{}.{}".format(*sys.version_info[:2])
     for python in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
         try:
             probe = subprocess.run(
@@ -158,7 +159,8 @@ def blob_files(tenant_dir: str) -> list[Path]:
 def bytes_on_disk(root: str) -> int:
     """Bytes of blob files of every tenant under the node cache ``root``."""
     tenants = Path(root, "tenants")
-    return sum(p.stat().st_size for d in tenants.iterdir() if d.is_dir() for p in blob_files(str(d)))
+    dirs = [d for d in tenants.iterdir() if d.is_dir()]
+    return sum(p.stat().st_size for d in dirs for p in blob_files(str(d)))
 
 
 @pytest.mark.s3
@@ -215,9 +217,7 @@ def test_two_uids_share_one_node_cache_apart_within_one_budget(
     )
     assert pruned.returncode == 0, pruned.stderr[-3000:]
     report = json.loads(pruned.stdout)
-    assert [(r["tenant"], r["after"]) for r in report["tenants"]] == [
-        (f"uid-{first}", 2 * SIZE)
-    ]
+    assert [(r["tenant"], r["after"]) for r in report["tenants"]] == [(f"uid-{first}", 2 * SIZE)]
     assert bytes_on_disk(node_root) == 4 * SIZE
     for path in Path(tenants, f"uid-{first}").rglob("*"):
         assert path.lstat().st_uid == first, path
@@ -276,18 +276,30 @@ def test_namespace_tenancy_without_a_name_names_the_variables(
     with pytest.raises(ConfigError, match="MLSTORE_TENANT nor POD_NAMESPACE"):
         CacheConfig(disk_dir=str(tmp_path), tenancy="namespace")
     monkeypatch.setenv("POD_NAMESPACE", "../etc")
-    with pytest.raises(ConfigError, match="POD_NAMESPACE='../etc' is not a tenant name"):
+    with pytest.raises(ConfigError, match=re.escape("POD_NAMESPACE='../etc' is not a tenant name")):
         CacheConfig(disk_dir=str(tmp_path), tenancy="namespace")
 
 
-def test_tenants_dir_is_made_like_tmp_and_refused_without_the_sticky_bit(
+def test_tenants_dir_is_made_like_tmp(
     tmp_path: Path,
 ) -> None:
     tenants = prepare_tenants_dir(str(tmp_path / "node"))
     assert stat.S_IMODE(os.stat(tenants).st_mode) == 0o1777
     assert stat.S_IMODE(os.stat(tmp_path / "node").st_mode) == 0o755
+    os.chmod(tenants, 0o755)  # ours, made by a plain mkdir: made like /tmp again
+    prepare_tenants_dir(str(tmp_path / "node"))
+    assert stat.S_IMODE(os.stat(tenants).st_mode) == 0o1777
+
+
+def test_a_tenants_dir_others_may_write_to_without_the_sticky_bit_is_refused(
+    tmp_path: Path,
+) -> None:
+    tenants = prepare_tenants_dir(str(tmp_path / "node"))
+    if os.geteuid() != 0:
+        pytest.skip("giving the directory to another uid needs root")
+    os.chown(tenants, UIDS[0], UIDS[0])  # not ours: not ours to fix either
     os.chmod(tenants, 0o777)
-    with pytest.raises(ConfigError, match="sticky bit"):
+    with pytest.raises(ConfigError, match="without the sticky bit"):
         prepare_tenants_dir(str(tmp_path / "node"))
 
 

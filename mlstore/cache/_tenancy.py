@@ -66,6 +66,12 @@ log = logging.getLogger("mlstore.cache")
 _FLOOR_SHARE = 8
 _USAGE = ".usage"
 _TENANT_DIR = re.compile(r"(?:uid-\d+|ns-[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)")
+#: What root runs, as a tenant's uid, to prune that tenant (``-c``: no second copy of
+#: this module as ``__main__``).
+_PRUNE_ONE = (
+    "import json, sys; from mlstore.cache._tenancy import _prune_one; "
+    "print(json.dumps(_prune_one(sys.argv[1], int(sys.argv[2]))))"
+)
 _HELD = """SELECT (SELECT value FROM meta WHERE name = 'bytes'),
                   (SELECT coalesce(sum(size), 0) FROM reservations)"""
 
@@ -103,6 +109,9 @@ def prepare_tenants_dir(node_dir: str) -> str:
     st = os.lstat(tenants)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{tenants!r} is not a directory (a symbolic link?); remove it")
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o1777:
+        os.chmod(tenants, 0o1777)  # ours, made by a plain mkdir (a checkpoint's staging)
+        st = os.lstat(tenants)
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         raise ConfigError(
             f"{tenants!r} is writable by everyone without the sticky bit, so any user "
@@ -275,7 +284,7 @@ def prune_tenants(node_dir: str, limit: int) -> list[dict[str, Any]]:
             continue
         owner = os.lstat(os.path.join(tenants, name))
         done = subprocess.run(
-            [sys.executable, "-m", "mlstore.cache._tenancy", os.path.join(tenants, name), str(cap)],
+            [sys.executable, "-c", _PRUNE_ONE, os.path.join(tenants, name), str(cap)],
             user=owner.st_uid,
             group=owner.st_gid,
             extra_groups=[],
@@ -292,6 +301,8 @@ def prune_tenants(node_dir: str, limit: int) -> list[dict[str, Any]]:
 
 def _prune_one(root: str, cap: int) -> dict[str, int]:
     """Evict the tenant cache ``root`` down to ``cap`` bytes (run as its owner)."""
+    if not os.path.isdir(root):  # removed meanwhile: not to be made again here
+        return {"before": 0, "after": 0, "freed": 0, "evicted": 0}
     disk = TenantDiskTier(root, cap)
     try:
         before, blobs = disk.size(), disk.count()
@@ -304,7 +315,3 @@ def _prune_one(root: str, cap: int) -> dict[str, int]:
         }
     finally:
         disk.close()
-
-
-if __name__ == "__main__":
-    print(json.dumps(_prune_one(sys.argv[1], int(sys.argv[2]))))
