@@ -109,10 +109,12 @@ def dataset(s3_options: dict[str, object], s3_bucket: str) -> list[str]:
     return urls
 
 
-def tenant_env(python_path: str, root: str, s3_proxy: ServerProcess) -> dict[str, str]:
+@pytest.fixture
+def env(child_python: tuple[str, str], node_root: str, s3_proxy: ServerProcess) -> dict[str, str]:
+    """The environment of every tenant (and of root's prune) on the node."""
     return {
-        "PYTHONPATH": python_path,
-        "MLSTORE_CACHE_DIR": root,
+        "PYTHONPATH": child_python[1],
+        "MLSTORE_CACHE_DIR": node_root,
         "MLSTORE_CACHE_TENANCY": "uid",
         "MLSTORE_DISK_BYTES": str(BUDGET),
         "MLSTORE_MEMORY_BYTES": "0",
@@ -166,12 +168,9 @@ def bytes_on_disk(root: str) -> int:
 @pytest.mark.s3
 @pytest.mark.slow
 def test_two_uids_share_one_node_cache_apart_within_one_budget(
-    child_python: tuple[str, str],
-    node_root: str,
-    dataset: list[str],
-    s3_proxy: ServerProcess,
+    child_python: tuple[str, str], env: dict[str, str], dataset: list[str], s3_proxy: ServerProcess
 ) -> None:
-    env = tenant_env(child_python[1], node_root, s3_proxy)
+    node_root = env["MLSTORE_CACHE_DIR"]
     first, second = UIDS
     tenants = os.path.join(node_root, "tenants")
 
@@ -226,12 +225,9 @@ def test_two_uids_share_one_node_cache_apart_within_one_budget(
 @pytest.mark.s3
 @pytest.mark.slow
 def test_two_uids_filling_at_once_hold_the_one_budget(
-    child_python: tuple[str, str],
-    node_root: str,
-    dataset: list[str],
-    s3_proxy: ServerProcess,
+    child_python: tuple[str, str], env: dict[str, str], dataset: list[str]
 ) -> None:
-    env = tenant_env(child_python[1], node_root, s3_proxy)
+    node_root = env["MLSTORE_CACHE_DIR"]
     children = [start_tenant(child_python, uid, env, dataset) for uid in UIDS]
     for child in children:
         assert finish(child)["sizes"] == [SIZE] * OBJECTS
