@@ -112,8 +112,12 @@ def dataset(s3_options: dict[str, object], s3_bucket: str) -> list[str]:
 @pytest.fixture
 def env(child_python: tuple[str, str], node_root: str, s3_proxy: ServerProcess) -> dict[str, str]:
     """The environment of every tenant (and of root's prune) on the node."""
+    return tenant_env(child_python[1], node_root, s3_proxy)
+
+
+def tenant_env(python_path: str, node_root: str, s3_proxy: ServerProcess) -> dict[str, str]:
     return {
-        "PYTHONPATH": child_python[1],
+        "PYTHONPATH": python_path,
         "MLSTORE_CACHE_DIR": node_root,
         "MLSTORE_CACHE_TENANCY": "uid",
         "MLSTORE_DISK_BYTES": str(BUDGET),
@@ -127,13 +131,14 @@ def env(child_python: tuple[str, str], node_root: str, s3_proxy: ServerProcess) 
 
 
 def start_tenant(
-    python: tuple[str, str], uid: int, env: dict[str, str], urls: list[str], *foreign: str
+    python: tuple[str, str], uid: int | None, env: dict[str, str], urls: list[str], *foreign: str
 ) -> subprocess.Popen[str]:
+    """A tenant process, as ``uid`` (``None``: as this process's uid)."""
     return subprocess.Popen(
         [python[0], "-c", textwrap.dedent(TENANT), json.dumps(urls), *foreign],
         user=uid,
         group=uid,
-        extra_groups=[],
+        extra_groups=None if uid is None else [],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -149,7 +154,7 @@ def finish(child: subprocess.Popen[str]) -> dict[str, object]:
 
 
 def run_tenant(
-    python: tuple[str, str], uid: int, env: dict[str, str], urls: list[str], *foreign: str
+    python: tuple[str, str], uid: int | None, env: dict[str, str], urls: list[str], *foreign: str
 ) -> dict[str, object]:
     return finish(start_tenant(python, uid, env, urls, *foreign))
 
@@ -238,6 +243,26 @@ def test_two_uids_filling_at_once_hold_the_one_budget(
 
 
 # ------------------------------------------------------------------ no other uid needed
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_namespace_tenants_keep_their_own_entries_within_one_budget(
+    node_root: str, dataset: list[str], s3_proxy: ServerProcess
+) -> None:
+    python = (sys.executable, REPO)
+    base = {**tenant_env(REPO, node_root, s3_proxy), "MLSTORE_CACHE_TENANCY": "namespace"}
+    for name in ("team-a", "team-b"):
+        proxy.reset(s3_proxy.endpoint)
+        done = run_tenant(python, None, {**base, "POD_NAMESPACE": name}, dataset)
+        assert done["root"] == os.path.join(node_root, "tenants", f"ns-{name}")
+        assert object_gets(s3_proxy.endpoint) == OBJECTS  # never served team-a's entries
+        st = os.stat(str(done["root"]))
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.getuid(), 0o700)
+    assert bytes_on_disk(node_root) == BUDGET  # team-b kept what team-a left room for
+    proxy.reset(s3_proxy.endpoint)
+    run_tenant(python, None, {**base, "MLSTORE_TENANT": "team-a"}, dataset)
+    assert object_gets(s3_proxy.endpoint) == 0  # team-a again: all its own entries
 
 
 def test_default_is_one_private_tree_as_before(tmp_path: Path) -> None:
