@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -34,6 +35,7 @@ SIZE = 64 * 1024  # bytes of each object
 BUDGET = 8 * SIZE  # the node's disk budget, for all tenants together
 OBJECTS = 6  # each tenant's working set: 3/4 of the budget
 UIDS = (1001, 1002)
+NO_PORT = ["--port", "0", "--addr", "127.0.0.1"]  # any free port, for the exporter
 REPO = str(Path(__file__).resolve().parent.parent)
 
 # A tenant: read every URL through its own Store, optionally try to open a file of
@@ -225,6 +227,26 @@ def test_two_uids_share_one_node_cache_apart_within_one_budget(
     assert bytes_on_disk(node_root) == 4 * SIZE
     for path in Path(tenants, f"uid-{first}").rglob("*"):
         assert path.lstat().st_uid == first, path
+
+    # The DaemonSet's loop does the same on its schedule: a budget of 2 objects now.
+    with subprocess.Popen(
+        [child_python[0], "-m", "mlstore", "cache", "serve", "--prune-every", "0.1", *NO_PORT],
+        env={**env, "MLSTORE_DISK_BYTES": str(2 * SIZE)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as serve:
+        try:
+            assert serve.stdout is not None
+            assert "; pruning every tenant to 128.0 KiB every 0.1 s" in serve.stdout.readline()
+            lines = {serve.stdout.readline().strip() for _ in UIDS}
+            assert lines == {f"pruned 64.0 KiB of uid-{uid}" for uid in UIDS}
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(timeout=60) == 0
+        finally:
+            if serve.poll() is None:
+                serve.kill()
+    assert bytes_on_disk(node_root) == 2 * SIZE
 
 
 @pytest.mark.s3
