@@ -362,3 +362,20 @@ def test_fair_shares_leave_what_a_small_tenant_does_not_use_to_the_others() -> N
     assert fair_shares({"a": 10, "b": 70, "c": 40}, 90) == {"a": 10, "b": 40, "c": 40}
     assert fair_shares({"a": 50, "b": 50}, 60) == {"a": 30, "b": 30}
     assert fair_shares({"a": 5, "b": 5}, 60) == {"a": 5, "b": 5}
+
+
+def test_a_ledger_that_cannot_be_written_is_logged_once_and_reads_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tenants = prepare_tenants_dir(str(tmp_path))
+    os.mkdir(os.path.join(tenants, "uid-1"), 0o700)
+    os.mkdir(os.path.join(tenants, "uid-1.usage"))  # in the way of the file
+    ledger = Ledger(tenants, "uid-1")
+    with caplog.at_level("WARNING", logger="mlstore.cache"):
+        ledger.publish(5)
+        ledger.publish(6)
+    assert [r.getMessage()[:40] for r in caplog.records] == [
+        "cannot record the cache usage of tenant "
+    ]
+    assert ledger.usage() == {"uid-1": 0}
+    assert not [n for n in os.listdir(tenants) if n.endswith(".tmp")]

@@ -127,6 +127,7 @@ class Ledger:
     def __init__(self, tenants_dir: str, name: str) -> None:
         self.dir = tenants_dir
         self.name = name
+        self._warned = False
 
     def publish(self, held: int) -> None:
         """Record that this tenant holds ``held`` bytes."""
@@ -147,6 +148,13 @@ class Ledger:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+            self.failed(exc)
+
+    def failed(self, exc: Exception) -> None:
+        """Log, once, that this tenant's usage could not be recorded (reads go on; the
+        others then see its last recorded bytes)."""
+        if not self._warned:
+            self._warned = True
             log.warning("cannot record the cache usage of tenant %s: %s", self.name, exc)
 
     def usage(self) -> dict[str, int]:
@@ -221,7 +229,7 @@ class TenantDiskTier(DiskTier):
                 indexed, reserved = (int(n) for n in db.execute(_HELD).fetchone())
                 self.ledger.publish(indexed + reserved)
         except (sqlite3.Error, OSError) as exc:  # never fails a read: the ledger is advice
-            log.warning("cannot record the cache usage of tenant %s: %s", self.ledger.name, exc)
+            self.ledger.failed(exc)
 
     def put(self, *args: Any, **kwargs: Any) -> bool:
         try:
