@@ -49,7 +49,6 @@ import os
 import re
 import sqlite3
 import stat
-import subprocess
 import sys
 from typing import Any
 
@@ -282,6 +281,8 @@ def prune_tenants(node_dir: str, limit: int) -> list[dict[str, Any]]:
     """Cut every tenant of the node cache ``node_dir`` to its fair share of ``limit``
     (run as root; one process per tenant, as that tenant's uid). One report per tenant
     pruned: ``tenant``, ``before``, ``after``, ``freed``, ``evicted``."""
+    import subprocess  # only root's prune starts processes: not at import
+
     tenants = os.path.join(node_dir, TENANTS_DIR)
     usage = Ledger(tenants, "").usage()
     if sum(usage.values()) <= limit:
