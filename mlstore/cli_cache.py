@@ -134,7 +134,7 @@ def _cmd_path(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_prune(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
-    from mlstore.cache._tenancy import prunes_every_tenant
+    from mlstore.cache.tenancy import prunes_every_tenant
     from mlstore.config import parse_size
 
     to = None if args.to is None else parse_size(args.to, name="--to")
@@ -159,11 +159,11 @@ def _cmd_prune(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
 
 def _prune_tenants(store: Store, to: int | None, as_json: bool, out: IO[str]) -> int:
     """Cut every tenant of the node cache to its fair share of the node's budget."""
-    from mlstore.cache._tenancy import prune_tenants
+    from mlstore.cache.tenancy import prune_tenants
 
     cache = store.config.cache
     limit = cache.disk_bytes if to is None else to
-    reports = prune_tenants(cache.node_cache_dir, limit)
+    reports = prune_tenants(cache.tenants_dir, limit)
     if as_json:
         _emit(out, {"tenants": reports, "limit": limit})
     for r in [] if as_json else reports:

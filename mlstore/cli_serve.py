@@ -100,7 +100,7 @@ def _cmd_serve(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
 
             exporter = metrics.serve(args.port, args.addr, store.config.cache.resolved_disk_dir)
             where = f"http://{args.addr}:{exporter.port}/metrics"
-        from mlstore.cache._tenancy import prune_tenants, prunes_every_tenant
+        from mlstore.cache.tenancy import prune_tenants, prunes_every_tenant
 
         cache = store.config.cache
         every_tenant = prunes_every_tenant(cache)  # root under a tenancy: the whole node
@@ -114,7 +114,7 @@ def _cmd_serve(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
         out.flush()
         while not stop.wait(every or None):
             if every_tenant:
-                for r in prune_tenants(cache.node_cache_dir, cache.disk_bytes):
+                for r in prune_tenants(cache.tenants_dir, cache.disk_bytes):
                     out.write(f"pruned {human(r['freed'])} of {r['tenant']}\n")
                 out.flush()
                 continue

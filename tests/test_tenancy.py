@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import mlstore
-from mlstore.cache._tenancy import Ledger, fair_shares, prepare_tenants_dir
+from mlstore.cache.tenancy import Ledger, fair_shares, prepare_tenants_dir
 from mlstore.config import CacheConfig
 from mlstore.errors import ConfigError
 from tests.emulators import ServerProcess
@@ -97,7 +97,7 @@ def node_root() -> Iterator[str]:
     the node's DaemonSet makes it when it starts."""
     root = tempfile.mkdtemp(prefix="mlstore-tenancy-")
     os.chmod(root, 0o755)
-    prepare_tenants_dir(os.path.join(root, "cache"))
+    prepare_tenants_dir(os.path.join(root, "cache", "tenants"))
     yield os.path.join(root, "cache")
     shutil.rmtree(root)
 
@@ -326,28 +326,31 @@ def test_namespace_tenancy_without_a_name_names_the_variables(
 def test_tenants_dir_is_made_like_tmp(
     tmp_path: Path,
 ) -> None:
-    tenants = prepare_tenants_dir(str(tmp_path / "node"))
+    tenants = str(tmp_path / "node" / "tenants")
+    prepare_tenants_dir(tenants)
     assert stat.S_IMODE(os.stat(tenants).st_mode) == 0o1777
     assert stat.S_IMODE(os.stat(tmp_path / "node").st_mode) == 0o755
     os.chmod(tenants, 0o755)  # ours, made by a plain mkdir: made like /tmp again
-    prepare_tenants_dir(str(tmp_path / "node"))
+    prepare_tenants_dir(tenants)
     assert stat.S_IMODE(os.stat(tenants).st_mode) == 0o1777
 
 
 def test_a_tenants_dir_others_may_write_to_without_the_sticky_bit_is_refused(
     tmp_path: Path,
 ) -> None:
-    tenants = prepare_tenants_dir(str(tmp_path / "node"))
+    tenants = str(tmp_path / "node" / "tenants")
+    prepare_tenants_dir(tenants)
     if os.geteuid() != 0:
         pytest.skip("giving the directory to another uid needs root")
     os.chown(tenants, UIDS[0], UIDS[0])  # not ours: not ours to fix either
     os.chmod(tenants, 0o777)
     with pytest.raises(ConfigError, match="without the sticky bit"):
-        prepare_tenants_dir(str(tmp_path / "node"))
+        prepare_tenants_dir(tenants)
 
 
 def test_a_tenants_cap_is_the_budget_less_the_others_with_a_floor(tmp_path: Path) -> None:
-    tenants = prepare_tenants_dir(str(tmp_path))
+    tenants = str(tmp_path / "tenants")
+    prepare_tenants_dir(tenants)
     for name, held in (("uid-1", 0), ("uid-2", 600), ("ns-x", 300)):
         os.mkdir(os.path.join(tenants, name), 0o700)
         Ledger(tenants, name).publish(held)
@@ -367,7 +370,8 @@ def test_fair_shares_leave_what_a_small_tenant_does_not_use_to_the_others() -> N
 def test_a_ledger_that_cannot_be_written_is_logged_once_and_reads_go_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tenants = prepare_tenants_dir(str(tmp_path))
+    tenants = str(tmp_path / "tenants")
+    prepare_tenants_dir(tenants)
     os.mkdir(os.path.join(tenants, "uid-1"), 0o700)
     os.mkdir(os.path.join(tenants, "uid-1.usage"))  # in the way of the file
     ledger = Ledger(tenants, "uid-1")

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlstore.cache._opened import OpenedHits, _other_version
-from mlstore.cache._tenancy import disk_tier_class, tenant_root
+from mlstore.cache.tenancy import disk_tier_class, tenant_root
 from mlstore.cache.disk import (
     DiskEntry,
     DiskFullError,

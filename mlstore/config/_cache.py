@@ -149,7 +149,7 @@ class CacheConfig(Resolved):
             so no tenant can read another's bytes; ``"namespace"``: the same, in
             ``tenants/ns-<name>/``, named by ``MLSTORE_TENANT`` or ``POD_NAMESPACE``.
             Under both, ``disk_bytes`` is the budget of the whole node, shared by its
-            tenants (see :mod:`mlstore.cache._tenancy`).
+            tenants (see :mod:`mlstore.cache.tenancy`).
     """
 
     enabled: bool = setting("MLSTORE_CACHE", flag, True)
@@ -185,9 +185,19 @@ class CacheConfig(Resolved):
     def resolved_disk_dir(self) -> str:
         """The disk tier's directory, with the platform default filled in: under a
         ``tenancy``, this process's tenant directory below :attr:`node_cache_dir`."""
-        tenant = tenant_name(self.tenancy)
-        root = self.node_cache_dir
-        return root if tenant is None else os.path.join(root, TENANTS_DIR, tenant)
+        tenant = self.tenant
+        return self.node_cache_dir if tenant is None else os.path.join(self.tenants_dir, tenant)
+
+    @property
+    def tenant(self) -> str | None:
+        """This process's tenant under ``tenancy`` (``uid-1001``, ``ns-team-a``), or
+        ``None`` without one."""
+        return tenant_name(self.tenancy)
+
+    @property
+    def tenants_dir(self) -> str:
+        """The directory of the node's tenants, below :attr:`node_cache_dir`."""
+        return os.path.join(self.node_cache_dir, TENANTS_DIR)
 
     @property
     def node_cache_dir(self) -> str:

@@ -54,7 +54,6 @@ from typing import Any
 
 from mlstore.cache.disk import DiskTier
 from mlstore.config import CacheConfig
-from mlstore.config._cache import TENANTS_DIR, tenant_name
 from mlstore.errors import ConfigError
 
 __all__ = ["Ledger", "TenantDiskTier", "disk_tier_class", "fair_shares", "prune_tenants"]
@@ -68,7 +67,7 @@ _TENANT_DIR = re.compile(r"(?:uid-\d+|ns-[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)")
 #: What root runs, as a tenant's uid, to prune that tenant (``-c``: no second copy of
 #: this module as ``__main__``).
 _PRUNE_ONE = (
-    "import json, sys; from mlstore.cache._tenancy import _prune_one; "
+    "import json, sys; from mlstore.cache.tenancy import _prune_one; "
     "print(json.dumps(_prune_one(sys.argv[1], int(sys.argv[2]))))"
 )
 _HELD = """SELECT (SELECT value FROM meta WHERE name = 'bytes'),
@@ -78,22 +77,21 @@ _HELD = """SELECT (SELECT value FROM meta WHERE name = 'bytes'),
 def tenant_root(config: CacheConfig) -> str:
     """The disk tier's directory for ``config``; under a tenancy, the shared ``tenants/``
     directory is made (or checked) first, so that the tenant can make its own in it."""
-    if tenant_name(config.tenancy) is not None:
-        prepare_tenants_dir(config.node_cache_dir)
+    if config.tenant is not None:
+        prepare_tenants_dir(config.tenants_dir)
     return config.resolved_disk_dir
 
 
 def disk_tier_class(config: CacheConfig) -> type[DiskTier]:
     """The disk tier for ``config``: one that shares the node's budget under a tenancy."""
-    return DiskTier if tenant_name(config.tenancy) is None else TenantDiskTier
+    return DiskTier if config.tenant is None else TenantDiskTier
 
 
-def prepare_tenants_dir(node_dir: str) -> str:
-    """Make ``node_dir`` (0755) and its ``tenants/`` (1777) if missing; returns the
-    latter. An existing ``tenants/`` that others may write to must have the sticky bit
-    (else any user could remove another's directory)."""
-    tenants = os.path.join(node_dir, TENANTS_DIR)
-    for path, mode in ((node_dir, 0o755), (tenants, 0o1777)):
+def prepare_tenants_dir(tenants: str) -> None:
+    """Make the node cache directory (0755) and its ``tenants/`` (1777) if missing. An
+    existing ``tenants/`` that others may write to must have the sticky bit (else any
+    user could remove another's directory)."""
+    for path, mode in ((os.path.dirname(tenants), 0o755), (tenants, 0o1777)):
         try:
             os.mkdir(path, mode)
         except FileExistsError:
@@ -116,7 +114,6 @@ def prepare_tenants_dir(node_dir: str) -> str:
             f"{tenants!r} is writable by everyone without the sticky bit, so any user "
             f"could remove another's cache: run 'chmod 1777 {tenants}'"
         )
-    return tenants
 
 
 class Ledger:
@@ -274,16 +271,15 @@ def fair_shares(usage: dict[str, int], limit: int) -> dict[str, int]:
 def prunes_every_tenant(config: CacheConfig) -> bool:
     """Whether ``mlstore cache prune`` and ``serve`` prune every tenant of the node (run
     as root under a tenancy, as a node's DaemonSet is) rather than their own cache."""
-    return tenant_name(config.tenancy) is not None and os.geteuid() == 0
+    return config.tenant is not None and os.geteuid() == 0
 
 
-def prune_tenants(node_dir: str, limit: int) -> list[dict[str, Any]]:
-    """Cut every tenant of the node cache ``node_dir`` to its fair share of ``limit``
-    (run as root; one process per tenant, as that tenant's uid). One report per tenant
-    pruned: ``tenant``, ``before``, ``after``, ``freed``, ``evicted``."""
+def prune_tenants(tenants: str, limit: int) -> list[dict[str, Any]]:
+    """Cut every tenant in ``tenants`` (a node cache's ``tenants/``) to its fair share
+    of ``limit`` (run as root; one process per tenant, as that tenant's uid). One report
+    per tenant pruned: ``tenant``, ``before``, ``after``, ``freed``, ``evicted``."""
     import subprocess  # only root's prune starts processes: not at import
 
-    tenants = os.path.join(node_dir, TENANTS_DIR)
     usage = Ledger(tenants, "").usage()
     if sum(usage.values()) <= limit:
         return []
