@@ -56,7 +56,16 @@ from mlstore.cache.disk import DiskTier
 from mlstore.config import CacheConfig
 from mlstore.errors import ConfigError
 
-__all__ = ["Ledger", "TenantDiskTier", "disk_tier_class", "fair_shares", "prune_tenants"]
+__all__ = [
+    "Ledger",
+    "TenantDiskTier",
+    "disk_tier_class",
+    "fair_shares",
+    "prepare_tenants_dir",
+    "prune_tenants",
+    "prunes_every_tenant",
+    "tenant_root",
+]
 
 log = logging.getLogger("mlstore.cache")
 
@@ -91,7 +100,10 @@ def prepare_tenants_dir(tenants: str) -> None:
     """Make the node cache directory (0755) and its ``tenants/`` (1777) if missing. An
     existing ``tenants/`` that others may write to must have the sticky bit (else any
     user could remove another's directory)."""
-    for path, mode in ((os.path.dirname(tenants), 0o755), (tenants, 0o1777)):
+    node_dir = os.path.dirname(tenants)
+    with contextlib.suppress(OSError):  # its parents (~/.cache); a failure is told below
+        os.makedirs(os.path.dirname(node_dir), exist_ok=True)
+    for path, mode in ((node_dir, 0o755), (tenants, 0o1777)):
         try:
             os.mkdir(path, mode)
         except FileExistsError:
