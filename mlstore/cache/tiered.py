@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlstore.cache._opened import OpenedHits, _other_version
-from mlstore.cache.tenancy import disk_tier_class, tenant_root
 from mlstore.cache.disk import (
     DiskEntry,
     DiskFullError,
@@ -40,6 +39,7 @@ from mlstore.cache.display import CacheDisplay
 from mlstore.cache.flight import SingleFlight
 from mlstore.cache.freshness import Freshness, trusted
 from mlstore.cache.memory import MemoryTier
+from mlstore.cache.tenancy import disk_tier_class, tenant_root
 from mlstore.config import CacheConfig
 from mlstore.hashing import content_hash
 from mlstore.metrics import Metrics
