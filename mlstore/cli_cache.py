@@ -134,10 +134,13 @@ def _cmd_path(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_prune(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
+    from mlstore.cache.tenancy import prunes_every_tenant
     from mlstore.config import parse_size
 
     to = None if args.to is None else parse_size(args.to, name="--to")
     disk = _disk(store)
+    if prunes_every_tenant(store.config.cache):  # root under a tenancy: the whole node
+        return _prune_tenants(store, to, args.json, out)
     before, blobs = disk.size(), disk.count()
     freed = disk.evict(to)
     after = disk.size()
@@ -151,6 +154,20 @@ def _cmd_prune(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
             f"freed {human(freed)} ({evicted} blobs); the cache holds {human(after)} "
             f"(limit {limit})\n"
         )
+    return 0
+
+
+def _prune_tenants(store: Store, to: int | None, as_json: bool, out: IO[str]) -> int:
+    """Cut every tenant of the node cache to its fair share of the node's budget."""
+    from mlstore.cache.tenancy import prune_tenants
+
+    cache = store.config.cache
+    limit = cache.disk_bytes if to is None else to
+    reports = prune_tenants(cache.tenants_dir, limit)
+    if as_json:
+        _emit(out, {"tenants": reports, "limit": limit})
+    for r in [] if as_json else reports:
+        out.write(f"{r['tenant']}: freed {human(r['freed'])}, holds {human(r['after'])}\n")
     return 0
 
 

@@ -100,12 +100,24 @@ def _cmd_serve(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
 
             exporter = metrics.serve(args.port, args.addr, store.config.cache.resolved_disk_dir)
             where = f"http://{args.addr}:{exporter.port}/metrics"
+        from mlstore.cache.tenancy import prune_tenants, prunes_every_tenant
+
+        cache = store.config.cache
+        every_tenant = prunes_every_tenant(cache)  # root under a tenancy: the whole node
         every = args.prune_every
-        pruning = f"pruning to {human(disk.budget)} every {every:g} s" if every else "no pruning"
-        root = store.config.cache.resolved_disk_dir
-        out.write(f"serving the node totals of {root} on {where}; {pruning}\n")
+        if every_tenant:
+            limit = f"every tenant to {human(cache.disk_bytes)}"
+        else:
+            limit = f"to {human(disk.budget)}"
+        pruning = f"pruning {limit} every {every:g} s" if every else "no pruning"
+        out.write(f"serving the node totals of {cache.resolved_disk_dir} on {where}; {pruning}\n")
         out.flush()
         while not stop.wait(every or None):
+            if every_tenant:
+                for r in prune_tenants(cache.tenants_dir, cache.disk_bytes):
+                    out.write(f"pruned {human(r['freed'])} of {r['tenant']}\n")
+                out.flush()
+                continue
             before = disk.count()
             freed = disk.evict(None)
             if freed:

@@ -504,11 +504,16 @@ def test_every_listed_env_var_changes_a_setting(
         monkeypatch.setenv(name, "node-17")
         assert mlstore.node_key() == "node-17"
         return
+    if name == "MLSTORE_TENANT":  # the tenant's name under tenancy="namespace"
+        monkeypatch.setenv(name, "team-17")
+        assert CacheConfig(tenancy="namespace").resolved_disk_dir.endswith("ns-team-17")
+        return
     before = repr(StoreConfig())
     values = ["3", "7", "off", "never", "true", "10.0.0.0/8", "example.org", "/var/tmp/x"]
     values.append("obstore")  # MLSTORE_TRANSPORT (the suite installs mlstore[fast])
     values.append("8MiB")  # MLSTORE_MULTIPART_PART_SIZE (5 MiB at least)
     values.append("internet")  # MLSTORE_EGRESS
+    values.append("uid")  # MLSTORE_CACHE_TENANCY
     for value in values:
         monkeypatch.setenv(name, value)
         try:

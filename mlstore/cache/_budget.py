@@ -172,14 +172,15 @@ class FillCare(IndexCare):
         victims: list[str] = []
         with self._transaction() as db:
             indexed, reserved = (int(n) for n in db.execute(_HELD).fetchone())
-            if indexed + reserved + size > self.budget:
-                if size > self.budget:
+            budget = self._cap(indexed + reserved + size)
+            if indexed + reserved + size > budget:
+                if size > budget:
                     return False
                 reserved -= self._reclaim(db)
-                if reserved + size > self.budget:
+                if reserved + size > budget:
                     return False  # evicting every blob would not make room
                 self._flush(self._index.get(), db)  # this process's uses: the LRU order
-                excess = indexed + reserved + size - self.budget
+                excess = indexed + reserved + size - budget
                 for victim, victim_size in eviction_order(db):
                     if excess <= 0:
                         break
@@ -193,6 +194,11 @@ class FillCare(IndexCare):
         if victims:
             self.on_event("evictions", len(victims))
         return True
+
+    def _cap(self, held: int) -> int:
+        """The budget a reservation that would make the tier hold ``held`` bytes must fit
+        in (called inside its transaction; a tenant's tier shares the node's here)."""
+        return self.budget
 
     def _reclaim(self, db: sqlite3.Connection) -> int:
         """Drop the reservations of dead fillers (inside a transaction); returns the

@@ -39,6 +39,7 @@ from mlstore.cache.display import CacheDisplay
 from mlstore.cache.flight import SingleFlight
 from mlstore.cache.freshness import Freshness, trusted
 from mlstore.cache.memory import MemoryTier
+from mlstore.cache.tenancy import disk_tier_class, tenant_root
 from mlstore.config import CacheConfig
 from mlstore.hashing import content_hash
 from mlstore.metrics import Metrics
@@ -97,9 +98,9 @@ class TieredCache(CacheDisplay, OpenedHits):
         )
         self.disk: DiskTier | None = None
         self.flight: SingleFlight
-        root = config.resolved_disk_dir
+        root = tenant_root(config)  # config.resolved_disk_dir, its tenants/ made
         if config.disk_bytes > 0:
-            self.disk = DiskTier(
+            self.disk = disk_tier_class(config)(
                 root,
                 config.disk_bytes,
                 verify=config.verify == "always",

@@ -7,6 +7,7 @@ store); nothing here knows how the cache works, only what it may be told.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -26,12 +27,51 @@ from mlstore.config._fields import (
 )
 from mlstore.config._prefixes import longest_prefix, prefix_tables
 from mlstore.config._sources import Resolved
+from mlstore.errors import ConfigError
 
 __all__ = ["CacheConfig"]
 
 # Shared by the fields and by each prefix's entry in `policies`, so both accept the same.
 _VALIDATE = choice("never", "ttl", "always")
 _TTL = nonneg(seconds)
+
+#: The subdirectory of the cache directory that holds one directory per tenant.
+TENANTS_DIR = "tenants"
+#: A tenant name: a Kubernetes namespace name (a DNS label), which is safe as a file name.
+_TENANT_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_TENANT_VARIABLES = ("MLSTORE_TENANT", "POD_NAMESPACE")
+
+
+def tenant_name(tenancy: str) -> str | None:
+    """This process's tenant under ``tenancy``: ``uid-<uid>``, ``ns-<namespace>``, or
+    ``None`` for ``"none"`` (one cache tree, as without tenancy).
+
+    Raises:
+        ConfigError: ``"namespace"`` with neither variable set, or set to a value that
+            is not a namespace name (the message names the variable).
+    """
+    if tenancy == "uid":
+        if not hasattr(os, "getuid"):
+            raise ConfigError("CacheConfig.tenancy 'uid' needs a POSIX system (it keys on the uid)")
+        return f"uid-{os.getuid()}"
+    if tenancy != "namespace":
+        return None
+    for variable in _TENANT_VARIABLES:
+        value = os.environ.get(variable)
+        if not value:
+            continue
+        if not _TENANT_NAME.fullmatch(value):
+            raise ConfigError(
+                f"{variable}={value[:80]!r} is not a tenant name: use lower-case letters, "
+                "digits and '-', at most 63 characters, starting and ending with a letter "
+                "or digit (a Kubernetes namespace name)"
+            )
+        return f"ns-{value}"
+    raise ConfigError(
+        "CacheConfig.tenancy is 'namespace' (MLSTORE_CACHE_TENANCY) but neither "
+        "MLSTORE_TENANT nor POD_NAMESPACE is set: set MLSTORE_TENANT, or give the pod its "
+        "namespace as POD_NAMESPACE through the downward API (fieldRef: metadata.namespace)"
+    )
 
 
 def _absolute_directory(value: object, name: str) -> str | None:
@@ -102,6 +142,14 @@ class CacheConfig(Resolved):
             the next reader on the node (a pinned read, or a read after one HEAD) makes
             no GET (``MLSTORE_WRITE_THROUGH``). Default off: most written data (a
             checkpoint, an export) is not read back on the node that wrote it.
+        tenancy: how processes of different users share ``disk_dir``
+            (``MLSTORE_CACHE_TENANCY``). ``"none"`` (the default): one tree, private to
+            its owner, as always. ``"uid"``: the disk tier (blobs, index, metadata, node
+            stats) lives in ``disk_dir/tenants/uid-<uid>/``, 0700 and owned by that uid,
+            so no tenant can read another's bytes; ``"namespace"``: the same, in
+            ``tenants/ns-<name>/``, named by ``MLSTORE_TENANT`` or ``POD_NAMESPACE``.
+            Under both, ``disk_bytes`` is the budget of the whole node, shared by its
+            tenants (see :mod:`mlstore.cache.tenancy`).
     """
 
     enabled: bool = setting("MLSTORE_CACHE", flag, True)
@@ -117,11 +165,13 @@ class CacheConfig(Resolved):
     write_through: bool = setting("MLSTORE_WRITE_THROUGH", flag, False)
     verify: str = setting("MLSTORE_VERIFY", choice("always", "never"), "always")
     policies: Mapping[str, Mapping[str, Any]] = setting(None, _policies, MappingProxyType({}))
+    tenancy: str = setting("MLSTORE_CACHE_TENANCY", choice("none", "uid", "namespace"), "none")
 
     _section = "cache"
 
     def __post_init__(self) -> None:
         self._resolve()
+        tenant_name(self.tenancy)  # a missing or bad tenant name fails here, not at first read
 
     def policy_for(self, url: str) -> tuple[str, float]:
         """``(validate, ttl)`` for ``url``: its longest matching prefix's, or the defaults."""
@@ -133,7 +183,26 @@ class CacheConfig(Resolved):
 
     @property
     def resolved_disk_dir(self) -> str:
-        """The disk tier's directory, with the platform default filled in."""
+        """The disk tier's directory, with the platform default filled in: under a
+        ``tenancy``, this process's tenant directory below :attr:`node_cache_dir`."""
+        tenant = self.tenant
+        return self.node_cache_dir if tenant is None else os.path.join(self.tenants_dir, tenant)
+
+    @property
+    def tenant(self) -> str | None:
+        """This process's tenant under ``tenancy`` (``uid-1001``, ``ns-team-a``), or
+        ``None`` without one."""
+        return tenant_name(self.tenancy)
+
+    @property
+    def tenants_dir(self) -> str:
+        """The directory of the node's tenants, below :attr:`node_cache_dir`."""
+        return os.path.join(self.node_cache_dir, TENANTS_DIR)
+
+    @property
+    def node_cache_dir(self) -> str:
+        """``disk_dir`` with the platform default filled in: the directory every tenant
+        of the node shares (the disk tier's own, without a ``tenancy``)."""
         if self.disk_dir:
             return self.disk_dir
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

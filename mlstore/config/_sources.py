@@ -139,6 +139,7 @@ def env_table(*classes: type[Resolved]) -> dict[str, str]:
     table: dict[str, str] = {
         "MLSTORE_CONFIG": "path of a TOML config file",
         "MLSTORE_NODE_ID": "mlstore.node_key()",  # not a setting: the node's name
+        "MLSTORE_TENANT": "CacheConfig.tenancy",  # not a setting: the tenant's name
     }
     for var, (protocol, option) in OPTION_ENV_VARS.items():
         table[var] = f"StoreConfig.options[{protocol!r}][{option!r}]"
