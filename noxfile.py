@@ -93,6 +93,7 @@ SCALEOUT = [
     "tests/test_dask.py",
     "tests/test_cluster.py",
     "tests/test_shard_sampler.py",
+    "tests/test_tenancy.py",
 ]
 
 
