@@ -61,6 +61,34 @@ def node_env(cache_root: Path, node: int) -> dict[str, str]:
     }
 
 
+def run_all(cache_root: Path, commands: list[tuple[list[str], dict[str, str]]]) -> None:
+    """Start one process a node and wait for them all; fail naming each that failed.
+
+    Each writes to a log file, never a pipe: a pipe nobody reads yet fills up, and the
+    blocked process would hold up the collective of all the others."""
+    logs = [cache_root / f"node-{node}.log" for node in range(len(commands))]
+    started = []
+    for (command, env), log in zip(commands, logs, strict=True):
+        with log.open("w") as sink:
+            started.append(
+                subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+            )
+    try:
+        for process in started:
+            process.wait(timeout=LAUNCH_TIMEOUT)
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    failed = [
+        f"node {i}:\n{log.read_text()[-3000:]}"
+        for i, (process, log) in enumerate(zip(started, logs, strict=True))
+        if process.returncode
+    ]
+    assert not failed, "\n".join(failed)
+
+
 def launch_cluster(cache_root: Path, config: dict[str, Any], per_node: int) -> dict[str, Any]:
     """NODES torchrun launches of ``per_node`` ranks each, every rank calling
     cooperative_warm; the report rank 0 wrote."""
@@ -68,43 +96,29 @@ def launch_cluster(cache_root: Path, config: dict[str, Any], per_node: int) -> d
     out = cache_root / "report.json"
     out.unlink(missing_ok=True)
     args = json.dumps({**config, "out": str(out)})
-    launches = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nnodes={NODES}",
-                f"--nproc-per-node={per_node}",
-                f"--node-rank={node}",
-                "--master-addr=127.0.0.1",
-                f"--master-port={port}",
-                "-m",
-                "tests.scaleout.test_cooperative",
-                "warm",
-                args,
-            ],
-            cwd=ROOT,
-            env=node_env(cache_root, node),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in range(NODES)
-    ]
-    outputs = []
-    try:
-        for launch in launches:
-            outputs.append(launch.communicate(timeout=LAUNCH_TIMEOUT)[0])
-    finally:
-        for launch in launches:
-            if launch.poll() is None:
-                launch.kill()
-                launch.wait()
-    failed = [
-        (i, o) for i, (p, o) in enumerate(zip(launches, outputs, strict=True)) if p.returncode
-    ]
-    assert not failed, "\n".join(f"node {i}:\n{o[-3000:]}" for i, o in failed)
+    run_all(
+        cache_root,
+        [
+            (
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    f"--nnodes={NODES}",
+                    f"--nproc-per-node={per_node}",
+                    f"--node-rank={node}",
+                    "--master-addr=127.0.0.1",
+                    f"--master-port={port}",
+                    "-m",
+                    "tests.scaleout.test_cooperative",
+                    "warm",
+                    args,
+                ],
+                node_env(cache_root, node),
+            )
+            for node in range(NODES)
+        ],
+    )
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
@@ -204,32 +218,22 @@ def launch_ranks(cache_root: Path, config: dict[str, Any], nodes: int) -> dict[s
     port = free_port()
     out = cache_root / "report.json"
     args = json.dumps({**config, "out": str(out)})
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.scaleout.test_cooperative", "warm", args],
-            cwd=ROOT,
-            env={
-                **node_env(cache_root, node),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(node),
-                "WORLD_SIZE": str(nodes),
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in range(nodes)
-    ]
-    try:
-        outputs = [rank.communicate(timeout=LAUNCH_TIMEOUT)[0] for rank in ranks]
-    finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
-                rank.wait()
-    for node, (rank, output) in enumerate(zip(ranks, outputs, strict=True)):
-        assert rank.returncode == 0, f"node {node}:\n{output[-3000:]}"
+    run_all(
+        cache_root,
+        [
+            (
+                [sys.executable, "-m", "tests.scaleout.test_cooperative", "warm", args],
+                {
+                    **node_env(cache_root, node),
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                    "RANK": str(node),
+                    "WORLD_SIZE": str(nodes),
+                },
+            )
+            for node in range(nodes)
+        ],
+    )
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 

@@ -116,22 +116,25 @@ def launch(kind: str, shards: dict[str, Any], endpoint: str, tmp: Path) -> dict[
                 "tests.scaleout.test_torchrun_shards",
                 json.dumps(cfg),
             ]
-            nodes.append(
-                subprocess.Popen(
-                    command,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    start_new_session=True,
+            # A log file, never a pipe: a full pipe nobody reads yet would block that
+            # node, and the collective of every other node with it.
+            with (tmp / f"{kind}-node-{node}.log").open("w") as sink:
+                nodes.append(
+                    subprocess.Popen(
+                        command,
+                        env=env,
+                        stdout=sink,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 )
-            )
         for node, child in enumerate(nodes):
             try:
-                _, stderr = child.communicate(timeout=300)
+                child.wait(timeout=300)
             except subprocess.TimeoutExpired:
                 raise AssertionError(f"torchrun node {node} ({kind}) hung") from None
-            assert child.returncode == 0, f"node {node} ({kind}):\n{stderr[-4000:]}"
+            output = (tmp / f"{kind}-node-{node}.log").read_text()
+            assert child.returncode == 0, f"node {node} ({kind}):\n{output[-4000:]}"
     finally:
         for child in nodes:
             with contextlib.suppress(ProcessLookupError, PermissionError):
