@@ -90,6 +90,7 @@ def tests(session: nox.Session) -> None:
 #: nodes, then the node plans, the Dask warm-ups and the shard sampler they build on.
 SCALEOUT = [
     "tests/scaleout",
+    "tests/test_cooperative.py",
     "tests/test_dask.py",
     "tests/test_cluster.py",
     "tests/test_shard_sampler.py",

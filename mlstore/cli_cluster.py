@@ -11,7 +11,9 @@ every object of its share.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING
 
 from mlstore.errors import ConfigError
@@ -23,8 +25,12 @@ if TYPE_CHECKING:
 
 __all__ = ["warm_cluster"]
 
+#: Warms the objects it is given on every node of the connected cluster.
+Warm = Callable[[list["Item"]], "ClusterWarm"]
 
-def _ray(address: str, found: list[Item], args: argparse.Namespace) -> ClusterWarm:
+
+@contextlib.contextmanager
+def _ray(address: str, args: argparse.Namespace) -> Iterator[Warm]:
     try:
         import ray
 
@@ -35,14 +41,15 @@ def _ray(address: str, found: list[Item], args: argparse.Namespace) -> ClusterWa
         ) from exc
     ray.init(address=address, log_to_driver=False)
     try:
-        return mlstore.ray.warm_items(
+        yield lambda found: mlstore.ray.warm_items(
             found, replicate=args.replicate, jobs=args.jobs or 32, timeout=args.timeout
         )
     finally:
         ray.shutdown()
 
 
-def _dask(scheduler: str, found: list[Item], args: argparse.Namespace) -> ClusterWarm:
+@contextlib.contextmanager
+def _dask(scheduler: str, args: argparse.Namespace) -> Iterator[Warm]:
     try:
         import distributed
 
@@ -52,31 +59,29 @@ def _dask(scheduler: str, found: list[Item], args: argparse.Namespace) -> Cluste
             f"warm --dask needs Dask ({exc}); install it with: pip install 'mlstore[dask]'"
         ) from exc
     try:
-        client = distributed.Client(scheduler, timeout=30)
+        client = distributed.Client(scheduler, timeout=min(30.0, args.timeout or 30.0))
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"warm --dask: cannot reach the scheduler {scheduler} ({exc})") from exc
     with client:
-        return mlstore.dask.warm_items(
+        yield lambda found: mlstore.dask.warm_items(
             client, found, replicate=args.replicate, jobs=args.jobs or 32, timeout=args.timeout
         )
 
 
 def warm_cluster(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     """Run ``mlstore warm`` on a Ray or Dask cluster; the exit status."""
+    from mlstore.cli_warm import _wanted
+
     if args.node_shard is not None or args.nodes_from is not None:
         raise ConfigError(
             "warm: --node-shard and --nodes-from are for one node; with --ray or --dask "
             "the cluster's nodes are found and planned for you"
         )
     if args.timeout is not None and args.timeout <= 0:
-        raise ConfigError(
-            f"warm --timeout: must be a number of seconds above 0, got {args.timeout}"
-        )
-    from mlstore.cli_warm import _wanted
-
-    found = _wanted(store, args)  # listed here, once, after the checks
-    run = _ray if args.ray is not None else _dask
-    report = run(args.ray if args.ray is not None else args.dask, found, args)
+        raise ConfigError(f"warm --timeout: must be more than 0 seconds, got {args.timeout}")
+    engine = _ray(args.ray, args) if args.ray is not None else _dask(args.dask, args)
+    with engine as warm:  # connected before anything is listed
+        report = warm(_wanted(store, args))
     if args.json:
         out.write(json.dumps(report.as_dict(), indent=2) + "\n")
     else:

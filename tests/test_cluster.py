@@ -303,3 +303,50 @@ def test_a_bad_shard_is_a_one_line_error(
     proxy.reset(s3_proxy.endpoint)
     one_line_error(cli("warm", *argv, prefix, env=env), says)
     assert proxy.request_log(s3_proxy.endpoint) == []  # refused before any listing
+
+
+# ------------------------------------------------------- cluster warm reports (Ray, Dask)
+
+
+def test_a_cluster_report_names_each_node_and_what_failed() -> None:
+    from mlstore._nodewarm import ClusterWarm, NodeWarm
+
+    a = NodeWarm(worker="w1", objects=3)
+    a.take({"fetched": 2, "fetched_bytes": 200, "cached": 1, "gets": 2, "failures": []})
+    b = NodeWarm(worker="w2", objects=2, error="timed out")
+    c = NodeWarm(worker="w3", objects=1)
+    c.take(
+        {
+            "fetched": 0,
+            "fetched_bytes": 0,
+            "cached": 0,
+            "gets": 3,
+            "failures": [("s3://b/gone.bin", "not found")],
+        }
+    )
+    report = ClusterWarm({"node-b": b, "node-a": a, "node-c": c})
+    assert not report.ok and report.fetched == 2 and sorted(report.failed) == ["node-b", "node-c"]
+    lines = report.lines()
+    assert lines[0].startswith("node node-a: 3 objects, 2 fetched (200 bytes, 2 GETs)")
+    assert lines[1].endswith("; no report: timed out")
+    assert lines[-1] == "warmed 3 nodes: 6 objects in all, 2 fetched, 2 node(s) with failures"
+    data = json.loads(json.dumps(report.as_dict()))
+    assert data["nodes"]["node-c"]["failures"] == [{"url": "s3://b/gone.bin", "error": "not found"}]
+    assert data["nodes"]["node-a"]["ok"] and not data["ok"]
+    assert "node-b: 0 of 2 fetched (timed out)" in repr(report)
+    assert "1 failed (first: not found)" in repr(report)
+
+
+@pytest.mark.s3
+def test_an_unreachable_scheduler_is_a_one_line_error_before_any_listing(
+    s3_proxy: ServerProcess, prefix: str, tmp_path: Path
+) -> None:
+    pytest.importorskip("distributed")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = node_env(tmp_path, s3_proxy.endpoint, "node-a")
+    proxy.reset(s3_proxy.endpoint)
+    done = cli("warm", prefix, "--dask", f"tcp://127.0.0.1:{closed}", "--timeout", "2", env=env)
+    one_line_error(done, "cannot reach the scheduler")
+    assert proxy.request_log(s3_proxy.endpoint) == []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -113,8 +114,11 @@ async def _serve(upstream: str, latency: float, port: int) -> None:
     await site.start()
     bound = runner.addresses[0][1]
     print(f"listening on http://127.0.0.1:{bound}", flush=True)
+    stop = asyncio.Event()
+    # SIGTERM (how the demo stops it) ends the process cleanly, connections closed.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await runner.cleanup()
 

@@ -4,7 +4,7 @@ once, and leaves every node holding every object.
 Three simulated nodes are three ``torchrun`` launches on localhost (``--nnodes 3``, a
 static rendezvous, gloo), each with its own ``MLSTORE_NODE_ID`` and ``MLSTORE_CACHE_DIR``;
 the storage is moto behind the counting proxy. The ranks run this module
-(``torchrun -m tests.scaleout.test_cooperative warm <json>``), and so do the fresh
+(``torchrun -m tests.test_cooperative warm <json>``), and so do the fresh
 readers that prove what each node holds (``python -m ... read <json>``).
 """
 
@@ -29,7 +29,7 @@ from tests.servers import proxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.torch]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 NODES = 3
 OBJECTS = 300
 #: Small rounds, so that the 300 objects (about 0.6 MiB) take several.
@@ -110,7 +110,7 @@ def launch_cluster(cache_root: Path, config: dict[str, Any], per_node: int) -> d
                     "--master-addr=127.0.0.1",
                     f"--master-port={port}",
                     "-m",
-                    "tests.scaleout.test_cooperative",
+                    "tests.test_cooperative",
                     "warm",
                     args,
                 ],
@@ -135,7 +135,7 @@ def read_on_node(
         [
             sys.executable,
             "-m",
-            "tests.scaleout.test_cooperative",
+            "tests.test_cooperative",
             "read",
             json.dumps([endpoint, urls, versions]),
         ],
@@ -222,7 +222,7 @@ def launch_ranks(cache_root: Path, config: dict[str, Any], nodes: int) -> dict[s
         cache_root,
         [
             (
-                [sys.executable, "-m", "tests.scaleout.test_cooperative", "warm", args],
+                [sys.executable, "-m", "tests.test_cooperative", "warm", args],
                 {
                     **node_env(cache_root, node),
                     "MASTER_ADDR": "127.0.0.1",
