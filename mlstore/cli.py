@@ -303,9 +303,22 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
         return 0
     except KeyboardInterrupt:
         sys.stderr.write("mlstore: interrupted\n")
+        _forget_interrupt()
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place a command's error is shown
         return _report(exc, args.debug)
+
+
+def _forget_interrupt() -> None:
+    """Let a handled Ctrl-C end ``python -m mlstore`` with status 130, as :func:`main`
+    returns.
+
+    Before Python 3.14, an interrupt that lands while code compiled from a source text
+    runs (``exec``/``eval`` of a string: a dataclass or namedtuple being made during an
+    import, say) marks the process as stopped by an unhandled Ctrl-C even when it is
+    caught further up, and ``python -m`` then ends by killing itself with SIGINT (status
+    -2, not 130; CPython gh-128130). Running any source text clears the mark."""
+    exec("")  # an empty text, run for that side effect
 
 
 def _report(exc: Exception, debug: bool) -> int:

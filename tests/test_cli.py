@@ -162,6 +162,41 @@ def test_console_script_runs_as_a_program(tree: Path, tmp_path: Path) -> None:
     assert f"file://{dst}/a.txt" in listed.stdout
 
 
+INTERRUPTED = """
+import sys
+import mlstore.cli as cli
+
+def interrupted(args, out):
+    # Ctrl-C landing while code made from a source text runs (a dataclass being made
+    # by an import, say): caught by main() all the same
+    exec("raise KeyboardInterrupt")
+
+cli._cmd_version = interrupted
+sys.exit(cli.main(["version"]))
+"""
+
+
+def test_an_interrupted_command_exits_130_wherever_the_interrupt_landed(
+    tmp_path: Path,
+) -> None:
+    """A shell or a job runner reads 130 as "stopped by Ctrl-C, cleaned up". Run with
+    ``python -m`` (as ``python -m mlstore``), Python 3.11-3.13 would end such a run by
+    killing itself with SIGINT (-2) instead."""
+    (tmp_path / "interrupted").mkdir()
+    (tmp_path / "interrupted" / "__main__.py").write_text(INTERRUPTED)
+    done = subprocess.run(
+        [sys.executable, "-m", "interrupted"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "mlstore: interrupted\n"
+
+
 def test_config_shows_no_secret_of_a_mount_url(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

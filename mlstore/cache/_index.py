@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from mlstore._util.process import PerProcess
 from mlstore._util.redact import redact_url
+from mlstore._util.sqlite import wal_mode
 from mlstore.cache._layout import MARKER, _create_temp, _private_file
 from mlstore.cache._plans import SCHEMA as PLANS_SCHEMA
 from mlstore.cache._sqlite import (  # noqa: F401 (DiskFullError, DiskUnavailableError: re-exported)
@@ -27,7 +28,6 @@ from mlstore.cache._sqlite import (  # noqa: F401 (DiskFullError, DiskUnavailabl
     _Connection,
     _is_corrupt,
     _open,
-    _wal,
     damaged,
     set_aside,
 )
@@ -136,7 +136,7 @@ class _ProcessIndex:
         _private_file(self.path)
         db = _open(self.path)
         try:
-            _wal(db)
+            wal_mode(db)
             db.execute("PRAGMA synchronous=NORMAL")
             if not _has_schema(db):  # a write: only when something is missing
                 db.executescript(_SCHEMA)

@@ -151,20 +151,4 @@ def _open(path: str) -> _Connection:
     return db
 
 
-def _wal(db: _Connection) -> None:
-    """Put the index in WAL mode. Several processes opening a new index at once all
-    ask for the switch; SQLite answers some of them "locked" at once, without waiting
-    on its busy handler, while another switches. Ask again, briefly backing off: once
-    any one has switched, the mode is persistent and the next ask succeeds."""
-    for attempt in range(40):
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            time.sleep(min(0.005 * (attempt + 1), 0.1))
-    db.execute("PRAGMA journal_mode=WAL")  # the last word: raises if still locked
-
-
 #: Every table and index :data:`_SCHEMA` makes.

@@ -36,6 +36,7 @@ import weakref
 from typing import Any
 
 from mlstore._util.process import SQLITE
+from mlstore._util.sqlite import wal_mode
 from mlstore.errors import MlstoreError
 from mlstore.metrics._counters import Metrics, pending_of
 from mlstore.metrics._stats import LATENCY_BOUNDS, Histogram, Stats
@@ -110,7 +111,7 @@ class _Sink:
                 factory=_Connection,
             )
             SQLITE.keep(db)  # a forked child never closes it (see _util.process)
-            db.execute("PRAGMA journal_mode=WAL")
+            wal_mode(db)  # several processes may be making the file at once
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
         self.db, self.pid, self.ino = db, os.getpid(), os.stat(self.path).st_ino
