@@ -26,6 +26,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as DeadlinePassed
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -261,9 +262,12 @@ def warm_objects(
     jobs: int,
     progress: bool | None = None,
     on_failure: Any = None,
+    deadline: float | None = None,
 ) -> Warmed:
     """Warm ``items`` with ``jobs`` threads; failures are collected (and handed to
-    ``on_failure(url, message)`` as they happen), never raised."""
+    ``on_failure(url, message)`` as they happen, the URL as given: the caller redacts
+    what it shows), never raised. With a ``deadline`` (a :func:`time.monotonic` time),
+    what is not warmed by then fails as such, and its threads finish unwaited."""
     from mlstore._util.progress import progress as bar_for
 
     done = Warmed()
@@ -274,28 +278,34 @@ def warm_objects(
     def one(item: Item) -> int:
         return store.warm(item[0], version=item[1])
 
-    with (
-        bar_for(len(todo), desc="warm", unit="obj", enabled=progress) as bar,
-        ThreadPoolExecutor(max(1, min(jobs, len(todo))), thread_name_prefix="mlstore-warm") as pool,
-    ):
-        futures = {pool.submit(one, item): item for item in todo}
-        for future in as_completed(futures):
-            url, _, size = futures[future]
+    def failed(url: str, message: str) -> None:
+        done.failures.append((redact_url(url), message))
+        if on_failure is not None:
+            on_failure(url, message)
+
+    pool = ThreadPoolExecutor(max(1, min(jobs, len(todo))), thread_name_prefix="mlstore-warm")
+    try:
+        with bar_for(len(todo), desc="warm", unit="obj", enabled=progress) as bar:
+            futures = {pool.submit(one, item): item for item in todo}
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                fetched = future.result()
-            except (MlstoreError, OSError) as exc:
-                message = scrub(str(exc) or type(exc).__name__)
-                done.failures.append((redact_url(url), message))
-                if on_failure is not None:
-                    on_failure(redact_url(url), message)
-            else:
-                if fetched:
-                    done.fetched += 1
-                    done.fetched_bytes += fetched
-                else:
-                    done.cached += 1
-                    done.cached_bytes += size
-            bar.update()
+                for future in as_completed(futures, timeout=left):
+                    url, _, size = futures.pop(future)
+                    try:
+                        fetched = future.result()
+                    except (MlstoreError, OSError) as exc:
+                        failed(url, scrub(str(exc) or type(exc).__name__))
+                    else:
+                        done.fetched += bool(fetched)
+                        done.fetched_bytes += fetched
+                        done.cached += not fetched
+                        done.cached_bytes += 0 if fetched else size
+                    bar.update()
+            except DeadlinePassed:  # what is left fails
+                for url, _, _ in futures.values():
+                    failed(url, "not warmed by the deadline")
+    finally:
+        pool.shutdown(wait=deadline is None, cancel_futures=deadline is not None)
     done.seconds = time.monotonic() - start
     return done
 
@@ -329,6 +339,7 @@ def _cmd_warm(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
     items = _wanted(store, args)
 
     def failed(url: str, message: str) -> None:
+        url = redact_url(url)
         what = message if url in message else f"{url}: {message}"
         sys.stderr.write(f"mlstore: warm failed: {what}\n")
 

@@ -101,11 +101,13 @@ def _fill(
     work: list[list[tuple[str, str]]],
     start: Any,
     results: Any,
+    cache: dict[str, Any] | None = None,
 ) -> None:
     """One process of fillers: a thread per list in ``work``, each reading its
-    ``(url, expected hash)`` pairs once; puts what went wrong on ``results``."""
+    ``(url, expected hash)`` pairs once, through a Store with the ``cache`` settings
+    given; puts what went wrong on ``results``."""
     wrong: list[str] = []
-    with make_store(endpoint, cache_dir, disk_bytes=budget) as store:
+    with make_store(endpoint, cache_dir, disk_bytes=budget, **(cache or {})) as store:
 
         def run(items: list[tuple[str, str]]) -> None:
             try:
@@ -239,3 +241,59 @@ def test_room_a_live_filler_reserved_is_kept_and_a_killed_fillers_is_reclaimed(
     finally:
         child.kill()
         child.communicate()
+
+
+def whole_directory(cache_dir: str) -> int:
+    """Bytes of every file below the cache directory (with nothing running)."""
+    total = 0
+    for parent, _, files in os.walk(cache_dir):
+        total += sum(os.path.getsize(os.path.join(parent, name)) for name in files)
+    return total
+
+
+def fill_from_processes(
+    endpoint: str, cache_dir: str, budget: int, pairs: list[tuple[str, str]], **cache: Any
+) -> list[Any]:
+    """Read ``pairs`` from two processes of two threads each; their outcomes."""
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(4), ctx.Queue()
+    children = [
+        ctx.Process(
+            target=_fill,
+            args=(endpoint, cache_dir, budget, [pairs[p::4], pairs[p + 2 :: 4]], start, results),
+            kwargs={"cache": cache},
+        )
+        for p in range(2)
+    ]
+    for child in children:
+        child.start()
+    try:
+        return [results.get(timeout=_HANG) for _ in children]
+    finally:
+        for child in children:
+            child.join(_HANG)
+
+
+def test_disk_cap_all_holds_the_index_metadata_and_stats_within_the_budget(
+    s3_options: dict[str, object], s3_bucket: str, tmp_path: Path
+) -> None:
+    """``disk_cap="all"`` is the cap for a volume that must never fill: every file of
+    the directory counts. With the default, the blobs alone fill the budget and the
+    index and metadata come on top (asserted too, so the first half can fail)."""
+    endpoint, budget = str(s3_options["endpoint_url"]), 1 * MiB
+    rng = random.Random(5)
+    objects = {f"s3://{s3_bucket}/cap/{i:03d}.bin": rng.randbytes(64 * KiB) for i in range(48)}
+    upload(endpoint, objects)
+    pairs = [(url, content_hash(data)) for url, data in objects.items()]
+
+    capped, blobs_only = str(tmp_path / "all"), str(tmp_path / "blobs")
+    outcomes = fill_from_processes(endpoint, capped, budget, pairs, disk_cap="all")
+    assert [wrong for wrong, _ in outcomes] == [[], []], "every read got its bytes"
+    index_and_meta = whole_directory(capped) - on_disk(capped)
+    assert index_and_meta > 0, "the index, metadata and stats files exist"
+    assert whole_directory(capped) <= budget
+    assert on_disk(capped) > 0, "blobs were evicted to make room, not every fill skipped"
+
+    fill_from_processes(endpoint, blobs_only, budget, pairs)
+    assert on_disk(blobs_only) <= budget
+    assert whole_directory(blobs_only) > budget

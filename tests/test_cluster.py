@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -303,6 +305,51 @@ def test_a_bad_shard_is_a_one_line_error(
     proxy.reset(s3_proxy.endpoint)
     one_line_error(cli("warm", *argv, prefix, env=env), says)
     assert proxy.request_log(s3_proxy.endpoint) == []  # refused before any listing
+
+
+@pytest.mark.s3
+def test_a_warm_with_a_deadline_returns_by_it_naming_what_it_could_not_warm(
+    s3_proxy: ServerProcess, prefix: str, tmp_path: Path
+) -> None:
+    """The warm under a node's deadline (cooperative warm-ups use it): one object's GET
+    stalls at the proxy; the rest are warmed, the stalled one is named, and the call
+    returns by the deadline instead of waiting for the stalled read."""
+    from mlstore.cli_warm import warm_objects
+
+    urls = [f"{prefix}{i:02d}.bin" for i in range(10)]
+    stuck = urls[7]
+    proxy.reset(s3_proxy.endpoint)
+    proxy.set_faults(
+        s3_proxy.endpoint,
+        {
+            "fault": "stall",
+            "before_headers": True,
+            "method": "GET",
+            "path": re.escape("/" + stuck.split("://", 1)[1]) + "$",
+        },
+    )
+    store = mlstore.Store(
+        options={"s3": {"endpoint_url": s3_proxy.endpoint}},
+        cache={"disk_dir": str(tmp_path / "cache")},
+        retry={"max_attempts": 1, "read_timeout": 30.0},
+    )
+    with store:
+        named: dict[str, str] = {}
+        started = time.monotonic()
+        done = warm_objects(
+            store,
+            [(url, None, 0) for url in urls],
+            jobs=4,
+            on_failure=named.__setitem__,
+            deadline=started + 3.0,
+        )
+        returned = time.monotonic() - started
+        proxy.clear_faults(s3_proxy.endpoint)
+        assert returned < 30.0, "it waited for the stalled read (30 s without a byte)"
+        assert done.fetched == 9 and done.cached == 0
+        assert done.failures == [(stuck, "not warmed by the deadline")]
+        assert named == {stuck: "not warmed by the deadline"}
+        assert all(store.exists(url) for url in urls)  # the store still answers
 
 
 # ------------------------------------------------------- cluster warm reports (Ray, Dask)

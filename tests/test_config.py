@@ -514,6 +514,7 @@ def test_every_listed_env_var_changes_a_setting(
     values.append("8MiB")  # MLSTORE_MULTIPART_PART_SIZE (5 MiB at least)
     values.append("internet")  # MLSTORE_EGRESS
     values.append("uid")  # MLSTORE_CACHE_TENANCY
+    values.append("all")  # MLSTORE_DISK_CAP
     for value in values:
         monkeypatch.setenv(name, value)
         try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import mlstore
-from mlstore.cache.tenancy import Ledger, fair_shares, prepare_tenants_dir
+from mlstore.cache.tenancy import Ledger, fair_shares, prepare_tenants_dir, prune_tenants
 from mlstore.config import CacheConfig
 from mlstore.errors import ConfigError
 from tests.emulators import ServerProcess
@@ -288,6 +288,33 @@ def test_namespace_tenants_keep_their_own_entries_within_one_budget(
     proxy.reset(s3_proxy.endpoint)
     run_tenant(python, None, {**base, "MLSTORE_TENANT": "team-a"}, dataset)
     assert object_gets(s3_proxy.endpoint) == 0  # team-a again: all its own entries
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_disk_cap_all_counts_every_tenants_index_and_metadata_in_the_node_budget(
+    node_root: str, dataset: list[str], s3_proxy: ServerProcess
+) -> None:
+    """Under ``disk_cap="all"`` each tenant counts its index, metadata and stats files
+    in what it records, and root's prune cuts the node's files, all of them, to the
+    budget. (A tenant's files exist even when it may cache nothing, so the node is cut
+    back by the next prune, not by that tenant: it cannot touch the others'.)"""
+    python = (sys.executable, REPO)
+    base = {
+        **tenant_env(REPO, node_root, s3_proxy),
+        "MLSTORE_CACHE_TENANCY": "namespace",
+        "MLSTORE_DISK_CAP": "all",
+    }
+    for name in ("team-a", "team-b"):
+        done = run_tenant(python, None, {**base, "POD_NAMESPACE": name}, dataset)
+        assert done["sizes"] == [SIZE] * OBJECTS
+    tenants = os.path.join(node_root, "tenants")
+    blobs = bytes_on_disk(node_root)
+    assert sum(Ledger(tenants, "").usage().values()) > blobs > 0  # the files are counted
+
+    prune_tenants(tenants, BUDGET, caps_all=True)
+    every_file = sum(p.stat().st_size for p in Path(tenants).glob("ns-*/**/*") if p.is_file())
+    assert bytes_on_disk(node_root) < every_file <= BUDGET
 
 
 def test_default_is_one_private_tree_as_before(tmp_path: Path) -> None:

@@ -22,7 +22,12 @@ one short transaction, before it writes:
   is gone and a blob the index does not know: reclaiming the one deletes the other.
 
 So blobs plus fills in progress never hold more than the budget: the slack is zero.
-(The index and its WAL are not counted, nor a deleted blob a reader still has open.)
+
+Under ``disk_cap="all"`` the budget also holds the directory's other files: the SQLite
+index with its WAL and shared memory, the node's metadata tier (``meta/``) and stats.
+Their sizes, read when a fill reserves (a few ``stat`` calls), count as held, so a
+growing index evicts blobs like a fill would. Not counted either way: a deleted blob a
+reader still has open, and the file system's rounding of each file up to its blocks.
 """
 
 from __future__ import annotations
@@ -71,7 +76,10 @@ class FillCare(IndexCare):
     budget: int
     verify: bool
     clock: Callable[[], float]
+    root: str
     _tmp: str
+    #: Whether the budget also holds the index, metadata and stats files (``disk_cap``).
+    caps_all: bool
 
     if TYPE_CHECKING:
 
@@ -91,9 +99,24 @@ class FillCare(IndexCare):
                 inserted, total = self._index_rows(db, key, version, len(data), digest, checked)
         else:
             inserted, total = self._fill(key, version, data, digest, checked)
-        if total > self.budget:  # a blob already there, or a budget just made smaller
+        if total + self.overhead() > self.budget:  # a blob already there, or a smaller budget
             self.evict(keep=digest)
         return inserted
+
+    def overhead(self) -> int:
+        """The bytes the budget holds besides blobs and fills: under ``disk_cap="all"``,
+        the files of the directory and of its ``meta/`` (the index, its WAL and shared
+        memory, the metadata tier, the node's stats); else 0."""
+        if not self.caps_all:
+            return 0
+        total = 0
+        for directory in (self.root, os.path.join(self.root, "meta")):
+            with contextlib.suppress(OSError), os.scandir(directory) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        if entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+        return total
 
     def _fill(
         self, key: str, version: str | None, data: bytes, digest: str, checked: float | None
@@ -172,15 +195,16 @@ class FillCare(IndexCare):
         victims: list[str] = []
         with self._transaction() as db:
             indexed, reserved = (int(n) for n in db.execute(_HELD).fetchone())
-            budget = self._cap(indexed + reserved + size)
-            if indexed + reserved + size > budget:
-                if size > budget:
+            extra = self.overhead()
+            budget = self._cap(indexed + reserved + size + extra)
+            if indexed + reserved + size + extra > budget:
+                if size + extra > budget:
                     return False
                 reserved -= self._reclaim(db)
-                if reserved + size > budget:
+                if reserved + size + extra > budget:
                     return False  # evicting every blob would not make room
                 self._flush(self._index.get(), db)  # this process's uses: the LRU order
-                excess = indexed + reserved + size - budget
+                excess = indexed + reserved + size + extra - budget
                 for victim, victim_size in eviction_order(db):
                     if excess <= 0:
                         break

@@ -102,10 +102,14 @@ class _ProcessIndex:
         "threads",
         "touched",
         "wake",
+        "wal_bytes",
     )
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, wal_bytes: int | None = None) -> None:
         self.path = path
+        #: A bound on the WAL file's size (checkpointed and cut back to it), or None
+        #: for SQLite's defaults (a checkpoint every 1000 pages, the file never cut).
+        self.wal_bytes = wal_bytes
         #: The inode of the index file this process opened: a different one at the path
         #: means another process replaced a damaged or removed index (reconnect).
         self.ino: int | None = None
@@ -138,6 +142,9 @@ class _ProcessIndex:
         try:
             wal_mode(db)
             db.execute("PRAGMA synchronous=NORMAL")
+            if self.wal_bytes is not None:  # a budget that counts the index's files
+                db.execute(f"PRAGMA journal_size_limit={int(self.wal_bytes)}")
+                db.execute(f"PRAGMA wal_autocheckpoint={max(1, int(self.wal_bytes) // 4096)}")
             if not _has_schema(db):  # a write: only when something is missing
                 db.executescript(_SCHEMA)
             if self.ino is None:

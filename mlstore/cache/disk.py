@@ -115,7 +115,9 @@ class DiskTier(FillCare, PlanCare):
 
     Args:
         root: the cache directory.
-        budget: byte budget of the blobs.
+        budget: byte budget of the blobs (and fills in progress).
+        caps_all: the budget also holds the index, metadata and stats files
+            (``CacheConfig.disk_cap="all"``; see :mod:`._budget`).
         verify: re-hash blobs when read (``True``) or trust them (``False``).
         clock: wall-clock seconds for ``checked`` times (shared across processes).
         on_event: ``on_event(name, amount)`` for metrics (evictions, integrity failures).
@@ -129,16 +131,20 @@ class DiskTier(FillCare, PlanCare):
         verify: bool = True,
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, int], None] = lambda name, amount: None,
+        caps_all: bool = False,
     ) -> None:
         self.root = root
         self.budget = budget
+        self.caps_all = caps_all
         self.verify = verify
         self.clock = clock
         self.on_event = on_event
         self._blobs = os.path.join(root, "blobs")
         self._tmp = os.path.join(root, "tmp")
         self._index_path = os.path.join(root, "index.sqlite")
-        self._index = PerProcess(functools.partial(_ProcessIndex, self._index_path))
+        # Counted in the budget, the WAL is kept to a sixteenth of it (64 KiB to 4 MiB).
+        wal = min(max(budget // 16, 64 * 1024), 4 << 20) if caps_all else None
+        self._index = PerProcess(functools.partial(_ProcessIndex, self._index_path, wal))
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
         self._repair_lock = threading.Lock()  # one thread repairs; the rest see its work
@@ -396,8 +402,9 @@ class DiskTier(FillCare, PlanCare):
     def evict(self, to_bytes: int | None = None, keep: str | None = None) -> int:
         """Delete blobs in eviction order (least recently used, or by the plans of
         readers that know their order: :mod:`._plans`) until at most ``to_bytes``
-        (default: the budget) remain; ``keep`` is never evicted. Returns the bytes freed."""
-        limit = self.budget if to_bytes is None else to_bytes
+        (default: the budget) remain, the :meth:`overhead` included; ``keep`` is never
+        evicted. Returns the bytes freed."""
+        limit = (self.budget if to_bytes is None else to_bytes) - self.overhead()
         if self.size() <= limit:
             return 0
         self.flush_access_times()

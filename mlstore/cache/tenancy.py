@@ -77,7 +77,7 @@ _TENANT_DIR = re.compile(r"(?:uid-\d+|ns-[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)")
 #: this module as ``__main__``).
 _PRUNE_ONE = (
     "import json, sys; from mlstore.cache.tenancy import _prune_one; "
-    "print(json.dumps(_prune_one(sys.argv[1], int(sys.argv[2]))))"
+    "print(json.dumps(_prune_one(sys.argv[1], int(sys.argv[2]), sys.argv[3] == 'all')))"
 )
 _HELD = """SELECT (SELECT value FROM meta WHERE name = 'bytes'),
                   (SELECT coalesce(sum(size), 0) FROM reservations)"""
@@ -230,12 +230,13 @@ class TenantDiskTier(DiskTier):
         return self.ledger.cap(self.node_budget)
 
     def publish(self) -> None:
-        """Record the bytes this tenant holds now (blobs plus fills in progress), in a
-        transaction of its index, so that its processes record in their true order."""
+        """Record the bytes this tenant holds now (blobs plus fills in progress, and
+        its other files under ``disk_cap="all"``), in a transaction of its index, so
+        that its processes record in their true order."""
         try:
             with self._transaction() as db:
                 indexed, reserved = (int(n) for n in db.execute(_HELD).fetchone())
-                self.ledger.publish(indexed + reserved)
+                self.ledger.publish(indexed + reserved + self.overhead())
         except (sqlite3.Error, OSError) as exc:  # never fails a read: the ledger is advice
             self.ledger.failed(exc)
 
@@ -286,10 +287,11 @@ def prunes_every_tenant(config: CacheConfig) -> bool:
     return config.tenant is not None and os.geteuid() == 0
 
 
-def prune_tenants(tenants: str, limit: int) -> list[dict[str, Any]]:
+def prune_tenants(tenants: str, limit: int, caps_all: bool = False) -> list[dict[str, Any]]:
     """Cut every tenant in ``tenants`` (a node cache's ``tenants/``) to its fair share
-    of ``limit`` (run as root; one process per tenant, as that tenant's uid). One report
-    per tenant pruned: ``tenant``, ``before``, ``after``, ``freed``, ``evicted``."""
+    of ``limit`` (run as root; one process per tenant, as that tenant's uid), its index
+    and metadata files counted with ``caps_all``. One report per tenant pruned:
+    ``tenant``, ``before``, ``after``, ``freed``, ``evicted``."""
     import subprocess  # only root's prune starts processes: not at import
 
     usage = Ledger(tenants, "").usage()
@@ -301,7 +303,14 @@ def prune_tenants(tenants: str, limit: int) -> list[dict[str, Any]]:
             continue
         owner = os.lstat(os.path.join(tenants, name))
         done = subprocess.run(
-            [sys.executable, "-c", _PRUNE_ONE, os.path.join(tenants, name), str(cap)],
+            [
+                sys.executable,
+                "-c",
+                _PRUNE_ONE,
+                os.path.join(tenants, name),
+                str(cap),
+                "all" if caps_all else "blobs",
+            ],
             user=owner.st_uid,
             group=owner.st_gid,
             extra_groups=[],
@@ -316,11 +325,11 @@ def prune_tenants(tenants: str, limit: int) -> list[dict[str, Any]]:
     return reports
 
 
-def _prune_one(root: str, cap: int) -> dict[str, int]:
+def _prune_one(root: str, cap: int, caps_all: bool = False) -> dict[str, int]:
     """Evict the tenant cache ``root`` down to ``cap`` bytes (run as its owner)."""
     if not os.path.isdir(root):  # removed meanwhile: not to be made again here
         return {"before": 0, "after": 0, "freed": 0, "evicted": 0}
-    disk = TenantDiskTier(root, cap)
+    disk = TenantDiskTier(root, cap, caps_all=caps_all)
     try:
         before, blobs = disk.size(), disk.count()
         freed = disk.evict(cap)

@@ -111,6 +111,11 @@ class CacheConfig(Resolved):
         disk_bytes: budget of the disk tier (``MLSTORE_DISK_BYTES``). Default 10 GiB.
             A hard limit: blobs plus fills in progress never exceed it; a fill that
             finds no room is skipped (``disk_skips``). ``0`` turns the disk tier off.
+        disk_cap: what ``disk_bytes`` holds (``MLSTORE_DISK_CAP``): ``"blobs"`` (the
+            default), the cached bytes and fills in progress; or ``"all"``, those plus
+            every other file of the cache directory (the SQLite index with its WAL,
+            the metadata tier, the node's stats), for a node cache on a volume that
+            must never fill. The files' sizes count, not their rounding up to blocks.
         metadata_bytes: budget of the node-wide metadata tier, ``info``, ``exists``
             and ``ls`` answers shared by every process on the node in ``disk_dir/meta/``
             (``MLSTORE_METADATA_BYTES``). Default 64 MiB (some 150,000 answers). ``0``,
@@ -156,6 +161,7 @@ class CacheConfig(Resolved):
     memory_bytes: int = setting("MLSTORE_MEMORY_BYTES", nonneg(size), 512 * MiB)
     disk_dir: str | None = setting("MLSTORE_CACHE_DIR", _absolute_directory, None)
     disk_bytes: int = setting("MLSTORE_DISK_BYTES", nonneg(size), 10 * GiB)
+    disk_cap: str = setting("MLSTORE_DISK_CAP", choice("blobs", "all"), "blobs")
     metadata_bytes: int = setting("MLSTORE_METADATA_BYTES", nonneg(size), 64 * MiB)
     block_size: int = setting("MLSTORE_BLOCK_SIZE", positive(size), 8 * MiB)
     block_threshold: int = setting("MLSTORE_BLOCK_THRESHOLD", nonneg(size), 64 * MiB)

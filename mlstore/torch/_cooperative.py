@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -184,7 +183,7 @@ def cooperative_warm(
         deadline = None if timeout is None else start + timeout
         shares = plan([u for u, _ in items], nodes) if leader else {me: []}
         node = _Node(store, items, shares, me, chunk_bytes, leader)
-        done = node.run(exchange, leaders, jobs, deadline, timeout)
+        done = node.run(exchange, leaders, jobs, deadline)
         report = done if leader else None
     if exchange is not ring:
         exchange.close()
@@ -256,14 +255,13 @@ class _Node:
         leaders: list[int],
         jobs: int,
         deadline: float | None,
-        timeout: float | None,
     ) -> NodeExchange:
         store, items = self.store, self.items
         report = NodeExchange(rank=ring.global_rank(ring.rank), share=len(self.mine))
         lacking = {i for i in self.others if not _peer.holds(store, *items[i])}
         report.held = len(self.others) - len(lacking)
         wanted: set[int] = set().union(*ring.gather(sorted(lacking)))
-        failed = self._fetch_share(report, jobs, deadline, timeout)
+        failed = self._fetch_share(report, jobs, deadline)
         outbox = _Outbox(
             store, [items[i] for i in self.mine if i in wanted], failed, self.chunk_bytes
         )
@@ -289,30 +287,26 @@ class _Node:
         return report
 
     def _fetch_share(
-        self, report: NodeExchange, jobs: int, deadline: float | None, timeout: float | None
+        self, report: NodeExchange, jobs: int, deadline: float | None
     ) -> dict[str, str]:
         """Warm the node's share; the failures, by URL."""
-        share = [self.items[i] for i in self.mine]
+        from mlstore.cli_warm import warm_objects
+
         failed: dict[str, str] = {}
-        if not share:
-            return failed
-        pool = ThreadPoolExecutor(min(jobs, len(share)), thread_name_prefix="mlstore-coop")
-        futures = {pool.submit(self.store.warm, u, version=v): u for u, v in share}
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, late = wait(futures, timeout=left)
-        pool.shutdown(wait=False, cancel_futures=True)
-        for future in done:
-            try:
-                fetched = future.result()
-            except (MlstoreError, OSError) as exc:
-                failed[futures[future]] = scrub(str(exc) or type(exc).__name__)
-            else:
-                report.fetched += bool(fetched)
-                report.cached += not fetched
-                report.fetched_bytes += fetched
-        for future in late:
-            failed[futures[future]] = f"not fetched within the timeout ({timeout} s)"
-        report.failures += [(redact_url(u), m) for u, m in failed.items()]
+        share = [(url, version, 0) for url, version in (self.items[i] for i in self.mine)]
+        if share:
+            done = warm_objects(
+                self.store,
+                share,
+                jobs=jobs,
+                progress=False,
+                on_failure=failed.__setitem__,
+                deadline=deadline,
+            )
+            report.fetched += done.fetched
+            report.fetched_bytes += done.fetched_bytes
+            report.cached += done.cached
+            report.failures += done.failures
         return failed
 
     def _take(
