@@ -9,6 +9,7 @@ fill in another container sharing the directory.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -87,6 +88,79 @@ def test_an_index_overwritten_with_garbage_is_set_aside_and_reads_go_on(
     assert "damaged" in cache_warnings(caplog)[0]
     aside = [p.name for p in Path(cache_dir).iterdir() if p.name.startswith("index.sqlite.")]
     assert len(aside) == 1 and aside[0].startswith("index.sqlite.corrupt-"), aside
+
+
+#: A fresh process opening the node cache: what its disk tier took back at start.
+_OPENS = """
+import json, sys
+import mlstore
+
+cache = {"disk_dir": sys.argv[1], "memory_bytes": 0, **json.loads(sys.argv[2])}
+with mlstore.Store(cache=cache) as store:
+    size = store.cache.size()  # opens the disk tier
+    adopted = store.stats().get("disk_adopted", "disk")
+print(json.dumps({"size": size, "adopted": adopted}))
+"""
+
+
+def open_fresh(cache_dir: str, **cache: Any) -> dict[str, int]:
+    done = subprocess.run(
+        [sys.executable, "-c", _OPENS, cache_dir, json.dumps(cache)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found: dict[str, int] = json.loads(done.stdout)
+    return found
+
+
+@pytest.mark.parametrize("verify", ["always", "never"])
+def test_blobs_of_a_lost_index_are_taken_back_at_the_next_start(
+    s3_options: dict[str, object], s3_bucket: str, cache_dir: str, verify: str
+) -> None:
+    """A pod restarted over a cache whose index was lost (damaged and set aside, or
+    deleted) counts the blob files again, so the budget holds and eviction frees them;
+    a torn file is never taken back when nothing would check it on read."""
+    objects = {f"s3://{s3_bucket}/lost/{i}.bin": os.urandom(20 * KiB) for i in range(4)}
+    for url, data in objects.items():
+        upload(s3_options, url, data)
+    with make_store(s3_options, cache_dir, memory_bytes=0) as store:
+        for url in objects:
+            store.read_bytes(url)
+    for index in Path(cache_dir).glob("index.sqlite*"):
+        index.unlink()
+    torn = Path(cache_dir, "blobs").glob("*/*").__next__()
+    torn.write_bytes(torn.read_bytes()[: 10 * KiB])  # as a power loss may leave one
+
+    found = open_fresh(cache_dir, verify=verify)
+    if verify == "never":  # hashed before it was adopted: the torn one is gone
+        assert found == {"size": 3 * 20 * KiB, "adopted": 3}
+        assert not torn.exists()
+    else:  # checked on read as every blob is
+        assert found == {"size": 3 * 20 * KiB + 10 * KiB, "adopted": 4}
+    assert open_fresh(cache_dir, verify=verify)["adopted"] == 0  # once only
+
+    with make_store(s3_options, cache_dir, memory_bytes=0, verify=verify) as store:
+        for url, data in objects.items():
+            assert store.read_bytes(url) == data  # never the torn bytes
+
+
+def test_blobs_taken_back_beyond_the_budget_are_evicted(
+    s3_options: dict[str, object], s3_bucket: str, cache_dir: str
+) -> None:
+    objects = {f"s3://{s3_bucket}/over/{i}.bin": os.urandom(20 * KiB) for i in range(4)}
+    for url, data in objects.items():
+        upload(s3_options, url, data)
+    with make_store(s3_options, cache_dir, memory_bytes=0) as store:
+        for url in objects:
+            store.read_bytes(url)
+    for index in Path(cache_dir).glob("index.sqlite*"):
+        index.unlink()
+    found = open_fresh(cache_dir, disk_bytes=50 * KiB)
+    assert found["adopted"] == 4 and found["size"] == 2 * 20 * KiB
+    assert len(list(Path(cache_dir, "blobs").glob("*/*"))) == 2
 
 
 def test_a_cache_directory_removed_while_in_use_is_recreated(

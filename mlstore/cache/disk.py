@@ -159,6 +159,12 @@ class DiskTier(FillCare, PlanCare):
             self._conn()
         self._drop_clear_keys()
         self.clean_orphans()
+        from mlstore.cache.scrub import adopt  # (it imports this module)
+
+        try:
+            adopt(self)  # the blobs of an index lost before this start, if any
+        except (sqlite3.Error, OSError) as exc:
+            self.recover(exc)
 
     def _prepare(self) -> None:
         """Make (or check) the directory, its marker and subdirectories, the digest key,

@@ -18,17 +18,28 @@ mismatch is damage, never a race with a filler.
 
 Reads are streamed in 1 MiB pieces, so a multi-GiB blob costs no more memory than a
 small one.
+
+:func:`adopt` takes back blob files that a new index does not know (the old index was
+damaged and set aside, or deleted): when a disk tier opens an index with no blobs over
+a ``blobs/`` that holds some, each file named as a blob is indexed again, with its size
+and its time of last change, so the budget counts it and eviction can free it. Its
+entries (which key had which blob) went with the old index, so it serves reads again
+only by its content hash; it is checked on read as every blob is, or, with
+``verify="never"``, hashed before it is adopted (a torn file is deleted instead).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mlstore.cache._layout import _BLOB_NAME
 from mlstore.cache.disk import DiskTier
 from mlstore.hashing import Hasher
 
-__all__ = ["BadBlob", "Scrubbed", "Verified", "entry_url", "scrub", "verify"]
+__all__ = ["BadBlob", "Scrubbed", "Verified", "adopt", "entry_url", "scrub", "verify"]
 
 _CHUNK = 1 << 20
 
@@ -181,3 +192,47 @@ def scrub(
             healed = refetch is not None and is_whole_object(key) and refetch(key, version)
             (done.healed if healed else done.dropped).append(entry_url(key))
     return done
+
+
+def adopt(disk: DiskTier) -> int:
+    """Index the blob files of ``disk`` if its index knows no blob at all (see the
+    module doc); returns how many were adopted (``disk_adopted``), then evicts to the
+    budget. Cheap when there is nothing to do: one query."""
+    if disk._conn().execute("SELECT 1 FROM blobs LIMIT 1").fetchone() is not None:
+        return 0
+    found: list[tuple[str, int, float]] = []
+    with (
+        contextlib.suppress(FileNotFoundError),
+        os.scandir(os.path.join(disk.root, "blobs")) as fans,
+    ):
+        for fan in fans:
+            if len(fan.name) != 2 or not fan.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(fan.path) as entries:
+                for entry in entries:
+                    named = _BLOB_NAME.fullmatch(entry.name) and entry.name[:2] == fan.name
+                    if named and entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        found.append((entry.name, st.st_size, st.st_mtime))
+    if not disk.verify:  # nothing would check them on read: check them now
+        torn = [blob for blob in found if _problem(disk, blob[0], blob[1]) is not None]
+        for digest, _, _ in torn:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(disk.blob_path(digest))
+        found = [blob for blob in found if blob not in torn]
+    if not found:
+        return 0
+    adopted = 0
+    with disk._transaction() as db:
+        for digest, size, mtime in found:
+            if not os.path.exists(disk.blob_path(digest)):
+                continue  # evicted or scrubbed by another process meanwhile
+            if db.execute(
+                "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest, size, mtime)
+            ).rowcount:
+                db.execute("UPDATE meta SET value = value + ? WHERE name = 'bytes'", (size,))
+                adopted += 1
+    if adopted:
+        disk.on_event("disk_adopted", adopted)
+        disk.evict()
+    return adopted

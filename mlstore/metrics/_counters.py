@@ -63,6 +63,7 @@ METRICS: dict[str, str] = {
     "write_through_skipped": "T (disk): writes that could not be kept (no room, disk failing)",
     "disk_full": "T (disk): fills that found the cache's file system full",
     "cache_errors": "T (disk): index or directory failures, repaired (reads went on)",
+    "disk_adopted": "T (disk): blob files a new index took back at start (its old one lost)",
 }
 
 # Every Metrics of this process, for the fork hook (weakly: a Metrics lives as its Store).
