@@ -163,7 +163,7 @@ def _prune_tenants(store: Store, to: int | None, as_json: bool, out: IO[str]) ->
 
     cache = store.config.cache
     limit = cache.disk_bytes if to is None else to
-    reports = prune_tenants(cache.tenants_dir, limit, cache.disk_cap == "all")
+    reports = prune_tenants(cache.tenants_dir, limit, cache.caps_all)
     if as_json:
         _emit(out, {"tenants": reports, "limit": limit})
     for r in [] if as_json else reports:

@@ -114,8 +114,7 @@ def _cmd_serve(store: Store, args: argparse.Namespace, out: IO[str]) -> int:
         out.flush()
         while not stop.wait(every or None):
             if every_tenant:
-                caps_all = cache.disk_cap == "all"
-                for r in prune_tenants(cache.tenants_dir, cache.disk_bytes, caps_all):
+                for r in prune_tenants(cache.tenants_dir, cache.disk_bytes, cache.caps_all):
                     out.write(f"pruned {human(r['freed'])} of {r['tenant']}\n")
                 out.flush()
                 continue

@@ -116,14 +116,12 @@ def open_fresh(cache_dir: str, **cache: Any) -> dict[str, int]:
     return found
 
 
-@pytest.mark.parametrize("verify", ["always", "never"])
-def test_blobs_of_a_lost_index_are_taken_back_at_the_next_start(
-    s3_options: dict[str, object], s3_bucket: str, cache_dir: str, verify: str
-) -> None:
-    """A pod restarted over a cache whose index was lost (damaged and set aside, or
-    deleted) counts the blob files again, so the budget holds and eviction frees them;
-    a torn file is never taken back when nothing would check it on read."""
-    objects = {f"s3://{s3_bucket}/lost/{i}.bin": os.urandom(20 * KiB) for i in range(4)}
+def cached_then_index_lost(
+    s3_options: dict[str, object], prefix: str, cache_dir: str
+) -> dict[str, bytes]:
+    """Four objects of 20 KiB below ``prefix``, read into the cache, whose index is then
+    deleted (as a damaged one is set aside); returns them by URL."""
+    objects = {f"{prefix}/{i}.bin": os.urandom(20 * KiB) for i in range(4)}
     for url, data in objects.items():
         upload(s3_options, url, data)
     with make_store(s3_options, cache_dir, memory_bytes=0) as store:
@@ -131,6 +129,17 @@ def test_blobs_of_a_lost_index_are_taken_back_at_the_next_start(
             store.read_bytes(url)
     for index in Path(cache_dir).glob("index.sqlite*"):
         index.unlink()
+    return objects
+
+
+@pytest.mark.parametrize("verify", ["always", "never"])
+def test_blobs_of_a_lost_index_are_taken_back_at_the_next_start(
+    s3_options: dict[str, object], s3_bucket: str, cache_dir: str, verify: str
+) -> None:
+    """A pod restarted over a cache whose index was lost (damaged and set aside, or
+    deleted) counts the blob files again, so the budget holds and eviction frees them;
+    a torn file is never taken back when nothing would check it on read."""
+    objects = cached_then_index_lost(s3_options, f"s3://{s3_bucket}/lost", cache_dir)
     torn = Path(cache_dir, "blobs").glob("*/*").__next__()
     torn.write_bytes(torn.read_bytes()[: 10 * KiB])  # as a power loss may leave one
 
@@ -150,14 +159,7 @@ def test_blobs_of_a_lost_index_are_taken_back_at_the_next_start(
 def test_blobs_taken_back_beyond_the_budget_are_evicted(
     s3_options: dict[str, object], s3_bucket: str, cache_dir: str
 ) -> None:
-    objects = {f"s3://{s3_bucket}/over/{i}.bin": os.urandom(20 * KiB) for i in range(4)}
-    for url, data in objects.items():
-        upload(s3_options, url, data)
-    with make_store(s3_options, cache_dir, memory_bytes=0) as store:
-        for url in objects:
-            store.read_bytes(url)
-    for index in Path(cache_dir).glob("index.sqlite*"):
-        index.unlink()
+    cached_then_index_lost(s3_options, f"s3://{s3_bucket}/over", cache_dir)
     found = open_fresh(cache_dir, disk_bytes=50 * KiB)
     assert found["adopted"] == 4 and found["size"] == 2 * 20 * KiB
     assert len(list(Path(cache_dir, "blobs").glob("*/*"))) == 2

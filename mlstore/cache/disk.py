@@ -61,7 +61,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mlstore._util.process import PerProcess
@@ -116,8 +116,7 @@ class DiskTier(FillCare, PlanCare):
     Args:
         root: the cache directory.
         budget: byte budget of the blobs (and fills in progress).
-        caps_all: the budget also holds the index, metadata and stats files
-            (``CacheConfig.disk_cap="all"``; see :mod:`._budget`).
+        caps_all: the budget also holds the index, metadata and stats (``disk_cap="all"``).
         verify: re-hash blobs when read (``True``) or trust them (``False``).
         clock: wall-clock seconds for ``checked`` times (shared across processes).
         on_event: ``on_event(name, amount)`` for metrics (evictions, integrity failures).
@@ -142,8 +141,7 @@ class DiskTier(FillCare, PlanCare):
         self._blobs = os.path.join(root, "blobs")
         self._tmp = os.path.join(root, "tmp")
         self._index_path = os.path.join(root, "index.sqlite")
-        # Counted in the budget, the WAL is kept to a sixteenth of it (64 KiB to 4 MiB).
-        wal = min(max(budget // 16, 64 * 1024), 4 << 20) if caps_all else None
+        wal = min(max(budget // 16, 64 << 10), 4 << 20) if caps_all else None  # counted: kept small
         self._index = PerProcess(functools.partial(_ProcessIndex, self._index_path, wal))
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
@@ -161,8 +159,8 @@ class DiskTier(FillCare, PlanCare):
         self.clean_orphans()
         from mlstore.cache.scrub import adopt  # (it imports this module)
 
-        try:
-            adopt(self)  # the blobs of an index lost before this start, if any
+        try:  # the blobs of an index lost before this start, if any
+            adopt(self)
         except (sqlite3.Error, OSError) as exc:
             self.recover(exc)
 
@@ -461,6 +459,22 @@ class DiskTier(FillCare, PlanCare):
                     removed += 1
         return removed
 
+    def blob_files(self) -> Iterator[os.DirEntry[str]]:
+        """Every file in ``blobs/`` named as a blob, in its fan, indexed or not (other
+        files and directories are never looked into)."""
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._blobs) as fans:
+            for fan in fans:
+                if len(fan.name) != 2 or not fan.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(fan.path) as names:
+                    for entry in names:
+                        if (
+                            entry.name.startswith(fan.name)
+                            and _BLOB_NAME.fullmatch(entry.name)
+                            and entry.is_file(follow_symlinks=False)
+                        ):
+                            yield entry
+
     def verify_all(self) -> tuple[int, int]:
         """Re-hash every blob; drop the bad ones, and blob files the index does not know
         (a filler killed between its rename and its index row). Returns
@@ -468,20 +482,10 @@ class DiskTier(FillCare, PlanCare):
         db = self._conn()
         rows = db.execute("SELECT hash, size FROM blobs").fetchall()
         known = {digest for digest, _ in rows}
-        with os.scandir(self._blobs) as fans:
-            for fan in fans:
-                if len(fan.name) != 2 or not fan.is_dir(follow_symlinks=False):
-                    continue  # not a directory mlstore made: never looked into
-                with os.scandir(fan.path) as names:
-                    for entry in names:
-                        if (
-                            entry.name not in known
-                            and entry.name.startswith(fan.name)
-                            and _BLOB_NAME.fullmatch(entry.name)
-                            and entry.is_file(follow_symlinks=False)
-                        ):
-                            with contextlib.suppress(FileNotFoundError):
-                                os.unlink(entry.path)
+        for entry in self.blob_files():
+            if entry.name not in known:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
         dropped = 0
         for digest, size in rows:
             try:

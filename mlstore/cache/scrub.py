@@ -35,7 +35,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mlstore.cache._layout import _BLOB_NAME
 from mlstore.cache.disk import DiskTier
 from mlstore.hashing import Hasher
 
@@ -201,19 +200,10 @@ def adopt(disk: DiskTier) -> int:
     if disk._conn().execute("SELECT 1 FROM blobs LIMIT 1").fetchone() is not None:
         return 0
     found: list[tuple[str, int, float]] = []
-    with (
-        contextlib.suppress(FileNotFoundError),
-        os.scandir(os.path.join(disk.root, "blobs")) as fans,
-    ):
-        for fan in fans:
-            if len(fan.name) != 2 or not fan.is_dir(follow_symlinks=False):
-                continue
-            with os.scandir(fan.path) as entries:
-                for entry in entries:
-                    named = _BLOB_NAME.fullmatch(entry.name) and entry.name[:2] == fan.name
-                    if named and entry.is_file(follow_symlinks=False):
-                        st = entry.stat(follow_symlinks=False)
-                        found.append((entry.name, st.st_size, st.st_mtime))
+    for entry in disk.blob_files():
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+            st = entry.stat(follow_symlinks=False)
+            found.append((entry.name, st.st_size, st.st_mtime))
     if not disk.verify:  # nothing would check them on read: check them now
         torn = [blob for blob in found if _problem(disk, blob[0], blob[1]) is not None]
         for digest, _, _ in torn:

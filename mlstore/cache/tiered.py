@@ -106,7 +106,7 @@ class TieredCache(CacheDisplay, OpenedHits):
                 verify=config.verify == "always",
                 clock=clock,
                 on_event=lambda name, n: metrics.add(name, "disk", n),
-                caps_all=config.disk_cap == "all",
+                caps_all=config.caps_all,
             )
         else:  # memory tier only: the directory still holds the single-flight locks
             self._make_lock_dir()

@@ -195,6 +195,12 @@ class CacheConfig(Resolved):
         return self.node_cache_dir if tenant is None else os.path.join(self.tenants_dir, tenant)
 
     @property
+    def caps_all(self) -> bool:
+        """Whether ``disk_bytes`` also holds the cache directory's index, metadata and
+        stats files (``disk_cap="all"``)."""
+        return self.disk_cap == "all"
+
+    @property
     def tenant(self) -> str | None:
         """This process's tenant under ``tenancy`` (``uid-1001``, ``ns-team-a``), or
         ``None`` without one."""
